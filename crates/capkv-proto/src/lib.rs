@@ -1,0 +1,11 @@
+//! Generated gRPC code. `kv` is the public client API; `raft` is node-to-node traffic.
+
+#![allow(clippy::all, missing_docs)]
+
+pub mod kv {
+    tonic::include_proto!("capkv.v1");
+}
+
+pub mod raft {
+    tonic::include_proto!("capkv.raft.v1");
+}
