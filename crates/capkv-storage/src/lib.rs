@@ -1,1 +1,23 @@
+//! capkv's storage: one engine per node holding the Raft log, Raft metadata and state
+//! machine of every partition, with the partition id leading every key.
+//!
+//! This crate knows nothing of openraft, gRPC or the network: log entries and Raft
+//! metadata are opaque bytes here; `capkv-replication` gives them meaning. See
+//! docs/storage.md for the on-disk layout and what is assumed of the disk.
+//!
+//! Durability model: every write reaches the journal (the OS page cache) before the call
+//! returns, so it survives a process crash; it survives power loss only after a `sync`.
+//! [`GroupCommit`] turns many concurrent "make this durable" requests, from any number of
+//! partitions, into one fsync.
 
+pub mod conformance;
+mod engine;
+mod fjall_engine;
+mod group_commit;
+pub mod keys;
+mod value;
+
+pub use engine::{DedupRecord, PartitionImage, SmOp, SmWrite, StorageEngine, StorageError};
+pub use fjall_engine::{FjallEngine, FjallOptions};
+pub use group_commit::{FlushCallback, GroupCommit, GroupCommitStats};
+pub use value::StoredValue;

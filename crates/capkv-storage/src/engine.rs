@@ -1,0 +1,155 @@
+//! The storage engine trait: the narrow edge between capkv and its disk.
+
+use capkv_types::PartitionId;
+use serde::{Deserialize, Serialize};
+
+use crate::group_commit::GroupCommit;
+use crate::value::StoredValue;
+
+/// A storage failure. Any of these on the write path is fatal for the replica: the caller
+/// must stop serving the partition rather than guess what reached the disk.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum StorageError {
+    #[error("storage I/O error: {0}")]
+    Io(String),
+    #[error("storage engine error: {0}")]
+    Engine(String),
+    #[error("corrupt data on disk: {0}")]
+    Corrupt(String),
+}
+
+impl From<std::io::Error> for StorageError {
+    fn from(e: std::io::Error) -> Self {
+        StorageError::Io(e.to_string())
+    }
+}
+
+impl From<fjall::Error> for StorageError {
+    fn from(e: fjall::Error) -> Self {
+        StorageError::Engine(e.to_string())
+    }
+}
+
+impl From<StorageError> for std::io::Error {
+    fn from(e: StorageError) -> Self {
+        match e {
+            StorageError::Corrupt(m) => std::io::Error::new(std::io::ErrorKind::InvalidData, m),
+            other => std::io::Error::other(other.to_string()),
+        }
+    }
+}
+
+/// What the state machine remembers of an idempotent write: where it was applied and the
+/// response it produced (opaque to storage).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DedupRecord {
+    pub applied_index: u64,
+    pub response: Vec<u8>,
+}
+
+impl DedupRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(8 + self.response.len());
+        out.extend_from_slice(&self.applied_index.to_be_bytes());
+        out.extend_from_slice(&self.response);
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, StorageError> {
+        let head: [u8; 8] = bytes
+            .get(..8)
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| StorageError::Corrupt("dedup record shorter than 8 bytes".into()))?;
+        Ok(DedupRecord { applied_index: u64::from_be_bytes(head), response: bytes[8..].to_vec() })
+    }
+}
+
+/// One change to a partition's state machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SmOp {
+    Put { key: Vec<u8>, value: StoredValue },
+    Delete { key: Vec<u8> },
+    DedupPut { client_id: u64, sequence: u64, record: DedupRecord },
+    DedupDelete { client_id: u64, sequence: u64 },
+}
+
+/// Changes applied atomically together with the new applied state.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SmWrite {
+    pub ops: Vec<SmOp>,
+    /// The new applied state (opaque; written by the replication layer), if it changed.
+    pub applied: Option<Vec<u8>>,
+}
+
+/// A whole partition's state machine: what a snapshot carries.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionImage {
+    pub applied: Option<Vec<u8>>,
+    /// (user key, encoded StoredValue), in key order.
+    pub data: Vec<(Vec<u8>, Vec<u8>)>,
+    /// (client id, sequence, encoded DedupRecord).
+    pub dedup: Vec<(u64, u64, Vec<u8>)>,
+}
+
+impl PartitionImage {
+    pub fn encode(&self) -> Result<Vec<u8>, StorageError> {
+        postcard::to_stdvec(self).map_err(|e| StorageError::Engine(format!("encode snapshot image: {e}")))
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, StorageError> {
+        postcard::from_bytes(bytes).map_err(|e| StorageError::Corrupt(format!("decode snapshot image: {e}")))
+    }
+}
+
+/// A node's storage. Every method names the partition; implementations keep partitions
+/// apart and must not lose a write that `sync` (or a [`GroupCommit`] flush) confirmed.
+///
+/// Ordering: writes from one thread reach the disk in call order, and a sync makes every
+/// earlier write durable (a crash leaves a prefix of the writes).
+pub trait StorageEngine: Send + Sync + 'static {
+    // ---- Raft log ----
+    /// Appends (index, entry) pairs atomically. Overwrites entries with the same index.
+    fn log_append(&self, p: PartitionId, entries: &[(u64, Vec<u8>)]) -> Result<(), StorageError>;
+    /// Entries with index in `[start, end)`, in order, at most `max_entries`.
+    fn log_read(&self, p: PartitionId, start: u64, end: u64, max_entries: usize)
+        -> Result<Vec<(u64, Vec<u8>)>, StorageError>;
+    /// The entry with the highest index, if any.
+    fn log_last(&self, p: PartitionId) -> Result<Option<(u64, Vec<u8>)>, StorageError>;
+    /// Deletes entries with index >= `from`.
+    fn log_truncate_from(&self, p: PartitionId, from: u64) -> Result<(), StorageError>;
+    /// Deletes entries with index <= `upto`.
+    fn log_purge_upto(&self, p: PartitionId, upto: u64) -> Result<(), StorageError>;
+    fn raft_meta_get(&self, p: PartitionId, tag: u8) -> Result<Option<Vec<u8>>, StorageError>;
+    fn raft_meta_put(&self, p: PartitionId, tag: u8, value: &[u8]) -> Result<(), StorageError>;
+
+    // ---- State machine ----
+    fn sm_write(&self, p: PartitionId, write: SmWrite) -> Result<(), StorageError>;
+    fn sm_get(&self, p: PartitionId, key: &[u8]) -> Result<Option<StoredValue>, StorageError>;
+    /// Keys in `[start, end)` (`end = None`: to the partition's end), in order, at most
+    /// `limit` of them, stopping early once `bytes_max` bytes of keys and values are taken
+    /// (always at least one pair when there is one).
+    fn sm_scan(&self, p: PartitionId, start: &[u8], end: Option<&[u8]>, limit: usize, bytes_max: usize)
+        -> Result<Vec<(Vec<u8>, StoredValue)>, StorageError>;
+    fn sm_applied(&self, p: PartitionId) -> Result<Option<Vec<u8>>, StorageError>;
+    fn sm_dedup_all(&self, p: PartitionId) -> Result<Vec<(u64, u64, DedupRecord)>, StorageError>;
+    /// A consistent copy of the partition's state machine (one point in time).
+    fn sm_export(&self, p: PartitionId) -> Result<PartitionImage, StorageError>;
+    /// Replaces the partition's state machine with `image`, atomically, and syncs.
+    fn sm_import(&self, p: PartitionId, image: &PartitionImage) -> Result<(), StorageError>;
+
+    // ---- Snapshots (the last one built or installed, per partition) ----
+    /// Stores the snapshot durably, replacing the previous one atomically.
+    fn snapshot_save(&self, p: PartitionId, meta: &[u8], data: &[u8]) -> Result<(), StorageError>;
+    /// (meta, data) of the stored snapshot.
+    fn snapshot_load(&self, p: PartitionId) -> Result<Option<(Vec<u8>, Vec<u8>)>, StorageError>;
+
+    // ---- Node ----
+    fn node_meta_get(&self, name: &str) -> Result<Option<Vec<u8>>, StorageError>;
+    fn node_meta_put(&self, name: &str, value: &[u8]) -> Result<(), StorageError>;
+
+    /// Makes every write issued so far durable (blocking).
+    fn sync(&self) -> Result<(), StorageError>;
+    /// The node's shared group-commit flusher.
+    fn group_commit(&self) -> &GroupCommit;
+}

@@ -1,0 +1,341 @@
+//! [`StorageEngine`] on fjall: one LSM database per node, one journal shared by all
+//! keyspaces and partitions (so one fsync commits writes of every Raft group).
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use capkv_types::PartitionId;
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable};
+
+use crate::engine::{DedupRecord, PartitionImage, SmOp, SmWrite, StorageEngine, StorageError};
+use crate::group_commit::GroupCommit;
+use crate::keys::{self, raft_meta_tag};
+use crate::value::StoredValue;
+
+const SNAPSHOT_MAGIC: &[u8; 8] = b"CKVSNAP1";
+const SM_META_APPLIED: u8 = 1;
+
+/// Tuning of the fjall engine.
+#[derive(Debug, Clone)]
+pub struct FjallOptions {
+    /// Block cache size.
+    pub cache_bytes: u64,
+}
+
+impl Default for FjallOptions {
+    fn default() -> Self {
+        FjallOptions { cache_bytes: 64 * 1024 * 1024 }
+    }
+}
+
+pub struct FjallEngine {
+    db: Database,
+    raft_log: Keyspace,
+    raft_meta: Keyspace,
+    sm_data: Keyspace,
+    sm_meta: Keyspace,
+    sm_dedup: Keyspace,
+    node_meta: Keyspace,
+    snapshot_dir: PathBuf,
+    group_commit: GroupCommit,
+}
+
+fn persist(db: &Database) -> Result<(), StorageError> {
+    db.persist(PersistMode::SyncAll).map_err(StorageError::from)
+}
+
+impl FjallEngine {
+    /// Opens (or creates) the engine under `dir`.
+    pub fn open(dir: &Path, options: FjallOptions) -> Result<Self, StorageError> {
+        fs::create_dir_all(dir)?;
+        let snapshot_dir = dir.join("snapshots");
+        fs::create_dir_all(&snapshot_dir)?;
+        let db = Database::builder(dir.join("db")).cache_size(options.cache_bytes).open()?;
+        let ks = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default);
+        let raft_log = ks("raft_log")?;
+        let raft_meta = ks("raft_meta")?;
+        let sm_data = ks("sm_data")?;
+        let sm_meta = ks("sm_meta")?;
+        let sm_dedup = ks("sm_dedup")?;
+        let node_meta = ks("node_meta")?;
+        let sync_db = db.clone();
+        let group_commit = GroupCommit::start(move || persist(&sync_db))?;
+        Ok(FjallEngine { db, raft_log, raft_meta, sm_data, sm_meta, sm_dedup, node_meta, snapshot_dir, group_commit })
+    }
+
+    fn snapshot_path(&self, p: PartitionId) -> PathBuf {
+        self.snapshot_dir.join(format!("p{}.snap", p.0))
+    }
+
+    /// Keys of `ks` in `[from, to]`.
+    fn keys_in(ks: &Keyspace, from: &[u8], to: &[u8]) -> Result<Vec<Vec<u8>>, StorageError> {
+        let mut out = Vec::new();
+        for guard in ks.range(from..=to) {
+            out.push(guard.key()?.to_vec());
+        }
+        Ok(out)
+    }
+
+    fn keys_with_prefix(ks: &Keyspace, prefix: &[u8]) -> Result<Vec<Vec<u8>>, StorageError> {
+        let mut out = Vec::new();
+        for guard in ks.prefix(prefix) {
+            out.push(guard.key()?.to_vec());
+        }
+        Ok(out)
+    }
+}
+
+impl StorageEngine for FjallEngine {
+    fn log_append(&self, p: PartitionId, entries: &[(u64, Vec<u8>)]) -> Result<(), StorageError> {
+        let mut batch = self.db.batch();
+        for (index, bytes) in entries {
+            batch.insert(&self.raft_log, keys::log_key(p, *index), bytes.as_slice());
+        }
+        batch.commit()?;
+        Ok(())
+    }
+
+    fn log_read(&self, p: PartitionId, start: u64, end: u64, max_entries: usize)
+        -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
+        let mut out = Vec::new();
+        if start >= end {
+            return Ok(out);
+        }
+        for guard in self.raft_log.range(keys::log_key(p, start)..keys::log_key(p, end)) {
+            if out.len() >= max_entries {
+                break;
+            }
+            let (k, v) = guard.into_inner()?;
+            let index = keys::log_index_of(&k).ok_or_else(|| StorageError::Corrupt("malformed log key".into()))?;
+            out.push((index, v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    fn log_last(&self, p: PartitionId) -> Result<Option<(u64, Vec<u8>)>, StorageError> {
+        match self.raft_log.prefix(keys::partition_prefix(p)).next_back() {
+            None => Ok(None),
+            Some(guard) => {
+                let (k, v) = guard.into_inner()?;
+                let index =
+                    keys::log_index_of(&k).ok_or_else(|| StorageError::Corrupt("malformed log key".into()))?;
+                Ok(Some((index, v.to_vec())))
+            }
+        }
+    }
+
+    fn log_truncate_from(&self, p: PartitionId, from: u64) -> Result<(), StorageError> {
+        let doomed = Self::keys_in(&self.raft_log, &keys::log_key(p, from), &keys::log_key(p, u64::MAX))?;
+        if doomed.is_empty() {
+            return Ok(());
+        }
+        let mut batch = self.db.batch();
+        for k in doomed {
+            batch.remove(&self.raft_log, k);
+        }
+        batch.commit()?;
+        Ok(())
+    }
+
+    fn log_purge_upto(&self, p: PartitionId, upto: u64) -> Result<(), StorageError> {
+        let doomed = Self::keys_in(&self.raft_log, &keys::log_key(p, 0), &keys::log_key(p, upto))?;
+        if doomed.is_empty() {
+            return Ok(());
+        }
+        let mut batch = self.db.batch();
+        for k in doomed {
+            batch.remove(&self.raft_log, k);
+        }
+        batch.commit()?;
+        Ok(())
+    }
+
+    fn raft_meta_get(&self, p: PartitionId, tag: u8) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self.raft_meta.get(keys::tagged_key(p, tag))?.map(|v| v.to_vec()))
+    }
+
+    fn raft_meta_put(&self, p: PartitionId, tag: u8, value: &[u8]) -> Result<(), StorageError> {
+        debug_assert!(matches!(tag, raft_meta_tag::VOTE | raft_meta_tag::COMMITTED | raft_meta_tag::LAST_PURGED));
+        self.raft_meta.insert(keys::tagged_key(p, tag), value)?;
+        Ok(())
+    }
+
+    fn sm_write(&self, p: PartitionId, write: SmWrite) -> Result<(), StorageError> {
+        let mut batch = self.db.batch();
+        for op in write.ops {
+            match op {
+                SmOp::Put { key, value } => batch.insert(&self.sm_data, keys::data_key(p, &key), value.encode()),
+                SmOp::Delete { key } => batch.remove(&self.sm_data, keys::data_key(p, &key)),
+                SmOp::DedupPut { client_id, sequence, record } => {
+                    batch.insert(&self.sm_dedup, keys::dedup_key(p, client_id, sequence), record.encode())
+                }
+                SmOp::DedupDelete { client_id, sequence } => {
+                    batch.remove(&self.sm_dedup, keys::dedup_key(p, client_id, sequence))
+                }
+            }
+        }
+        if let Some(applied) = write.applied {
+            batch.insert(&self.sm_meta, keys::tagged_key(p, SM_META_APPLIED), applied);
+        }
+        batch.commit()?;
+        Ok(())
+    }
+
+    fn sm_get(&self, p: PartitionId, key: &[u8]) -> Result<Option<StoredValue>, StorageError> {
+        match self.sm_data.get(keys::data_key(p, key))? {
+            None => Ok(None),
+            Some(v) => Ok(Some(StoredValue::decode(&v)?)),
+        }
+    }
+
+    fn sm_scan(&self, p: PartitionId, start: &[u8], end: Option<&[u8]>, limit: usize, bytes_max: usize)
+        -> Result<Vec<(Vec<u8>, StoredValue)>, StorageError> {
+        let from = keys::data_key(p, start);
+        let to = match end {
+            Some(end) => Some(keys::data_key(p, end)),
+            None => keys::next_partition_prefix(p).map(|k| k.to_vec()),
+        };
+        let iter = match &to {
+            Some(to) => self.sm_data.range(from.as_slice()..to.as_slice()),
+            None => self.sm_data.range(from.as_slice()..),
+        };
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        for guard in iter {
+            if out.len() >= limit || (bytes >= bytes_max && !out.is_empty()) {
+                break;
+            }
+            let (k, v) = guard.into_inner()?;
+            let value = StoredValue::decode(&v)?;
+            bytes += k.len() + value.value.len();
+            out.push((keys::user_key_of(&k).to_vec(), value));
+        }
+        Ok(out)
+    }
+
+    fn sm_applied(&self, p: PartitionId) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self.sm_meta.get(keys::tagged_key(p, SM_META_APPLIED))?.map(|v| v.to_vec()))
+    }
+
+    fn sm_dedup_all(&self, p: PartitionId) -> Result<Vec<(u64, u64, DedupRecord)>, StorageError> {
+        let mut out = Vec::new();
+        for guard in self.sm_dedup.prefix(keys::partition_prefix(p)) {
+            let (k, v) = guard.into_inner()?;
+            let (c, s) = keys::dedup_ids_of(&k).ok_or_else(|| StorageError::Corrupt("malformed dedup key".into()))?;
+            out.push((c, s, DedupRecord::decode(&v)?));
+        }
+        Ok(out)
+    }
+
+    fn sm_export(&self, p: PartitionId) -> Result<PartitionImage, StorageError> {
+        let snap = self.db.snapshot();
+        let prefix = keys::partition_prefix(p);
+        let applied = snap.get(&self.sm_meta, keys::tagged_key(p, SM_META_APPLIED))?.map(|v| v.to_vec());
+        let mut data = Vec::new();
+        for guard in snap.prefix(&self.sm_data, prefix) {
+            let (k, v) = guard.into_inner()?;
+            data.push((keys::user_key_of(&k).to_vec(), v.to_vec()));
+        }
+        let mut dedup = Vec::new();
+        for guard in snap.prefix(&self.sm_dedup, prefix) {
+            let (k, v) = guard.into_inner()?;
+            let (c, s) = keys::dedup_ids_of(&k).ok_or_else(|| StorageError::Corrupt("malformed dedup key".into()))?;
+            dedup.push((c, s, v.to_vec()));
+        }
+        Ok(PartitionImage { applied, data, dedup })
+    }
+
+    fn sm_import(&self, p: PartitionId, image: &PartitionImage) -> Result<(), StorageError> {
+        let prefix = keys::partition_prefix(p);
+        let mut batch = self.db.batch();
+        for k in Self::keys_with_prefix(&self.sm_data, &prefix)? {
+            batch.remove(&self.sm_data, k);
+        }
+        for k in Self::keys_with_prefix(&self.sm_dedup, &prefix)? {
+            batch.remove(&self.sm_dedup, k);
+        }
+        for (k, v) in &image.data {
+            StoredValue::decode(v)?;
+            batch.insert(&self.sm_data, keys::data_key(p, k), v.as_slice());
+        }
+        for (c, s, r) in &image.dedup {
+            DedupRecord::decode(r)?;
+            batch.insert(&self.sm_dedup, keys::dedup_key(p, *c, *s), r.as_slice());
+        }
+        match &image.applied {
+            Some(a) => batch.insert(&self.sm_meta, keys::tagged_key(p, SM_META_APPLIED), a.as_slice()),
+            None => batch.remove(&self.sm_meta, keys::tagged_key(p, SM_META_APPLIED)),
+        }
+        batch.commit()?;
+        self.sync()
+    }
+
+    fn snapshot_save(&self, p: PartitionId, meta: &[u8], data: &[u8]) -> Result<(), StorageError> {
+        let path = self.snapshot_path(p);
+        let tmp = path.with_extension("snap.tmp");
+        let mut body = Vec::with_capacity(8 + 4 + meta.len() + 8 + data.len() + 8);
+        body.extend_from_slice(SNAPSHOT_MAGIC);
+        body.extend_from_slice(&(meta.len() as u32).to_be_bytes());
+        body.extend_from_slice(meta);
+        body.extend_from_slice(&(data.len() as u64).to_be_bytes());
+        body.extend_from_slice(data);
+        let checksum = xxhash_rust::xxh3::xxh3_64(&body);
+        body.extend_from_slice(&checksum.to_be_bytes());
+        {
+            let mut f = fs::File::create(&tmp)?;
+            f.write_all(&body)?;
+            f.sync_all()?;
+        }
+        fs::rename(&tmp, &path)?;
+        fs::File::open(&self.snapshot_dir)?.sync_all()?;
+        Ok(())
+    }
+
+    fn snapshot_load(&self, p: PartitionId) -> Result<Option<(Vec<u8>, Vec<u8>)>, StorageError> {
+        let path = self.snapshot_path(p);
+        let body = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        decode_snapshot_file(&body).map(Some).map_err(|m| StorageError::Corrupt(format!("{}: {m}", path.display())))
+    }
+
+    fn node_meta_get(&self, name: &str) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self.node_meta.get(name.as_bytes())?.map(|v| v.to_vec()))
+    }
+
+    fn node_meta_put(&self, name: &str, value: &[u8]) -> Result<(), StorageError> {
+        self.node_meta.insert(name.as_bytes(), value)?;
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<(), StorageError> {
+        persist(&self.db)
+    }
+
+    fn group_commit(&self) -> &GroupCommit {
+        &self.group_commit
+    }
+}
+
+fn decode_snapshot_file(body: &[u8]) -> Result<(Vec<u8>, Vec<u8>), String> {
+    if body.len() < 8 + 4 + 8 + 8 || &body[..8] != SNAPSHOT_MAGIC {
+        return Err("not a capkv snapshot file".into());
+    }
+    let (content, tail) = body.split_at(body.len() - 8);
+    let expected = u64::from_be_bytes(tail.try_into().map_err(|_| "short checksum")?);
+    if xxhash_rust::xxh3::xxh3_64(content) != expected {
+        return Err("checksum mismatch".into());
+    }
+    let meta_len = u32::from_be_bytes(content[8..12].try_into().map_err(|_| "short header")?) as usize;
+    let meta_end = 12usize.checked_add(meta_len).filter(|e| *e + 8 <= content.len()).ok_or("meta overruns file")?;
+    let meta = content[12..meta_end].to_vec();
+    let data_len = u64::from_be_bytes(content[meta_end..meta_end + 8].try_into().map_err(|_| "short header")?);
+    let data = &content[meta_end + 8..];
+    if data.len() as u64 != data_len {
+        return Err(format!("data length {} does not match header {data_len}", data.len()));
+    }
+    Ok((meta, data.to_vec()))
+}

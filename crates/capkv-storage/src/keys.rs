@@ -1,0 +1,104 @@
+//! Key encodings. Every key starts with the partition id (u32 big-endian) so that one
+//! partition's keys are contiguous and ordered, and many partitions share one engine.
+//!
+//! ```text
+//! raft_log   [partition u32][log index u64]            -> entry bytes (opaque)
+//! raft_meta  [partition u32][tag u8]                   -> vote / committed / last purged
+//! sm_data    [partition u32][user key ...]             -> StoredValue
+//! sm_meta    [partition u32][tag u8]                   -> applied state (opaque)
+//! sm_dedup   [partition u32][client u64][sequence u64] -> DedupRecord
+//! node_meta  [name ...]                                -> node-level settings
+//! ```
+//! All integers are big-endian so byte order equals numeric order.
+
+use capkv_types::PartitionId;
+
+pub const PARTITION_PREFIX_BYTES: usize = 4;
+
+pub fn partition_prefix(p: PartitionId) -> [u8; 4] {
+    p.0.to_be_bytes()
+}
+
+/// The first key of the partition after `p`, or `None` for the last possible partition.
+pub fn next_partition_prefix(p: PartitionId) -> Option<[u8; 4]> {
+    p.0.checked_add(1).map(u32::to_be_bytes)
+}
+
+pub fn log_key(p: PartitionId, index: u64) -> [u8; 12] {
+    let mut k = [0u8; 12];
+    k[..4].copy_from_slice(&p.0.to_be_bytes());
+    k[4..].copy_from_slice(&index.to_be_bytes());
+    k
+}
+
+/// The log index in a `raft_log` key, or `None` if the key is malformed.
+pub fn log_index_of(key: &[u8]) -> Option<u64> {
+    let bytes: [u8; 8] = key.get(4..12)?.try_into().ok()?;
+    Some(u64::from_be_bytes(bytes))
+}
+
+pub fn tagged_key(p: PartitionId, tag: u8) -> [u8; 5] {
+    let mut k = [0u8; 5];
+    k[..4].copy_from_slice(&p.0.to_be_bytes());
+    k[4] = tag;
+    k
+}
+
+pub fn data_key(p: PartitionId, user_key: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(4 + user_key.len());
+    k.extend_from_slice(&p.0.to_be_bytes());
+    k.extend_from_slice(user_key);
+    k
+}
+
+pub fn user_key_of(data_key: &[u8]) -> &[u8] {
+    data_key.get(PARTITION_PREFIX_BYTES..).unwrap_or(&[])
+}
+
+pub fn dedup_key(p: PartitionId, client_id: u64, sequence: u64) -> [u8; 20] {
+    let mut k = [0u8; 20];
+    k[..4].copy_from_slice(&p.0.to_be_bytes());
+    k[4..12].copy_from_slice(&client_id.to_be_bytes());
+    k[12..].copy_from_slice(&sequence.to_be_bytes());
+    k
+}
+
+/// `(client_id, sequence)` of a `sm_dedup` key, or `None` if malformed.
+pub fn dedup_ids_of(key: &[u8]) -> Option<(u64, u64)> {
+    let c: [u8; 8] = key.get(4..12)?.try_into().ok()?;
+    let s: [u8; 8] = key.get(12..20)?.try_into().ok()?;
+    Some((u64::from_be_bytes(c), u64::from_be_bytes(s)))
+}
+
+/// Tags of `raft_meta` keys.
+pub mod raft_meta_tag {
+    pub const VOTE: u8 = 1;
+    pub const COMMITTED: u8 = 2;
+    pub const LAST_PURGED: u8 = 3;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_keys_sort_by_partition_then_index() {
+        let a = log_key(PartitionId(1), u64::MAX);
+        let b = log_key(PartitionId(2), 0);
+        let c = log_key(PartitionId(2), 1);
+        let d = log_key(PartitionId(2), 256);
+        assert!(a < b && b < c && c < d);
+        assert_eq!(log_index_of(&d), Some(256));
+        assert_eq!(log_index_of(&d[..5]), None);
+    }
+
+    #[test]
+    fn data_and_dedup_keys_round_trip() {
+        let k = data_key(PartitionId(7), b"user:1");
+        assert_eq!(user_key_of(&k), b"user:1");
+        assert!(data_key(PartitionId(7), b"\xff\xff") < data_key(PartitionId(8), b""));
+        let d = dedup_key(PartitionId(7), 42, 9);
+        assert_eq!(dedup_ids_of(&d), Some((42, 9)));
+        assert_eq!(next_partition_prefix(PartitionId(u32::MAX)), None);
+    }
+}
