@@ -67,9 +67,9 @@ pub fn log_truncate_and_purge_leave_no_holes<E: StorageEngine>(e: &E) {
 
 pub fn raft_meta_is_per_partition<E: StorageEngine>(e: &E) {
     assert_eq!(e.raft_meta_get(P1, raft_meta_tag::VOTE).unwrap(), None);
-    e.raft_meta_put(raft_meta_tag::VOTE, b"v1").unwrap();
-    e.raft_meta_put(raft_meta_tag::VOTE, b"v2").unwrap();
-    e.raft_meta_put(raft_meta_tag::VOTE, b"v1b").unwrap();
+    e.raft_meta_put(P1, raft_meta_tag::VOTE, b"v1").unwrap();
+    e.raft_meta_put(P2, raft_meta_tag::VOTE, b"v2").unwrap();
+    e.raft_meta_put(P1, raft_meta_tag::VOTE, b"v1b").unwrap();
     assert_eq!(e.raft_meta_get(P1, raft_meta_tag::VOTE).unwrap(), Some(b"v1b".to_vec()));
     assert_eq!(e.raft_meta_get(P2, raft_meta_tag::VOTE).unwrap(), Some(b"v2".to_vec()));
     assert_eq!(e.raft_meta_get(P1, raft_meta_tag::COMMITTED).unwrap(), None);
@@ -150,7 +150,7 @@ pub fn synced_writes_survive_reopen<E: StorageEngine>(dir: &Path, open: &dyn Fn(
     {
         let e = open(dir);
         e.log_append(P1, &entries(1..101, "a")).unwrap();
-        e.raft_meta_put(raft_meta_tag::VOTE, b"vote").unwrap();
+        e.raft_meta_put(P1, raft_meta_tag::VOTE, b"vote").unwrap();
         e.sm_write(P1, SmWrite { ops: vec![SmOp::Put { key: b"k".to_vec(), value: sv(5, "v") }], applied: Some(b"5".to_vec()) })
             .unwrap();
         e.node_meta_put("cluster", b"c1").unwrap();
