@@ -1,1 +1,24 @@
+//! openraft glue: one Raft group per partition over capkv-storage.
+//!
+//! - [`types`]: the type config and the replicated commands.
+//! - [`log_store`]: `RaftLogStorage` over a [`StorageEngine`](capkv_storage::StorageEngine),
+//!   with appends made durable by the node's shared group-commit flusher.
+//! - [`state_machine`]: applies commands (MVCC revisions, HLC stamps, idempotency table)
+//!   and builds/installs snapshots.
+//! - [`network`]: `RaftNetworkV2` over the narrow [`RaftTransport`] trait, and the
+//!   receiving side's [`dispatch`]. Nothing here knows gRPC: the server supplies the
+//!   transport.
+//! - [`faults`]: the test-only fault injector (drop traffic to/from chosen peers).
 
+pub mod codec;
+pub mod faults;
+pub mod group;
+pub mod log_store;
+pub mod network;
+pub mod state_machine;
+pub mod types;
+
+pub use faults::Faults;
+pub use group::{open_partition, GroupSettings, PartitionRaft};
+pub use network::{dispatch, RaftEnvelope, RaftRpc, RaftTransport, TransportError};
+pub use types::{Command, CommandResponse, Condition, Idempotency, Op, TypeConfig};

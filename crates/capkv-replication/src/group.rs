@@ -1,0 +1,87 @@
+//! Opening one partition's Raft group on this node.
+
+use std::sync::Arc;
+
+use capkv_storage::StorageEngine;
+use capkv_types::{Hlc, NodeId, PartitionId};
+use openraft::{Config, SnapshotPolicy};
+
+use crate::faults::Faults;
+use crate::log_store::LogStore;
+use crate::network::{NetworkFactory, RaftTransport};
+use crate::state_machine::{AppliedIndex, StateMachine};
+use crate::types::TypeConfig;
+
+pub type PartitionRaft = openraft::Raft<TypeConfig, StateMachine>;
+
+/// Raft settings shared by every partition of a node.
+#[derive(Debug, Clone)]
+pub struct GroupSettings {
+    pub heartbeat_interval_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// Build a snapshot after this many entries since the last one.
+    pub snapshot_every_entries: u64,
+    /// Entries kept in the log behind a snapshot, for followers that are a little behind.
+    pub log_entries_kept_after_snapshot: u64,
+    /// Idempotency table capacity per partition.
+    pub dedup_capacity: usize,
+}
+
+impl Default for GroupSettings {
+    fn default() -> Self {
+        GroupSettings {
+            heartbeat_interval_ms: 100,
+            election_timeout_min_ms: 500,
+            election_timeout_max_ms: 1000,
+            snapshot_every_entries: 5000,
+            log_entries_kept_after_snapshot: 1000,
+            dedup_capacity: 10_000,
+        }
+    }
+}
+
+impl GroupSettings {
+    pub fn raft_config(&self) -> Result<Config, openraft::ConfigError> {
+        Config {
+            cluster_name: "capkv".to_string(),
+            heartbeat_interval: self.heartbeat_interval_ms,
+            election_timeout_min: self.election_timeout_min_ms,
+            election_timeout_max: self.election_timeout_max_ms,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_every_entries),
+            max_in_snapshot_log_to_keep: self.log_entries_kept_after_snapshot,
+            enable_pre_vote: Some(true),
+            ..Default::default()
+        }
+        .validate()
+    }
+}
+
+/// Opens the Raft group of `partition` on node `local` and starts it.
+pub async fn open_partition(
+    local: NodeId,
+    partition: PartitionId,
+    settings: &GroupSettings,
+    engine: Arc<dyn StorageEngine>,
+    transport: Arc<dyn RaftTransport>,
+    faults: Arc<Faults>,
+    hlc: Arc<Hlc>,
+) -> Result<(PartitionRaft, Arc<AppliedIndex>), anyhow_like::Error> {
+    let config = Arc::new(settings.raft_config().map_err(|e| anyhow_like::Error(e.to_string()))?);
+    let log_store = LogStore::new(engine.clone(), partition);
+    let sm = StateMachine::open(engine, partition, hlc, settings.dedup_capacity)
+        .map_err(|e| anyhow_like::Error(format!("open state machine of partition {partition}: {e}")))?;
+    let applied = sm.applied_index();
+    let network = NetworkFactory { transport, faults, partition, local };
+    let raft = openraft::Raft::new(local.0, config, network, log_store, sm)
+        .await
+        .map_err(|e| anyhow_like::Error(format!("start raft of partition {partition}: {e}")))?;
+    Ok((raft, applied))
+}
+
+/// A plain error for the opening path (this crate does not use anyhow).
+pub mod anyhow_like {
+    #[derive(Debug, thiserror::Error)]
+    #[error("{0}")]
+    pub struct Error(pub String);
+}

@@ -1,0 +1,204 @@
+//! Raft messages between nodes, over a transport the server provides.
+//!
+//! Every message names its partition, its sender and the node it is meant for, so that
+//! one connection between two nodes carries the traffic of every Raft group, and a node
+//! refuses a message meant for another id (a reused address).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use capkv_types::{NodeId, PartitionId};
+use futures::future::BoxFuture;
+use openraft::alias::{SnapshotMetaOf, SnapshotOf, VoteOf};
+use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::{RPCOption, RaftNetworkFactory};
+use openraft::raft::{TransferLeaderRequest, TransferLeaderResponse};
+use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse};
+use openraft::{BasicNode, RaftNetworkV2};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::codec::{decode, encode};
+use crate::faults::Faults;
+use crate::group::PartitionRaft;
+use crate::types::TypeConfig;
+
+/// Snapshots travel in one message; give them time.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(120);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RaftRpc {
+    Append,
+    Vote,
+    PreVote,
+    Snapshot,
+    TransferLeader,
+}
+
+/// One Raft message and its routing.
+#[derive(Debug, Clone)]
+pub struct RaftEnvelope {
+    pub partition: PartitionId,
+    pub from: NodeId,
+    pub to: NodeId,
+    pub rpc: RaftRpc,
+    pub payload: Vec<u8>,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TransportError {
+    /// Could not reach the node, or it did not answer in time.
+    #[error("unreachable: {0}")]
+    Unreachable(String),
+    /// The node answered with an error.
+    #[error("remote error: {0}")]
+    Remote(String),
+}
+
+/// Sends a Raft message to a node and returns its reply bytes.
+pub trait RaftTransport: Send + Sync + 'static {
+    fn call(&self, addr: &str, envelope: RaftEnvelope, timeout: Duration)
+        -> BoxFuture<'static, Result<Vec<u8>, TransportError>>;
+}
+
+/// Creates the per-peer network clients of one partition's Raft group.
+pub struct NetworkFactory {
+    pub(crate) transport: Arc<dyn RaftTransport>,
+    pub(crate) faults: Arc<Faults>,
+    pub(crate) partition: PartitionId,
+    pub(crate) local: NodeId,
+}
+
+impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
+    type Network = PeerNetwork;
+
+    async fn new_client(&mut self, target: u64, node: &BasicNode) -> Self::Network {
+        PeerNetwork {
+            transport: self.transport.clone(),
+            faults: self.faults.clone(),
+            partition: self.partition,
+            local: self.local,
+            target: NodeId(target),
+            addr: node.addr.clone(),
+        }
+    }
+}
+
+pub struct PeerNetwork {
+    transport: Arc<dyn RaftTransport>,
+    faults: Arc<Faults>,
+    partition: PartitionId,
+    local: NodeId,
+    target: NodeId,
+    addr: String,
+}
+
+impl PeerNetwork {
+    async fn call<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        rpc: RaftRpc,
+        req: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, RPCError<TypeConfig>> {
+        if self.faults.is_blocked(self.target) {
+            return Err(RPCError::Unreachable(Unreachable::from_string("dropped by fault injection")));
+        }
+        let payload = encode(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let envelope = RaftEnvelope { partition: self.partition, from: self.local, to: self.target, rpc, payload };
+        let reply = self.transport.call(&self.addr, envelope, timeout).await.map_err(|e| match e {
+            TransportError::Unreachable(_) => RPCError::Unreachable(Unreachable::new(&e)),
+            TransportError::Remote(_) => RPCError::Network(NetworkError::new(&e)),
+        })?;
+        let result: Result<Resp, String> = decode(&reply).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        result.map_err(|m| RPCError::Network(NetworkError::from_string(m)))
+    }
+}
+
+fn streaming_error(e: RPCError<TypeConfig>) -> StreamingError<TypeConfig> {
+    match e {
+        RPCError::Unreachable(u) => StreamingError::Unreachable(u),
+        RPCError::Timeout(t) => StreamingError::Timeout(t),
+        RPCError::Network(n) => StreamingError::Network(n),
+        RPCError::RemoteError(r) => StreamingError::Network(NetworkError::from_string(r.to_string())),
+    }
+}
+
+impl RaftNetworkV2<TypeConfig> for PeerNetwork {
+    type SnapshotData = Vec<u8>;
+
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call(RaftRpc::Append, &rpc, option.soft_ttl()).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call(RaftRpc::Vote, &rpc, option.soft_ttl()).await
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call(RaftRpc::PreVote, &rpc, option.soft_ttl()).await
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: VoteOf<TypeConfig>,
+        snapshot: SnapshotOf<TypeConfig, Vec<u8>>,
+        cancel: impl Future<Output = ReplicationClosed> + openraft::OptionalSend + 'static,
+        _option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let req = (vote, snapshot.meta, snapshot.snapshot);
+        tokio::select! {
+            closed = cancel => Err(StreamingError::Closed(closed)),
+            r = self.call(RaftRpc::Snapshot, &req, SNAPSHOT_TIMEOUT) => r.map_err(streaming_error),
+        }
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call(RaftRpc::TransferLeader, &req, option.soft_ttl()).await
+    }
+}
+
+/// Why an incoming message was not handed to Raft.
+#[derive(Debug, thiserror::Error)]
+pub enum DispatchError {
+    #[error("malformed raft message: {0}")]
+    Malformed(String),
+}
+
+fn reply<T: Serialize, E: std::fmt::Display>(r: Result<T, E>) -> Result<Vec<u8>, DispatchError> {
+    encode(&r.map_err(|e| e.to_string())).map_err(|e| DispatchError::Malformed(e.to_string()))
+}
+
+fn parse<T: DeserializeOwned>(payload: &[u8]) -> Result<T, DispatchError> {
+    decode(payload).map_err(|e| DispatchError::Malformed(e.to_string()))
+}
+
+/// Hands a received message to the partition's Raft and encodes its answer.
+pub async fn dispatch(raft: &PartitionRaft, rpc: RaftRpc, payload: &[u8]) -> Result<Vec<u8>, DispatchError> {
+    match rpc {
+        RaftRpc::Append => reply(raft.append_entries(parse(payload)?).await),
+        RaftRpc::Vote => reply(raft.vote(parse(payload)?).await),
+        RaftRpc::PreVote => reply(raft.pre_vote(parse(payload)?).await),
+        RaftRpc::Snapshot => {
+            let (vote, meta, data): (VoteOf<TypeConfig>, SnapshotMetaOf<TypeConfig>, Vec<u8>) = parse(payload)?;
+            reply(raft.install_full_snapshot(vote, SnapshotOf::<TypeConfig, Vec<u8>> { meta, snapshot: data }).await)
+        }
+        RaftRpc::TransferLeader => reply(raft.handle_transfer_leader(parse(payload)?).await),
+    }
+}

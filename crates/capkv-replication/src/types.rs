@@ -1,0 +1,76 @@
+//! The openraft type config and the commands replicated through each partition's log.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+openraft::declare_raft_types!(
+    /// capkv's Raft types: u64 node ids, nodes addressed by their gRPC address.
+    pub TypeConfig:
+        D = Command,
+        R = CommandResponse,
+        NodeId = u64,
+        Node = openraft::BasicNode,
+);
+
+/// Makes a command idempotent. `client_id` 0 is never used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Idempotency {
+    pub client_id: u64,
+    pub sequence: u64,
+}
+
+/// When a write applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Condition {
+    Always,
+    /// Only if the key's mod_revision equals this.
+    IfRevision(u64),
+    /// Only if the key does not exist.
+    IfAbsent,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    Put { key: Vec<u8>, value: Vec<u8>, condition: Condition },
+    Delete { key: Vec<u8>, condition: Condition },
+}
+
+/// A write, as proposed by the leader.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Command {
+    /// HLC time at the leader when proposed; the state machine raises it if needed so that
+    /// stamps increase along the log.
+    pub hlc: u64,
+    pub idempotency: Option<Idempotency>,
+    pub op: Op,
+}
+
+impl fmt::Display for Command {
+    // Never print user keys or values: logs must not leak data.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match &self.op {
+            Op::Put { .. } => "put",
+            Op::Delete { .. } => "delete",
+        };
+        match self.idempotency {
+            Some(i) => write!(f, "{kind}(client={}, seq={})", i.client_id, i.sequence),
+            None => write!(f, "{kind}"),
+        }
+    }
+}
+
+/// The result of applying a command (or the original result, for a retried one).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandResponse {
+    /// Log index of the entry that carried the command.
+    pub revision: u64,
+    pub hlc: u64,
+    /// Put: the condition held and the value was written. Delete: the key existed, the
+    /// condition held, and it was deleted.
+    pub succeeded: bool,
+    /// The key's mod_revision when the command was evaluated (0 = absent).
+    pub current_revision: u64,
+    /// True when this is the stored answer to an earlier, identical request.
+    pub deduplicated: bool,
+}
