@@ -1,1 +1,62 @@
-fn main() {}
+//! `capkv`: the server, the playground and the client commands.
+
+mod client_cmd;
+mod playground;
+mod server_cmd;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "capkv", version, about = "capkv: a partitioned, Raft-replicated key-value store")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node.
+    Server(server_cmd::ServerArgs),
+    /// Run a local cluster of child `capkv server` processes until Ctrl-C.
+    Playground(playground::PlaygroundArgs),
+    /// Write a key.
+    Put(client_cmd::PutArgs),
+    /// Read a key (exit 0 found, 1 not found, 2 error).
+    Get(client_cmd::GetArgs),
+    /// Delete a key (exit 0 deleted, 1 not found, 2 error).
+    Del(client_cmd::DelArgs),
+    /// List keys in byte order: KEY<TAB>VALUE lines.
+    Scan(client_cmd::ScanArgs),
+    /// Nodes, partitions, leaders, terms and applied indexes.
+    Status(client_cmd::StatusArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            std::process::exit(2);
+        }
+    };
+    let code = runtime.block_on(async move {
+        match cli.command {
+            Command::Server(a) => server_cmd::run(a).await,
+            Command::Playground(a) => playground::run(a).await,
+            Command::Put(a) => client_cmd::put(a).await,
+            Command::Get(a) => client_cmd::get(a).await,
+            Command::Del(a) => client_cmd::del(a).await,
+            Command::Scan(a) => client_cmd::scan(a).await,
+            Command::Status(a) => client_cmd::status(a).await,
+        }
+    });
+    std::process::exit(code);
+}
+
+/// Logs to stderr; `RUST_LOG` overrides the default level.
+pub fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}

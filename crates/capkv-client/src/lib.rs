@@ -1,1 +1,510 @@
+//! The Rust client of capkv.
+//!
+//! - Routes each key to its partition's leader using a cached partition map, learned from
+//!   any node and refreshed when a node says `NotLeader`.
+//! - Makes every write idempotent: it carries `(client_id, sequence)`, and every retry of
+//!   that write reuses the pair, so the cluster applies it at most once.
+//! - Retries `NotLeader` (at the hinted leader), `Unavailable` and transport failures with
+//!   capped exponential backoff until the request deadline.
+//! - Returns `Ambiguous` only when a write may have been applied and no retry could learn
+//!   the outcome before the deadline.
+//!
+//! Depends only on capkv-types and capkv-proto.
 
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use capkv_proto::kv::{self as pb, kv_client::KvClient};
+use capkv_proto::status::from_status;
+use capkv_types::{partition_for_key, KvError, NodeId, PartitionId, ReadConsistency};
+use tonic::transport::{Channel, Endpoint};
+
+pub use capkv_proto::kv::StatusResponse;
+pub use capkv_types::{ErrorCode, KvError as Error};
+
+/// Client settings.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// `host:port` gRPC addresses of any nodes of the cluster.
+    pub endpoints: Vec<String>,
+    /// Total time one operation may take, retries included.
+    pub request_timeout: Duration,
+    /// Time one attempt may take before it is abandoned and retried.
+    pub attempt_timeout: Duration,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    /// Fixed client id (tests); random when `None`.
+    pub client_id: Option<u64>,
+}
+
+impl ClientConfig {
+    pub fn new(endpoints: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        ClientConfig {
+            endpoints: endpoints.into_iter().map(Into::into).collect(),
+            request_timeout: Duration::from_secs(15),
+            attempt_timeout: Duration::from_secs(7),
+            backoff_initial: Duration::from_millis(20),
+            backoff_max: Duration::from_millis(1000),
+            client_id: None,
+        }
+    }
+}
+
+/// The condition of a conditional write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Condition {
+    #[default]
+    Always,
+    /// Apply only if the key's current mod_revision equals this.
+    IfRevision(u64),
+    /// Apply only if the key does not exist.
+    IfAbsent,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriteResult {
+    pub partition: PartitionId,
+    /// False when the condition did not hold (put) or the key did not exist (delete).
+    pub succeeded: bool,
+    /// The revision of this write: the partition's log index.
+    pub revision: u64,
+    pub hlc: u64,
+    /// The key's mod_revision when the write was evaluated (0 = absent).
+    pub current_revision: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyValue {
+    pub key: Vec<u8>,
+    pub value: Vec<u8>,
+    pub mod_revision: u64,
+    pub create_revision: u64,
+    pub hlc: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ScanOptions {
+    pub start: Vec<u8>,
+    pub end: Vec<u8>,
+    pub prefix: Vec<u8>,
+    /// Page size (0 = server default, 1000).
+    pub limit: u32,
+    pub consistency: ReadConsistency,
+    pub continuation: Vec<u8>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ScanPage {
+    pub kvs: Vec<KeyValue>,
+    /// Empty when the range is exhausted.
+    pub continuation: Vec<u8>,
+}
+
+#[derive(Debug, Default)]
+struct Routing {
+    partition_count: u32,
+    nodes: HashMap<NodeId, String>,
+    replicas: Vec<Vec<NodeId>>,
+    leaders: Vec<Option<NodeId>>,
+}
+
+struct Inner {
+    config: ClientConfig,
+    client_id: u64,
+    sequence: AtomicU64,
+    channels: Mutex<HashMap<String, Channel>>,
+    routing: RwLock<Routing>,
+    round_robin: AtomicU64,
+}
+
+/// A capkv client. Cheap to clone; clones share connections, the routing cache and the
+/// idempotency sequence.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+fn kv_pb_to(kv: pb::KeyValue) -> KeyValue {
+    KeyValue { key: kv.key, value: kv.value, mod_revision: kv.mod_revision, create_revision: kv.create_revision, hlc: kv.hlc }
+}
+
+fn consistency_pb(c: ReadConsistency) -> i32 {
+    match c {
+        ReadConsistency::Prefix => pb::Consistency::Prefix as i32,
+        _ => pb::Consistency::Linearizable as i32,
+    }
+}
+
+/// Where an attempt's failure leaves a write.
+fn may_have_applied(status: &tonic::Status, err: &KvError) -> bool {
+    match err {
+        // Errors a capkv node raised on purpose say exactly whether anything happened.
+        KvError::NotLeader { .. } | KvError::InvalidArgument(_) | KvError::TooLarge(_) => false,
+        KvError::Unavailable(_) => status.details().is_empty(),
+        _ => true,
+    }
+}
+
+impl Client {
+    /// Connects to the cluster: asks the endpoints, in order, for the partition map.
+    pub async fn connect(config: ClientConfig) -> Result<Client, KvError> {
+        if config.endpoints.is_empty() {
+            return Err(KvError::InvalidArgument("no endpoints given".into()));
+        }
+        let client_id = config.client_id.unwrap_or_else(|| rand::random::<u64>() | 1);
+        let client = Client {
+            inner: Arc::new(Inner {
+                config,
+                client_id,
+                sequence: AtomicU64::new(0),
+                channels: Mutex::new(HashMap::new()),
+                routing: RwLock::new(Routing::default()),
+                round_robin: AtomicU64::new(0),
+            }),
+        };
+        client.refresh_routing().await?;
+        Ok(client)
+    }
+
+    pub fn client_id(&self) -> u64 {
+        self.inner.client_id
+    }
+
+    /// Takes the next idempotency sequence number of this client.
+    pub fn next_sequence(&self) -> u64 {
+        self.inner.sequence.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    fn channel(&self, addr: &str) -> Result<Channel, KvError> {
+        let mut channels = self.inner.channels.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = channels.get(addr) {
+            return Ok(c.clone());
+        }
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| KvError::InvalidArgument(format!("bad endpoint {addr:?}: {e}")))?
+            .connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5));
+        let c = endpoint.connect_lazy();
+        channels.insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+
+    fn kv(&self, addr: &str) -> Result<KvClient<Channel>, KvError> {
+        Ok(KvClient::new(self.channel(addr)?).max_decoding_message_size(64 * 1024 * 1024).max_encoding_message_size(64 * 1024 * 1024))
+    }
+
+    /// The status of the node at `addr` (its view of the cluster).
+    pub async fn node_status(&self, addr: &str) -> Result<StatusResponse, KvError> {
+        let mut kv = self.kv(addr)?;
+        let mut req = tonic::Request::new(pb::StatusRequest {});
+        req.set_timeout(self.inner.config.attempt_timeout);
+        match tokio::time::timeout(self.inner.config.attempt_timeout, kv.status(req)).await {
+            Ok(Ok(r)) => Ok(r.into_inner()),
+            Ok(Err(s)) => Err(from_status(&s)),
+            Err(_) => Err(KvError::Unavailable(format!("{addr} did not answer in time"))),
+        }
+    }
+
+    /// Reloads the partition map and leaders from the first endpoint that answers.
+    pub async fn refresh_routing(&self) -> Result<(), KvError> {
+        let mut addrs: Vec<String> = self.inner.config.endpoints.clone();
+        {
+            let r = self.inner.routing.read().unwrap_or_else(|e| e.into_inner());
+            for a in r.nodes.values() {
+                if !addrs.contains(a) {
+                    addrs.push(a.clone());
+                }
+            }
+        }
+        let mut last_err = KvError::Unavailable("no endpoint answered".into());
+        for addr in &addrs {
+            match self.node_status(addr).await {
+                Ok(s) => {
+                    self.apply_status(&s);
+                    return Ok(());
+                }
+                Err(e) => last_err = KvError::Unavailable(format!("{addr}: {e}")),
+            }
+        }
+        Err(last_err)
+    }
+
+    fn apply_status(&self, s: &StatusResponse) {
+        let mut r = self.inner.routing.write().unwrap_or_else(|e| e.into_inner());
+        r.partition_count = s.partition_count;
+        r.nodes = s.nodes.iter().map(|n| (NodeId(n.id), n.addr.clone())).collect();
+        r.replicas = vec![Vec::new(); s.partition_count as usize];
+        r.leaders = vec![None; s.partition_count as usize];
+        for p in &s.partitions {
+            if let Some(slot) = r.replicas.get_mut(p.id as usize) {
+                *slot = p.replicas.iter().map(|n| NodeId(*n)).collect();
+            }
+            if p.leader_id != 0 {
+                if let Some(slot) = r.leaders.get_mut(p.id as usize) {
+                    *slot = Some(NodeId(p.leader_id));
+                }
+            }
+        }
+    }
+
+    fn partition_of(&self, key: &[u8]) -> PartitionId {
+        let r = self.inner.routing.read().unwrap_or_else(|e| e.into_inner());
+        partition_for_key(key, r.partition_count.max(1))
+    }
+
+    /// The node to try next for `partition` (its cached leader, else a replica in turn).
+    fn target(&self, partition: Option<PartitionId>) -> Option<String> {
+        let r = self.inner.routing.read().unwrap_or_else(|e| e.into_inner());
+        let turn = self.inner.round_robin.fetch_add(1, Ordering::Relaxed) as usize;
+        if let Some(p) = partition {
+            if let Some(Some(leader)) = r.leaders.get(p.0 as usize) {
+                if let Some(addr) = r.nodes.get(leader) {
+                    return Some(addr.clone());
+                }
+            }
+            if let Some(replicas) = r.replicas.get(p.0 as usize).filter(|v| !v.is_empty()) {
+                return r.nodes.get(&replicas[turn % replicas.len()]).cloned();
+            }
+        }
+        let mut all: Vec<&String> = r.nodes.values().collect();
+        all.sort();
+        if all.is_empty() {
+            let e = &self.inner.config.endpoints;
+            return e.get(turn % e.len().max(1)).cloned();
+        }
+        Some(all[turn % all.len()].clone())
+    }
+
+    fn set_leader(&self, p: PartitionId, leader: Option<NodeId>, leader_addr: Option<String>) {
+        let mut r = self.inner.routing.write().unwrap_or_else(|e| e.into_inner());
+        if let (Some(l), Some(addr)) = (leader, leader_addr) {
+            r.nodes.entry(l).or_insert(addr);
+        }
+        if let Some(slot) = r.leaders.get_mut(p.0 as usize) {
+            *slot = leader;
+        }
+    }
+
+    /// Runs `attempt` until it succeeds, fails for good, or the deadline passes.
+    async fn retry<T, F, Fut>(&self, partition: Option<PartitionId>, is_write: bool, attempt: F) -> Result<T, KvError>
+    where
+        F: Fn(KvClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<T, tonic::Status>>,
+    {
+        let cfg = &self.inner.config;
+        let deadline = Instant::now() + cfg.request_timeout;
+        let mut backoff = cfg.backoff_initial;
+        let mut maybe_applied = false;
+        let mut last_err = KvError::Unavailable("no attempt was made".into());
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            let Some(addr) = self.target(partition) else {
+                return Err(KvError::Unavailable("no nodes known".into()));
+            };
+            let kv = self.kv(&addr)?;
+            let budget = cfg.attempt_timeout.min(deadline - now);
+            let mut sleep = true;
+            match tokio::time::timeout(budget, attempt(kv)).await {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(status)) => {
+                    let err = from_status(&status);
+                    if is_write && may_have_applied(&status, &err) {
+                        maybe_applied = true;
+                    }
+                    match &err {
+                        KvError::NotLeader { partition: p, leader_id, leader_addr } => {
+                            let p = partition.unwrap_or(PartitionId(*p));
+                            if leader_id.is_some() {
+                                sleep = false;
+                            }
+                            self.set_leader(p, *leader_id, leader_addr.clone());
+                        }
+                        KvError::Unavailable(_) | KvError::Ambiguous(_) => {
+                            if let Some(p) = partition {
+                                self.set_leader(p, None, None);
+                            }
+                        }
+                        _ => return Err(err),
+                    }
+                    last_err = err;
+                }
+                Err(_elapsed) => {
+                    if is_write {
+                        maybe_applied = true;
+                    }
+                    if let Some(p) = partition {
+                        self.set_leader(p, None, None);
+                    }
+                    last_err = KvError::Unavailable(format!("{addr} did not answer within {} ms", budget.as_millis()));
+                }
+            }
+            if sleep {
+                let left = deadline.saturating_duration_since(Instant::now());
+                tokio::time::sleep(backoff.min(left)).await;
+                backoff = (backoff * 2).min(cfg.backoff_max);
+            }
+        }
+        if maybe_applied {
+            Err(KvError::Ambiguous(format!(
+                "the write may or may not have been applied; the last attempt failed with: {last_err}"
+            )))
+        } else {
+            Err(last_err)
+        }
+    }
+
+    pub async fn put(&self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Result<WriteResult, KvError> {
+        self.put_with(key, value, Condition::Always).await
+    }
+
+    pub async fn put_with(
+        &self,
+        key: impl Into<Vec<u8>>,
+        value: impl Into<Vec<u8>>,
+        condition: Condition,
+    ) -> Result<WriteResult, KvError> {
+        let sequence = self.next_sequence();
+        self.put_idempotent(key, value, condition, self.inner.client_id, sequence).await
+    }
+
+    /// A put with an explicit idempotency pair: sending the same pair again returns the
+    /// original result without applying the write twice.
+    pub async fn put_idempotent(
+        &self,
+        key: impl Into<Vec<u8>>,
+        value: impl Into<Vec<u8>>,
+        condition: Condition,
+        client_id: u64,
+        sequence: u64,
+    ) -> Result<WriteResult, KvError> {
+        let key = key.into();
+        let value = value.into();
+        let p = self.partition_of(&key);
+        let (if_revision, if_absent) = match condition {
+            Condition::Always => (None, false),
+            Condition::IfRevision(r) => (Some(r), false),
+            Condition::IfAbsent => (None, true),
+        };
+        let request = pb::PutRequest {
+            key,
+            value,
+            if_revision,
+            if_absent,
+            idempotency: Some(pb::Idempotency { client_id, sequence }),
+        };
+        let resp = self
+            .retry(Some(p), true, |mut kv| {
+                let req = request.clone();
+                async move { kv.put(req).await.map(|r| r.into_inner()) }
+            })
+            .await?;
+        Ok(WriteResult {
+            partition: p,
+            succeeded: resp.succeeded,
+            revision: resp.revision,
+            hlc: resp.hlc,
+            current_revision: resp.current_revision,
+        })
+    }
+
+    pub async fn delete(&self, key: impl Into<Vec<u8>>) -> Result<WriteResult, KvError> {
+        self.delete_with(key, None).await
+    }
+
+    pub async fn delete_with(&self, key: impl Into<Vec<u8>>, if_revision: Option<u64>) -> Result<WriteResult, KvError> {
+        let key = key.into();
+        let p = self.partition_of(&key);
+        let request = pb::DeleteRequest {
+            key,
+            if_revision,
+            idempotency: Some(pb::Idempotency { client_id: self.inner.client_id, sequence: self.next_sequence() }),
+        };
+        let resp = self
+            .retry(Some(p), true, |mut kv| {
+                let req = request.clone();
+                async move { kv.delete(req).await.map(|r| r.into_inner()) }
+            })
+            .await?;
+        Ok(WriteResult {
+            partition: p,
+            succeeded: resp.deleted,
+            revision: resp.revision,
+            hlc: resp.hlc,
+            current_revision: resp.current_revision,
+        })
+    }
+
+    pub async fn get(&self, key: impl Into<Vec<u8>>) -> Result<Option<KeyValue>, KvError> {
+        self.get_with(key, ReadConsistency::Linearizable).await
+    }
+
+    pub async fn get_with(&self, key: impl Into<Vec<u8>>, consistency: ReadConsistency) -> Result<Option<KeyValue>, KvError> {
+        let key = key.into();
+        let p = self.partition_of(&key);
+        let request = pb::GetRequest { key, consistency: consistency_pb(consistency) };
+        let resp = self
+            .retry(Some(p), false, |mut kv| {
+                let req = request.clone();
+                async move { kv.get(req).await.map(|r| r.into_inner()) }
+            })
+            .await?;
+        Ok(if resp.found { resp.kv.map(kv_pb_to) } else { None })
+    }
+
+    /// One page of keys in byte order across all partitions.
+    pub async fn scan(&self, options: &ScanOptions) -> Result<ScanPage, KvError> {
+        let request = pb::ScanRequest {
+            start: options.start.clone(),
+            end: options.end.clone(),
+            prefix: options.prefix.clone(),
+            limit: options.limit,
+            continuation: options.continuation.clone(),
+            consistency: consistency_pb(options.consistency),
+            partition_id: None,
+        };
+        let resp = self
+            .retry(None, false, |mut kv| {
+                let req = request.clone();
+                async move { kv.scan(req).await.map(|r| r.into_inner()) }
+            })
+            .await?;
+        Ok(ScanPage { kvs: resp.kvs.into_iter().map(kv_pb_to).collect(), continuation: resp.continuation })
+    }
+
+    /// Every key of the range, up to `max` keys, following continuations.
+    pub async fn scan_all(&self, options: &ScanOptions, max: usize) -> Result<Vec<KeyValue>, KvError> {
+        let mut opts = options.clone();
+        let mut out = Vec::new();
+        loop {
+            let left = max - out.len();
+            if left == 0 {
+                break;
+            }
+            let page_limit = if opts.limit == 0 { 1000 } else { opts.limit };
+            opts.limit = page_limit.min(left.min(u32::MAX as usize) as u32);
+            let page = self.scan(&opts).await?;
+            out.extend(page.kvs);
+            if page.continuation.is_empty() {
+                break;
+            }
+            opts.continuation = page.continuation;
+        }
+        Ok(out)
+    }
+
+    /// Addresses of every known node.
+    pub fn node_addrs(&self) -> Vec<(NodeId, String)> {
+        let r = self.inner.routing.read().unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<_> = r.nodes.iter().map(|(k, v)| (*k, v.clone())).collect();
+        v.sort();
+        v
+    }
+}

@@ -9,3 +9,5 @@ pub mod kv {
 pub mod raft {
     tonic::include_proto!("capkv.raft.v1");
 }
+
+pub mod status;

@@ -56,8 +56,8 @@ pub enum KvError {
     #[error("InvalidArgument: {0}")]
     InvalidArgument(String),
     /// A key, value or batch is over its configured limit.
-    #[error("TooLarge: {what} is {size} bytes, the limit is {max} bytes")]
-    TooLarge { what: &'static str, size: usize, max: usize },
+    #[error("TooLarge: {0}")]
+    TooLarge(String),
     /// This node does not lead the partition. `leader` is the node it believes leads, if any.
     #[error("NotLeader: partition {partition} is led by {}", leader_display(.leader_id, .leader_addr))]
     NotLeader { partition: u32, leader_id: Option<NodeId>, leader_addr: Option<String> },
@@ -84,10 +84,35 @@ fn leader_display(id: &Option<NodeId>, addr: &Option<String>) -> String {
 }
 
 impl KvError {
+    pub fn too_large(what: &str, size: usize, max: usize) -> Self {
+        KvError::TooLarge(format!("{what} is {size} bytes, the limit is {max} bytes"))
+    }
+
+    /// Builds the error for `code` from its message (the inverse of `Display` minus the
+    /// code prefix). `NotLeader` gets no leader hint this way.
+    pub fn from_code(code: ErrorCode, message: String) -> Self {
+        match code {
+            ErrorCode::InvalidArgument => KvError::InvalidArgument(message),
+            ErrorCode::TooLarge => KvError::TooLarge(message),
+            ErrorCode::NotLeader => KvError::NotLeader { partition: 0, leader_id: None, leader_addr: None },
+            ErrorCode::Unavailable => KvError::Unavailable(message),
+            ErrorCode::Ambiguous => KvError::Ambiguous(message),
+            ErrorCode::NotFound => KvError::NotFound(message),
+            ErrorCode::Internal => KvError::Internal(message),
+        }
+    }
+
+    /// The message without the leading code.
+    pub fn message(&self) -> String {
+        let s = self.to_string();
+        let prefix = format!("{}: ", self.code().as_str());
+        s.strip_prefix(&prefix).map(str::to_string).unwrap_or(s)
+    }
+
     pub fn code(&self) -> ErrorCode {
         match self {
             KvError::InvalidArgument(_) => ErrorCode::InvalidArgument,
-            KvError::TooLarge { .. } => ErrorCode::TooLarge,
+            KvError::TooLarge(_) => ErrorCode::TooLarge,
             KvError::NotLeader { .. } => ErrorCode::NotLeader,
             KvError::Unavailable(_) => ErrorCode::Unavailable,
             KvError::Ambiguous(_) => ErrorCode::Ambiguous,
@@ -124,7 +149,7 @@ mod tests {
 
     #[test]
     fn messages_start_with_the_code() {
-        let e = KvError::TooLarge { what: "key", size: 5000, max: 4096 };
+        let e = KvError::too_large("key", 5000, 4096);
         assert!(e.to_string().starts_with("TooLarge:"));
         let e = KvError::NotLeader { partition: 3, leader_id: Some(NodeId(2)), leader_addr: None };
         assert_eq!(e.to_string(), "NotLeader: partition 3 is led by node 2");

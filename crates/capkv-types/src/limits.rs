@@ -30,14 +30,14 @@ impl Limits {
             return Err(KvError::InvalidArgument("key must not be empty".into()));
         }
         if key.len() > self.key_bytes_max {
-            return Err(KvError::TooLarge { what: "key", size: key.len(), max: self.key_bytes_max });
+            return Err(KvError::too_large("key", key.len(), self.key_bytes_max));
         }
         Ok(())
     }
 
     pub fn check_value(&self, value: &[u8]) -> Result<(), KvError> {
         if value.len() > self.value_bytes_max {
-            return Err(KvError::TooLarge { what: "value", size: value.len(), max: self.value_bytes_max });
+            return Err(KvError::too_large("value", value.len(), self.value_bytes_max));
         }
         Ok(())
     }

@@ -1,0 +1,277 @@
+//! Client commands: put, get, del, scan, status.
+
+use std::io::Write;
+
+use capkv_client::{Client, ClientConfig, Condition, ScanOptions};
+use capkv_types::{KvError, ReadConsistency};
+use clap::Args;
+
+#[derive(Args, Debug, Clone)]
+pub struct Endpoints {
+    /// Comma-separated gRPC addresses of any cluster nodes.
+    #[arg(long, env = "CAPKV_ENDPOINTS", default_value = "127.0.0.1:7379", global = true)]
+    pub endpoints: String,
+}
+
+impl Endpoints {
+    fn list(&self) -> Vec<String> {
+        self.endpoints.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect()
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct PutArgs {
+    pub key: String,
+    pub value: String,
+    /// Write only if the key's current revision is N.
+    #[arg(long, conflicts_with = "if_absent")]
+    pub if_revision: Option<u64>,
+    /// Write only if the key does not exist.
+    #[arg(long)]
+    pub if_absent: bool,
+    #[command(flatten)]
+    pub endpoints: Endpoints,
+}
+
+#[derive(Args, Debug)]
+pub struct GetArgs {
+    pub key: String,
+    /// Read level: linearizable (default) or prefix (local replica, possibly stale).
+    #[arg(long, default_value = "linearizable", value_parser = parse_consistency)]
+    pub consistency: ReadConsistency,
+    /// Print revisions and HLC too.
+    #[arg(long, short)]
+    pub verbose: bool,
+    #[command(flatten)]
+    pub endpoints: Endpoints,
+}
+
+#[derive(Args, Debug)]
+pub struct DelArgs {
+    pub key: String,
+    /// Delete only if the key's current revision is N.
+    #[arg(long)]
+    pub if_revision: Option<u64>,
+    #[command(flatten)]
+    pub endpoints: Endpoints,
+}
+
+#[derive(Args, Debug)]
+pub struct ScanArgs {
+    /// Only keys starting with P.
+    #[arg(long, conflicts_with_all = ["from", "to"])]
+    pub prefix: Option<String>,
+    /// First key (inclusive).
+    #[arg(long)]
+    pub from: Option<String>,
+    /// Last key (exclusive).
+    #[arg(long)]
+    pub to: Option<String>,
+    /// Most keys to print.
+    #[arg(long, default_value_t = 1000)]
+    pub limit: usize,
+    #[arg(long, default_value = "linearizable", value_parser = parse_consistency)]
+    pub consistency: ReadConsistency,
+    #[command(flatten)]
+    pub endpoints: Endpoints,
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// Print JSON (one object per node).
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub endpoints: Endpoints,
+}
+
+fn parse_consistency(s: &str) -> Result<ReadConsistency, String> {
+    s.parse()
+}
+
+async fn connect(e: &Endpoints) -> Result<Client, KvError> {
+    Client::connect(ClientConfig::new(e.list())).await
+}
+
+fn fail(e: KvError) -> i32 {
+    eprintln!("error: {e}");
+    2
+}
+
+pub async fn put(a: PutArgs) -> i32 {
+    crate::init_logging("warn");
+    let client = match connect(&a.endpoints).await {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let condition = match (a.if_revision, a.if_absent) {
+        (Some(r), _) => Condition::IfRevision(r),
+        (None, true) => Condition::IfAbsent,
+        (None, false) => Condition::Always,
+    };
+    match client.put_with(a.key.into_bytes(), a.value.into_bytes(), condition).await {
+        Ok(r) if r.succeeded => {
+            println!("OK revision={} partition={}", r.revision, r.partition);
+            0
+        }
+        Ok(r) => {
+            println!("CONDITION FAILED current_revision={}", r.current_revision);
+            1
+        }
+        Err(e) => fail(e),
+    }
+}
+
+pub async fn get(a: GetArgs) -> i32 {
+    crate::init_logging("warn");
+    let client = match connect(&a.endpoints).await {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    match client.get_with(a.key.into_bytes(), a.consistency).await {
+        Ok(Some(kv)) => {
+            let mut out = std::io::stdout().lock();
+            let _ = out.write_all(&kv.value);
+            let _ = out.write_all(b"\n");
+            if a.verbose {
+                eprintln!("mod_revision={} create_revision={} hlc={}", kv.mod_revision, kv.create_revision, kv.hlc);
+            }
+            0
+        }
+        Ok(None) => {
+            eprintln!("not found");
+            1
+        }
+        Err(e) => fail(e),
+    }
+}
+
+pub async fn del(a: DelArgs) -> i32 {
+    crate::init_logging("warn");
+    let client = match connect(&a.endpoints).await {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    match client.delete_with(a.key.into_bytes(), a.if_revision).await {
+        Ok(r) if r.succeeded => {
+            println!("OK revision={} partition={}", r.revision, r.partition);
+            0
+        }
+        Ok(r) if r.current_revision != 0 => {
+            println!("CONDITION FAILED current_revision={}", r.current_revision);
+            1
+        }
+        Ok(_) => {
+            eprintln!("not found");
+            1
+        }
+        Err(e) => fail(e),
+    }
+}
+
+pub async fn scan(a: ScanArgs) -> i32 {
+    crate::init_logging("warn");
+    let client = match connect(&a.endpoints).await {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let mut opts = ScanOptions {
+        prefix: a.prefix.map(String::into_bytes).unwrap_or_default(),
+        start: a.from.map(String::into_bytes).unwrap_or_default(),
+        end: a.to.map(String::into_bytes).unwrap_or_default(),
+        limit: a.limit.clamp(1, 1000) as u32,
+        consistency: a.consistency,
+        continuation: vec![],
+    };
+    let mut printed = 0usize;
+    let mut out = std::io::stdout().lock();
+    while printed < a.limit {
+        opts.limit = opts.limit.min((a.limit - printed) as u32);
+        let page = match client.scan(&opts).await {
+            Ok(p) => p,
+            Err(e) => return fail(e),
+        };
+        for kv in &page.kvs {
+            let _ = out.write_all(&kv.key);
+            let _ = out.write_all(b"\t");
+            let _ = out.write_all(&kv.value);
+            let _ = out.write_all(b"\n");
+        }
+        printed += page.kvs.len();
+        if page.continuation.is_empty() {
+            break;
+        }
+        opts.continuation = page.continuation;
+    }
+    0
+}
+
+pub async fn status(a: StatusArgs) -> i32 {
+    crate::init_logging("warn");
+    let client = match connect(&a.endpoints).await {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let mut views = Vec::new();
+    for (id, addr) in client.node_addrs() {
+        views.push((id, addr.clone(), client.node_status(&addr).await));
+    }
+    if a.json {
+        let nodes: Vec<serde_json::Value> = views
+            .iter()
+            .map(|(id, addr, r)| match r {
+                Ok(s) => serde_json::json!({
+                    "node_id": id.0, "addr": addr, "up": true, "version": s.version,
+                    "partition_count": s.partition_count, "replication_factor": s.replication_factor,
+                    "partitions": s.partitions.iter().map(|p| serde_json::json!({
+                        "id": p.id, "replicas": p.replicas, "role": p.role, "leader": p.leader_id,
+                        "term": p.term, "last_log_index": p.last_log_index, "commit_index": p.commit_index,
+                        "applied_index": p.applied_index, "snapshot_index": p.snapshot_index,
+                        "purged_index": p.purged_index,
+                    })).collect::<Vec<_>>(),
+                }),
+                Err(e) => serde_json::json!({"node_id": id.0, "addr": addr, "up": false, "error": e.to_string()}),
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "nodes": nodes })).unwrap_or_default());
+        return 0;
+    }
+    println!("NODE  ADDR                   STATE");
+    for (id, addr, r) in &views {
+        let state = match r {
+            Ok(s) => format!("up (v{}, {} partitions, rf {})", s.version, s.partition_count, s.replication_factor),
+            Err(e) => format!("DOWN: {e}"),
+        };
+        println!("{:<5} {:<22} {}", id.0, addr, state);
+    }
+    println!();
+    println!("PARTITION  LEADER  TERM  REPLICAS      APPLIED (per node)");
+    let Some(count) = views.iter().find_map(|(_, _, r)| r.as_ref().ok().map(|s| s.partition_count)) else {
+        return 2;
+    };
+    for p in 0..count {
+        let mut leader = 0;
+        let mut term = 0;
+        let mut replicas = String::new();
+        let mut applied = Vec::new();
+        for (id, _, r) in &views {
+            if let Ok(s) = r {
+                if let Some(ps) = s.partitions.iter().find(|x| x.id == p) {
+                    if replicas.is_empty() {
+                        replicas = ps.replicas.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(",");
+                    }
+                    if ps.term >= term && ps.leader_id != 0 {
+                        term = ps.term;
+                        leader = ps.leader_id;
+                    }
+                    if !ps.role.is_empty() {
+                        applied.push(format!("n{}={}", id.0, ps.applied_index));
+                    }
+                }
+            }
+        }
+        let leader = if leader == 0 { "-".to_string() } else { leader.to_string() };
+        println!("{:<10} {:<7} {:<5} {:<13} {}", p, leader, term, replicas, applied.join(" "));
+    }
+    0
+}

@@ -1,0 +1,157 @@
+//! `capkv server`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use capkv_server::config::default_http_addr;
+use capkv_server::{Node, NodeConfig, ReadPolicyChoice};
+use capkv_types::NodeId;
+use clap::{Args, ValueEnum};
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum ReadPolicyArg {
+    /// Confirm leadership with a quorum round-trip (default; safe under clock skew).
+    ReadIndex,
+    /// Trust the leader lease (faster; assumes bounded clock drift).
+    Lease,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ServerArgs {
+    /// This node's id (a positive integer, never reused with an empty data dir).
+    #[arg(long, default_value_t = 1)]
+    pub id: u64,
+    /// Where this node keeps its data.
+    #[arg(long, default_value = "./capkv-data")]
+    pub data_dir: PathBuf,
+    /// gRPC address for clients and peers. Defaults to this node's address in
+    /// --initial-cluster, else 127.0.0.1:7379.
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// The cluster's first members: ID=HOST:PORT,... Defaults to this node alone.
+    #[arg(long)]
+    pub initial_cluster: Option<String>,
+    /// Number of partitions (fixed when the cluster is created).
+    #[arg(long, default_value_t = 8)]
+    pub partitions: u32,
+    /// Replicas per partition (capped at the number of nodes).
+    #[arg(long, default_value_t = 3)]
+    pub replication_factor: u32,
+    /// HTTP address (/metrics, /health, /status). Defaults to the gRPC port + 1000.
+    #[arg(long)]
+    pub http: Option<SocketAddr>,
+    /// Largest value accepted, in bytes.
+    #[arg(long, default_value_t = 1024 * 1024)]
+    pub value_max_bytes: usize,
+    /// Build a partition snapshot (and purge its log) every this many entries.
+    #[arg(long, default_value_t = 5000)]
+    pub snapshot_every: u64,
+    /// A write not committed within this time is answered Ambiguous.
+    #[arg(long, default_value_t = 5000)]
+    pub write_timeout_ms: u64,
+    /// A linearizable read that cannot confirm leadership in this time is Unavailable.
+    #[arg(long, default_value_t = 5000)]
+    pub read_timeout_ms: u64,
+    #[arg(long, value_enum, default_value_t = ReadPolicyArg::ReadIndex)]
+    pub read_policy: ReadPolicyArg,
+    /// Raft heartbeat interval.
+    #[arg(long, default_value_t = 100)]
+    pub heartbeat_ms: u64,
+    /// Raft election timeout (randomised between this and twice this).
+    #[arg(long, default_value_t = 500)]
+    pub election_timeout_ms: u64,
+    /// Client connections served at once.
+    #[arg(long, default_value_t = 4096)]
+    pub max_connections: usize,
+    /// TESTING ONLY: expose /debug/faults, which can cut this node off from its peers.
+    #[arg(long)]
+    pub unsafe_fault_injection: bool,
+    /// TESTING ONLY (planted bug): serve linearizable reads from the local replica
+    /// without confirming leadership. Reads may be stale.
+    #[arg(long)]
+    pub unsafe_local_reads: bool,
+}
+
+pub fn config_from(args: &ServerArgs) -> anyhow::Result<NodeConfig> {
+    let id = NodeId(args.id);
+    let (listen, initial_cluster) = match &args.initial_cluster {
+        Some(spec) => {
+            let nodes = capkv_placement::parse_initial_cluster(spec)?;
+            let own = nodes.iter().find(|n| n.id == id).ok_or_else(|| {
+                anyhow::anyhow!("--id {} is not one of the --initial-cluster members", args.id)
+            })?;
+            let listen = match args.listen {
+                Some(l) => l,
+                None => own
+                    .addr
+                    .parse()
+                    .map_err(|_| anyhow::anyhow!("give --listen: {:?} is not an IP:PORT to bind", own.addr))?,
+            };
+            (listen, nodes)
+        }
+        None => {
+            let listen = args.listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7379)));
+            (listen, vec![capkv_placement::NodeSpec { id, addr: listen.to_string() }])
+        }
+    };
+    let mut c = NodeConfig::single(id, args.data_dir.clone(), listen);
+    c.initial_cluster = initial_cluster;
+    c.http_listen = args.http.unwrap_or_else(|| default_http_addr(listen));
+    c.partitions = args.partitions;
+    c.replication_factor = args.replication_factor;
+    c.limits.value_bytes_max = args.value_max_bytes;
+    c.raft.snapshot_every_entries = args.snapshot_every.max(1);
+    c.raft.log_entries_kept_after_snapshot = (args.snapshot_every / 5).min(1000);
+    c.raft.heartbeat_interval_ms = args.heartbeat_ms.max(1);
+    c.raft.election_timeout_min_ms = args.election_timeout_ms.max(c.raft.heartbeat_interval_ms * 2);
+    c.raft.election_timeout_max_ms = c.raft.election_timeout_min_ms * 2;
+    c.write_timeout = Duration::from_millis(args.write_timeout_ms);
+    c.read_timeout = Duration::from_millis(args.read_timeout_ms);
+    c.read_policy = match args.read_policy {
+        ReadPolicyArg::ReadIndex => ReadPolicyChoice::ReadIndex,
+        ReadPolicyArg::Lease => ReadPolicyChoice::Lease,
+    };
+    c.max_connections = args.max_connections;
+    c.unsafe_fault_injection = args.unsafe_fault_injection;
+    c.unsafe_local_reads = args.unsafe_local_reads;
+    Ok(c)
+}
+
+pub async fn run(args: ServerArgs) -> i32 {
+    crate::init_logging("info");
+    let config = match config_from(&args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return 2;
+        }
+    };
+    let node = match Node::start(config).await {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return 2;
+        }
+    };
+    wait_for_stop_signal().await;
+    tracing::info!("stopping");
+    node.shutdown().await;
+    0
+}
+
+/// Waits for SIGINT or SIGTERM.
+pub async fn wait_for_stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

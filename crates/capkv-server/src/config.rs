@@ -1,0 +1,77 @@
+//! Settings of one node.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use capkv_placement::NodeSpec;
+use capkv_replication::GroupSettings;
+use capkv_types::{Limits, NodeId};
+
+/// How the leader confirms it still leads before a linearizable read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReadPolicyChoice {
+    /// A quorum round-trip per read batch (safe under any clock behaviour).
+    #[default]
+    ReadIndex,
+    /// The leader's lease (no round-trip; assumes bounded clock drift).
+    Lease,
+}
+
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub id: NodeId,
+    pub data_dir: PathBuf,
+    /// gRPC address (clients and peers).
+    pub listen: SocketAddr,
+    /// HTTP address (/metrics, /health, /status).
+    pub http_listen: SocketAddr,
+    pub initial_cluster: Vec<NodeSpec>,
+    pub partitions: u32,
+    pub replication_factor: u32,
+    pub limits: Limits,
+    pub raft: GroupSettings,
+    /// A write not committed within this time is answered `Ambiguous`.
+    pub write_timeout: Duration,
+    /// A linearizable read that cannot confirm leadership within this time is `Unavailable`.
+    pub read_timeout: Duration,
+    pub read_policy: ReadPolicyChoice,
+    /// Test-only: lets /debug/faults cut this node off from peers.
+    pub unsafe_fault_injection: bool,
+    /// Planted bug for the checker: serve linearizable reads from the local replica
+    /// without ReadIndex. Never enable in production.
+    pub unsafe_local_reads: bool,
+    /// Client connections served at once; more wait in the accept queue.
+    pub max_connections: usize,
+}
+
+impl NodeConfig {
+    /// A single-node cluster's settings.
+    pub fn single(id: NodeId, data_dir: PathBuf, listen: SocketAddr) -> Self {
+        let http_listen = default_http_addr(listen);
+        NodeConfig {
+            id,
+            data_dir,
+            listen,
+            http_listen,
+            initial_cluster: vec![NodeSpec { id, addr: listen.to_string() }],
+            partitions: 8,
+            replication_factor: 3,
+            limits: Limits::default(),
+            raft: GroupSettings::default(),
+            write_timeout: Duration::from_secs(5),
+            read_timeout: Duration::from_secs(5),
+            read_policy: ReadPolicyChoice::ReadIndex,
+            unsafe_fault_injection: false,
+            unsafe_local_reads: false,
+            max_connections: 4096,
+        }
+    }
+}
+
+/// The HTTP port defaults to the gRPC port + 1000 (7379 -> 8379).
+pub fn default_http_addr(grpc: SocketAddr) -> SocketAddr {
+    let mut a = grpc;
+    a.set_port(grpc.port().wrapping_add(1000));
+    a
+}

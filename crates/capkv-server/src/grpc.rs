@@ -1,0 +1,224 @@
+//! gRPC front end: the client `Kv` service and the peer `RaftTransport` service. Both only
+//! translate between protobuf and [`KvCore`]; no logic lives here.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Instant;
+
+use capkv_proto::kv::{self as pb, kv_server::Kv};
+use capkv_proto::raft::{raft_transport_server::RaftTransport as RaftTransportService, RaftMessage, RaftReply};
+use capkv_proto::status::to_status;
+use capkv_replication::{dispatch, CommandResponse, Condition, Idempotency};
+use capkv_types::{KvError, NodeId, PartitionId, ReadConsistency};
+use tonic::{Request, Response, Status};
+
+use crate::kv::{KeyValue, KvCore, ScanParams, Served};
+use crate::transport::rpc_of;
+
+pub struct KvService {
+    pub core: Arc<KvCore>,
+}
+
+fn level(c: i32) -> Result<ReadConsistency, KvError> {
+    match pb::Consistency::try_from(c) {
+        Ok(pb::Consistency::Unspecified) | Ok(pb::Consistency::Linearizable) => Ok(ReadConsistency::Linearizable),
+        Ok(pb::Consistency::Prefix) => Ok(ReadConsistency::Prefix),
+        Err(_) => Err(KvError::InvalidArgument(format!(
+            "unknown consistency level {c}; supported: {} (1), {} (2)",
+            ReadConsistency::Linearizable,
+            ReadConsistency::Prefix
+        ))),
+    }
+}
+
+fn condition(if_revision: Option<u64>, if_absent: bool) -> Result<Condition, KvError> {
+    match (if_revision, if_absent) {
+        (Some(_), true) => Err(KvError::InvalidArgument("if_revision and if_absent cannot both be set".into())),
+        (Some(r), false) => Ok(Condition::IfRevision(r)),
+        (None, true) => Ok(Condition::IfAbsent),
+        (None, false) => Ok(Condition::Always),
+    }
+}
+
+fn idempotency(i: Option<pb::Idempotency>) -> Option<Idempotency> {
+    i.filter(|i| i.client_id != 0).map(|i| Idempotency { client_id: i.client_id, sequence: i.sequence })
+}
+
+fn header(node: NodeId, s: Served) -> Option<pb::ResponseHeader> {
+    Some(pb::ResponseHeader {
+        partition_id: s.partition.0,
+        served_by: node.0,
+        raft_term: s.term,
+        applied_index: s.applied_index,
+    })
+}
+
+fn kv_pb(kv: KeyValue) -> pb::KeyValue {
+    pb::KeyValue {
+        key: kv.key,
+        value: kv.value.value,
+        mod_revision: kv.value.mod_revision,
+        create_revision: kv.value.create_revision,
+        hlc: kv.value.hlc,
+    }
+}
+
+impl KvService {
+    async fn observe<T>(&self, op: &'static str, fut: impl Future<Output = Result<T, KvError>>) -> Result<T, Status> {
+        let started = Instant::now();
+        let result = fut.await;
+        let m = &self.core.metrics;
+        m.latency.with_label_values(&[op]).observe(started.elapsed().as_secs_f64());
+        let code = match &result {
+            Ok(_) => "ok",
+            Err(e) => e.code().as_str(),
+        };
+        m.requests.with_label_values(&[op, code]).inc();
+        result.map_err(|e| to_status(&e))
+    }
+}
+
+fn write_parts(r: &CommandResponse) -> (bool, u64, u64, u64) {
+    (r.succeeded, r.revision, r.hlc, r.current_revision)
+}
+
+#[tonic::async_trait]
+impl Kv for KvService {
+    async fn get(&self, request: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
+        let req = request.into_inner();
+        let core = &self.core;
+        let resp = self
+            .observe("get", async {
+                let level = level(req.consistency)?;
+                let (served, value) = core.get(&req.key, level).await?;
+                Ok(pb::GetResponse {
+                    header: header(core.id, served),
+                    found: value.is_some(),
+                    kv: value.map(|value| kv_pb(KeyValue { key: req.key.clone(), value })),
+                })
+            })
+            .await?;
+        Ok(Response::new(resp))
+    }
+
+    async fn put(&self, request: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
+        let req = request.into_inner();
+        let core = &self.core;
+        let resp = self
+            .observe("put", async {
+                let cond = condition(req.if_revision, req.if_absent)?;
+                let (served, r) = core.put(req.key, req.value, cond, idempotency(req.idempotency)).await?;
+                let (succeeded, revision, hlc, current_revision) = write_parts(&r);
+                Ok(pb::PutResponse { header: header(core.id, served), succeeded, revision, hlc, current_revision })
+            })
+            .await?;
+        Ok(Response::new(resp))
+    }
+
+    async fn delete(&self, request: Request<pb::DeleteRequest>) -> Result<Response<pb::DeleteResponse>, Status> {
+        let req = request.into_inner();
+        let core = &self.core;
+        let resp = self
+            .observe("delete", async {
+                let cond = condition(req.if_revision, false)?;
+                let (served, r) = core.delete(req.key, cond, idempotency(req.idempotency)).await?;
+                let (deleted, revision, hlc, current_revision) = write_parts(&r);
+                Ok(pb::DeleteResponse { header: header(core.id, served), deleted, revision, hlc, current_revision })
+            })
+            .await?;
+        Ok(Response::new(resp))
+    }
+
+    async fn scan(&self, request: Request<pb::ScanRequest>) -> Result<Response<pb::ScanResponse>, Status> {
+        let req = request.into_inner();
+        let core = &self.core;
+        let resp = self
+            .observe("scan", async {
+                let params = ScanParams {
+                    start: req.start,
+                    end: (!req.end.is_empty()).then_some(req.end),
+                    prefix: req.prefix,
+                    limit: req.limit,
+                    continuation: req.continuation,
+                    consistency: level(req.consistency)?,
+                };
+                let page = match req.partition_id {
+                    Some(p) => core.scan_one(PartitionId(p), &params).await?,
+                    None => core.scan(&params).await?,
+                };
+                Ok(pb::ScanResponse { kvs: page.kvs.into_iter().map(kv_pb).collect(), continuation: page.continuation })
+            })
+            .await?;
+        Ok(Response::new(resp))
+    }
+
+    async fn status(&self, _request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+        let core = &self.core;
+        let partitions = core
+            .partition_status()
+            .into_iter()
+            .map(|v| pb::PartitionStatus {
+                id: v.id.0,
+                replicas: v.replicas.iter().map(|n| n.0).collect(),
+                role: v.role,
+                leader_id: v.leader.map(|n| n.0).unwrap_or(0),
+                term: v.term,
+                last_log_index: v.last_log_index,
+                commit_index: v.commit_index,
+                applied_index: v.applied_index,
+                snapshot_index: v.snapshot_index,
+                purged_index: v.purged_index,
+            })
+            .collect();
+        Ok(Response::new(pb::StatusResponse {
+            node_id: core.id.0,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            partition_count: core.map.partition_count,
+            replication_factor: core.map.replication_factor,
+            nodes: core
+                .map
+                .nodes
+                .iter()
+                .map(|(id, addr)| pb::NodeInfo {
+                    id: id.0,
+                    addr: addr.clone(),
+                    http_addr: addr
+                        .parse::<std::net::SocketAddr>()
+                        .map(|a| crate::config::default_http_addr(a).to_string())
+                        .unwrap_or_default(),
+                })
+                .collect(),
+            partitions,
+        }))
+    }
+}
+
+/// Receives Raft messages from peers.
+pub struct RaftService {
+    pub core: Arc<KvCore>,
+}
+
+#[tonic::async_trait]
+impl RaftTransportService for RaftService {
+    async fn call(&self, request: Request<RaftMessage>) -> Result<Response<RaftReply>, Status> {
+        let m = request.into_inner();
+        let core = &self.core;
+        if m.to_node != core.id.0 {
+            return Err(Status::failed_precondition(format!(
+                "message for node {} reached node {}",
+                m.to_node, core.id
+            )));
+        }
+        if core.faults.is_blocked(NodeId(m.from_node)) {
+            return Err(Status::unavailable("dropped by fault injection"));
+        }
+        let rpc = rpc_of(m.kind).ok_or_else(|| Status::invalid_argument(format!("unknown raft message kind {}", m.kind)))?;
+        let replica = core
+            .replicas
+            .get(&PartitionId(m.partition_id))
+            .ok_or_else(|| Status::not_found(format!("node {} holds no replica of partition {}", core.id, m.partition_id)))?;
+        let payload =
+            dispatch(&replica.raft, rpc, &m.payload).await.map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok(Response::new(RaftReply { payload }))
+    }
+}

@@ -1,0 +1,506 @@
+//! The request logic of a node, in capkv's own types: validation at the edge, routing a
+//! key to its partition, proposing writes to the partition's Raft group, serving reads at
+//! the requested consistency level, and merging scans across partitions.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use capkv_placement::PartitionMap;
+use capkv_proto::kv::{kv_client::KvClient, Consistency as WireConsistency, ScanRequest};
+use capkv_replication::state_machine::AppliedIndex;
+use capkv_replication::{Command, CommandResponse, Condition, Faults, Idempotency, Op, PartitionRaft, TypeConfig};
+use capkv_storage::{StorageEngine, StoredValue};
+use capkv_types::{Hlc, KvError, Limits, NodeId, PartitionId, ReadConsistency};
+use openraft::error::{ClientWriteError, ForwardToLeader, LinearizableReadError, RaftError};
+use openraft::async_runtime::WatchReceiver;
+use openraft::{ReadPolicy, ServerState};
+
+use crate::config::ReadPolicyChoice;
+use crate::metrics::Metrics;
+use crate::transport::PeerChannels;
+
+/// One partition replica hosted by this node.
+pub struct Replica {
+    pub partition: PartitionId,
+    pub raft: PartitionRaft,
+    pub applied: Arc<AppliedIndex>,
+}
+
+/// Where a response was served from (for the response header).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Served {
+    pub partition: PartitionId,
+    pub term: u64,
+    pub applied_index: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyValue {
+    pub key: Vec<u8>,
+    pub value: StoredValue,
+}
+
+/// A scan request, after decoding.
+#[derive(Debug, Clone, Default)]
+pub struct ScanParams {
+    pub start: Vec<u8>,
+    /// Exclusive; `None` = to the last key.
+    pub end: Option<Vec<u8>>,
+    pub prefix: Vec<u8>,
+    pub limit: u32,
+    pub continuation: Vec<u8>,
+    pub consistency: ReadConsistency,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ScanPage {
+    pub kvs: Vec<KeyValue>,
+    /// Empty when the range is exhausted.
+    pub continuation: Vec<u8>,
+}
+
+pub const SCAN_DEFAULT_LIMIT: u32 = 1000;
+const CONTINUATION_V1: u8 = 1;
+
+pub struct KvCore {
+    pub id: NodeId,
+    pub map: PartitionMap,
+    pub replicas: BTreeMap<PartitionId, Replica>,
+    pub engine: Arc<dyn StorageEngine>,
+    pub hlc: Arc<Hlc>,
+    pub limits: Limits,
+    pub write_timeout: Duration,
+    pub read_timeout: Duration,
+    pub read_policy: ReadPolicyChoice,
+    pub unsafe_local_reads: bool,
+    pub peers: Arc<PeerChannels>,
+    pub faults: Arc<Faults>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// The smallest key greater than every key starting with `prefix`, or `None` if there is
+/// none (the prefix is all 0xff).
+pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+fn decode_continuation(token: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
+    match token.split_first() {
+        None => Ok(None),
+        Some((&CONTINUATION_V1, last_key)) => Ok(Some(last_key.to_vec())),
+        Some(_) => Err(KvError::InvalidArgument("continuation token is not one this server issued".into())),
+    }
+}
+
+fn encode_continuation(last_key: &[u8]) -> Vec<u8> {
+    let mut t = Vec::with_capacity(1 + last_key.len());
+    t.push(CONTINUATION_V1);
+    t.extend_from_slice(last_key);
+    t
+}
+
+impl KvCore {
+    fn replica(&self, p: PartitionId) -> Result<&Replica, KvError> {
+        match self.replicas.get(&p) {
+            Some(r) => Ok(r),
+            None => {
+                // Not hosted here: point at a node that holds it.
+                let hint = self.map.replicas(p).first().copied();
+                Err(self.not_leader(p, hint))
+            }
+        }
+    }
+
+    fn not_leader(&self, p: PartitionId, leader: Option<NodeId>) -> KvError {
+        KvError::NotLeader {
+            partition: p.0,
+            leader_id: leader,
+            leader_addr: leader.and_then(|l| self.map.addr_of(l).map(str::to_string)),
+        }
+    }
+
+    fn forward_error(&self, p: PartitionId, f: &ForwardToLeader<TypeConfig>) -> KvError {
+        match f.leader_id {
+            Some(l) if NodeId(l) != self.id => self.not_leader(p, Some(NodeId(l))),
+            _ => KvError::Unavailable(format!(
+                "partition {p} has no leader that node {} can reach (election in progress or quorum lost)",
+                self.id
+            )),
+        }
+    }
+
+    fn served(&self, r: &Replica) -> Served {
+        let term = r.raft.metrics().borrow_watched().current_term;
+        Served { partition: r.partition, term, applied_index: r.applied.get() }
+    }
+
+    pub async fn put(
+        &self,
+        key: Vec<u8>,
+        value: Vec<u8>,
+        condition: Condition,
+        idempotency: Option<Idempotency>,
+    ) -> Result<(Served, CommandResponse), KvError> {
+        self.limits.check_key(&key)?;
+        self.limits.check_value(&value)?;
+        check_condition(condition)?;
+        let p = self.map.partition_for_key(&key);
+        self.propose(p, Op::Put { key, value, condition }, idempotency).await
+    }
+
+    pub async fn delete(
+        &self,
+        key: Vec<u8>,
+        condition: Condition,
+        idempotency: Option<Idempotency>,
+    ) -> Result<(Served, CommandResponse), KvError> {
+        self.limits.check_key(&key)?;
+        check_condition(condition)?;
+        let p = self.map.partition_for_key(&key);
+        self.propose(p, Op::Delete { key, condition }, idempotency).await
+    }
+
+    async fn propose(
+        &self,
+        p: PartitionId,
+        op: Op,
+        idempotency: Option<Idempotency>,
+    ) -> Result<(Served, CommandResponse), KvError> {
+        let replica = self.replica(p)?;
+        let cmd = Command { hlc: self.hlc.now().0, idempotency: idempotency.filter(|i| i.client_id != 0), op };
+        let result = tokio::time::timeout(self.write_timeout, replica.raft.client_write(cmd)).await;
+        match result {
+            Err(_elapsed) => Err(KvError::Ambiguous(format!(
+                "partition {p}: the write was proposed but not committed within {} ms; retry with the same \
+                 (client_id, sequence) to learn its outcome",
+                self.write_timeout.as_millis()
+            ))),
+            Ok(Ok(resp)) => Ok((self.served(replica), resp.data)),
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => Err(self.forward_error(p, &f)),
+            Ok(Err(RaftError::APIError(ClientWriteError::LogEntryDiscarded(_)))) => Err(KvError::Ambiguous(format!(
+                "partition {p}: leadership changed after the write was proposed; retry with the same \
+                 (client_id, sequence) to learn its outcome"
+            ))),
+            Ok(Err(RaftError::APIError(e))) => Err(KvError::Internal(format!("partition {p}: {e}"))),
+            Ok(Err(RaftError::Fatal(f))) => {
+                Err(KvError::Ambiguous(format!("partition {p}: replica stopped while writing: {f}")))
+            }
+        }
+    }
+
+    /// Waits until the local replica may serve a read at `level`.
+    async fn read_barrier(&self, p: PartitionId, level: ReadConsistency) -> Result<&Replica, KvError> {
+        let replica = self.replica(p)?;
+        if level == ReadConsistency::Prefix || self.unsafe_local_reads {
+            return Ok(replica);
+        }
+        let policy = match self.read_policy {
+            ReadPolicyChoice::ReadIndex => ReadPolicy::ReadIndex,
+            ReadPolicyChoice::Lease => ReadPolicy::LeaseRead,
+        };
+        match tokio::time::timeout(self.read_timeout, replica.raft.ensure_linearizable(policy)).await {
+            Err(_elapsed) => Err(KvError::Unavailable(format!(
+                "partition {p}: could not confirm leadership with a quorum within {} ms",
+                self.read_timeout.as_millis()
+            ))),
+            Ok(Ok(_)) => Ok(replica),
+            Ok(Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f)))) => Err(self.forward_error(p, &f)),
+            Ok(Err(RaftError::APIError(LinearizableReadError::QuorumNotEnough(e)))) => {
+                Err(KvError::Unavailable(format!("partition {p}: {e}")))
+            }
+            Ok(Err(RaftError::Fatal(f))) => Err(KvError::Unavailable(format!("partition {p}: replica stopped: {f}"))),
+        }
+    }
+
+    pub async fn get(&self, key: &[u8], level: ReadConsistency) -> Result<(Served, Option<StoredValue>), KvError> {
+        self.limits.check_key(key)?;
+        let p = self.map.partition_for_key(key);
+        let replica = self.read_barrier(p, level).await?;
+        let value = self.engine.sm_get(p, key).map_err(|e| KvError::Internal(e.to_string()))?;
+        Ok((self.served(replica), value))
+    }
+
+    /// Scans one partition on this node. Returns the page and whether the partition has
+    /// more keys after it.
+    pub async fn scan_partition_local(
+        &self,
+        p: PartitionId,
+        start: &[u8],
+        end: Option<&[u8]>,
+        limit: u32,
+        level: ReadConsistency,
+    ) -> Result<(Vec<KeyValue>, bool), KvError> {
+        if p.0 >= self.map.partition_count {
+            return Err(KvError::InvalidArgument(format!(
+                "partition {p} does not exist (the cluster has {})",
+                self.map.partition_count
+            )));
+        }
+        self.read_barrier(p, level).await?;
+        let want = limit as usize;
+        let bytes_max = self.limits.scan_page_bytes_max;
+        let mut rows = self
+            .engine
+            .sm_scan(p, start, end, want + 1, bytes_max)
+            .map_err(|e| KvError::Internal(e.to_string()))?;
+        let bytes: usize = rows.iter().map(|(k, v)| k.len() + v.value.len()).sum();
+        let more = rows.len() > want || bytes >= bytes_max;
+        rows.truncate(want);
+        Ok((rows.into_iter().map(|(key, value)| KeyValue { key, value }).collect(), more))
+    }
+
+    async fn scan_partition_anywhere(
+        &self,
+        p: PartitionId,
+        start: &[u8],
+        end: Option<&[u8]>,
+        limit: u32,
+        level: ReadConsistency,
+    ) -> Result<(Vec<KeyValue>, bool), KvError> {
+        let mut target: Option<NodeId> = None;
+        if let Some(r) = self.replicas.get(&p) {
+            let leads = r.raft.metrics().borrow_watched().state == ServerState::Leader;
+            if level == ReadConsistency::Prefix || leads {
+                return self.scan_partition_local(p, start, end, limit, level).await;
+            }
+            target = r.raft.metrics().borrow_watched().current_leader.map(NodeId);
+        }
+        let mut target = target.or_else(|| self.map.replicas(p).first().copied());
+        // Follow at most two leader hints.
+        for _ in 0..3 {
+            let Some(node) = target else { break };
+            if node == self.id {
+                return self.scan_partition_local(p, start, end, limit, level).await;
+            }
+            match self.scan_remote(node, p, start, end, limit, level).await {
+                Err(KvError::NotLeader { leader_id, .. }) if leader_id.is_some() && leader_id != Some(node) => {
+                    target = leader_id;
+                }
+                other => return other,
+            }
+        }
+        Err(KvError::Unavailable(format!("partition {p}: no leader found for the scan")))
+    }
+
+    async fn scan_remote(
+        &self,
+        node: NodeId,
+        p: PartitionId,
+        start: &[u8],
+        end: Option<&[u8]>,
+        limit: u32,
+        level: ReadConsistency,
+    ) -> Result<(Vec<KeyValue>, bool), KvError> {
+        let addr = self
+            .map
+            .addr_of(node)
+            .ok_or_else(|| KvError::Internal(format!("node {node} is not in the partition map")))?;
+        let mut client = KvClient::new(self.peers.channel(addr))
+            .max_decoding_message_size(self.limits.message_bytes_max() + self.limits.scan_page_bytes_max);
+        let consistency = match level {
+            ReadConsistency::Prefix => WireConsistency::Prefix,
+            _ => WireConsistency::Linearizable,
+        };
+        let mut req = tonic::Request::new(ScanRequest {
+            start: start.to_vec(),
+            end: end.map(<[u8]>::to_vec).unwrap_or_default(),
+            prefix: vec![],
+            limit,
+            continuation: vec![],
+            consistency: consistency as i32,
+            partition_id: Some(p.0),
+        });
+        req.set_timeout(self.read_timeout + Duration::from_secs(1));
+        let resp = client.scan(req).await.map_err(|s| capkv_proto::status::from_status(&s))?.into_inner();
+        let kvs = resp
+            .kvs
+            .into_iter()
+            .map(|kv| KeyValue {
+                key: kv.key,
+                value: StoredValue {
+                    mod_revision: kv.mod_revision,
+                    create_revision: kv.create_revision,
+                    hlc: kv.hlc,
+                    value: kv.value,
+                },
+            })
+            .collect();
+        Ok((kvs, !resp.continuation.is_empty()))
+    }
+
+    /// Resolves prefix, range and continuation into `[start, end)`.
+    fn scan_bounds(&self, params: &ScanParams) -> Result<(Vec<u8>, Option<Vec<u8>>), KvError> {
+        let (mut start, end) = if !params.prefix.is_empty() {
+            if !params.start.is_empty() || params.end.is_some() {
+                return Err(KvError::InvalidArgument("give either a prefix or a start/end range, not both".into()));
+            }
+            (params.prefix.clone(), prefix_end(&params.prefix))
+        } else {
+            (params.start.clone(), params.end.clone())
+        };
+        for k in [Some(&start), end.as_ref()].into_iter().flatten() {
+            if k.len() > self.limits.key_bytes_max {
+                return Err(KvError::too_large("scan bound", k.len(), self.limits.key_bytes_max));
+            }
+        }
+        if let Some(last) = decode_continuation(&params.continuation)? {
+            let mut after = last;
+            after.push(0);
+            if after > start {
+                start = after;
+            }
+        }
+        Ok((start, end))
+    }
+
+    fn scan_limit(&self, limit: u32) -> Result<u32, KvError> {
+        match limit {
+            0 => Ok(SCAN_DEFAULT_LIMIT.min(self.limits.scan_limit_max)),
+            l if l > self.limits.scan_limit_max => Err(KvError::InvalidArgument(format!(
+                "scan limit {l} is over the maximum of {}",
+                self.limits.scan_limit_max
+            ))),
+            l => Ok(l),
+        }
+    }
+
+    /// One partition, for a peer's fan-out.
+    pub async fn scan_one(&self, p: PartitionId, params: &ScanParams) -> Result<ScanPage, KvError> {
+        let limit = self.scan_limit(params.limit)?;
+        let (start, end) = self.scan_bounds(params)?;
+        let (kvs, more) = self.scan_partition_local(p, &start, end.as_deref(), limit, params.consistency).await?;
+        let continuation = match (more, kvs.last()) {
+            (true, Some(last)) => encode_continuation(&last.key),
+            _ => vec![],
+        };
+        Ok(ScanPage { kvs, continuation })
+    }
+
+    /// Keys in byte order across every partition, one page.
+    ///
+    /// Each partition is read at the requested level on its own; a page is not a
+    /// snapshot across partitions.
+    pub async fn scan(&self, params: &ScanParams) -> Result<ScanPage, KvError> {
+        let limit = self.scan_limit(params.limit)?;
+        let (start, end) = self.scan_bounds(params)?;
+        if matches!(&end, Some(e) if *e <= start) {
+            return Ok(ScanPage::default());
+        }
+        let futures = self
+            .map
+            .partitions()
+            .map(|p| self.scan_partition_anywhere(p, &start, end.as_deref(), limit, params.consistency));
+        let results = futures::future::join_all(futures).await;
+        let mut all: Vec<KeyValue> = Vec::new();
+        // No key past the last key of a partition that has more may be returned: that
+        // partition could hold keys between.
+        let mut cutoff: Option<Vec<u8>> = None;
+        for r in results {
+            let (kvs, more) = r?;
+            if more {
+                if let Some(last) = kvs.last() {
+                    if cutoff.as_ref().is_none_or(|c| last.key < *c) {
+                        cutoff = Some(last.key.clone());
+                    }
+                }
+            }
+            all.extend(kvs);
+        }
+        all.sort_by(|a, b| a.key.cmp(&b.key));
+        let total = all.len();
+        let mut page = Vec::new();
+        let mut bytes = 0usize;
+        for kv in all {
+            if page.len() >= limit as usize || (bytes >= self.limits.scan_page_bytes_max && !page.is_empty()) {
+                break;
+            }
+            if matches!(&cutoff, Some(c) if kv.key > *c) {
+                break;
+            }
+            bytes += kv.key.len() + kv.value.value.len();
+            page.push(kv);
+        }
+        let truncated = page.len() < total || cutoff.is_some();
+        let continuation = match (truncated, page.last()) {
+            (true, Some(last)) => encode_continuation(&last.key),
+            _ => vec![],
+        };
+        Ok(ScanPage { kvs: page, continuation })
+    }
+
+    /// This node's view of each partition.
+    pub fn partition_status(&self) -> Vec<PartitionView> {
+        self.map
+            .partitions()
+            .map(|p| {
+                let mut v = PartitionView {
+                    id: p,
+                    replicas: self.map.replicas(p).to_vec(),
+                    ..Default::default()
+                };
+                if let Some(r) = self.replicas.get(&p) {
+                    let m = r.raft.metrics().borrow_watched().clone();
+                    v.role = format!("{:?}", m.state);
+                    v.leader = m.current_leader.map(NodeId);
+                    v.term = m.current_term;
+                    v.last_log_index = m.last_log_index.unwrap_or(0);
+                    v.commit_index = m.local_committed.map(|l| l.index).unwrap_or(0);
+                    v.applied_index = m.last_applied.map(|l| l.index).unwrap_or(0);
+                    v.snapshot_index = m.snapshot.map(|l| l.index).unwrap_or(0);
+                    v.purged_index = m.purged.map(|l| l.index).unwrap_or(0);
+                }
+                v
+            })
+            .collect()
+    }
+}
+
+fn check_condition(c: Condition) -> Result<(), KvError> {
+    if c == Condition::IfRevision(0) {
+        return Err(KvError::InvalidArgument("if_revision must be a revision (>= 1); use if_absent for 'not present'".into()));
+    }
+    Ok(())
+}
+
+/// This node's view of one partition.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct PartitionView {
+    pub id: PartitionId,
+    pub replicas: Vec<NodeId>,
+    /// Empty when this node holds no replica.
+    pub role: String,
+    pub leader: Option<NodeId>,
+    pub term: u64,
+    pub last_log_index: u64,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    pub snapshot_index: u64,
+    pub purged_index: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_end_is_the_next_key_after_the_prefix() {
+        assert_eq!(prefix_end(b"user:"), Some(b"user;".to_vec()));
+        assert_eq!(prefix_end(b"a\xff"), Some(b"b".to_vec()));
+        assert_eq!(prefix_end(b"\xff\xff"), None);
+    }
+
+    #[test]
+    fn continuation_tokens_round_trip_and_reject_garbage() {
+        assert_eq!(decode_continuation(&encode_continuation(b"k1")).unwrap(), Some(b"k1".to_vec()));
+        assert_eq!(decode_continuation(b"").unwrap(), None);
+        assert!(decode_continuation(b"\x07junk").is_err());
+    }
+}

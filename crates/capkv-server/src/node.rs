@@ -1,0 +1,331 @@
+//! Starting and stopping a node.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use anyhow::{bail, Context as _};
+use capkv_placement::{NodeSpec, PartitionMap};
+use capkv_proto::kv::kv_server::KvServer;
+use capkv_proto::raft::raft_transport_server::RaftTransportServer;
+use capkv_replication::{open_partition, Faults};
+use capkv_storage::{FjallEngine, FjallOptions, StorageEngine};
+use capkv_types::{Hlc, NodeId};
+use openraft::async_runtime::WatchReceiver;
+use openraft::BasicNode;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
+use tonic::transport::server::{Connected, TcpConnectInfo};
+
+use crate::config::NodeConfig;
+use crate::grpc::{KvService, RaftService};
+use crate::kv::{KvCore, Replica};
+use crate::metrics::Metrics;
+use crate::transport::{GrpcTransport, PeerChannels, RAFT_MESSAGE_BYTES_MAX};
+
+/// What a data directory was created for. A node refuses to start on a data dir made for
+/// another node id or another cluster shape.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct ClusterIdentity {
+    node_id: NodeId,
+    partitions: u32,
+    replication_factor: u32,
+    initial_cluster: Vec<NodeSpec>,
+}
+
+const IDENTITY_KEY: &str = "cluster_identity";
+
+pub struct Node {
+    core: Arc<KvCore>,
+    grpc_addr: SocketAddr,
+    http_addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Node {
+    pub async fn start(config: NodeConfig) -> anyhow::Result<Node> {
+        if !config.initial_cluster.iter().any(|n| n.id == config.id) {
+            bail!("node id {} is not in the initial cluster", config.id);
+        }
+        let engine: Arc<dyn StorageEngine> = Arc::new(
+            FjallEngine::open(&config.data_dir, FjallOptions::default())
+                .with_context(|| format!("open storage in {}", config.data_dir.display()))?,
+        );
+        let identity = ClusterIdentity {
+            node_id: config.id,
+            partitions: config.partitions,
+            replication_factor: config.replication_factor,
+            initial_cluster: config.initial_cluster.clone(),
+        };
+        let fresh = match engine.node_meta_get(IDENTITY_KEY)? {
+            None => true,
+            Some(bytes) => {
+                let stored: ClusterIdentity =
+                    serde_json::from_slice(&bytes).context("the data dir's cluster identity is unreadable")?;
+                if stored != identity {
+                    bail!(
+                        "data dir {} belongs to {stored:?}, but this node was started as {identity:?}; \
+                         start it with the original settings or use an empty data dir",
+                        config.data_dir.display()
+                    );
+                }
+                false
+            }
+        };
+        let map = PartitionMap::initial(&config.initial_cluster, config.partitions, config.replication_factor)?;
+
+        // Bind first, so a port conflict is reported before anything else starts.
+        let grpc_listener =
+            TcpListener::bind(config.listen).await.with_context(|| format!("listen on {}", config.listen))?;
+        let http_listener = TcpListener::bind(config.http_listen)
+            .await
+            .with_context(|| format!("listen for HTTP on {}", config.http_listen))?;
+        let grpc_addr = grpc_listener.local_addr()?;
+        let http_addr = http_listener.local_addr()?;
+
+        let hlc = Arc::new(Hlc::new());
+        let faults = Arc::new(Faults::new(config.unsafe_fault_injection));
+        let peers = Arc::new(PeerChannels::default());
+        let transport = Arc::new(GrpcTransport { peers: peers.clone() });
+        let mut replicas = BTreeMap::new();
+        for p in map.partitions_of(config.id) {
+            let (raft, applied) = open_partition(
+                config.id,
+                p,
+                &config.raft,
+                engine.clone(),
+                transport.clone(),
+                faults.clone(),
+                hlc.clone(),
+            )
+            .await?;
+            replicas.insert(p, Replica { partition: p, raft, applied });
+        }
+        if fresh {
+            for (p, r) in &replicas {
+                let members: BTreeMap<u64, BasicNode> = map
+                    .replicas(*p)
+                    .iter()
+                    .map(|n| (n.0, BasicNode::new(map.addr_of(*n).unwrap_or_default())))
+                    .collect();
+                // Every initial node initializes with the same membership; the Raft vote
+                // makes that safe. A node that already has state refuses, which is fine.
+                if let Err(e) = r.raft.initialize(members).await {
+                    tracing::debug!(partition = p.0, error = %e, "initialize skipped");
+                }
+            }
+            engine.node_meta_put(IDENTITY_KEY, &serde_json::to_vec(&identity)?)?;
+            engine.sync()?;
+        }
+
+        let metrics = Arc::new(Metrics::new(config.id.0)?);
+        let core = Arc::new(KvCore {
+            id: config.id,
+            map,
+            replicas,
+            engine,
+            hlc,
+            limits: config.limits,
+            write_timeout: config.write_timeout,
+            read_timeout: config.read_timeout,
+            read_policy: config.read_policy,
+            unsafe_local_reads: config.unsafe_local_reads,
+            peers,
+            faults,
+            metrics,
+        });
+        if config.unsafe_local_reads {
+            tracing::warn!("UNSAFE: --unsafe-local-reads serves linearizable reads from the local replica; reads may be stale");
+        }
+        if config.unsafe_fault_injection {
+            tracing::warn!("UNSAFE: --unsafe-fault-injection lets anyone with HTTP access cut this node off from its peers");
+        }
+
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+        for r in core.replicas.values() {
+            tasks.push(tokio::spawn(watch_leader(core.clone(), r.partition, shutdown_rx.clone())));
+        }
+
+        let message_max = config.limits.message_bytes_max() + config.limits.scan_page_bytes_max;
+        let kv = KvServer::new(KvService { core: core.clone() })
+            .max_decoding_message_size(message_max)
+            .max_encoding_message_size(message_max);
+        let raft = RaftTransportServer::new(RaftService { core: core.clone() })
+            .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX);
+        let incoming = limited_incoming(grpc_listener, config.max_connections);
+        let mut rx = shutdown_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let result = tonic::transport::Server::builder()
+                .concurrency_limit_per_connection(1024)
+                .tcp_nodelay(true)
+                .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
+                .add_service(kv)
+                .add_service(raft)
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = rx.wait_for(|stop| *stop).await;
+                })
+                .await;
+            if let Err(e) = result {
+                tracing::error!(error = %e, "gRPC server stopped");
+            }
+        }));
+        let app = crate::http::router(core.clone());
+        let mut rx = shutdown_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let result = axum::serve(http_listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = rx.wait_for(|stop| *stop).await;
+                })
+                .await;
+            if let Err(e) = result {
+                tracing::error!(error = %e, "HTTP server stopped");
+            }
+        }));
+
+        tracing::info!(
+            node = config.id.0,
+            grpc = %grpc_addr,
+            http = %http_addr,
+            partitions = core.replicas.len(),
+            data_dir = %config.data_dir.display(),
+            fresh,
+            "node started"
+        );
+        Ok(Node { core, grpc_addr, http_addr, shutdown, tasks })
+    }
+
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    pub fn core(&self) -> &Arc<KvCore> {
+        &self.core
+    }
+
+    /// Stops serving, stops every Raft group and syncs storage.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for r in self.core.replicas.values() {
+            if let Err(e) = r.raft.shutdown().await {
+                tracing::warn!(partition = r.partition.0, error = %e, "raft shutdown");
+            }
+        }
+        for t in self.tasks {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), t).await;
+        }
+        if let Err(e) = self.core.engine.sync() {
+            tracing::error!(error = %e, "final sync failed");
+        }
+        tracing::info!(node = self.core.id.0, "node stopped");
+    }
+}
+
+/// Logs leader changes of one partition and counts them.
+async fn watch_leader(core: Arc<KvCore>, p: capkv_types::PartitionId, mut shutdown: watch::Receiver<bool>) {
+    let Some(replica) = core.replicas.get(&p) else { return };
+    let mut rx = replica.raft.metrics();
+    let mut last_leader: Option<u64> = None;
+    let label = p.0.to_string();
+    loop {
+        {
+            let m = rx.borrow_watched();
+            if m.current_leader != last_leader {
+                last_leader = m.current_leader;
+                core.metrics.raft_leader_changes.with_label_values(&[label.as_str()]).inc();
+                tracing::info!(
+                    node = core.id.0,
+                    partition = p.0,
+                    leader = ?m.current_leader,
+                    term = m.current_term,
+                    "leader changed"
+                );
+            }
+        }
+        tokio::select! {
+            r = rx.changed() => if r.is_err() { break },
+            _ = shutdown.wait_for(|s| *s) => break,
+        }
+    }
+}
+
+/// A TCP connection that holds one of the node's connection permits while open.
+pub struct LimitedStream {
+    inner: TcpStream,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Connected for LimitedStream {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
+impl AsyncRead for LimitedStream {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for LimitedStream {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// Accepts connections while fewer than `max` are open; the rest wait in the backlog.
+fn limited_incoming(
+    listener: TcpListener,
+    max: usize,
+) -> impl futures::Stream<Item = Result<LimitedStream, std::io::Error>> {
+    let permits = Arc::new(Semaphore::new(max.max(1)));
+    futures::stream::unfold((listener, permits), |(listener, permits)| async move {
+        let permit = permits.clone().acquire_owned().await.ok()?;
+        loop {
+            match listener.accept().await {
+                Ok((tcp, _)) => {
+                    let _ = tcp.set_nodelay(true);
+                    return Some((Ok(LimitedStream { inner: tcp, _permit: permit }), (listener, permits)));
+                }
+                Err(e) => {
+                    // Usually EMFILE or a reset during accept: wait briefly, keep serving.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+    })
+}
