@@ -14,7 +14,7 @@ use capkv_storage::{StorageEngine, StoredValue};
 use capkv_types::{Hlc, KvError, Limits, NodeId, PartitionId, ReadConsistency};
 use openraft::error::{ClientWriteError, ForwardToLeader, LinearizableReadError, RaftError};
 use openraft::async_runtime::WatchReceiver;
-use openraft::{ReadPolicy, ServerState};
+use openraft::{Instant as _, ReadPolicy, ServerState};
 
 use crate::config::ReadPolicyChoice;
 use crate::metrics::Metrics;
@@ -74,6 +74,9 @@ pub struct KvCore {
     pub read_timeout: Duration,
     pub read_policy: ReadPolicyChoice,
     pub unsafe_local_reads: bool,
+    /// How long a leader may go without a quorum acknowledging it before reads on it fail
+    /// fast (openraft's leader lease: the maximum election timeout).
+    pub quorum_lease_ms: u64,
     pub peers: Arc<PeerChannels>,
     pub faults: Arc<Faults>,
     pub metrics: Arc<Metrics>,
@@ -201,6 +204,24 @@ impl KvCore {
         let replica = self.replica(p)?;
         if level == ReadConsistency::Prefix || self.unsafe_local_reads {
             return Ok(replica);
+        }
+        {
+            // Fail fast where the answer is already known, instead of waiting out the
+            // read timeout: a follower names its leader; a leader whose quorum has been
+            // silent for a whole lease cannot confirm leadership now.
+            let m = replica.raft.metrics().borrow_watched().clone();
+            if m.state != ServerState::Leader {
+                return match m.current_leader {
+                    Some(l) if NodeId(l) != self.id => Err(self.not_leader(p, Some(NodeId(l)))),
+                    _ => Err(KvError::Unavailable(format!("partition {p} has no known leader"))),
+                };
+            }
+            if m.last_quorum_acked.as_ref().is_some_and(|t| t.elapsed() > Duration::from_millis(self.quorum_lease_ms)) {
+                return Err(KvError::Unavailable(format!(
+                    "partition {p}: this leader has not heard from a quorum for over {} ms",
+                    self.quorum_lease_ms
+                )));
+            }
         }
         let policy = match self.read_policy {
             ReadPolicyChoice::ReadIndex => ReadPolicy::ReadIndex,

@@ -136,6 +136,7 @@ impl Node {
             read_timeout: config.read_timeout,
             read_policy: config.read_policy,
             unsafe_local_reads: config.unsafe_local_reads,
+            quorum_lease_ms: config.raft.election_timeout_max_ms,
             peers,
             faults,
             metrics,

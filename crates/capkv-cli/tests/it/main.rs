@@ -1,0 +1,12 @@
+//! Cluster tests: real `capkv server` processes on loopback, killed, paused, cut off and
+//! restarted. Every wait is on a condition with a deadline.
+
+mod fixture;
+
+mod bad_input;
+mod basic;
+mod crash;
+mod failover;
+mod idempotency;
+mod isolation;
+mod snapshot;
