@@ -1,5 +1,6 @@
 //! `capkv`: the server, the playground and the client commands.
 
+mod check_cmd;
 mod client_cmd;
 mod playground;
 mod server_cmd;
@@ -29,6 +30,8 @@ enum Command {
     Scan(client_cmd::ScanArgs),
     /// Nodes, partitions, leaders, terms and applied indexes.
     Status(client_cmd::StatusArgs),
+    /// Jepsen-style check: workload + faults + checkers (exit 0 valid, 1 invalid, 2 no verdict).
+    Check(check_cmd::CheckArgs),
 }
 
 fn main() {
@@ -49,6 +52,7 @@ fn main() {
             Command::Del(a) => client_cmd::del(a).await,
             Command::Scan(a) => client_cmd::scan(a).await,
             Command::Status(a) => client_cmd::status(a).await,
+            Command::Check(a) => check_cmd::run(a).await,
         }
     });
     std::process::exit(code);
@@ -59,4 +63,13 @@ pub fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
 }

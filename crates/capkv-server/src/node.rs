@@ -153,6 +153,7 @@ impl Node {
         for r in core.replicas.values() {
             tasks.push(tokio::spawn(watch_leader(core.clone(), r.partition, shutdown_rx.clone())));
         }
+        tasks.push(tokio::spawn(balance_leaders(core.clone(), shutdown_rx.clone())));
 
         let message_max = config.limits.message_bytes_max() + config.limits.scan_page_bytes_max;
         let kv = KvServer::new(KvService { core: core.clone() })
@@ -257,6 +258,42 @@ async fn watch_leader(core: Arc<KvCore>, p: capkv_types::PartitionId, mut shutdo
         tokio::select! {
             r = rx.changed() => if r.is_err() { break },
             _ = shutdown.wait_for(|s| *s) => break,
+        }
+    }
+}
+
+/// Moves leadership of each partition to its preferred replica (the first in the
+/// partition map), so leaders, and with them the write load, spread over the nodes.
+///
+/// Only a leader acts, and only when the preferred replica has replicated its whole log;
+/// a replica that is down or behind is left alone. One attempt per partition per interval.
+async fn balance_leaders(core: Arc<KvCore>, mut shutdown: watch::Receiver<bool>) {
+    let interval = std::time::Duration::from_secs(3);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        for r in core.replicas.values() {
+            let Some(preferred) = core.map.replicas(r.partition).first().copied() else { continue };
+            if preferred == core.id {
+                continue;
+            }
+            let m = r.raft.metrics().borrow_watched().clone();
+            if m.state != openraft::ServerState::Leader {
+                continue;
+            }
+            let caught_up = match (&m.replication, m.last_log_index) {
+                (Some(rep), Some(last)) => rep.get(&preferred.0).and_then(|l| l.as_ref()).is_some_and(|l| l.index == last),
+                _ => false,
+            };
+            if !caught_up {
+                continue;
+            }
+            tracing::info!(node = core.id.0, partition = r.partition.0, to = preferred.0, "transferring leadership to the preferred replica");
+            if let Err(e) = r.raft.trigger().transfer_leader(preferred.0).await {
+                tracing::warn!(partition = r.partition.0, error = %e, "leader transfer failed");
+            }
         }
     }
 }

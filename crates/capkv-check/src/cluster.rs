@@ -1,0 +1,301 @@
+//! The cluster under test: `capkv server` processes this run starts (full control), or an
+//! existing cluster given by endpoints (network faults only, through its debug endpoint).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use capkv_client::{Client, ClientConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::{Child, Command};
+
+pub struct LocalNode {
+    pub id: u64,
+    pub addr: String,
+    pub http: String,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+    paused: bool,
+}
+
+pub struct Cluster {
+    pub nodes: Vec<LocalNode>,
+    pub partitions: u32,
+    exe: Option<PathBuf>,
+    spec: String,
+    extra_args: Vec<String>,
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl Cluster {
+    /// Starts `n` nodes of `exe` under `dir` and waits until every partition has a leader.
+    pub async fn start_local(exe: &Path, dir: &Path, n: usize, partitions: u32, extra_args: Vec<String>) -> anyhow::Result<Cluster> {
+        std::fs::create_dir_all(dir)?;
+        let mut nodes = Vec::new();
+        for i in 1..=n as u64 {
+            nodes.push(LocalNode {
+                id: i,
+                addr: format!("127.0.0.1:{}", free_port()?),
+                http: format!("127.0.0.1:{}", free_port()?),
+                data_dir: dir.join(format!("node-{i}")),
+                log: dir.join(format!("node-{i}.log")),
+                child: None,
+                paused: false,
+            });
+        }
+        let spec = nodes.iter().map(|n| format!("{}={}", n.id, n.addr)).collect::<Vec<_>>().join(",");
+        let mut c = Cluster { nodes, partitions, exe: Some(exe.to_path_buf()), spec, extra_args };
+        for id in 1..=n as u64 {
+            c.spawn(id)?;
+        }
+        c.wait_ready(Duration::from_secs(60)).await?;
+        Ok(c)
+    }
+
+    /// An existing cluster: learns its nodes (and their HTTP ports) from any endpoint.
+    pub async fn external(endpoints: &[String]) -> anyhow::Result<Cluster> {
+        let client = Client::connect(ClientConfig::new(endpoints.to_vec())).await?;
+        let mut nodes = Vec::new();
+        let mut partitions = 0;
+        for (id, addr) in client.node_addrs() {
+            let status = client.node_status(&addr).await.ok();
+            let http = status
+                .as_ref()
+                .and_then(|s| s.nodes.iter().find(|n| n.id == id.0).map(|n| n.http_addr.clone()))
+                .unwrap_or_default();
+            partitions = status.map(|s| s.partition_count).unwrap_or(partitions);
+            nodes.push(LocalNode {
+                id: id.0,
+                addr,
+                http,
+                data_dir: PathBuf::new(),
+                log: PathBuf::new(),
+                child: None,
+                paused: false,
+            });
+        }
+        if nodes.is_empty() {
+            bail!("the cluster at {endpoints:?} reported no nodes");
+        }
+        Ok(Cluster { nodes, partitions, exe: None, spec: String::new(), extra_args: vec![] })
+    }
+
+    pub fn controls_processes(&self) -> bool {
+        self.exe.is_some()
+    }
+
+    pub fn ids(&self) -> Vec<u64> {
+        self.nodes.iter().map(|n| n.id).collect()
+    }
+
+    pub fn endpoints(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.addr.clone()).collect()
+    }
+
+    fn node_mut(&mut self, id: u64) -> anyhow::Result<&mut LocalNode> {
+        self.nodes.iter_mut().find(|n| n.id == id).with_context(|| format!("no node {id}"))
+    }
+
+    fn spawn(&mut self, id: u64) -> anyhow::Result<()> {
+        let exe = self.exe.clone().context("cannot start processes of an external cluster")?;
+        let (spec, partitions, extra) = (self.spec.clone(), self.partitions.to_string(), self.extra_args.clone());
+        let n = self.node_mut(id)?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&n.log)?;
+        let child = Command::new(exe)
+            .arg("server")
+            .args(["--id", &id.to_string()])
+            .arg("--data-dir")
+            .arg(&n.data_dir)
+            .args(["--listen", &n.addr, "--http", &n.http, "--initial-cluster", &spec, "--partitions", &partitions])
+            .args(["--unsafe-fault-injection", "--write-timeout-ms", "2000", "--read-timeout-ms", "2000"])
+            .args(&extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("start node {id}"))?;
+        n.child = Some(child);
+        n.paused = false;
+        Ok(())
+    }
+
+    fn signal(&self, id: u64, sig: libc::c_int) {
+        if let Some(pid) = self.nodes.iter().find(|n| n.id == id).and_then(|n| n.child.as_ref()).and_then(|c| c.id()) {
+            // SAFETY: kill(2) on a child process this cluster started.
+            unsafe {
+                libc::kill(pid as libc::pid_t, sig);
+            }
+        }
+    }
+
+    pub async fn kill(&mut self, id: u64) -> anyhow::Result<()> {
+        self.signal(id, libc::SIGCONT);
+        if let Some(mut c) = self.node_mut(id)?.child.take() {
+            let _ = c.kill().await;
+        }
+        Ok(())
+    }
+
+    pub async fn restart(&mut self, id: u64) -> anyhow::Result<()> {
+        if self.node_mut(id)?.child.is_none() {
+            self.spawn(id)?;
+        }
+        Ok(())
+    }
+
+    pub fn pause(&mut self, id: u64) -> anyhow::Result<()> {
+        self.signal(id, libc::SIGSTOP);
+        self.node_mut(id)?.paused = true;
+        Ok(())
+    }
+
+    pub fn resume(&mut self, id: u64) -> anyhow::Result<()> {
+        self.signal(id, libc::SIGCONT);
+        self.node_mut(id)?.paused = false;
+        Ok(())
+    }
+
+    /// Makes each node drop Raft traffic with nodes outside its group.
+    pub async fn partition(&self, groups: &[Vec<u64>]) -> anyhow::Result<()> {
+        for g in groups {
+            let others: Vec<u64> = self.ids().into_iter().filter(|id| !g.contains(id)).collect();
+            for id in g {
+                self.set_blocked(*id, &others).await?;
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn heal_network(&self) -> anyhow::Result<()> {
+        for id in self.ids() {
+            if self.is_up(id) {
+                self.set_blocked(id, &[]).await?;
+            }
+        }
+        Ok(())
+    }
+
+    fn is_up(&self, id: u64) -> bool {
+        self.nodes.iter().find(|n| n.id == id).is_some_and(|n| (n.child.is_some() || self.exe.is_none()) && !n.paused)
+    }
+
+    async fn set_blocked(&self, id: u64, peers: &[u64]) -> anyhow::Result<()> {
+        let node = self.nodes.iter().find(|n| n.id == id).context("no such node")?;
+        if !self.is_up(id) {
+            return Ok(());
+        }
+        let body = format!("{{\"blocked\":{peers:?}}}");
+        let (code, resp) = http_post(&node.http, "/debug/faults", &body).await?;
+        if code != 200 {
+            bail!("node {id} refused fault injection ({code}): {resp}");
+        }
+        Ok(())
+    }
+
+    /// Brings every node back: resumes, restarts and reconnects all of them.
+    pub async fn heal_all(&mut self) -> anyhow::Result<()> {
+        for id in self.ids() {
+            let paused = self.nodes.iter().any(|n| n.id == id && n.paused);
+            if paused {
+                self.resume(id)?;
+            }
+            if self.controls_processes() {
+                self.restart(id).await?;
+            }
+        }
+        // A restarted node may need a moment before its HTTP port answers.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match self.heal_network().await {
+                Ok(()) => return Ok(()),
+                Err(e) if Instant::now() < deadline => {
+                    tracing::debug!(error = %e, "heal: retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The leader of partition `p`, asked of the running nodes.
+    pub async fn leader_of(&self, p: u32) -> Option<u64> {
+        for n in &self.nodes {
+            if !self.is_up(n.id) {
+                continue;
+            }
+            let mut cfg = ClientConfig::new([n.addr.clone()]);
+            cfg.attempt_timeout = Duration::from_millis(500);
+            cfg.request_timeout = Duration::from_millis(500);
+            let Ok(client) = Client::connect(cfg).await else { continue };
+            if let Ok(s) = client.node_status(&n.addr).await {
+                if s.partitions.iter().any(|x| x.id == p && x.role == "Leader") {
+                    return Some(n.id);
+                }
+            }
+        }
+        None
+    }
+
+    pub async fn wait_ready(&self, limit: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let mut all = true;
+            for p in 0..self.partitions {
+                if self.leader_of(p).await.is_none() {
+                    all = false;
+                    break;
+                }
+            }
+            if all {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("not every partition had a leader after {} s", limit.as_secs());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    pub async fn shutdown(&mut self) {
+        for n in &mut self.nodes {
+            if let Some(mut c) = n.child.take() {
+                if let Some(pid) = c.id() {
+                    // SAFETY: our own child.
+                    unsafe {
+                        libc::kill(pid as libc::pid_t, libc::SIGCONT);
+                        libc::kill(pid as libc::pid_t, libc::SIGTERM);
+                    }
+                }
+                if tokio::time::timeout(Duration::from_secs(10), c.wait()).await.is_err() {
+                    let _ = c.kill().await;
+                }
+            }
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 POST; returns (status, body).
+pub async fn http_post(addr: &str, path: &str, body: &str) -> anyhow::Result<(u16, String)> {
+    let io = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        let req = format!(
+            "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).await?;
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).await?;
+        Ok::<_, std::io::Error>(resp)
+    };
+    let resp = tokio::time::timeout(Duration::from_secs(5), io).await.context("HTTP request timed out")??;
+    let code = resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((code, body))
+}

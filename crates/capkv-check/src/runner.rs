@@ -1,0 +1,338 @@
+//! Running a check: cluster, clients, nemesis, final reads, checkers, report.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use capkv_client::{Client, ClientConfig};
+use capkv_types::ReadConsistency;
+use serde::Serialize;
+use tokio::sync::Mutex;
+
+use crate::cluster::Cluster;
+use crate::history::{pair, EventType, Func, HistoryWriter, Operation};
+use crate::linearizability::{check, smallest_failing_window, to_lin_ops, Budget, LinOp, State, Verdict, NEVER};
+use crate::nemesis::{self, FaultKind};
+use crate::sets::{check_sets, SetReport};
+use crate::workload::{final_reads, ClientTask, Recorder, WorkloadKind};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlantedBug {
+    /// Servers answer linearizable reads from the local replica (`--unsafe-local-reads`).
+    StaleReads,
+}
+
+#[derive(Debug, Clone)]
+pub struct CheckOptions {
+    pub nodes: usize,
+    pub partitions: u32,
+    pub workload: WorkloadKind,
+    pub keys: usize,
+    pub clients: usize,
+    pub duration: Duration,
+    pub nemesis: Vec<FaultKind>,
+    pub seed: u64,
+    pub out: PathBuf,
+    pub consistency: ReadConsistency,
+    /// Check an existing cluster instead of starting one.
+    pub endpoints: Option<Vec<String>>,
+    pub planted_bug: Option<PlantedBug>,
+    /// The `capkv` executable to start servers with.
+    pub server_exe: Option<PathBuf>,
+    pub progress: bool,
+    /// Time the linearizability search may take per key.
+    pub check_time_per_key: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Outcome {
+    Valid,
+    Invalid,
+    Unknown { reason: String },
+}
+
+impl Outcome {
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Outcome::Valid => 0,
+            Outcome::Invalid => 1,
+            Outcome::Unknown { .. } => 2,
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct KeyVerdict {
+    pub key: String,
+    pub operations: usize,
+    pub verdict: String,
+    /// For an invalid key: a short window of operations that cannot be linearized.
+    pub window: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub outcome: Outcome,
+    pub workload: String,
+    pub seed: u64,
+    pub ops: usize,
+    pub ok: usize,
+    pub fail: usize,
+    pub unknown: usize,
+    pub faults: u64,
+    pub linearizability: Vec<KeyVerdict>,
+    pub sets: BTreeMap<String, SetReport>,
+    pub history: PathBuf,
+    pub lines: Vec<String>,
+}
+
+fn describe(o: &Operation, op: &LinOp) -> String {
+    let t = |ns: u64| format!("{:.3}s", ns as f64 / 1e9);
+    let end = match (o.complete_ns, o.kind) {
+        (Some(ns), EventType::Ok | EventType::Fail) => t(ns),
+        _ => "?".to_string(),
+    };
+    let _ = NEVER;
+    let what = match o.f {
+        Func::Read => format!("read -> {}", o.value.map(|v| v.to_string()).unwrap_or_else(|| "nil".into())),
+        Func::Write => format!("write {}", o.value.unwrap_or(0)),
+        Func::Cas => format!(
+            "cas {} -> {}{}",
+            o.from.map(|v| v.to_string()).unwrap_or_else(|| "nil".into()),
+            o.value.unwrap_or(0),
+            match o.succeeded {
+                Some(true) => " (succeeded)",
+                Some(false) => " (did not match)",
+                None => "",
+            }
+        ),
+        Func::Add | Func::ReadSet => format!("{:?}", o.f),
+    };
+    let kind = match o.kind {
+        EventType::Ok => "ok",
+        EventType::Fail => "fail",
+        EventType::Info => "unknown outcome",
+        EventType::Invoke => "running",
+    };
+    format!("[{} .. {}] process {:>4}  {what}  ({kind})", t(op.invoke), end, o.process)
+}
+
+/// Runs one check end to end.
+pub async fn run(o: CheckOptions) -> anyhow::Result<Report> {
+    std::fs::create_dir_all(&o.out).with_context(|| format!("create {}", o.out.display()))?;
+    let history_path = o.out.join("history.jsonl");
+    let mut kinds = o.nemesis.clone();
+    let cluster = match &o.endpoints {
+        Some(endpoints) => {
+            if o.planted_bug.is_some() {
+                bail!("--planted-bug needs a cluster that `check` starts itself (omit --endpoints)");
+            }
+            let dropped: Vec<_> = kinds.iter().filter(|k| k.needs_processes()).copied().collect();
+            if !dropped.is_empty() {
+                eprintln!("note: {dropped:?} need process control; with --endpoints only partitions run");
+            }
+            kinds.retain(|k| !k.needs_processes());
+            Cluster::external(endpoints).await?
+        }
+        None => {
+            let exe = o.server_exe.clone().context("no capkv executable to start servers with")?;
+            let dir = o.out.join("cluster");
+            if dir.exists() {
+                std::fs::remove_dir_all(&dir).with_context(|| format!("clear {}", dir.display()))?;
+            }
+            let mut extra = Vec::new();
+            if o.planted_bug == Some(PlantedBug::StaleReads) {
+                extra.push("--unsafe-local-reads".to_string());
+            }
+            Cluster::start_local(&exe, &dir, o.nodes, o.partitions, extra).await?
+        }
+    };
+    let endpoints = cluster.endpoints();
+    let node_count = cluster.ids().len();
+    let partitions = cluster.partitions;
+
+    let recorder = Arc::new(Recorder::new(HistoryWriter::create(&history_path)?));
+    let values = Arc::new(AtomicU64::new(1));
+    let mut client_cfg = ClientConfig::new(endpoints.clone());
+    client_cfg.request_timeout = Duration::from_secs(2);
+    client_cfg.attempt_timeout = Duration::from_secs(1);
+    let mut clients = Vec::new();
+    for _ in 0..o.clients {
+        clients.push(Client::connect(client_cfg.clone()).await?);
+    }
+
+    let mut touched: Vec<u32> =
+        (0..o.keys).map(|i| capkv_types::partition_for_key(o.workload.key(i).as_bytes(), partitions).0).collect();
+    touched.sort_unstable();
+    touched.dedup();
+    let schedule = nemesis::plan(o.seed, &kinds, node_count, &touched, o.duration);
+    let start = Instant::now();
+    let deadline = start + o.duration;
+    let mut tasks = Vec::new();
+    for (i, client) in clients.into_iter().enumerate() {
+        let task = ClientTask {
+            kind: o.workload,
+            client,
+            index: i as u64,
+            clients: o.clients as u64,
+            keys: o.keys,
+            consistency: o.consistency,
+            seed: o.seed,
+            recorder: recorder.clone(),
+            values: values.clone(),
+            deadline,
+        };
+        tasks.push(tokio::spawn(task.run()));
+    }
+    let shared = Arc::new(Mutex::new(cluster));
+    let injected = Arc::new(AtomicU64::new(0));
+    let nemesis_task = tokio::spawn(nemesis::execute(shared.clone(), schedule, start, injected.clone()));
+
+    let bar = if o.progress {
+        indicatif::ProgressBar::new(o.duration.as_secs().max(1))
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len}s {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let c = &recorder.counters;
+        bar.set_position(start.elapsed().as_secs());
+        bar.set_message(format!(
+            "ok={} fail={} unknown={} faults={}",
+            c.ok.load(Ordering::Relaxed),
+            c.fail.load(Ordering::Relaxed),
+            c.info.load(Ordering::Relaxed),
+            injected.load(Ordering::Relaxed)
+        ));
+    }
+    bar.finish_and_clear();
+
+    // Let operations in flight finish (bounded); anything left is recorded as unknown.
+    let grace = Instant::now() + Duration::from_secs(30);
+    for t in tasks {
+        let left = grace.saturating_duration_since(Instant::now());
+        let mut t = t;
+        if tokio::time::timeout(left, &mut t).await.is_err() {
+            t.abort();
+        }
+    }
+    nemesis_task.abort();
+    let _ = nemesis_task.await;
+    let mut cluster = Arc::try_unwrap(shared).map_err(|_| anyhow::anyhow!("nemesis still holds the cluster"))?.into_inner();
+    let healed = async {
+        cluster.heal_all().await?;
+        cluster.wait_ready(Duration::from_secs(60)).await
+    }
+    .await;
+    if let Err(e) = healed {
+        cluster.shutdown().await;
+        bail!("the cluster did not recover after the faults were healed: {e:#}");
+    }
+    let final_client = Client::connect(client_cfg.clone()).await?;
+    final_reads(o.workload, &final_client, &recorder, o.keys, Duration::from_secs(60)).await;
+    cluster.shutdown().await;
+
+    let recorder = Arc::try_unwrap(recorder).map_err(|_| anyhow::anyhow!("a client still holds the recorder"))?;
+    let events = recorder.finish()?;
+    let ops = pair(&events);
+    Ok(analyse(&o, ops, injected.load(Ordering::Relaxed), history_path))
+}
+
+/// Runs the checkers over recorded operations and builds the report.
+pub fn analyse(o: &CheckOptions, ops: Vec<Operation>, faults: u64, history: PathBuf) -> Report {
+    let count = |k: EventType| ops.iter().filter(|x| x.kind == k).count();
+    let (ok, fail, unknown) = (count(EventType::Ok), count(EventType::Fail), count(EventType::Info));
+    let mut lines = vec![format!(
+        "workload={} ops={} ok={ok} fail={fail} unknown={unknown} faults={faults} seed={}",
+        o.workload.name(),
+        ops.len(),
+        o.seed
+    )];
+    let mut outcome = Outcome::Valid;
+    let mut lin = Vec::new();
+    let mut sets = BTreeMap::new();
+    match o.workload {
+        WorkloadKind::Register => {
+            let mut by_key: BTreeMap<&str, Vec<Operation>> = BTreeMap::new();
+            for op in &ops {
+                by_key.entry(op.key.as_str()).or_default().push(op.clone());
+            }
+            let mut invalid = Vec::new();
+            let mut too_large = Vec::new();
+            for (key, key_ops) in &by_key {
+                let lin_ops = to_lin_ops(key_ops);
+                let budget = Budget { deadline: Some(Instant::now() + o.check_time_per_key), ..Default::default() };
+                let verdict = check(&lin_ops, State::Known(None), budget);
+                let mut window = Vec::new();
+                match &verdict {
+                    Verdict::Linearizable => {}
+                    Verdict::NotLinearizable => {
+                        invalid.push(key.to_string());
+                        let shrink_budget = Budget { deadline: Some(Instant::now() + o.check_time_per_key), ..Default::default() };
+                        if let Some(w) = smallest_failing_window(&lin_ops, State::Known(None), shrink_budget) {
+                            window = w.iter().map(|l| describe(&key_ops[l.source], l)).collect();
+                        }
+                    }
+                    Verdict::TooLarge(why) => too_large.push(format!("{key}: {why}")),
+                }
+                lin.push(KeyVerdict {
+                    key: key.to_string(),
+                    operations: lin_ops.len(),
+                    verdict: match &verdict {
+                        Verdict::Linearizable => "valid".into(),
+                        Verdict::NotLinearizable => "invalid".into(),
+                        Verdict::TooLarge(w) => format!("too large to check: {w}"),
+                    },
+                    window,
+                });
+            }
+            if !invalid.is_empty() {
+                outcome = Outcome::Invalid;
+                lines.push(format!("linearizable: INVALID on {} of {} keys: {}", invalid.len(), by_key.len(), invalid.join(", ")));
+                for kv in lin.iter().filter(|k| !k.window.is_empty()) {
+                    lines.push(format!("smallest failing window on key {} ({} ops):", kv.key, kv.window.len()));
+                    lines.extend(kv.window.iter().map(|l| format!("  {l}")));
+                }
+            } else if !too_large.is_empty() {
+                outcome = Outcome::Unknown { reason: format!("too large to check: {}", too_large.join("; ")) };
+                lines.push(format!("linearizable: UNKNOWN, too large to check ({})", too_large.join("; ")));
+            } else {
+                lines.push(format!("linearizable: valid ({} keys checked)", by_key.len()));
+            }
+        }
+        WorkloadKind::AppendSet => {
+            sets = check_sets(&ops);
+            let lost: usize = sets.values().map(|r| r.lost.len()).sum();
+            let acked: usize = sets.values().map(|r| r.acked).sum();
+            let unexpected: usize = sets.values().map(|r| r.unexpected.len()).sum();
+            let unread: Vec<&String> = sets.iter().filter(|(_, r)| !r.final_read).map(|(k, _)| k).collect();
+            if lost > 0 || unexpected > 0 {
+                outcome = Outcome::Invalid;
+            } else if !unread.is_empty() {
+                outcome = Outcome::Unknown { reason: format!("no final read succeeded for {unread:?}") };
+            }
+            let verdict = match &outcome {
+                Outcome::Valid => "valid",
+                Outcome::Invalid => "INVALID",
+                Outcome::Unknown { .. } => "UNKNOWN",
+            };
+            lines.push(format!(
+                "sets: {verdict} ({} keys, {acked} acknowledged adds)   lost acknowledged writes: {lost}   unexpected elements: {unexpected}",
+                sets.len()
+            ));
+            for (k, r) in sets.iter().filter(|(_, r)| !r.lost.is_empty()) {
+                lines.push(format!("  key {k}: lost {:?}", &r.lost[..r.lost.len().min(20)]));
+            }
+        }
+    }
+    lines.push(format!("history: {}", history.display()));
+    Report { outcome, workload: o.workload.name().into(), seed: o.seed, ops: ops.len(), ok, fail, unknown, faults, linearizability: lin, sets, history, lines }
+}

@@ -1,0 +1,331 @@
+//! Workloads: what each client does, and how each outcome is recorded.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use capkv_client::{Client, Condition};
+use capkv_types::{ErrorCode, KvError, ReadConsistency};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::history::{Event, EventType, Func, HistoryWriter};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkloadKind {
+    /// Read / write / compare-and-set on a few keys; every written value is unique.
+    Register,
+    /// Each client adds unique elements to sets (read-modify-write with compare-and-set).
+    AppendSet,
+}
+
+impl WorkloadKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            WorkloadKind::Register => "register",
+            WorkloadKind::AppendSet => "append-set",
+        }
+    }
+
+    pub fn key(self, i: usize) -> String {
+        match self {
+            WorkloadKind::Register => format!("reg-{i}"),
+            WorkloadKind::AppendSet => format!("set-{i}"),
+        }
+    }
+}
+
+/// Counts shown by the progress bar.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub ok: AtomicU64,
+    pub fail: AtomicU64,
+    pub info: AtomicU64,
+}
+
+/// Records events in order, to the history file and in memory.
+pub struct Recorder {
+    start: Instant,
+    inner: Mutex<(HistoryWriter, Vec<Event>)>,
+    pub counters: Counters,
+}
+
+/// What a completion adds to its event.
+#[derive(Debug, Default, Clone)]
+pub struct Completion {
+    pub value: Option<u64>,
+    pub succeeded: Option<bool>,
+    pub elements: Option<Vec<u64>>,
+    pub error: Option<String>,
+}
+
+impl Recorder {
+    pub fn new(writer: HistoryWriter) -> Self {
+        Recorder { start: Instant::now(), inner: Mutex::new((writer, Vec::new())), counters: Counters::default() }
+    }
+
+    fn push(&self, mut e: Event) {
+        let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        e.index = guard.1.len() as u64;
+        e.time_ns = self.start.elapsed().as_nanos() as u64;
+        e.wall_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        if let Err(err) = guard.0.write(&e) {
+            tracing::error!(error = %err, "cannot write the history file");
+        }
+        guard.1.push(e);
+    }
+
+    pub fn invoke(&self, process: u64, f: Func, key: &str, value: Option<u64>, from: Option<u64>) {
+        self.push(Event {
+            index: 0,
+            kind: EventType::Invoke,
+            process,
+            f,
+            key: key.to_string(),
+            value,
+            from,
+            succeeded: None,
+            elements: None,
+            time_ns: 0,
+            wall_ms: 0,
+            error: None,
+        });
+    }
+
+    pub fn complete(&self, process: u64, f: Func, key: &str, kind: EventType, c: Completion) {
+        match kind {
+            EventType::Ok => self.counters.ok.fetch_add(1, Ordering::Relaxed),
+            EventType::Fail => self.counters.fail.fetch_add(1, Ordering::Relaxed),
+            _ => self.counters.info.fetch_add(1, Ordering::Relaxed),
+        };
+        self.push(Event {
+            index: 0,
+            kind,
+            process,
+            f,
+            key: key.to_string(),
+            value: c.value,
+            from: None,
+            succeeded: c.succeeded,
+            elements: c.elements,
+            time_ns: 0,
+            wall_ms: 0,
+            error: c.error,
+        });
+    }
+
+    /// Flushes the file and returns the events.
+    pub fn finish(self) -> std::io::Result<Vec<Event>> {
+        let (writer, events) = self.inner.into_inner().unwrap_or_else(|p| p.into_inner());
+        writer.finish()?;
+        Ok(events)
+    }
+}
+
+/// Outcome type of a failed write: unknown if it may have happened.
+fn write_failure(e: &KvError) -> EventType {
+    if e.code() == ErrorCode::Ambiguous { EventType::Info } else { EventType::Fail }
+}
+
+fn err(e: &KvError) -> Completion {
+    Completion { error: Some(e.to_string()), ..Default::default() }
+}
+
+fn parse_u64(bytes: &[u8]) -> Option<u64> {
+    std::str::from_utf8(bytes).ok()?.parse().ok()
+}
+
+fn parse_set(bytes: &[u8]) -> Vec<u64> {
+    std::str::from_utf8(bytes).unwrap_or("").split(',').filter_map(|s| s.parse().ok()).collect()
+}
+
+pub struct ClientTask {
+    pub kind: WorkloadKind,
+    pub client: Client,
+    pub index: u64,
+    pub clients: u64,
+    pub keys: usize,
+    pub consistency: ReadConsistency,
+    pub seed: u64,
+    pub recorder: Arc<Recorder>,
+    pub values: Arc<AtomicU64>,
+    pub deadline: Instant,
+}
+
+impl ClientTask {
+    /// Runs operations until the deadline. A process whose operation ended `info` may
+    /// still have it in flight, so the task continues under a new process id.
+    pub async fn run(self) {
+        let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ self.index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut process = self.index;
+        let mut last_seen: HashMap<String, (Option<u64>, u64)> = HashMap::new();
+        while Instant::now() < self.deadline {
+            let key = self.kind.key(rng.random_range(0..self.keys));
+            let roll = rng.random_range(0..100u32);
+            let outcome = match self.kind {
+                WorkloadKind::Register => self.register_op(process, &key, roll, &mut last_seen).await,
+                WorkloadKind::AppendSet => {
+                    if roll < 80 {
+                        self.add(process, &key).await
+                    } else {
+                        self.read_set(process, &key).await
+                    }
+                }
+            };
+            if outcome == EventType::Info {
+                process += self.clients;
+            }
+        }
+    }
+
+    fn next_value(&self) -> u64 {
+        self.values.fetch_add(1, Ordering::Relaxed)
+    }
+
+    async fn register_op(
+        &self,
+        process: u64,
+        key: &str,
+        roll: u32,
+        last_seen: &mut HashMap<String, (Option<u64>, u64)>,
+    ) -> EventType {
+        let rec = &self.recorder;
+        if roll < 50 {
+            rec.invoke(process, Func::Read, key, None, None);
+            let (kind, c) = match self.client.get_with(key, self.consistency).await {
+                Ok(Some(kv)) => {
+                    let v = parse_u64(&kv.value);
+                    last_seen.insert(key.to_string(), (v, kv.mod_revision));
+                    (EventType::Ok, Completion { value: v, ..Default::default() })
+                }
+                Ok(None) => {
+                    last_seen.insert(key.to_string(), (None, 0));
+                    (EventType::Ok, Completion::default())
+                }
+                // A read has no effect: whatever went wrong, it certainly did not happen.
+                Err(e) => (EventType::Fail, err(&e)),
+            };
+            rec.complete(process, Func::Read, key, kind, c);
+            return kind;
+        }
+        let v = self.next_value();
+        match last_seen.get(key).copied().filter(|_| roll >= 80) {
+            None => {
+                rec.invoke(process, Func::Write, key, Some(v), None);
+                let (kind, c) = match self.client.put(key, v.to_string()).await {
+                    Ok(_) => (EventType::Ok, Completion::default()),
+                    Err(e) => (write_failure(&e), err(&e)),
+                };
+                rec.complete(process, Func::Write, key, kind, c);
+                kind
+            }
+            Some((from, revision)) => {
+                rec.invoke(process, Func::Cas, key, Some(v), from);
+                let condition = if from.is_none() { Condition::IfAbsent } else { Condition::IfRevision(revision) };
+                let (kind, c) = match self.client.put_with(key, v.to_string(), condition).await {
+                    Ok(r) => (EventType::Ok, Completion { succeeded: Some(r.succeeded), ..Default::default() }),
+                    Err(e) => (write_failure(&e), err(&e)),
+                };
+                rec.complete(process, Func::Cas, key, kind, c);
+                kind
+            }
+        }
+    }
+
+    /// Adds a unique element: read the set, compare-and-set it with the element appended,
+    /// retry on conflict.
+    async fn add(&self, process: u64, key: &str) -> EventType {
+        let rec = &self.recorder;
+        let e = self.next_value();
+        rec.invoke(process, Func::Add, key, Some(e), None);
+        let mut maybe_applied = false;
+        let mut last_error = String::from("too many conflicting writers");
+        let mut kind = None;
+        let give_up = Instant::now() + Duration::from_secs(10);
+        for _ in 0..30 {
+            if Instant::now() > give_up {
+                break;
+            }
+            let current = match self.client.get(key).await {
+                Ok(c) => c,
+                Err(err) => {
+                    last_error = err.to_string();
+                    break;
+                }
+            };
+            let (mut elements, condition) = match &current {
+                Some(kv) => (parse_set(&kv.value), Condition::IfRevision(kv.mod_revision)),
+                None => (Vec::new(), Condition::IfAbsent),
+            };
+            if elements.contains(&e) {
+                // An earlier attempt whose outcome was unknown did apply.
+                kind = Some(EventType::Ok);
+                break;
+            }
+            elements.push(e);
+            let value = elements.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
+            match self.client.put_with(key, value, condition).await {
+                Ok(r) if r.succeeded => {
+                    kind = Some(EventType::Ok);
+                    break;
+                }
+                Ok(_) => continue,
+                Err(err) => {
+                    last_error = err.to_string();
+                    if err.code() == ErrorCode::Ambiguous {
+                        maybe_applied = true;
+                        continue;
+                    }
+                    break;
+                }
+            }
+        }
+        let kind = kind.unwrap_or(if maybe_applied { EventType::Info } else { EventType::Fail });
+        let c = if kind == EventType::Ok { Completion::default() } else { Completion { error: Some(last_error), ..Default::default() } };
+        rec.complete(process, Func::Add, key, kind, c);
+        kind
+    }
+
+    async fn read_set(&self, process: u64, key: &str) -> EventType {
+        read_set_once(&self.client, &self.recorder, process, key, self.consistency).await
+    }
+}
+
+pub async fn read_set_once(client: &Client, rec: &Recorder, process: u64, key: &str, level: ReadConsistency) -> EventType {
+    rec.invoke(process, Func::ReadSet, key, None, None);
+    let (kind, c) = match client.get_with(key, level).await {
+        Ok(Some(kv)) => (EventType::Ok, Completion { elements: Some(parse_set(&kv.value)), ..Default::default() }),
+        Ok(None) => (EventType::Ok, Completion { elements: Some(vec![]), ..Default::default() }),
+        Err(e) => (EventType::Fail, err(&e)),
+    };
+    rec.complete(process, Func::ReadSet, key, kind, c);
+    kind
+}
+
+/// After the faults are healed: read every key until a read succeeds (or `limit` passes).
+pub async fn final_reads(kind: WorkloadKind, client: &Client, rec: &Recorder, keys: usize, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    for i in 0..keys {
+        let key = kind.key(i);
+        let process = 1_000_000 + i as u64;
+        loop {
+            let outcome = match kind {
+                WorkloadKind::AppendSet => read_set_once(client, rec, process, &key, ReadConsistency::Linearizable).await,
+                WorkloadKind::Register => {
+                    rec.invoke(process, Func::Read, &key, None, None);
+                    let (k, c) = match client.get(key.as_str()).await {
+                        Ok(v) => (EventType::Ok, Completion { value: v.and_then(|kv| parse_u64(&kv.value)), ..Default::default() }),
+                        Err(e) => (EventType::Fail, err(&e)),
+                    };
+                    rec.complete(process, Func::Read, &key, k, c);
+                    k
+                }
+            };
+            if outcome == EventType::Ok || Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
