@@ -23,7 +23,7 @@ static SLOTS_FREED: Condvar = Condvar::new();
 pub struct Slot;
 
 impl Slot {
-    fn take() -> Slot {
+    pub fn take() -> Slot {
         let mut used = SLOTS.lock().unwrap_or_else(|e| e.into_inner());
         while *used >= CLUSTER_SLOTS {
             used = SLOTS_FREED.wait(used).unwrap_or_else(|e| e.into_inner());

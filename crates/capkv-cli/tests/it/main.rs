@@ -5,6 +5,7 @@ mod fixture;
 
 mod bad_input;
 mod basic;
+mod check;
 mod crash;
 mod failover;
 mod idempotency;

@@ -1,0 +1,59 @@
+//! `capkv check` in the suite: a short run under partitions and kills must be valid, and
+//! a run against the planted stale-reads bug must be found invalid.
+
+use std::process::Command;
+
+use crate::fixture::{seed, Slot, BIN};
+
+fn check(args: &[&str]) -> (i32, String, String) {
+    let _slot = Slot::take();
+    let out = Command::new(BIN).arg("check").args(args).env("RUST_LOG", "error").output().expect("run capkv check");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_under_partitions_and_kills_is_valid() {
+    let dir = tempfile::tempdir().unwrap();
+    let seed = seed("check_valid").to_string();
+    let out = dir.path().to_str().unwrap();
+    let (code, stdout, stderr) =
+        check(&["--duration", "30s", "--nemesis", "partition,kill", "--seed", &seed, "--out", out]);
+    eprintln!("{stdout}");
+    assert_eq!(code, 0, "check failed (seed {seed}):\n{stdout}\n{stderr}");
+    assert!(stdout.contains("linearizable: valid (8 keys checked)"), "{stdout}");
+    let faults: u64 = stdout
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("faults="))
+        .and_then(|n| n.parse().ok())
+        .expect("faults=N in the summary");
+    assert!(faults >= 3, "a 30 s run should inject several faults: {stdout}");
+    let history = std::fs::read_to_string(dir.path().join("history.jsonl")).unwrap();
+    assert!(history.lines().count() > 1000, "the history holds the run");
+}
+
+#[test]
+fn check_finds_the_planted_stale_reads_bug() {
+    let dir = tempfile::tempdir().unwrap();
+    let seed = seed("check_planted_bug").to_string();
+    let out = dir.path().to_str().unwrap();
+    let (code, stdout, stderr) = check(&[
+        "--duration",
+        "30s",
+        "--nemesis",
+        "partition",
+        "--planted-bug",
+        "stale-reads",
+        "--seed",
+        &seed,
+        "--out",
+        out,
+    ]);
+    eprintln!("{stdout}");
+    assert_eq!(code, 1, "the planted bug went unnoticed (seed {seed}):\n{stdout}\n{stderr}");
+    assert!(stdout.contains("linearizable: INVALID"), "{stdout}");
+    assert!(stdout.contains("smallest failing window on key"), "the report shows a counterexample: {stdout}");
+}
