@@ -1,5 +1,6 @@
 //! `capkv`: the server, the playground and the client commands.
 
+mod bench_cmd;
 mod check_cmd;
 mod client_cmd;
 mod playground;
@@ -32,6 +33,8 @@ enum Command {
     Status(client_cmd::StatusArgs),
     /// Jepsen-style check: workload + faults + checkers (exit 0 valid, 1 invalid, 2 no verdict).
     Check(check_cmd::CheckArgs),
+    /// Closed-loop load generator against capkv or etcd (docs/benchmarks.md).
+    Bench(bench_cmd::BenchArgs),
 }
 
 fn main() {
@@ -53,6 +56,7 @@ fn main() {
             Command::Scan(a) => client_cmd::scan(a).await,
             Command::Status(a) => client_cmd::status(a).await,
             Command::Check(a) => check_cmd::run(a).await,
+            Command::Bench(a) => bench_cmd::run(a).await,
         }
     });
     std::process::exit(code);

@@ -10,4 +10,9 @@ pub mod raft {
     tonic::include_proto!("capkv.raft.v1");
 }
 
+/// Wire-compatible subset of etcd's v3 KV API (for benchmarking against etcd).
+pub mod etcd {
+    tonic::include_proto!("etcdserverpb");
+}
+
 pub mod status;

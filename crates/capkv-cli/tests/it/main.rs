@@ -5,6 +5,7 @@ mod fixture;
 
 mod bad_input;
 mod basic;
+mod bench;
 mod check;
 mod crash;
 mod failover;
