@@ -36,6 +36,18 @@ pub enum RaftRpc {
     TransferLeader,
 }
 
+impl RaftRpc {
+    pub fn name(self) -> &'static str {
+        match self {
+            RaftRpc::Append => "append",
+            RaftRpc::Vote => "vote",
+            RaftRpc::PreVote => "pre_vote",
+            RaftRpc::Snapshot => "snapshot",
+            RaftRpc::TransferLeader => "transfer_leader",
+        }
+    }
+}
+
 /// One Raft message and its routing.
 #[derive(Debug, Clone)]
 pub struct RaftEnvelope {

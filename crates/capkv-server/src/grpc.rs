@@ -213,6 +213,7 @@ impl RaftTransportService for RaftService {
             return Err(Status::unavailable("dropped by fault injection"));
         }
         let rpc = rpc_of(m.kind).ok_or_else(|| Status::invalid_argument(format!("unknown raft message kind {}", m.kind)))?;
+        core.metrics.raft_messages.with_label_values(&[rpc.name()]).inc();
         let replica = core
             .replicas
             .get(&PartitionId(m.partition_id))

@@ -14,6 +14,8 @@ pub struct Metrics {
     pub raft_applied_index: IntGaugeVec,
     pub raft_is_leader: IntGaugeVec,
     pub raft_leader_changes: IntCounterVec,
+    /// Raft messages received from peers, by kind.
+    pub raft_messages: IntCounterVec,
     pub storage_fsyncs: IntGauge,
     pub storage_fsync_requests: IntGauge,
 }
@@ -37,6 +39,9 @@ impl Metrics {
         let raft_is_leader = gauge("raft_is_leader", "1 if this node leads the partition")?;
         let raft_leader_changes =
             IntCounterVec::new(Opts::new("raft_leader_changes_total", "Leader changes seen per partition"), &["partition"])?;
+        let raft_messages =
+            IntCounterVec::new(Opts::new("raft_messages_received_total", "Raft messages received from peers by kind"), &["kind"])?;
+        registry.register(Box::new(raft_messages.clone()))?;
         let storage_fsyncs = IntGauge::new("storage_fsyncs", "fsyncs performed by the group-commit flusher")?;
         let storage_fsync_requests =
             IntGauge::new("storage_fsync_requests", "durability requests served by the group-commit flusher")?;
@@ -58,6 +63,7 @@ impl Metrics {
             raft_applied_index,
             raft_is_leader,
             raft_leader_changes,
+            raft_messages,
             storage_fsyncs,
             storage_fsync_requests,
         })
