@@ -20,11 +20,16 @@ use crate::types::TypeConfig;
 pub struct LogStore {
     engine: Arc<dyn StorageEngine>,
     partition: PartitionId,
+    /// Last committed index written to storage.
+    committed_saved: u64,
 }
+
+/// The committed index is saved when it moved this far since the last save.
+const COMMITTED_SAVE_EVERY: u64 = 128;
 
 impl LogStore {
     pub fn new(engine: Arc<dyn StorageEngine>, partition: PartitionId) -> Self {
-        LogStore { engine, partition }
+        LogStore { engine, partition, committed_saved: 0 }
     }
 
     fn meta<T: serde::de::DeserializeOwned>(&self, tag: u8) -> io::Result<Option<T>> {
@@ -99,8 +104,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogIdOf<TypeConfig>>) -> Result<(), io::Error> {
-        // Not synced: a stale value after a crash only means re-applying less on restart.
+        // Not synced, and written at most every COMMITTED_SAVE_EVERY entries: a stale value
+        // after a crash only means re-applying less on restart (the state machine's own
+        // applied id is exact); saving on every commit cost a journal write per commit.
+        let index = committed.as_ref().map(|l| l.index).unwrap_or(0);
+        if index < self.committed_saved.saturating_add(COMMITTED_SAVE_EVERY) && index >= self.committed_saved {
+            return Ok(());
+        }
         self.engine.raft_meta_put(self.partition, raft_meta_tag::COMMITTED, &encode(&committed)?)?;
+        self.committed_saved = index;
         Ok(())
     }
 

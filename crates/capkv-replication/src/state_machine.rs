@@ -129,8 +129,24 @@ impl StateMachine {
         self.applied_index.clone()
     }
 
-    /// Evaluates one command at log index `index`, adding its storage changes to `ops`.
-    fn execute(&mut self, index: u64, cmd: Command, ops: &mut Vec<SmOp>) -> io::Result<CommandResponse> {
+    /// The key's value as of the entries applied so far, including those of the current
+    /// batch not yet written (`overlay`).
+    fn current(&self, key: &[u8], overlay: &HashMap<Vec<u8>, Option<StoredValue>>) -> io::Result<Option<StoredValue>> {
+        match overlay.get(key) {
+            Some(v) => Ok(v.clone()),
+            None => Ok(self.engine.sm_get(self.partition, key)?),
+        }
+    }
+
+    /// Evaluates one command at log index `index`, adding its storage changes to `ops` and
+    /// its effect on keys to `overlay`.
+    fn execute(
+        &mut self,
+        index: u64,
+        cmd: Command,
+        ops: &mut Vec<SmOp>,
+        overlay: &mut HashMap<Vec<u8>, Option<StoredValue>>,
+    ) -> io::Result<CommandResponse> {
         let idempotency = cmd.idempotency.filter(|i| i.client_id != 0);
         if let Some(id) = idempotency {
             if let Some(previous) = self.dedup.get(&id) {
@@ -144,7 +160,7 @@ impl StateMachine {
         let (key, condition) = match &cmd.op {
             Op::Put { key, condition, .. } | Op::Delete { key, condition } => (key, *condition),
         };
-        let current = self.engine.sm_get(self.partition, key)?;
+        let current = self.current(key, overlay)?;
         let current_revision = current.as_ref().map(|c| c.mod_revision).unwrap_or(0);
         let holds = match condition {
             Condition::Always => true,
@@ -155,16 +171,16 @@ impl StateMachine {
             Op::Put { key, value, .. } => {
                 if holds {
                     let create_revision = current.as_ref().map(|c| c.create_revision).unwrap_or(index);
-                    ops.push(SmOp::Put {
-                        key,
-                        value: StoredValue { mod_revision: index, create_revision, hlc, value },
-                    });
+                    let stored = StoredValue { mod_revision: index, create_revision, hlc, value };
+                    overlay.insert(key.clone(), Some(stored.clone()));
+                    ops.push(SmOp::Put { key, value: stored });
                 }
                 holds
             }
             Op::Delete { key, .. } => {
                 let deleted = holds && current.is_some();
                 if deleted {
+                    overlay.insert(key.clone(), None);
                     ops.push(SmOp::Delete { key });
                 }
                 deleted
@@ -185,6 +201,29 @@ impl StateMachine {
     }
 }
 
+/// Entries applied per storage batch at most.
+const APPLY_BATCH_MAX: usize = 512;
+
+impl StateMachine {
+    /// Writes the pending changes and applied state, then answers the waiting clients.
+    fn flush_applied(
+        &mut self,
+        ops: &mut Vec<SmOp>,
+        overlay: &mut HashMap<Vec<u8>, Option<StoredValue>>,
+        responses: &mut Vec<(openraft::storage::ApplyResponder<TypeConfig>, CommandResponse)>,
+        last_index: &mut Option<u64>,
+    ) -> io::Result<()> {
+        let Some(index) = last_index.take() else { return Ok(()) };
+        self.engine.sm_write(self.partition, SmWrite { ops: std::mem::take(ops), applied: Some(encode(&self.applied)?) })?;
+        overlay.clear();
+        self.applied_index.set(index);
+        for (responder, response) in responses.drain(..) {
+            responder.send(response);
+        }
+        Ok(())
+    }
+}
+
 impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotData = Vec<u8>;
     type SnapshotBuilder = SnapshotBuilder;
@@ -197,25 +236,33 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
     where Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend {
+        // The entries of one call are written as one atomic batch (with the applied state
+        // of the last one); responses go out only after the batch is written, so a reader
+        // who sees a response also sees its effect.
+        let mut ops = Vec::new();
+        let mut overlay: HashMap<Vec<u8>, Option<StoredValue>> = HashMap::new();
+        let mut responses = Vec::new();
+        let mut last_index = None;
         while let Some((entry, responder)) = entries.try_next().await? {
             let index = entry.log_id.index;
-            let mut ops = Vec::new();
             let response = match entry.payload {
                 EntryPayload::Blank => CommandResponse { revision: index, ..Default::default() },
                 EntryPayload::Membership(m) => {
                     self.applied.membership = StoredMembership::new(Some(entry.log_id.clone()), m);
                     CommandResponse { revision: index, ..Default::default() }
                 }
-                EntryPayload::Normal(cmd) => self.execute(index, cmd, &mut ops)?,
+                EntryPayload::Normal(cmd) => self.execute(index, cmd, &mut ops, &mut overlay)?,
             };
             self.applied.last_applied = Some(entry.log_id);
-            self.engine.sm_write(self.partition, SmWrite { ops, applied: Some(encode(&self.applied)?) })?;
-            self.applied_index.set(index);
+            last_index = Some(index);
             if let Some(responder) = responder {
-                responder.send(response);
+                responses.push((responder, response));
+            }
+            if responses.len() >= APPLY_BATCH_MAX || ops.len() >= APPLY_BATCH_MAX {
+                self.flush_applied(&mut ops, &mut overlay, &mut responses, &mut last_index)?;
             }
         }
-        Ok(())
+        self.flush_applied(&mut ops, &mut overlay, &mut responses, &mut last_index)
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {

@@ -6,7 +6,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use capkv_proto::kv::{self as pb, kv_server::Kv};
-use capkv_proto::raft::{raft_transport_server::RaftTransport as RaftTransportService, RaftMessage, RaftReply};
+use capkv_proto::raft::{
+    raft_transport_server::RaftTransport as RaftTransportService, RaftBatch, RaftMessage, RaftReply, RaftReplyBatch,
+    RaftReplyItem, RaftReplyStatus,
+};
 use capkv_proto::status::to_status;
 use capkv_replication::{dispatch, CommandResponse, Condition, Idempotency};
 use capkv_types::{KvError, NodeId, PartitionId, ReadConsistency};
@@ -198,16 +201,11 @@ pub struct RaftService {
     pub core: Arc<KvCore>,
 }
 
-#[tonic::async_trait]
-impl RaftTransportService for RaftService {
-    async fn call(&self, request: Request<RaftMessage>) -> Result<Response<RaftReply>, Status> {
-        let m = request.into_inner();
-        let core = &self.core;
+impl RaftService {
+    /// Delivers one message to its partition's Raft and returns the encoded answer.
+    async fn handle(core: &KvCore, m: RaftMessage) -> Result<Vec<u8>, Status> {
         if m.to_node != core.id.0 {
-            return Err(Status::failed_precondition(format!(
-                "message for node {} reached node {}",
-                m.to_node, core.id
-            )));
+            return Err(Status::failed_precondition(format!("message for node {} reached node {}", m.to_node, core.id)));
         }
         if core.faults.is_blocked(NodeId(m.from_node)) {
             return Err(Status::unavailable("dropped by fault injection"));
@@ -217,9 +215,76 @@ impl RaftTransportService for RaftService {
         let replica = core
             .replicas
             .get(&PartitionId(m.partition_id))
-            .ok_or_else(|| Status::not_found(format!("node {} holds no replica of partition {}", core.id, m.partition_id)))?;
-        let payload =
-            dispatch(&replica.raft, rpc, &m.payload).await.map_err(|e| Status::invalid_argument(e.to_string()))?;
+            .ok_or_else(|| Status::unavailable(format!("node {} holds no replica of partition {}", core.id, m.partition_id)))?;
+        dispatch(&replica.raft, rpc, &m.payload).await.map_err(|e| Status::invalid_argument(e.to_string()))
+    }
+}
+
+/// Answers on one peer stream are gathered into batches of at most this many.
+const REPLY_BATCH_MAX: usize = 256;
+
+#[tonic::async_trait]
+impl RaftTransportService for RaftService {
+    async fn call(&self, request: Request<RaftMessage>) -> Result<Response<RaftReply>, Status> {
+        let payload = Self::handle(&self.core, request.into_inner()).await?;
         Ok(Response::new(RaftReply { payload }))
+    }
+
+    type StreamStream = tokio_stream::wrappers::ReceiverStream<Result<RaftReplyBatch, Status>>;
+
+    async fn stream(
+        &self,
+        request: Request<tonic::Streaming<RaftBatch>>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        let mut inbound = request.into_inner();
+        let (out_tx, out_rx) = tokio::sync::mpsc::channel::<Result<RaftReplyBatch, Status>>(64);
+        let (item_tx, mut item_rx) = tokio::sync::mpsc::unbounded_channel::<RaftReplyItem>();
+        let core = self.core.clone();
+        // Reader: every message is handled on its own task, so a slow partition does not
+        // hold up the others sharing the stream.
+        tokio::spawn(async move {
+            while let Ok(Some(batch)) = inbound.message().await {
+                for item in batch.items {
+                    let core = core.clone();
+                    let tx = item_tx.clone();
+                    tokio::spawn(async move {
+                        let reply = match item.message {
+                            None => Err(Status::invalid_argument("empty batch item")),
+                            Some(m) => Self::handle(&core, m).await,
+                        };
+                        let item = match reply {
+                            Ok(payload) => RaftReplyItem { id: item.id, status: RaftReplyStatus::Ok as i32, payload, error: String::new() },
+                            Err(s) => RaftReplyItem {
+                                id: item.id,
+                                status: if s.code() == tonic::Code::InvalidArgument {
+                                    RaftReplyStatus::RemoteError as i32
+                                } else {
+                                    RaftReplyStatus::Unreachable as i32
+                                },
+                                payload: vec![],
+                                error: s.message().to_string(),
+                            },
+                        };
+                        let _ = tx.send(item);
+                    });
+                }
+            }
+        });
+        // Writer: whatever answers are ready go out together.
+        tokio::spawn(async move {
+            while let Some(first) = item_rx.recv().await {
+                let mut items = vec![first];
+                while items.len() < REPLY_BATCH_MAX {
+                    match item_rx.try_recv() {
+                        Ok(more) => items.push(more),
+                        Err(_) => break,
+                    }
+                }
+                if out_tx.send(Ok(RaftReplyBatch { items })).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(out_rx)))
     }
 }

@@ -105,7 +105,7 @@ impl Node {
                 hlc.clone(),
             )
             .await?;
-            replicas.insert(p, Replica { partition: p, raft, applied });
+            replicas.insert(p, Replica { partition: p, raft, applied, reads: Default::default() });
         }
         if fresh {
             for (p, r) in &replicas {

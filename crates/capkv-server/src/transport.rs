@@ -5,7 +5,13 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use capkv_proto::raft::{raft_transport_client::RaftTransportClient, RaftKind, RaftMessage};
+use std::sync::Arc;
+
+use capkv_proto::raft::{
+    raft_transport_client::RaftTransportClient, RaftBatch, RaftBatchItem, RaftKind, RaftMessage, RaftReplyItem,
+    RaftReplyStatus,
+};
+use tokio::sync::{mpsc, oneshot};
 use capkv_replication::{RaftEnvelope, RaftRpc, RaftTransport, TransportError};
 use futures::future::BoxFuture;
 use tonic::transport::{Channel, Endpoint};
@@ -16,6 +22,7 @@ pub const RAFT_MESSAGE_BYTES_MAX: usize = 512 * 1024 * 1024;
 #[derive(Default)]
 pub struct PeerChannels {
     channels: Mutex<HashMap<String, Channel>>,
+    muxes: Mutex<HashMap<String, PeerMux>>,
 }
 
 impl PeerChannels {
@@ -40,11 +47,148 @@ impl PeerChannels {
         channels.insert(addr.to_string(), channel.clone());
         channel
     }
+
+    /// The multiplexed Raft stream to `addr`, started on first use. Must be called inside
+    /// the runtime.
+    fn mux(&self, addr: &str) -> PeerMux {
+        let mut muxes = self.muxes.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(m) = muxes.get(addr).filter(|m| !m.tx.is_closed()) {
+            return m.clone();
+        }
+        let m = PeerMux::start(self.channel(addr));
+        muxes.insert(addr.to_string(), m.clone());
+        m
+    }
 }
 
-/// [`RaftTransport`] over gRPC.
+type Answer = oneshot::Sender<Result<Vec<u8>, TransportError>>;
+
+/// Messages of every partition bound for one peer share one long-lived gRPC stream:
+/// whatever is queued goes out as one batch, answers come back in batches, matched by id.
+#[derive(Clone)]
+struct PeerMux {
+    tx: mpsc::Sender<(RaftMessage, Answer)>,
+}
+
+/// Messages per batch, and queued messages per peer before senders wait.
+const BATCH_MAX: usize = 256;
+const QUEUE_MAX: usize = 8192;
+
+impl PeerMux {
+    fn start(channel: Channel) -> PeerMux {
+        let (tx, rx) = mpsc::channel(QUEUE_MAX);
+        tokio::spawn(run_mux(channel, rx));
+        PeerMux { tx }
+    }
+}
+
+fn answer_of(item: RaftReplyItem) -> Result<Vec<u8>, TransportError> {
+    match RaftReplyStatus::try_from(item.status) {
+        Ok(RaftReplyStatus::Ok) => Ok(item.payload),
+        Ok(RaftReplyStatus::RemoteError) => Err(TransportError::Remote(item.error)),
+        _ => Err(TransportError::Unreachable(item.error)),
+    }
+}
+
+fn fail_all(pending: &mut HashMap<u64, Answer>, why: &str) {
+    for (_, a) in pending.drain() {
+        let _ = a.send(Err(TransportError::Unreachable(why.to_string())));
+    }
+}
+
+/// Takes `first` and whatever else is queued (up to a batch) into one batch.
+fn collect(
+    first: (RaftMessage, Answer),
+    rx: &mut mpsc::Receiver<(RaftMessage, Answer)>,
+    pending: &mut HashMap<u64, Answer>,
+    next_id: &mut u64,
+) -> RaftBatch {
+    let mut items = Vec::new();
+    let mut push = |(m, a): (RaftMessage, Answer), items: &mut Vec<RaftBatchItem>| {
+        *next_id += 1;
+        pending.insert(*next_id, a);
+        items.push(RaftBatchItem { id: *next_id, message: Some(m) });
+    };
+    push(first, &mut items);
+    while items.len() < BATCH_MAX {
+        match rx.try_recv() {
+            Ok(more) => push(more, &mut items),
+            Err(_) => break,
+        }
+    }
+    RaftBatch { items }
+}
+
+async fn run_mux(channel: Channel, mut rx: mpsc::Receiver<(RaftMessage, Answer)>) {
+    let mut next_id = 0u64;
+    let mut pending: HashMap<u64, Answer> = HashMap::new();
+    loop {
+        // Connect when there is something to send.
+        let Some(first) = rx.recv().await else { return };
+        let mut client = RaftTransportClient::new(channel.clone())
+            .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX);
+        let (req_tx, req_rx) = mpsc::channel::<RaftBatch>(64);
+        let first_batch = collect(first, &mut rx, &mut pending, &mut next_id);
+        if req_tx.send(first_batch).await.is_err() {
+            fail_all(&mut pending, "stream closed");
+            continue;
+        }
+        let opened = tokio::time::timeout(
+            Duration::from_secs(2),
+            client.stream(tokio_stream::wrappers::ReceiverStream::new(req_rx)),
+        )
+        .await;
+        let mut inbound = match opened {
+            Ok(Ok(r)) => r.into_inner(),
+            Ok(Err(s)) => {
+                fail_all(&mut pending, s.message());
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+            Err(_) => {
+                fail_all(&mut pending, "peer did not open the stream in time");
+                continue;
+            }
+        };
+        loop {
+            tokio::select! {
+                next = rx.recv() => match next {
+                    None => return,
+                    Some(m) => {
+                        let batch = collect(m, &mut rx, &mut pending, &mut next_id);
+                        if req_tx.send(batch).await.is_err() {
+                            fail_all(&mut pending, "stream closed");
+                            break;
+                        }
+                    }
+                },
+                reply = inbound.message() => match reply {
+                    Ok(Some(batch)) => {
+                        for item in batch.items {
+                            if let Some(a) = pending.remove(&item.id) {
+                                let _ = a.send(answer_of(item));
+                            }
+                        }
+                        // Callers that gave up (timed out) leave their entries behind.
+                        if pending.len() > QUEUE_MAX {
+                            pending.retain(|_, a| !a.is_closed());
+                        }
+                    }
+                    Ok(None) | Err(_) => {
+                        fail_all(&mut pending, "stream to peer broke");
+                        break;
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// [`RaftTransport`] over gRPC: snapshots as single calls, everything else over the
+/// peer's multiplexed stream.
 pub struct GrpcTransport {
-    pub peers: std::sync::Arc<PeerChannels>,
+    pub peers: Arc<PeerChannels>,
 }
 
 fn kind(rpc: RaftRpc) -> RaftKind {
@@ -70,29 +214,46 @@ pub fn rpc_of(kind: i32) -> Option<RaftRpc> {
 
 impl RaftTransport for GrpcTransport {
     fn call(&self, addr: &str, env: RaftEnvelope, timeout: Duration) -> BoxFuture<'static, Result<Vec<u8>, TransportError>> {
-        let channel = self.peers.channel(addr);
+        let message = RaftMessage {
+            partition_id: env.partition.0,
+            from_node: env.from.0,
+            to_node: env.to.0,
+            kind: kind(env.rpc) as i32,
+            payload: env.payload,
+        };
+        let peers = self.peers.clone();
+        let addr = addr.to_string();
+        let unary = env.rpc == RaftRpc::Snapshot;
         Box::pin(async move {
-            let mut client = RaftTransportClient::new(channel)
-                .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
-                .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX);
-            let mut req = tonic::Request::new(RaftMessage {
-                partition_id: env.partition.0,
-                from_node: env.from.0,
-                to_node: env.to.0,
-                kind: kind(env.rpc) as i32,
-                payload: env.payload,
-            });
-            req.set_timeout(timeout);
-            match tokio::time::timeout(timeout, client.call(req)).await {
+            if unary {
+                return call_unary(peers.channel(&addr), message, timeout).await;
+            }
+            let mux = peers.mux(&addr);
+            let (tx, rx) = oneshot::channel();
+            if mux.tx.send((message, tx)).await.is_err() {
+                return Err(TransportError::Unreachable("peer stream stopped".into()));
+            }
+            match tokio::time::timeout(timeout, rx).await {
                 Err(_) => Err(TransportError::Unreachable(format!("no answer within {} ms", timeout.as_millis()))),
-                Ok(Ok(resp)) => Ok(resp.into_inner().payload),
-                Ok(Err(s)) => match s.code() {
-                    tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => {
-                        Err(TransportError::Unreachable(s.message().to_string()))
-                    }
-                    _ => Err(TransportError::Remote(format!("{:?}: {}", s.code(), s.message()))),
-                },
+                Ok(Err(_)) => Err(TransportError::Unreachable("peer stream dropped the message".into())),
+                Ok(Ok(answer)) => answer,
             }
         })
+    }
+}
+
+async fn call_unary(channel: Channel, message: RaftMessage, timeout: Duration) -> Result<Vec<u8>, TransportError> {
+    let mut client = RaftTransportClient::new(channel)
+        .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
+        .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX);
+    let mut req = tonic::Request::new(message);
+    req.set_timeout(timeout);
+    match tokio::time::timeout(timeout, client.call(req)).await {
+        Err(_) => Err(TransportError::Unreachable(format!("no answer within {} ms", timeout.as_millis()))),
+        Ok(Ok(resp)) => Ok(resp.into_inner().payload),
+        Ok(Err(s)) => match s.code() {
+            tonic::Code::InvalidArgument => Err(TransportError::Remote(s.message().to_string())),
+            _ => Err(TransportError::Unreachable(s.message().to_string())),
+        },
     }
 }

@@ -20,23 +20,33 @@ const CLUSTER_SLOTS: usize = 2;
 static SLOTS: Mutex<usize> = Mutex::new(0);
 static SLOTS_FREED: Condvar = Condvar::new();
 
-pub struct Slot;
+pub struct Slot(usize);
 
 impl Slot {
+    /// One of the shared slots.
     pub fn take() -> Slot {
+        Self::take_n(1)
+    }
+
+    /// Every slot: for tests that load the machine on purpose.
+    pub fn take_all() -> Slot {
+        Self::take_n(CLUSTER_SLOTS)
+    }
+
+    fn take_n(n: usize) -> Slot {
         let mut used = SLOTS.lock().unwrap_or_else(|e| e.into_inner());
-        while *used >= CLUSTER_SLOTS {
+        while *used + n > CLUSTER_SLOTS {
             used = SLOTS_FREED.wait(used).unwrap_or_else(|e| e.into_inner());
         }
-        *used += 1;
-        Slot
+        *used += n;
+        Slot(n)
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        *SLOTS.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
-        SLOTS_FREED.notify_one();
+        *SLOTS.lock().unwrap_or_else(|e| e.into_inner()) -= self.0;
+        SLOTS_FREED.notify_all();
     }
 }
 
