@@ -175,24 +175,7 @@ pub fn check(ops: &[LinOp], init: State, budget: Budget) -> Verdict {
                 return Verdict::TooLarge(format!("more than {} configurations explored", budget.max_configurations));
             }
         }
-        if entry == tail {
-            // Only reachable if every remaining entry was skipped: backtrack.
-            match stack.pop() {
-                None => return Verdict::NotLinearizable,
-                Some((call, s)) => {
-                    state = s;
-                    linearized.clear(op_of(call));
-                    let r = ret_of(call);
-                    next[prev[r]] = r;
-                    prev[next[r]] = r;
-                    next[prev[call]] = call;
-                    prev[next[call]] = call;
-                    entry = next[call];
-                }
-            }
-            continue;
-        }
-        if is_call(entry) {
+        if entry != tail && is_call(entry) {
             let i = op_of(entry);
             if let Some(new_state) = step(state, ops[i].op) {
                 let mut lin = linearized.clone();
@@ -213,7 +196,8 @@ pub fn check(ops: &[LinOp], init: State, budget: Budget) -> Verdict {
             }
             entry = next[entry];
         } else {
-            // A return whose call is not linearized: undo the last choice.
+            // A return whose call is not linearized (or the end, every remaining entry
+            // skipped): undo the last choice.
             match stack.pop() {
                 None => return Verdict::NotLinearizable,
                 Some((call, s)) => {

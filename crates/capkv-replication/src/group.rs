@@ -34,7 +34,7 @@ impl Default for GroupSettings {
             heartbeat_interval_ms: 100,
             election_timeout_min_ms: 500,
             election_timeout_max_ms: 1000,
-            snapshot_every_entries: 5000,
+            snapshot_every_entries: 20_000,
             log_entries_kept_after_snapshot: 1000,
             dedup_capacity: 10_000,
         }

@@ -77,6 +77,20 @@ impl FjallEngine {
         Ok(out)
     }
 
+    /// Deletes the log entries of `p` with index in `[first, last]`, in one batch.
+    fn remove_log_range(&self, p: PartitionId, first: u64, last: u64) -> Result<(), StorageError> {
+        let doomed = Self::keys_in(&self.raft_log, &keys::log_key(p, first), &keys::log_key(p, last))?;
+        if doomed.is_empty() {
+            return Ok(());
+        }
+        let mut batch = self.db.batch();
+        for k in doomed {
+            batch.remove(&self.raft_log, k);
+        }
+        batch.commit()?;
+        Ok(())
+    }
+
     fn keys_with_prefix(ks: &Keyspace, prefix: &[u8]) -> Result<Vec<Vec<u8>>, StorageError> {
         let mut out = Vec::new();
         for guard in ks.prefix(prefix) {
@@ -126,29 +140,11 @@ impl StorageEngine for FjallEngine {
     }
 
     fn log_truncate_from(&self, p: PartitionId, from: u64) -> Result<(), StorageError> {
-        let doomed = Self::keys_in(&self.raft_log, &keys::log_key(p, from), &keys::log_key(p, u64::MAX))?;
-        if doomed.is_empty() {
-            return Ok(());
-        }
-        let mut batch = self.db.batch();
-        for k in doomed {
-            batch.remove(&self.raft_log, k);
-        }
-        batch.commit()?;
-        Ok(())
+        self.remove_log_range(p, from, u64::MAX)
     }
 
     fn log_purge_upto(&self, p: PartitionId, upto: u64) -> Result<(), StorageError> {
-        let doomed = Self::keys_in(&self.raft_log, &keys::log_key(p, 0), &keys::log_key(p, upto))?;
-        if doomed.is_empty() {
-            return Ok(());
-        }
-        let mut batch = self.db.batch();
-        for k in doomed {
-            batch.remove(&self.raft_log, k);
-        }
-        batch.commit()?;
-        Ok(())
+        self.remove_log_range(p, 0, upto)
     }
 
     fn raft_meta_get(&self, p: PartitionId, tag: u8) -> Result<Option<Vec<u8>>, StorageError> {
