@@ -167,7 +167,7 @@ pub fn check(ops: &[LinOp], init: State, budget: Budget) -> Verdict {
     let mut steps: u64 = 0;
     while next[0] != tail {
         steps += 1;
-        if steps % 4096 == 0 {
+        if steps.is_multiple_of(4096) {
             if budget.deadline.is_some_and(|d| Instant::now() > d) {
                 return Verdict::TooLarge("time budget exhausted".into());
             }

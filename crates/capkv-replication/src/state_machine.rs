@@ -231,7 +231,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn applied_state(
         &mut self,
     ) -> Result<(Option<LogIdOf<TypeConfig>>, StoredMembershipOf<TypeConfig>), io::Error> {
-        Ok((self.applied.last_applied.clone(), self.applied.membership.clone()))
+        Ok((self.applied.last_applied, self.applied.membership.clone()))
     }
 
     async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
@@ -248,7 +248,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let response = match entry.payload {
                 EntryPayload::Blank => CommandResponse { revision: index, ..Default::default() },
                 EntryPayload::Membership(m) => {
-                    self.applied.membership = StoredMembership::new(Some(entry.log_id.clone()), m);
+                    self.applied.membership = StoredMembership::new(Some(entry.log_id), m);
                     CommandResponse { revision: index, ..Default::default() }
                 }
                 EntryPayload::Normal(cmd) => self.execute(index, cmd, &mut ops, &mut overlay)?,
@@ -273,7 +273,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let engine = self.engine.clone();
         let partition = self.partition;
         let meta_bytes = encode(meta)?;
-        let expected = meta.last_log_id.clone();
+        let expected = meta.last_log_id;
         let image = tokio::task::spawn_blocking(move || -> io::Result<PartitionImage> {
             let image = PartitionImage::decode(&snapshot)?;
             let applied: AppliedState = match &image.applied {
@@ -333,7 +333,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
                 None => AppliedState::default(),
             };
             let meta = SnapshotMetaOf::<TypeConfig> {
-                last_log_id: applied.last_applied.clone(),
+                last_log_id: applied.last_applied,
                 last_membership: applied.membership.clone(),
             };
             let data = image.encode()?;

@@ -102,6 +102,9 @@ impl PartitionImage {
     }
 }
 
+/// A stored snapshot: (openraft metadata, partition image), both opaque bytes here.
+pub type StoredSnapshot = (Vec<u8>, Vec<u8>);
+
 /// A node's storage. Every method names the partition; implementations keep partitions
 /// apart and must not lose a write that `sync` (or a [`GroupCommit`] flush) confirmed.
 ///
@@ -142,7 +145,7 @@ pub trait StorageEngine: Send + Sync + 'static {
     /// Stores the snapshot durably, replacing the previous one atomically.
     fn snapshot_save(&self, p: PartitionId, meta: &[u8], data: &[u8]) -> Result<(), StorageError>;
     /// (meta, data) of the stored snapshot.
-    fn snapshot_load(&self, p: PartitionId) -> Result<Option<(Vec<u8>, Vec<u8>)>, StorageError>;
+    fn snapshot_load(&self, p: PartitionId) -> Result<Option<StoredSnapshot>, StorageError>;
 
     // ---- Node ----
     fn node_meta_get(&self, name: &str) -> Result<Option<Vec<u8>>, StorageError>;

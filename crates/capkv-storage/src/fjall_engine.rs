@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use capkv_types::PartitionId;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable};
 
-use crate::engine::{DedupRecord, PartitionImage, SmOp, SmWrite, StorageEngine, StorageError};
+use crate::engine::{DedupRecord, PartitionImage, SmOp, SmWrite, StorageEngine, StorageError, StoredSnapshot};
 use crate::group_commit::GroupCommit;
 use crate::keys::{self, raft_meta_tag};
 use crate::value::StoredValue;
@@ -288,7 +288,7 @@ impl StorageEngine for FjallEngine {
         Ok(())
     }
 
-    fn snapshot_load(&self, p: PartitionId) -> Result<Option<(Vec<u8>, Vec<u8>)>, StorageError> {
+    fn snapshot_load(&self, p: PartitionId) -> Result<Option<StoredSnapshot>, StorageError> {
         let path = self.snapshot_path(p);
         let body = match fs::read(&path) {
             Ok(b) => b,
@@ -316,7 +316,7 @@ impl StorageEngine for FjallEngine {
     }
 }
 
-fn decode_snapshot_file(body: &[u8]) -> Result<(Vec<u8>, Vec<u8>), String> {
+fn decode_snapshot_file(body: &[u8]) -> Result<StoredSnapshot, String> {
     if body.len() < 8 + 4 + 8 + 8 || &body[..8] != SNAPSHOT_MAGIC {
         return Err("not a capkv snapshot file".into());
     }
