@@ -30,7 +30,9 @@ pub enum Workload {
     Put,
     Get,
     /// `read_percent`% gets, the rest puts.
-    Mixed { read_percent: u8 },
+    Mixed {
+        read_percent: u8,
+    },
 }
 
 impl std::str::FromStr for Workload {
@@ -41,9 +43,9 @@ impl std::str::FromStr for Workload {
             "put" => Ok(Workload::Put),
             "get" => Ok(Workload::Get),
             _ => {
-                let pct = s
-                    .strip_prefix("mixed:")
-                    .ok_or_else(|| format!("unknown workload {s:?}; expected put, get or mixed:R (R% reads)"))?;
+                let pct = s.strip_prefix("mixed:").ok_or_else(|| {
+                    format!("unknown workload {s:?}; expected put, get or mixed:R (R% reads)")
+                })?;
                 match pct.parse::<u8>() {
                     Ok(p) if p <= 100 => Ok(Workload::Mixed { read_percent: p }),
                     _ => Err(format!("{pct:?} is not a read percentage 0..=100")),
@@ -117,7 +119,9 @@ pub fn check_key_space(keys: u64, key_size: usize) -> Result<(), String> {
         return Err("--keys must be at least 1".into());
     }
     if key_size < digits {
-        return Err(format!("--key-size {key_size} cannot hold {keys} distinct keys (needs {digits} bytes)"));
+        return Err(format!(
+            "--key-size {key_size} cannot hold {keys} distinct keys (needs {digits} bytes)"
+        ));
     }
     Ok(())
 }
@@ -166,10 +170,21 @@ impl Driver {
 
     async fn put(&self, conn: usize, key: Vec<u8>, value: Vec<u8>) -> Result<(), String> {
         match self {
-            Driver::Capkv(c) => c[conn].put(key, value).await.map(|_| ()).map_err(|e| e.to_string()),
+            Driver::Capkv(c) => c[conn]
+                .put(key, value)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
             Driver::Etcd(c) => {
                 let mut kv = c[conn].clone();
-                kv.put(PutRequest { key, value, ..Default::default() }).await.map(|_| ()).map_err(|e| e.to_string())
+                kv.put(PutRequest {
+                    key,
+                    value,
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
             }
         }
     }
@@ -181,11 +196,19 @@ impl Driver {
                     ReadLevel::Linearizable => ReadConsistency::Linearizable,
                     ReadLevel::Local => ReadConsistency::Prefix,
                 };
-                c[conn].get_with(key, consistency).await.map(|_| ()).map_err(|e| e.to_string())
+                c[conn]
+                    .get_with(key, consistency)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
             }
             Driver::Etcd(c) => {
                 let mut kv = c[conn].clone();
-                let req = RangeRequest { key, serializable: level == ReadLevel::Local, ..Default::default() };
+                let req = RangeRequest {
+                    key,
+                    serializable: level == ReadLevel::Local,
+                    ..Default::default()
+                };
                 kv.range(req).await.map(|_| ()).map_err(|e| e.to_string())
             }
         }
@@ -246,7 +269,13 @@ impl BenchResult {
     pub fn summary(&self) -> String {
         format!(
             "ops={} ops/s={:.1} p50={:.3}ms p90={:.3}ms p99={:.3}ms max={:.3}ms errors={}",
-            self.ops, self.ops_per_sec, self.p50_ms, self.p90_ms, self.p99_ms, self.max_ms, self.errors
+            self.ops,
+            self.ops_per_sec,
+            self.p50_ms,
+            self.p90_ms,
+            self.p99_ms,
+            self.max_ms,
+            self.errors
         )
     }
 }
@@ -264,7 +293,10 @@ struct KeyChooser {
 impl KeyChooser {
     fn new(keys: u64, zipf: Option<f64>) -> anyhow::Result<Self> {
         let zipf = match zipf {
-            Some(theta) => Some(rand_distr::Zipf::new(keys as f64, theta).map_err(|e| anyhow::anyhow!("--zipf {theta}: {e}"))?),
+            Some(theta) => Some(
+                rand_distr::Zipf::new(keys as f64, theta)
+                    .map_err(|e| anyhow::anyhow!("--zipf {theta}: {e}"))?,
+            ),
             None => None,
         };
         Ok(KeyChooser { keys, zipf })
@@ -281,7 +313,9 @@ impl KeyChooser {
 
 fn values(count: usize, size: usize, seed: u64) -> Vec<Vec<u8>> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5EED);
-    (0..count).map(|_| (0..size).map(|_| rng.random_range(b'a'..=b'z')).collect()).collect()
+    (0..count)
+        .map(|_| (0..size).map(|_| rng.random_range(b'a'..=b'z')).collect())
+        .collect()
 }
 
 /// Runs a benchmark.
@@ -334,7 +368,9 @@ pub async fn run(o: BenchOptions) -> anyhow::Result<BenchResult> {
                     driver.get(conn, key, o.read_level).await
                 } else {
                     n += 1;
-                    driver.put(conn, key, values[n % values.len()].clone()).await
+                    driver
+                        .put(conn, key, values[n % values.len()].clone())
+                        .await
                 };
                 if began < measure_from {
                     continue;
@@ -358,7 +394,11 @@ pub async fn run(o: BenchOptions) -> anyhow::Result<BenchResult> {
         }));
     }
 
-    let bar = if o.progress { indicatif::ProgressBar::new((o.warmup + o.duration).as_secs().max(1)) } else { indicatif::ProgressBar::hidden() };
+    let bar = if o.progress {
+        indicatif::ProgressBar::new((o.warmup + o.duration).as_secs().max(1))
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
     bar.set_style(
         indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len}s {msg}")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
@@ -370,7 +410,11 @@ pub async fn run(o: BenchOptions) -> anyhow::Result<BenchResult> {
         if now > measure_from {
             let secs = (now - measure_from).as_secs_f64();
             let ops = measured_ops.load(Ordering::Relaxed);
-            bar.set_message(format!("ops={ops} ops/s={:.0} errors={}", ops as f64 / secs, errors.load(Ordering::Relaxed)));
+            bar.set_message(format!(
+                "ops={ops} ops/s={:.0} errors={}",
+                ops as f64 / secs,
+                errors.load(Ordering::Relaxed)
+            ));
         } else {
             bar.set_message("warming up");
         }
@@ -382,11 +426,22 @@ pub async fn run(o: BenchOptions) -> anyhow::Result<BenchResult> {
         total.add(&h).context("merge histograms")?;
     }
     let samples = samples.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    Ok(BenchResult::from_histogram(&o, conns, &total, errors.load(Ordering::Relaxed), o.duration, samples))
+    Ok(BenchResult::from_histogram(
+        &o,
+        conns,
+        &total,
+        errors.load(Ordering::Relaxed),
+        o.duration,
+        samples,
+    ))
 }
 
 /// Writes every key once, with the run's client count as concurrency.
-async fn preload(driver: &Arc<Driver>, o: &BenchOptions, values: &Arc<Vec<Vec<u8>>>) -> anyhow::Result<()> {
+async fn preload(
+    driver: &Arc<Driver>,
+    o: &BenchOptions,
+    values: &Arc<Vec<Vec<u8>>>,
+) -> anyhow::Result<()> {
     let next = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for c in 0..o.clients.max(1) {
@@ -400,7 +455,14 @@ async fn preload(driver: &Arc<Driver>, o: &BenchOptions, values: &Arc<Vec<Vec<u8
                     return Ok::<(), String>(());
                 }
                 let mut attempt = 0;
-                while let Err(e) = driver.put(conn, key_name(i, key_size), values[i as usize % values.len()].clone()).await {
+                while let Err(e) = driver
+                    .put(
+                        conn,
+                        key_name(i, key_size),
+                        values[i as usize % values.len()].clone(),
+                    )
+                    .await
+                {
                     attempt += 1;
                     if attempt >= 5 {
                         return Err(format!("preloading key {i}: {e}"));
@@ -410,7 +472,9 @@ async fn preload(driver: &Arc<Driver>, o: &BenchOptions, values: &Arc<Vec<Vec<u8
         }));
     }
     for t in tasks {
-        t.await.context("preload task")?.map_err(anyhow::Error::msg)?;
+        t.await
+            .context("preload task")?
+            .map_err(anyhow::Error::msg)?;
     }
     Ok(())
 }
@@ -423,7 +487,10 @@ mod tests {
     fn parses_workloads_and_levels() {
         assert_eq!("put".parse::<Workload>(), Ok(Workload::Put));
         assert_eq!("get".parse::<Workload>(), Ok(Workload::Get));
-        assert_eq!("mixed:90".parse::<Workload>(), Ok(Workload::Mixed { read_percent: 90 }));
+        assert_eq!(
+            "mixed:90".parse::<Workload>(),
+            Ok(Workload::Mixed { read_percent: 90 })
+        );
         assert!("mixed:101".parse::<Workload>().is_err());
         assert!("scan".parse::<Workload>().is_err());
         assert_eq!(Workload::Mixed { read_percent: 5 }.to_string(), "mixed:5");
@@ -451,7 +518,10 @@ mod tests {
             assert!(k < 1000);
             hot += usize::from(k < 10);
         }
-        assert!(hot > 2_000, "the 1% hottest keys should take a large share, got {hot}/10000");
+        assert!(
+            hot > 2_000,
+            "the 1% hottest keys should take a large share, got {hot}/10000"
+        );
         let uniform = KeyChooser::new(1000, None).unwrap();
         let hot_uniform = (0..10_000).filter(|_| uniform.next(&mut rng) < 10).count();
         assert!(hot_uniform < 300);
@@ -486,6 +556,10 @@ mod tests {
         assert!((r.p50_ms - 5.0).abs() < 0.01, "p50 {}", r.p50_ms);
         assert!((r.p99_ms - 9.9).abs() < 0.02, "p99 {}", r.p99_ms);
         assert!((r.max_ms - 10.0).abs() < 0.02);
-        assert!(r.summary().starts_with("ops=1000 ops/s=500.0 p50=5.00"), "{}", r.summary());
+        assert!(
+            r.summary().starts_with("ops=1000 ops/s=500.0 p50=5.00"),
+            "{}",
+            r.summary()
+        );
     }
 }

@@ -29,12 +29,20 @@ pub struct Cluster {
 }
 
 fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 impl Cluster {
     /// Starts `n` nodes of `exe` under `dir` and waits until every partition has a leader.
-    pub async fn start_local(exe: &Path, dir: &Path, n: usize, partitions: u32, extra_args: Vec<String>) -> anyhow::Result<Cluster> {
+    pub async fn start_local(
+        exe: &Path,
+        dir: &Path,
+        n: usize,
+        partitions: u32,
+        extra_args: Vec<String>,
+    ) -> anyhow::Result<Cluster> {
         std::fs::create_dir_all(dir)?;
         let mut nodes = Vec::new();
         for i in 1..=n as u64 {
@@ -48,8 +56,18 @@ impl Cluster {
                 paused: false,
             });
         }
-        let spec = nodes.iter().map(|n| format!("{}={}", n.id, n.addr)).collect::<Vec<_>>().join(",");
-        let mut c = Cluster { nodes, partitions, exe: Some(exe.to_path_buf()), spec, extra_args };
+        let spec = nodes
+            .iter()
+            .map(|n| format!("{}={}", n.id, n.addr))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut c = Cluster {
+            nodes,
+            partitions,
+            exe: Some(exe.to_path_buf()),
+            spec,
+            extra_args,
+        };
         for id in 1..=n as u64 {
             c.spawn(id)?;
         }
@@ -66,7 +84,12 @@ impl Cluster {
             let status = client.node_status(&addr).await.ok();
             let http = status
                 .as_ref()
-                .and_then(|s| s.nodes.iter().find(|n| n.id == id.0).map(|n| n.http_addr.clone()))
+                .and_then(|s| {
+                    s.nodes
+                        .iter()
+                        .find(|n| n.id == id.0)
+                        .map(|n| n.http_addr.clone())
+                })
                 .unwrap_or_default();
             partitions = status.map(|s| s.partition_count).unwrap_or(partitions);
             nodes.push(LocalNode {
@@ -82,7 +105,13 @@ impl Cluster {
         if nodes.is_empty() {
             bail!("the cluster at {endpoints:?} reported no nodes");
         }
-        Ok(Cluster { nodes, partitions, exe: None, spec: String::new(), extra_args: vec![] })
+        Ok(Cluster {
+            nodes,
+            partitions,
+            exe: None,
+            spec: String::new(),
+            extra_args: vec![],
+        })
     }
 
     pub fn controls_processes(&self) -> bool {
@@ -98,21 +127,49 @@ impl Cluster {
     }
 
     fn node_mut(&mut self, id: u64) -> anyhow::Result<&mut LocalNode> {
-        self.nodes.iter_mut().find(|n| n.id == id).with_context(|| format!("no node {id}"))
+        self.nodes
+            .iter_mut()
+            .find(|n| n.id == id)
+            .with_context(|| format!("no node {id}"))
     }
 
     fn spawn(&mut self, id: u64) -> anyhow::Result<()> {
-        let exe = self.exe.clone().context("cannot start processes of an external cluster")?;
-        let (spec, partitions, extra) = (self.spec.clone(), self.partitions.to_string(), self.extra_args.clone());
+        let exe = self
+            .exe
+            .clone()
+            .context("cannot start processes of an external cluster")?;
+        let (spec, partitions, extra) = (
+            self.spec.clone(),
+            self.partitions.to_string(),
+            self.extra_args.clone(),
+        );
         let n = self.node_mut(id)?;
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&n.log)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&n.log)?;
         let child = Command::new(exe)
             .arg("server")
             .args(["--id", &id.to_string()])
             .arg("--data-dir")
             .arg(&n.data_dir)
-            .args(["--listen", &n.addr, "--http", &n.http, "--initial-cluster", &spec, "--partitions", &partitions])
-            .args(["--unsafe-fault-injection", "--write-timeout-ms", "2000", "--read-timeout-ms", "2000"])
+            .args([
+                "--listen",
+                &n.addr,
+                "--http",
+                &n.http,
+                "--initial-cluster",
+                &spec,
+                "--partitions",
+                &partitions,
+            ])
+            .args([
+                "--unsafe-fault-injection",
+                "--write-timeout-ms",
+                "2000",
+                "--read-timeout-ms",
+                "2000",
+            ])
             .args(&extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -127,7 +184,13 @@ impl Cluster {
     }
 
     fn signal(&self, id: u64, sig: libc::c_int) {
-        if let Some(pid) = self.nodes.iter().find(|n| n.id == id).and_then(|n| n.child.as_ref()).and_then(|c| c.id()) {
+        if let Some(pid) = self
+            .nodes
+            .iter()
+            .find(|n| n.id == id)
+            .and_then(|n| n.child.as_ref())
+            .and_then(|c| c.id())
+        {
             // SAFETY: kill(2) on a child process this cluster started.
             unsafe {
                 libc::kill(pid as libc::pid_t, sig);
@@ -165,7 +228,11 @@ impl Cluster {
     /// Makes each node drop Raft traffic with nodes outside its group.
     pub async fn partition(&self, groups: &[Vec<u64>]) -> anyhow::Result<()> {
         for g in groups {
-            let others: Vec<u64> = self.ids().into_iter().filter(|id| !g.contains(id)).collect();
+            let others: Vec<u64> = self
+                .ids()
+                .into_iter()
+                .filter(|id| !g.contains(id))
+                .collect();
             for id in g {
                 self.set_blocked(*id, &others).await?;
             }
@@ -183,11 +250,18 @@ impl Cluster {
     }
 
     fn is_up(&self, id: u64) -> bool {
-        self.nodes.iter().find(|n| n.id == id).is_some_and(|n| (n.child.is_some() || self.exe.is_none()) && !n.paused)
+        self.nodes
+            .iter()
+            .find(|n| n.id == id)
+            .is_some_and(|n| (n.child.is_some() || self.exe.is_none()) && !n.paused)
     }
 
     async fn set_blocked(&self, id: u64, peers: &[u64]) -> anyhow::Result<()> {
-        let node = self.nodes.iter().find(|n| n.id == id).context("no such node")?;
+        let node = self
+            .nodes
+            .iter()
+            .find(|n| n.id == id)
+            .context("no such node")?;
         if !self.is_up(id) {
             return Ok(());
         }
@@ -233,7 +307,9 @@ impl Cluster {
             let mut cfg = ClientConfig::new([n.addr.clone()]);
             cfg.attempt_timeout = Duration::from_millis(500);
             cfg.request_timeout = Duration::from_millis(500);
-            let Ok(client) = Client::connect(cfg).await else { continue };
+            let Ok(client) = Client::connect(cfg).await else {
+                continue;
+            };
             if let Ok(s) = client.node_status(&n.addr).await {
                 if s.partitions.iter().any(|x| x.id == p && x.role == "Leader") {
                     return Some(n.id);
@@ -257,7 +333,10 @@ impl Cluster {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("not every partition had a leader after {} s", limit.as_secs());
+                bail!(
+                    "not every partition had a leader after {} s",
+                    limit.as_secs()
+                );
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -273,7 +352,10 @@ impl Cluster {
                         libc::kill(pid as libc::pid_t, libc::SIGTERM);
                     }
                 }
-                if tokio::time::timeout(Duration::from_secs(10), c.wait()).await.is_err() {
+                if tokio::time::timeout(Duration::from_secs(10), c.wait())
+                    .await
+                    .is_err()
+                {
                     let _ = c.kill().await;
                 }
             }
@@ -294,8 +376,17 @@ pub async fn http_post(addr: &str, path: &str, body: &str) -> anyhow::Result<(u1
         s.read_to_string(&mut resp).await?;
         Ok::<_, std::io::Error>(resp)
     };
-    let resp = tokio::time::timeout(Duration::from_secs(5), io).await.context("HTTP request timed out")??;
-    let code = resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let resp = tokio::time::timeout(Duration::from_secs(5), io)
+        .await
+        .context("HTTP request timed out")??;
+    let code = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Ok((code, body))
 }

@@ -127,7 +127,9 @@ pub struct HistoryWriter {
 
 impl HistoryWriter {
     pub fn create(path: &std::path::Path) -> std::io::Result<Self> {
-        Ok(HistoryWriter { out: std::io::BufWriter::new(std::fs::File::create(path)?) })
+        Ok(HistoryWriter {
+            out: std::io::BufWriter::new(std::fs::File::create(path)?),
+        })
     }
 
     pub fn write(&mut self, e: &Event) -> std::io::Result<()> {
@@ -145,8 +147,15 @@ impl HistoryWriter {
 pub fn load(path: &std::path::Path) -> anyhow::Result<Vec<Event>> {
     let text = std::fs::read_to_string(path)?;
     let mut out = Vec::new();
-    for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
-        out.push(serde_json::from_str(line).map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), n + 1))?);
+    for (n, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        out.push(
+            serde_json::from_str(line)
+                .map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), n + 1))?,
+        );
     }
     Ok(out)
 }
@@ -184,8 +193,15 @@ mod tests {
         let ops = pair(&events);
         assert_eq!(ops.len(), 3);
         assert_eq!((ops[0].kind, ops[0].complete_ns), (EventType::Info, None));
-        assert_eq!((ops[1].kind, ops[1].value, ops[1].complete_ns), (EventType::Ok, Some(5), Some(20)));
-        assert_eq!((ops[2].kind, ops[2].complete_ns), (EventType::Info, None), "no completion = unknown");
+        assert_eq!(
+            (ops[1].kind, ops[1].value, ops[1].complete_ns),
+            (EventType::Ok, Some(5), Some(20))
+        );
+        assert_eq!(
+            (ops[2].kind, ops[2].complete_ns),
+            (EventType::Info, None),
+            "no completion = unknown"
+        );
     }
 
     #[test]

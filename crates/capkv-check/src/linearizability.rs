@@ -22,11 +22,19 @@ pub enum RegOp {
     Read(Option<u64>),
     Write(u64),
     /// Compare-and-set that succeeded.
-    CasOk { from: Option<u64>, to: u64 },
+    CasOk {
+        from: Option<u64>,
+        to: u64,
+    },
     /// Compare-and-set that ran and found another value.
-    CasFailed { from: Option<u64> },
+    CasFailed {
+        from: Option<u64>,
+    },
     /// Compare-and-set whose outcome is unknown.
-    CasUnknown { from: Option<u64>, to: u64 },
+    CasUnknown {
+        from: Option<u64>,
+        to: u64,
+    },
 }
 
 /// The register's value, or "unknown" (any value) at the start of a window.
@@ -43,13 +51,17 @@ pub fn step(state: State, op: RegOp) -> Option<State> {
         (State::Unknown, RegOp::Read(x)) => Some(State::Known(x)),
         (State::Known(s), RegOp::Read(x)) => (s == x).then_some(state),
         (State::Unknown, RegOp::CasOk { to, .. }) => Some(State::Known(Some(to))),
-        (State::Known(s), RegOp::CasOk { from, to }) => (s == from).then_some(State::Known(Some(to))),
+        (State::Known(s), RegOp::CasOk { from, to }) => {
+            (s == from).then_some(State::Known(Some(to)))
+        }
         (State::Unknown, RegOp::CasFailed { .. }) => Some(State::Unknown),
         (State::Known(s), RegOp::CasFailed { from }) => (s != from).then_some(state),
         (State::Unknown, RegOp::CasUnknown { .. }) => Some(State::Unknown),
-        (State::Known(s), RegOp::CasUnknown { from, to }) => {
-            Some(if s == from { State::Known(Some(to)) } else { state })
-        }
+        (State::Known(s), RegOp::CasUnknown { from, to }) => Some(if s == from {
+            State::Known(Some(to))
+        } else {
+            state
+        }),
     }
 }
 
@@ -76,14 +88,29 @@ pub fn to_lin_ops(ops: &[Operation]) -> Vec<LinOp> {
             (Func::Write, EventType::Ok) => RegOp::Write(o.value.unwrap_or(0)),
             (Func::Write, EventType::Info) => RegOp::Write(o.value.unwrap_or(0)),
             (Func::Cas, EventType::Ok) => match o.succeeded {
-                Some(true) => RegOp::CasOk { from: o.from, to: o.value.unwrap_or(0) },
+                Some(true) => RegOp::CasOk {
+                    from: o.from,
+                    to: o.value.unwrap_or(0),
+                },
                 _ => RegOp::CasFailed { from: o.from },
             },
-            (Func::Cas, EventType::Info) => RegOp::CasUnknown { from: o.from, to: o.value.unwrap_or(0) },
+            (Func::Cas, EventType::Info) => RegOp::CasUnknown {
+                from: o.from,
+                to: o.value.unwrap_or(0),
+            },
             _ => continue,
         };
-        let ret = if o.kind == EventType::Info { NEVER } else { ret };
-        out.push(LinOp { invoke: o.invoke_ns, ret, op, source: i });
+        let ret = if o.kind == EventType::Info {
+            NEVER
+        } else {
+            ret
+        };
+        out.push(LinOp {
+            invoke: o.invoke_ns,
+            ret,
+            op,
+            source: i,
+        });
     }
     out
 }
@@ -98,7 +125,11 @@ pub struct Budget {
 
 impl Default for Budget {
     fn default() -> Self {
-        Budget { max_ops: 50_000, max_configurations: 5_000_000, deadline: None }
+        Budget {
+            max_ops: 50_000,
+            max_configurations: 5_000_000,
+            deadline: None,
+        }
     }
 }
 
@@ -129,7 +160,10 @@ impl Bits {
 pub fn check(ops: &[LinOp], init: State, budget: Budget) -> Verdict {
     let n = ops.len();
     if n > budget.max_ops {
-        return Verdict::TooLarge(format!("{n} operations on one key (limit {})", budget.max_ops));
+        return Verdict::TooLarge(format!(
+            "{n} operations on one key (limit {})",
+            budget.max_ops
+        ));
     }
     if n == 0 {
         return Verdict::Linearizable;
@@ -139,7 +173,11 @@ pub fn check(ops: &[LinOp], init: State, budget: Budget) -> Verdict {
     let mut order: Vec<usize> = (1..=2 * n).collect();
     let time = |e: usize| {
         let op = &ops[(e - 1) / 2];
-        if e % 2 == 1 { (op.invoke, 0u8) } else { (op.ret, 1u8) }
+        if e % 2 == 1 {
+            (op.invoke, 0u8)
+        } else {
+            (op.ret, 1u8)
+        }
     };
     // Calls sort before returns at equal times: equal stamps are treated as concurrent.
     order.sort_by_key(|e| time(*e));
@@ -172,7 +210,10 @@ pub fn check(ops: &[LinOp], init: State, budget: Budget) -> Verdict {
                 return Verdict::TooLarge("time budget exhausted".into());
             }
             if cache.len() > budget.max_configurations {
-                return Verdict::TooLarge(format!("more than {} configurations explored", budget.max_configurations));
+                return Verdict::TooLarge(format!(
+                    "more than {} configurations explored",
+                    budget.max_configurations
+                ));
             }
         }
         if entry != tail && is_call(entry) {
@@ -227,10 +268,16 @@ fn prefix(ops: &[LinOp], end: u64) -> Vec<LinOp> {
             }
             let op = match o.op {
                 RegOp::Read(_) | RegOp::CasFailed { .. } => return None,
-                RegOp::CasOk { from, to } | RegOp::CasUnknown { from, to } => RegOp::CasUnknown { from, to },
+                RegOp::CasOk { from, to } | RegOp::CasUnknown { from, to } => {
+                    RegOp::CasUnknown { from, to }
+                }
                 w @ RegOp::Write(_) => w,
             };
-            Some(LinOp { ret: NEVER, op, ..*o })
+            Some(LinOp {
+                ret: NEVER,
+                op,
+                ..*o
+            })
         })
         .collect()
 }
@@ -254,11 +301,16 @@ fn suffix(ops: &[LinOp], start: u64) -> Vec<LinOp> {
 /// first the shortest failing prefix, then the latest start. Returns the window's ops, or
 /// `None` if the history does not fail within the budget.
 pub fn smallest_failing_window(ops: &[LinOp], init: State, budget: Budget) -> Option<Vec<LinOp>> {
-    let fails = |candidate: &[LinOp], s: State| check(candidate, s, budget) == Verdict::NotLinearizable;
+    let fails =
+        |candidate: &[LinOp], s: State| check(candidate, s, budget) == Verdict::NotLinearizable;
     if !fails(ops, init) {
         return None;
     }
-    let mut ends: Vec<u64> = ops.iter().filter(|o| o.ret != NEVER).map(|o| o.ret).collect();
+    let mut ends: Vec<u64> = ops
+        .iter()
+        .filter(|o| o.ret != NEVER)
+        .map(|o| o.ret)
+        .collect();
     ends.push(NEVER);
     ends.sort_unstable();
     ends.dedup();
@@ -300,7 +352,12 @@ mod tests {
     use RegOp::*;
 
     fn op(invoke: u64, ret: u64, op: RegOp) -> LinOp {
-        LinOp { invoke, ret, op, source: 0 }
+        LinOp {
+            invoke,
+            ret,
+            op,
+            source: 0,
+        }
     }
 
     fn verdict(ops: &[LinOp]) -> Verdict {
@@ -319,13 +376,21 @@ mod tests {
             op(41, 50, Read(Some(2))),
         ];
         assert_eq!(verdict(&ops), Verdict::Linearizable);
-        assert_eq!(verdict(&[op(0, 5, Read(None))]), Verdict::Linearizable, "an absent key reads as None");
+        assert_eq!(
+            verdict(&[op(0, 5, Read(None))]),
+            Verdict::Linearizable,
+            "an absent key reads as None"
+        );
     }
 
     #[test]
     fn a_stale_read_is_rejected() {
         // w1 completes, w2 completes, then a read returns 1: stale.
-        let ops = [op(0, 10, Write(1)), op(11, 20, Write(2)), op(21, 30, Read(Some(1)))];
+        let ops = [
+            op(0, 10, Write(1)),
+            op(11, 20, Write(2)),
+            op(21, 30, Read(Some(1))),
+        ];
         assert_eq!(verdict(&ops), Verdict::NotLinearizable);
         // Reads going backwards in time across two clients.
         let ops = [
@@ -339,14 +404,22 @@ mod tests {
     #[test]
     fn an_unknown_write_may_have_happened() {
         // w1 ok; w2 unknown (never returns); a later read sees 2: fine (w2 happened).
-        let ops = [op(0, 10, Write(1)), op(11, NEVER, Write(2)), op(50, 60, Read(Some(2)))];
+        let ops = [
+            op(0, 10, Write(1)),
+            op(11, NEVER, Write(2)),
+            op(50, 60, Read(Some(2))),
+        ];
         assert_eq!(verdict(&ops), Verdict::Linearizable);
     }
 
     #[test]
     fn an_unknown_write_may_not_have_happened() {
         // w1 ok; w2 unknown; a later read sees 1: fine too (w2 never took effect or later).
-        let ops = [op(0, 10, Write(1)), op(11, NEVER, Write(2)), op(50, 60, Read(Some(1)))];
+        let ops = [
+            op(0, 10, Write(1)),
+            op(11, NEVER, Write(2)),
+            op(50, 60, Read(Some(1))),
+        ];
         assert_eq!(verdict(&ops), Verdict::Linearizable);
         // But once 2 was seen, 1 cannot come back.
         let ops = [
@@ -360,27 +433,79 @@ mod tests {
 
     #[test]
     fn compare_and_set_is_checked_both_ways() {
-        let ok = [op(0, 10, Write(1)), op(11, 20, CasOk { from: Some(1), to: 2 }), op(21, 30, Read(Some(2)))];
+        let ok = [
+            op(0, 10, Write(1)),
+            op(
+                11,
+                20,
+                CasOk {
+                    from: Some(1),
+                    to: 2,
+                },
+            ),
+            op(21, 30, Read(Some(2))),
+        ];
         assert_eq!(verdict(&ok), Verdict::Linearizable);
-        let bad = [op(0, 10, Write(1)), op(11, 20, CasOk { from: Some(3), to: 2 })];
-        assert_eq!(verdict(&bad), Verdict::NotLinearizable, "cas cannot succeed from a value not held");
+        let bad = [
+            op(0, 10, Write(1)),
+            op(
+                11,
+                20,
+                CasOk {
+                    from: Some(3),
+                    to: 2,
+                },
+            ),
+        ];
+        assert_eq!(
+            verdict(&bad),
+            Verdict::NotLinearizable,
+            "cas cannot succeed from a value not held"
+        );
         let failed_wrongly = [op(0, 10, Write(1)), op(11, 20, CasFailed { from: Some(1) })];
-        assert_eq!(verdict(&failed_wrongly), Verdict::NotLinearizable, "cas cannot fail when the value matches");
-        let unknown = [op(0, 10, Write(1)), op(11, NEVER, CasUnknown { from: Some(1), to: 2 }), op(30, 40, Read(Some(2)))];
+        assert_eq!(
+            verdict(&failed_wrongly),
+            Verdict::NotLinearizable,
+            "cas cannot fail when the value matches"
+        );
+        let unknown = [
+            op(0, 10, Write(1)),
+            op(
+                11,
+                NEVER,
+                CasUnknown {
+                    from: Some(1),
+                    to: 2,
+                },
+            ),
+            op(30, 40, Read(Some(2))),
+        ];
         assert_eq!(verdict(&unknown), Verdict::Linearizable);
     }
 
     #[test]
     fn budgets_stop_the_search() {
         let ops: Vec<LinOp> = (0..100).map(|i| op(i, i + 1, Write(i))).collect();
-        let tight = Budget { max_ops: 10, ..Default::default() };
-        assert!(matches!(check(&ops, State::Known(None), tight), Verdict::TooLarge(_)));
-        let past = Budget { deadline: Some(Instant::now()), ..Default::default() };
+        let tight = Budget {
+            max_ops: 10,
+            ..Default::default()
+        };
+        assert!(matches!(
+            check(&ops, State::Known(None), tight),
+            Verdict::TooLarge(_)
+        ));
+        let past = Budget {
+            deadline: Some(Instant::now()),
+            ..Default::default()
+        };
         // Many concurrent writes and a read that matches none: exhaustive, but the
         // deadline stops it.
         let mut hard: Vec<LinOp> = (0..18).map(|i| op(0, 1000, Write(i))).collect();
         hard.push(op(2000, 2001, Read(Some(99))));
-        assert!(matches!(check(&hard, State::Known(None), past), Verdict::TooLarge(_)));
+        assert!(matches!(
+            check(&hard, State::Known(None), past),
+            Verdict::TooLarge(_)
+        ));
     }
 
     #[test]
@@ -396,7 +521,12 @@ mod tests {
         assert_eq!(verdict(&ops), Verdict::NotLinearizable);
         let w = smallest_failing_window(&ops, State::Known(None), Budget::default()).unwrap();
         assert!(w.len() <= 4, "window of {} ops: {w:?}", w.len());
-        assert!(w.iter().any(|o| o.op == Read(Some(50)) && o.invoke == 10_050));
-        assert_eq!(check(&w, State::Unknown, Budget::default()), Verdict::NotLinearizable);
+        assert!(w
+            .iter()
+            .any(|o| o.op == Read(Some(50)) && o.invoke == 10_050));
+        assert_eq!(
+            check(&w, State::Unknown, Budget::default()),
+            Verdict::NotLinearizable
+        );
     }
 }

@@ -26,7 +26,11 @@ impl FaultKind {
                 "kill" => FaultKind::Kill,
                 "pause" => FaultKind::Pause,
                 "none" => continue,
-                other => return Err(format!("unknown nemesis {other:?}; expected partition, kill, pause or none")),
+                other => {
+                    return Err(format!(
+                        "unknown nemesis {other:?}; expected partition, kill, pause or none"
+                    ))
+                }
             });
         }
         Ok(out)
@@ -50,7 +54,9 @@ pub enum Fault {
     /// Cut node (index into the node list) off from all others.
     IsolateNode(usize),
     /// Split the nodes in two at a random point of a shuffled order.
-    Split { seed: u64 },
+    Split {
+        seed: u64,
+    },
     /// Cut off the node leading partition `p` at the time.
     IsolateLeader(u32),
     Kill(usize),
@@ -59,7 +65,13 @@ pub enum Fault {
 
 /// The whole schedule for a run, a pure function of the seed and parameters.
 /// `partitions` are the partitions the workload touches; leader faults aim at them.
-pub fn plan(seed: u64, kinds: &[FaultKind], nodes: usize, partitions: &[u32], duration: Duration) -> Vec<Planned> {
+pub fn plan(
+    seed: u64,
+    kinds: &[FaultKind],
+    nodes: usize,
+    partitions: &[u32],
+    duration: Duration,
+) -> Vec<Planned> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut out = Vec::new();
     if kinds.is_empty() || nodes == 0 {
@@ -72,7 +84,12 @@ pub fn plan(seed: u64, kinds: &[FaultKind], nodes: usize, partitions: &[u32], du
             FaultKind::Partition => match rng.random_range(0..3) {
                 0 => Fault::IsolateNode(rng.random_range(0..nodes)),
                 1 => Fault::Split { seed: rng.random() },
-                _ => Fault::IsolateLeader(partitions.get(rng.random_range(0..partitions.len().max(1))).copied().unwrap_or(0)),
+                _ => Fault::IsolateLeader(
+                    partitions
+                        .get(rng.random_range(0..partitions.len().max(1)))
+                        .copied()
+                        .unwrap_or(0),
+                ),
             },
             FaultKind::Kill => Fault::Kill(rng.random_range(0..nodes)),
             FaultKind::Pause => Fault::Pause(rng.random_range(0..nodes)),
@@ -85,7 +102,12 @@ pub fn plan(seed: u64, kinds: &[FaultKind], nodes: usize, partitions: &[u32], du
 }
 
 /// Carries out a schedule against the cluster until `deadline`; counts injected faults.
-pub async fn execute(cluster: Arc<Mutex<Cluster>>, schedule: Vec<Planned>, start: Instant, injected: Arc<AtomicU64>) {
+pub async fn execute(
+    cluster: Arc<Mutex<Cluster>>,
+    schedule: Vec<Planned>,
+    start: Instant,
+    injected: Arc<AtomicU64>,
+) {
     for p in schedule {
         let at = start + p.at;
         tokio::time::sleep_until(at.into()).await;
@@ -96,7 +118,9 @@ pub async fn execute(cluster: Arc<Mutex<Cluster>>, schedule: Vec<Planned>, start
                 Fault::IsolateNode(i) => {
                     let id = ids[*i % ids.len()];
                     let rest: Vec<u64> = ids.iter().copied().filter(|x| *x != id).collect();
-                    c.partition(&[vec![id], rest]).await.map(|_| format!("isolate node {id}"))
+                    c.partition(&[vec![id], rest])
+                        .await
+                        .map(|_| format!("isolate node {id}"))
                 }
                 Fault::Split { seed } => {
                     let mut order = ids.clone();
@@ -106,12 +130,16 @@ pub async fn execute(cluster: Arc<Mutex<Cluster>>, schedule: Vec<Planned>, start
                     }
                     let cut = (order.len() / 2).max(1);
                     let (a, b) = order.split_at(cut);
-                    c.partition(&[a.to_vec(), b.to_vec()]).await.map(|_| format!("split {a:?} | {b:?}"))
+                    c.partition(&[a.to_vec(), b.to_vec()])
+                        .await
+                        .map(|_| format!("split {a:?} | {b:?}"))
                 }
                 Fault::IsolateLeader(part) => match c.leader_of(*part).await {
                     Some(id) => {
                         let rest: Vec<u64> = ids.iter().copied().filter(|x| *x != id).collect();
-                        c.partition(&[vec![id], rest]).await.map(|_| format!("isolate node {id}, leader of partition {part}"))
+                        c.partition(&[vec![id], rest])
+                            .await
+                            .map(|_| format!("isolate node {id}, leader of partition {part}"))
                     }
                     None => Ok(format!("no leader of partition {part} to isolate")),
                 },
@@ -158,7 +186,10 @@ mod tests {
         }
         assert!(a.iter().all(|p| p.at + p.hold <= Duration::from_secs(60)));
         assert!(plan(1, &[], 3, &[0], Duration::from_secs(60)).is_empty());
-        assert_eq!(FaultKind::parse_list("partition,kill").unwrap(), vec![FaultKind::Partition, FaultKind::Kill]);
+        assert_eq!(
+            FaultKind::parse_list("partition,kill").unwrap(),
+            vec![FaultKind::Partition, FaultKind::Kill]
+        );
         assert!(FaultKind::parse_list("flood").is_err());
     }
 }

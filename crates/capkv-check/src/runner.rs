@@ -14,7 +14,9 @@ use tokio::sync::Mutex;
 
 use crate::cluster::Cluster;
 use crate::history::{pair, EventType, Func, HistoryWriter, Operation};
-use crate::linearizability::{check, smallest_failing_window, to_lin_ops, Budget, LinOp, State, Verdict, NEVER};
+use crate::linearizability::{
+    check, smallest_failing_window, to_lin_ops, Budget, LinOp, State, Verdict, NEVER,
+};
 use crate::nemesis::{self, FaultKind};
 use crate::sets::{check_sets, SetReport};
 use crate::workload::{final_reads, ClientTask, Recorder, WorkloadKind};
@@ -98,11 +100,18 @@ fn describe(o: &Operation, op: &LinOp) -> String {
     };
     let _ = NEVER;
     let what = match o.f {
-        Func::Read => format!("read -> {}", o.value.map(|v| v.to_string()).unwrap_or_else(|| "nil".into())),
+        Func::Read => format!(
+            "read -> {}",
+            o.value
+                .map(|v| v.to_string())
+                .unwrap_or_else(|| "nil".into())
+        ),
         Func::Write => format!("write {}", o.value.unwrap_or(0)),
         Func::Cas => format!(
             "cas {} -> {}{}",
-            o.from.map(|v| v.to_string()).unwrap_or_else(|| "nil".into()),
+            o.from
+                .map(|v| v.to_string())
+                .unwrap_or_else(|| "nil".into()),
             o.value.unwrap_or(0),
             match o.succeeded {
                 Some(true) => " (succeeded)",
@@ -118,7 +127,12 @@ fn describe(o: &Operation, op: &LinOp) -> String {
         EventType::Info => "unknown outcome",
         EventType::Invoke => "running",
     };
-    format!("[{} .. {}] process {:>4}  {what}  ({kind})", t(op.invoke), end, o.process)
+    format!(
+        "[{} .. {}] process {:>4}  {what}  ({kind})",
+        t(op.invoke),
+        end,
+        o.process
+    )
 }
 
 /// Runs one check end to end.
@@ -129,20 +143,32 @@ pub async fn run(o: CheckOptions) -> anyhow::Result<Report> {
     let cluster = match &o.endpoints {
         Some(endpoints) => {
             if o.planted_bug.is_some() {
-                bail!("--planted-bug needs a cluster that `check` starts itself (omit --endpoints)");
+                bail!(
+                    "--planted-bug needs a cluster that `check` starts itself (omit --endpoints)"
+                );
             }
-            let dropped: Vec<_> = kinds.iter().filter(|k| k.needs_processes()).copied().collect();
+            let dropped: Vec<_> = kinds
+                .iter()
+                .filter(|k| k.needs_processes())
+                .copied()
+                .collect();
             if !dropped.is_empty() {
-                eprintln!("note: {dropped:?} need process control; with --endpoints only partitions run");
+                eprintln!(
+                    "note: {dropped:?} need process control; with --endpoints only partitions run"
+                );
             }
             kinds.retain(|k| !k.needs_processes());
             Cluster::external(endpoints).await?
         }
         None => {
-            let exe = o.server_exe.clone().context("no capkv executable to start servers with")?;
+            let exe = o
+                .server_exe
+                .clone()
+                .context("no capkv executable to start servers with")?;
             let dir = o.out.join("cluster");
             if dir.exists() {
-                std::fs::remove_dir_all(&dir).with_context(|| format!("clear {}", dir.display()))?;
+                std::fs::remove_dir_all(&dir)
+                    .with_context(|| format!("clear {}", dir.display()))?;
             }
             let mut extra = Vec::new();
             if o.planted_bug == Some(PlantedBug::StaleReads) {
@@ -165,8 +191,9 @@ pub async fn run(o: CheckOptions) -> anyhow::Result<Report> {
         clients.push(Client::connect(client_cfg.clone()).await?);
     }
 
-    let mut touched: Vec<u32> =
-        (0..o.keys).map(|i| capkv_types::partition_for_key(o.workload.key(i).as_bytes(), partitions).0).collect();
+    let mut touched: Vec<u32> = (0..o.keys)
+        .map(|i| capkv_types::partition_for_key(o.workload.key(i).as_bytes(), partitions).0)
+        .collect();
     touched.sort_unstable();
     touched.dedup();
     let schedule = nemesis::plan(o.seed, &kinds, node_count, &touched, o.duration);
@@ -190,7 +217,12 @@ pub async fn run(o: CheckOptions) -> anyhow::Result<Report> {
     }
     let shared = Arc::new(Mutex::new(cluster));
     let injected = Arc::new(AtomicU64::new(0));
-    let nemesis_task = tokio::spawn(nemesis::execute(shared.clone(), schedule, start, injected.clone()));
+    let nemesis_task = tokio::spawn(nemesis::execute(
+        shared.clone(),
+        schedule,
+        start,
+        injected.clone(),
+    ));
 
     let bar = if o.progress {
         indicatif::ProgressBar::new(o.duration.as_secs().max(1))
@@ -226,7 +258,9 @@ pub async fn run(o: CheckOptions) -> anyhow::Result<Report> {
     }
     nemesis_task.abort();
     let _ = nemesis_task.await;
-    let mut cluster = Arc::try_unwrap(shared).map_err(|_| anyhow::anyhow!("nemesis still holds the cluster"))?.into_inner();
+    let mut cluster = Arc::try_unwrap(shared)
+        .map_err(|_| anyhow::anyhow!("nemesis still holds the cluster"))?
+        .into_inner();
     let healed = async {
         cluster.heal_all().await?;
         cluster.wait_ready(Duration::from_secs(60)).await
@@ -237,19 +271,36 @@ pub async fn run(o: CheckOptions) -> anyhow::Result<Report> {
         bail!("the cluster did not recover after the faults were healed: {e:#}");
     }
     let final_client = Client::connect(client_cfg.clone()).await?;
-    final_reads(o.workload, &final_client, &recorder, o.keys, Duration::from_secs(60)).await;
+    final_reads(
+        o.workload,
+        &final_client,
+        &recorder,
+        o.keys,
+        Duration::from_secs(60),
+    )
+    .await;
     cluster.shutdown().await;
 
-    let recorder = Arc::try_unwrap(recorder).map_err(|_| anyhow::anyhow!("a client still holds the recorder"))?;
+    let recorder = Arc::try_unwrap(recorder)
+        .map_err(|_| anyhow::anyhow!("a client still holds the recorder"))?;
     let events = recorder.finish()?;
     let ops = pair(&events);
-    Ok(analyse(&o, ops, injected.load(Ordering::Relaxed), history_path))
+    Ok(analyse(
+        &o,
+        ops,
+        injected.load(Ordering::Relaxed),
+        history_path,
+    ))
 }
 
 /// Runs the checkers over recorded operations and builds the report.
 pub fn analyse(o: &CheckOptions, ops: Vec<Operation>, faults: u64, history: PathBuf) -> Report {
     let count = |k: EventType| ops.iter().filter(|x| x.kind == k).count();
-    let (ok, fail, unknown) = (count(EventType::Ok), count(EventType::Fail), count(EventType::Info));
+    let (ok, fail, unknown) = (
+        count(EventType::Ok),
+        count(EventType::Fail),
+        count(EventType::Info),
+    );
     let mut lines = vec![format!(
         "workload={} ops={} ok={ok} fail={fail} unknown={unknown} faults={faults} seed={}",
         o.workload.name(),
@@ -269,15 +320,23 @@ pub fn analyse(o: &CheckOptions, ops: Vec<Operation>, faults: u64, history: Path
             let mut too_large = Vec::new();
             for (key, key_ops) in &by_key {
                 let lin_ops = to_lin_ops(key_ops);
-                let budget = Budget { deadline: Some(Instant::now() + o.check_time_per_key), ..Default::default() };
+                let budget = Budget {
+                    deadline: Some(Instant::now() + o.check_time_per_key),
+                    ..Default::default()
+                };
                 let verdict = check(&lin_ops, State::Known(None), budget);
                 let mut window = Vec::new();
                 match &verdict {
                     Verdict::Linearizable => {}
                     Verdict::NotLinearizable => {
                         invalid.push(key.to_string());
-                        let shrink_budget = Budget { deadline: Some(Instant::now() + o.check_time_per_key), ..Default::default() };
-                        if let Some(w) = smallest_failing_window(&lin_ops, State::Known(None), shrink_budget) {
+                        let shrink_budget = Budget {
+                            deadline: Some(Instant::now() + o.check_time_per_key),
+                            ..Default::default()
+                        };
+                        if let Some(w) =
+                            smallest_failing_window(&lin_ops, State::Known(None), shrink_budget)
+                        {
                             window = w.iter().map(|l| describe(&key_ops[l.source], l)).collect();
                         }
                     }
@@ -296,16 +355,33 @@ pub fn analyse(o: &CheckOptions, ops: Vec<Operation>, faults: u64, history: Path
             }
             if !invalid.is_empty() {
                 outcome = Outcome::Invalid;
-                lines.push(format!("linearizable: INVALID on {} of {} keys: {}", invalid.len(), by_key.len(), invalid.join(", ")));
+                lines.push(format!(
+                    "linearizable: INVALID on {} of {} keys: {}",
+                    invalid.len(),
+                    by_key.len(),
+                    invalid.join(", ")
+                ));
                 for kv in lin.iter().filter(|k| !k.window.is_empty()) {
-                    lines.push(format!("smallest failing window on key {} ({} ops):", kv.key, kv.window.len()));
+                    lines.push(format!(
+                        "smallest failing window on key {} ({} ops):",
+                        kv.key,
+                        kv.window.len()
+                    ));
                     lines.extend(kv.window.iter().map(|l| format!("  {l}")));
                 }
             } else if !too_large.is_empty() {
-                outcome = Outcome::Unknown { reason: format!("too large to check: {}", too_large.join("; ")) };
-                lines.push(format!("linearizable: UNKNOWN, too large to check ({})", too_large.join("; ")));
+                outcome = Outcome::Unknown {
+                    reason: format!("too large to check: {}", too_large.join("; ")),
+                };
+                lines.push(format!(
+                    "linearizable: UNKNOWN, too large to check ({})",
+                    too_large.join("; ")
+                ));
             } else {
-                lines.push(format!("linearizable: valid ({} keys checked)", by_key.len()));
+                lines.push(format!(
+                    "linearizable: valid ({} keys checked)",
+                    by_key.len()
+                ));
             }
         }
         WorkloadKind::AppendSet => {
@@ -313,11 +389,17 @@ pub fn analyse(o: &CheckOptions, ops: Vec<Operation>, faults: u64, history: Path
             let lost: usize = sets.values().map(|r| r.lost.len()).sum();
             let acked: usize = sets.values().map(|r| r.acked).sum();
             let unexpected: usize = sets.values().map(|r| r.unexpected.len()).sum();
-            let unread: Vec<&String> = sets.iter().filter(|(_, r)| !r.final_read).map(|(k, _)| k).collect();
+            let unread: Vec<&String> = sets
+                .iter()
+                .filter(|(_, r)| !r.final_read)
+                .map(|(k, _)| k)
+                .collect();
             if lost > 0 || unexpected > 0 {
                 outcome = Outcome::Invalid;
             } else if !unread.is_empty() {
-                outcome = Outcome::Unknown { reason: format!("no final read succeeded for {unread:?}") };
+                outcome = Outcome::Unknown {
+                    reason: format!("no final read succeeded for {unread:?}"),
+                };
             }
             let verdict = match &outcome {
                 Outcome::Valid => "valid",
@@ -329,10 +411,26 @@ pub fn analyse(o: &CheckOptions, ops: Vec<Operation>, faults: u64, history: Path
                 sets.len()
             ));
             for (k, r) in sets.iter().filter(|(_, r)| !r.lost.is_empty()) {
-                lines.push(format!("  key {k}: lost {:?}", &r.lost[..r.lost.len().min(20)]));
+                lines.push(format!(
+                    "  key {k}: lost {:?}",
+                    &r.lost[..r.lost.len().min(20)]
+                ));
             }
         }
     }
     lines.push(format!("history: {}", history.display()));
-    Report { outcome, workload: o.workload.name().into(), seed: o.seed, ops: ops.len(), ok, fail, unknown, faults, linearizability: lin, sets, history, lines }
+    Report {
+        outcome,
+        workload: o.workload.name().into(),
+        seed: o.seed,
+        ops: ops.len(),
+        ok,
+        fail,
+        unknown,
+        faults,
+        linearizability: lin,
+        sets,
+        history,
+        lines,
+    }
 }

@@ -49,7 +49,8 @@ pub fn check_sets(ops: &[Operation]) -> BTreeMap<String, SetReport> {
             }
             (Func::ReadSet, EventType::Ok) => {
                 let at = o.complete_ns.unwrap_or(0);
-                let elements: BTreeSet<u64> = o.elements.clone().unwrap_or_default().into_iter().collect();
+                let elements: BTreeSet<u64> =
+                    o.elements.clone().unwrap_or_default().into_iter().collect();
                 let slot = finals.entry(&o.key).or_insert((0, BTreeSet::new()));
                 if at >= slot.0 {
                     *slot = (at, elements);
@@ -66,7 +67,11 @@ pub fn check_sets(ops: &[Operation]) -> BTreeMap<String, SetReport> {
             let attempted_k = attempted.get(k).unwrap_or(&empty);
             let unknown_k = unknown.get(k).unwrap_or(&empty);
             let report = match finals.get(k) {
-                None => SetReport { acked: acked_k.len(), final_read: false, ..Default::default() },
+                None => SetReport {
+                    acked: acked_k.len(),
+                    final_read: false,
+                    ..Default::default()
+                },
                 Some((_, fin)) => SetReport {
                     acked: acked_k.len(),
                     present: acked_k.intersection(fin).count(),
@@ -102,7 +107,13 @@ mod tests {
     }
 
     fn read(at: u64, elements: Vec<u64>) -> Operation {
-        Operation { f: Func::ReadSet, value: None, elements: Some(elements), complete_ns: Some(at), ..add(at, EventType::Ok) }
+        Operation {
+            f: Func::ReadSet,
+            value: None,
+            elements: Some(elements),
+            complete_ns: Some(at),
+            ..add(at, EventType::Ok)
+        }
     }
 
     #[test]
@@ -119,9 +130,17 @@ mod tests {
         assert_eq!(r.unexpected, vec![99]);
         assert_eq!(r.unknown_present, 1);
         assert!(!r.valid());
-        let good = vec![add(1, EventType::Ok), add(3, EventType::Info), read(5, vec![1]), read(100, vec![1, 3])];
+        let good = vec![
+            add(1, EventType::Ok),
+            add(3, EventType::Info),
+            read(5, vec![1]),
+            read(100, vec![1, 3]),
+        ];
         assert!(check_sets(&good)["s"].valid());
         let no_final = vec![add(1, EventType::Ok)];
-        assert!(!check_sets(&no_final)["s"].valid(), "without a final read nothing is proven");
+        assert!(
+            !check_sets(&no_final)["s"].valid(),
+            "without a final read nothing is proven"
+        );
     }
 }

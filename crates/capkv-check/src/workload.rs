@@ -62,14 +62,21 @@ pub struct Completion {
 
 impl Recorder {
     pub fn new(writer: HistoryWriter) -> Self {
-        Recorder { start: Instant::now(), inner: Mutex::new((writer, Vec::new())), counters: Counters::default() }
+        Recorder {
+            start: Instant::now(),
+            inner: Mutex::new((writer, Vec::new())),
+            counters: Counters::default(),
+        }
     }
 
     fn push(&self, mut e: Event) {
         let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         e.index = guard.1.len() as u64;
         e.time_ns = self.start.elapsed().as_nanos() as u64;
-        e.wall_ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        e.wall_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
         if let Err(err) = guard.0.write(&e) {
             tracing::error!(error = %err, "cannot write the history file");
         }
@@ -125,11 +132,18 @@ impl Recorder {
 
 /// Outcome type of a failed write: unknown if it may have happened.
 fn write_failure(e: &KvError) -> EventType {
-    if e.code() == ErrorCode::Ambiguous { EventType::Info } else { EventType::Fail }
+    if e.code() == ErrorCode::Ambiguous {
+        EventType::Info
+    } else {
+        EventType::Fail
+    }
 }
 
 fn err(e: &KvError) -> Completion {
-    Completion { error: Some(e.to_string()), ..Default::default() }
+    Completion {
+        error: Some(e.to_string()),
+        ..Default::default()
+    }
 }
 
 fn parse_u64(bytes: &[u8]) -> Option<u64> {
@@ -137,7 +151,11 @@ fn parse_u64(bytes: &[u8]) -> Option<u64> {
 }
 
 fn parse_set(bytes: &[u8]) -> Vec<u64> {
-    std::str::from_utf8(bytes).unwrap_or("").split(',').filter_map(|s| s.parse().ok()).collect()
+    std::str::from_utf8(bytes)
+        .unwrap_or("")
+        .split(',')
+        .filter_map(|s| s.parse().ok())
+        .collect()
 }
 
 pub struct ClientTask {
@@ -157,14 +175,17 @@ impl ClientTask {
     /// Runs operations until the deadline. A process whose operation ended `info` may
     /// still have it in flight, so the task continues under a new process id.
     pub async fn run(self) {
-        let mut rng = ChaCha8Rng::seed_from_u64(self.seed ^ self.index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut rng =
+            ChaCha8Rng::seed_from_u64(self.seed ^ self.index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let mut process = self.index;
         let mut last_seen: HashMap<String, (Option<u64>, u64)> = HashMap::new();
         while Instant::now() < self.deadline {
             let key = self.kind.key(rng.random_range(0..self.keys));
             let roll = rng.random_range(0..100u32);
             let outcome = match self.kind {
-                WorkloadKind::Register => self.register_op(process, &key, roll, &mut last_seen).await,
+                WorkloadKind::Register => {
+                    self.register_op(process, &key, roll, &mut last_seen).await
+                }
                 WorkloadKind::AppendSet => {
                     if roll < 80 {
                         self.add(process, &key).await
@@ -197,7 +218,13 @@ impl ClientTask {
                 Ok(Some(kv)) => {
                     let v = parse_u64(&kv.value);
                     last_seen.insert(key.to_string(), (v, kv.mod_revision));
-                    (EventType::Ok, Completion { value: v, ..Default::default() })
+                    (
+                        EventType::Ok,
+                        Completion {
+                            value: v,
+                            ..Default::default()
+                        },
+                    )
                 }
                 Ok(None) => {
                     last_seen.insert(key.to_string(), (None, 0));
@@ -222,9 +249,19 @@ impl ClientTask {
             }
             Some((from, revision)) => {
                 rec.invoke(process, Func::Cas, key, Some(v), from);
-                let condition = if from.is_none() { Condition::IfAbsent } else { Condition::IfRevision(revision) };
+                let condition = if from.is_none() {
+                    Condition::IfAbsent
+                } else {
+                    Condition::IfRevision(revision)
+                };
                 let (kind, c) = match self.client.put_with(key, v.to_string(), condition).await {
-                    Ok(r) => (EventType::Ok, Completion { succeeded: Some(r.succeeded), ..Default::default() }),
+                    Ok(r) => (
+                        EventType::Ok,
+                        Completion {
+                            succeeded: Some(r.succeeded),
+                            ..Default::default()
+                        },
+                    ),
                     Err(e) => (write_failure(&e), err(&e)),
                 };
                 rec.complete(process, Func::Cas, key, kind, c);
@@ -264,7 +301,11 @@ impl ClientTask {
                 break;
             }
             elements.push(e);
-            let value = elements.iter().map(u64::to_string).collect::<Vec<_>>().join(",");
+            let value = elements
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(",");
             match self.client.put_with(key, value, condition).await {
                 Ok(r) if r.succeeded => {
                     kind = Some(EventType::Ok);
@@ -281,8 +322,19 @@ impl ClientTask {
                 }
             }
         }
-        let kind = kind.unwrap_or(if maybe_applied { EventType::Info } else { EventType::Fail });
-        let c = if kind == EventType::Ok { Completion::default() } else { Completion { error: Some(last_error), ..Default::default() } };
+        let kind = kind.unwrap_or(if maybe_applied {
+            EventType::Info
+        } else {
+            EventType::Fail
+        });
+        let c = if kind == EventType::Ok {
+            Completion::default()
+        } else {
+            Completion {
+                error: Some(last_error),
+                ..Default::default()
+            }
+        };
         rec.complete(process, Func::Add, key, kind, c);
         kind
     }
@@ -292,11 +344,29 @@ impl ClientTask {
     }
 }
 
-pub async fn read_set_once(client: &Client, rec: &Recorder, process: u64, key: &str, level: ReadConsistency) -> EventType {
+pub async fn read_set_once(
+    client: &Client,
+    rec: &Recorder,
+    process: u64,
+    key: &str,
+    level: ReadConsistency,
+) -> EventType {
     rec.invoke(process, Func::ReadSet, key, None, None);
     let (kind, c) = match client.get_with(key, level).await {
-        Ok(Some(kv)) => (EventType::Ok, Completion { elements: Some(parse_set(&kv.value)), ..Default::default() }),
-        Ok(None) => (EventType::Ok, Completion { elements: Some(vec![]), ..Default::default() }),
+        Ok(Some(kv)) => (
+            EventType::Ok,
+            Completion {
+                elements: Some(parse_set(&kv.value)),
+                ..Default::default()
+            },
+        ),
+        Ok(None) => (
+            EventType::Ok,
+            Completion {
+                elements: Some(vec![]),
+                ..Default::default()
+            },
+        ),
         Err(e) => (EventType::Fail, err(&e)),
     };
     rec.complete(process, Func::ReadSet, key, kind, c);
@@ -304,18 +374,32 @@ pub async fn read_set_once(client: &Client, rec: &Recorder, process: u64, key: &
 }
 
 /// After the faults are healed: read every key until a read succeeds (or `limit` passes).
-pub async fn final_reads(kind: WorkloadKind, client: &Client, rec: &Recorder, keys: usize, limit: Duration) {
+pub async fn final_reads(
+    kind: WorkloadKind,
+    client: &Client,
+    rec: &Recorder,
+    keys: usize,
+    limit: Duration,
+) {
     let deadline = Instant::now() + limit;
     for i in 0..keys {
         let key = kind.key(i);
         let process = 1_000_000 + i as u64;
         loop {
             let outcome = match kind {
-                WorkloadKind::AppendSet => read_set_once(client, rec, process, &key, ReadConsistency::Linearizable).await,
+                WorkloadKind::AppendSet => {
+                    read_set_once(client, rec, process, &key, ReadConsistency::Linearizable).await
+                }
                 WorkloadKind::Register => {
                     rec.invoke(process, Func::Read, &key, None, None);
                     let (k, c) = match client.get(key.as_str()).await {
-                        Ok(v) => (EventType::Ok, Completion { value: v.and_then(|kv| parse_u64(&kv.value)), ..Default::default() }),
+                        Ok(v) => (
+                            EventType::Ok,
+                            Completion {
+                                value: v.and_then(|kv| parse_u64(&kv.value)),
+                                ..Default::default()
+                            },
+                        ),
                         Err(e) => (EventType::Fail, err(&e)),
                     };
                     rec.complete(process, Func::Read, &key, k, c);

@@ -65,7 +65,12 @@ pub async fn run(a: BenchArgs) -> i32 {
             TargetArg::Capkv => Target::Capkv,
             TargetArg::Etcd => Target::Etcd,
         },
-        endpoints: a.endpoints.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect(),
+        endpoints: a
+            .endpoints
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect(),
         workload: a.workload,
         clients: a.clients.max(1),
         conns: a.conns.max(1),

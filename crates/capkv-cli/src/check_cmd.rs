@@ -76,9 +76,13 @@ fn parse_nemesis(s: &str) -> Result<Nemeses, String> {
 /// `90s`, `2m`, `1500ms`, `1h`; a bare number is seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 60s, 2m or 500ms"))?;
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 60s, 2m or 500ms"))?;
     let secs = match unit {
         "" | "s" => n,
         "ms" => n / 1000.0,
@@ -109,8 +113,13 @@ pub async fn run(a: CheckArgs) -> i32 {
         seed,
         out: a.out.clone(),
         consistency: a.consistency,
-        endpoints: a.endpoints.as_ref().map(|e| e.split(',').map(|s| s.trim().to_string()).collect()),
-        planted_bug: a.planted_bug.map(|PlantedBugArg::StaleReads| PlantedBug::StaleReads),
+        endpoints: a
+            .endpoints
+            .as_ref()
+            .map(|e| e.split(',').map(|s| s.trim().to_string()).collect()),
+        planted_bug: a
+            .planted_bug
+            .map(|PlantedBugArg::StaleReads| PlantedBug::StaleReads),
         server_exe: std::env::current_exe().ok(),
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
         check_time_per_key: a.check_time_per_key,

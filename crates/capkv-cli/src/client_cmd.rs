@@ -9,13 +9,23 @@ use clap::Args;
 #[derive(Args, Debug, Clone)]
 pub struct Endpoints {
     /// Comma-separated gRPC addresses of any cluster nodes.
-    #[arg(long, env = "CAPKV_ENDPOINTS", default_value = "127.0.0.1:7379", global = true)]
+    #[arg(
+        long,
+        env = "CAPKV_ENDPOINTS",
+        default_value = "127.0.0.1:7379",
+        global = true
+    )]
     pub endpoints: String,
 }
 
 impl Endpoints {
     fn list(&self) -> Vec<String> {
-        self.endpoints.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_string).collect()
+        self.endpoints
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect()
     }
 }
 
@@ -109,7 +119,10 @@ pub async fn put(a: PutArgs) -> i32 {
         (None, true) => Condition::IfAbsent,
         (None, false) => Condition::Always,
     };
-    match client.put_with(a.key.into_bytes(), a.value.into_bytes(), condition).await {
+    match client
+        .put_with(a.key.into_bytes(), a.value.into_bytes(), condition)
+        .await
+    {
         Ok(r) if r.succeeded => {
             println!("OK revision={} partition={}", r.revision, r.partition);
             0
@@ -134,7 +147,10 @@ pub async fn get(a: GetArgs) -> i32 {
             let _ = out.write_all(&kv.value);
             let _ = out.write_all(b"\n");
             if a.verbose {
-                eprintln!("mod_revision={} create_revision={} hlc={}", kv.mod_revision, kv.create_revision, kv.hlc);
+                eprintln!(
+                    "mod_revision={} create_revision={} hlc={}",
+                    kv.mod_revision, kv.create_revision, kv.hlc
+                );
             }
             0
         }
@@ -233,20 +249,30 @@ pub async fn status(a: StatusArgs) -> i32 {
                 Err(e) => serde_json::json!({"node_id": id.0, "addr": addr, "up": false, "error": e.to_string()}),
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "nodes": nodes })).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({ "nodes": nodes }))
+                .unwrap_or_default()
+        );
         return 0;
     }
     println!("NODE  ADDR                   STATE");
     for (id, addr, r) in &views {
         let state = match r {
-            Ok(s) => format!("up (v{}, {} partitions, rf {})", s.version, s.partition_count, s.replication_factor),
+            Ok(s) => format!(
+                "up (v{}, {} partitions, rf {})",
+                s.version, s.partition_count, s.replication_factor
+            ),
             Err(e) => format!("DOWN: {e}"),
         };
         println!("{:<5} {:<22} {}", id.0, addr, state);
     }
     println!();
     println!("PARTITION  LEADER  TERM  REPLICAS      APPLIED (per node)");
-    let Some(count) = views.iter().find_map(|(_, _, r)| r.as_ref().ok().map(|s| s.partition_count)) else {
+    let Some(count) = views
+        .iter()
+        .find_map(|(_, _, r)| r.as_ref().ok().map(|s| s.partition_count))
+    else {
         return 2;
     };
     for p in 0..count {
@@ -258,7 +284,12 @@ pub async fn status(a: StatusArgs) -> i32 {
             if let Ok(s) = r {
                 if let Some(ps) = s.partitions.iter().find(|x| x.id == p) {
                     if replicas.is_empty() {
-                        replicas = ps.replicas.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(",");
+                        replicas = ps
+                            .replicas
+                            .iter()
+                            .map(|n| n.to_string())
+                            .collect::<Vec<_>>()
+                            .join(",");
                     }
                     if ps.term >= term && ps.leader_id != 0 {
                         term = ps.term;
@@ -270,8 +301,19 @@ pub async fn status(a: StatusArgs) -> i32 {
                 }
             }
         }
-        let leader = if leader == 0 { "-".to_string() } else { leader.to_string() };
-        println!("{:<10} {:<7} {:<5} {:<13} {}", p, leader, term, replicas, applied.join(" "));
+        let leader = if leader == 0 {
+            "-".to_string()
+        } else {
+            leader.to_string()
+        };
+        println!(
+            "{:<10} {:<7} {:<5} {:<13} {}",
+            p,
+            leader,
+            term,
+            replicas,
+            applied.join(" ")
+        );
     }
     0
 }

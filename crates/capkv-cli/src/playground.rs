@@ -30,7 +30,10 @@ pub async fn run(a: PlaygroundArgs) -> i32 {
     }
     let (dir, _temp) = match &a.data_dir {
         Some(d) => (d.clone(), None),
-        None => match tempfile::Builder::new().prefix("capkv-playground-").tempdir() {
+        None => match tempfile::Builder::new()
+            .prefix("capkv-playground-")
+            .tempdir()
+        {
             Ok(t) => (t.path().to_path_buf(), Some(t)),
             Err(e) => {
                 eprintln!("error: cannot create a temporary directory: {e}");
@@ -45,10 +48,15 @@ pub async fn run(a: PlaygroundArgs) -> i32 {
             return 2;
         }
     };
-    let addrs: Vec<String> =
-        (0..a.nodes).map(|i| format!("127.0.0.1:{}", u32::from(a.base_port) + i)).collect();
-    let cluster: String =
-        addrs.iter().enumerate().map(|(i, addr)| format!("{}={addr}", i + 1)).collect::<Vec<_>>().join(",");
+    let addrs: Vec<String> = (0..a.nodes)
+        .map(|i| format!("127.0.0.1:{}", u32::from(a.base_port) + i))
+        .collect();
+    let cluster: String = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, addr)| format!("{}={addr}", i + 1))
+        .collect::<Vec<_>>()
+        .join(",");
     let mut children: Vec<Child> = Vec::new();
     for (i, addr) in addrs.iter().enumerate() {
         let id = i + 1;
@@ -59,7 +67,11 @@ pub async fn run(a: PlaygroundArgs) -> i32 {
             stop_all(&mut children).await;
             return 2;
         }
-        let log = match std::fs::OpenOptions::new().create(true).append(true).open(&log_path) {
+        let log = match std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+        {
             Ok(f) => f,
             Err(e) => {
                 eprintln!("error: cannot open {}: {e}", log_path.display());
@@ -106,12 +118,19 @@ pub async fn run(a: PlaygroundArgs) -> i32 {
     code
 }
 
-async fn wait_for_leaders(addrs: &[String], children: &mut [Child], limit: Duration) -> Result<(), String> {
+async fn wait_for_leaders(
+    addrs: &[String],
+    children: &mut [Child],
+    limit: Duration,
+) -> Result<(), String> {
     let deadline = Instant::now() + limit;
     loop {
         for (i, c) in children.iter_mut().enumerate() {
             if let Ok(Some(status)) = c.try_wait() {
-                return Err(format!("node {} exited during start-up ({status}); see its log", i + 1));
+                return Err(format!(
+                    "node {} exited during start-up ({status}); see its log",
+                    i + 1
+                ));
             }
         }
         let mut cfg = ClientConfig::new(addrs.to_vec());
@@ -120,7 +139,12 @@ async fn wait_for_leaders(addrs: &[String], children: &mut [Child], limit: Durat
             let mut all = true;
             for addr in addrs {
                 match client.node_status(addr).await {
-                    Ok(s) => all &= s.partitions.iter().all(|p| p.role.is_empty() || p.leader_id != 0),
+                    Ok(s) => {
+                        all &= s
+                            .partitions
+                            .iter()
+                            .all(|p| p.role.is_empty() || p.leader_id != 0)
+                    }
                     Err(_) => all = false,
                 }
             }
@@ -129,7 +153,10 @@ async fn wait_for_leaders(addrs: &[String], children: &mut [Child], limit: Durat
             }
         }
         if Instant::now() >= deadline {
-            return Err(format!("not every partition had a leader after {} s", limit.as_secs()));
+            return Err(format!(
+                "not every partition had a leader after {} s",
+                limit.as_secs()
+            ));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -159,7 +186,10 @@ async fn stop_all(children: &mut [Child]) {
         }
     }
     for c in children.iter_mut() {
-        if tokio::time::timeout(Duration::from_secs(10), c.wait()).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(10), c.wait())
+            .await
+            .is_err()
+        {
             let _ = c.kill().await;
         }
     }

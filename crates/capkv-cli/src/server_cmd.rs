@@ -80,20 +80,30 @@ pub fn config_from(args: &ServerArgs) -> anyhow::Result<NodeConfig> {
         Some(spec) => {
             let nodes = capkv_placement::parse_initial_cluster(spec)?;
             let own = nodes.iter().find(|n| n.id == id).ok_or_else(|| {
-                anyhow::anyhow!("--id {} is not one of the --initial-cluster members", args.id)
+                anyhow::anyhow!(
+                    "--id {} is not one of the --initial-cluster members",
+                    args.id
+                )
             })?;
             let listen = match args.listen {
                 Some(l) => l,
-                None => own
-                    .addr
-                    .parse()
-                    .map_err(|_| anyhow::anyhow!("give --listen: {:?} is not an IP:PORT to bind", own.addr))?,
+                None => own.addr.parse().map_err(|_| {
+                    anyhow::anyhow!("give --listen: {:?} is not an IP:PORT to bind", own.addr)
+                })?,
             };
             (listen, nodes)
         }
         None => {
-            let listen = args.listen.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7379)));
-            (listen, vec![capkv_placement::NodeSpec { id, addr: listen.to_string() }])
+            let listen = args
+                .listen
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7379)));
+            (
+                listen,
+                vec![capkv_placement::NodeSpec {
+                    id,
+                    addr: listen.to_string(),
+                }],
+            )
         }
     };
     let mut c = NodeConfig::single(id, args.data_dir.clone(), listen);
@@ -105,7 +115,9 @@ pub fn config_from(args: &ServerArgs) -> anyhow::Result<NodeConfig> {
     c.raft.snapshot_every_entries = args.snapshot_every.max(1);
     c.raft.log_entries_kept_after_snapshot = (args.snapshot_every / 5).min(1000);
     c.raft.heartbeat_interval_ms = args.heartbeat_ms.max(1);
-    c.raft.election_timeout_min_ms = args.election_timeout_ms.max(c.raft.heartbeat_interval_ms * 2);
+    c.raft.election_timeout_min_ms = args
+        .election_timeout_ms
+        .max(c.raft.heartbeat_interval_ms * 2);
     c.raft.election_timeout_max_ms = c.raft.election_timeout_min_ms * 2;
     c.write_timeout = Duration::from_millis(args.write_timeout_ms);
     c.read_timeout = Duration::from_millis(args.read_timeout_ms);

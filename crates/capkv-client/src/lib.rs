@@ -128,7 +128,13 @@ pub struct Client {
 }
 
 fn kv_pb_to(kv: pb::KeyValue) -> KeyValue {
-    KeyValue { key: kv.key, value: kv.value, mod_revision: kv.mod_revision, create_revision: kv.create_revision, hlc: kv.hlc }
+    KeyValue {
+        key: kv.key,
+        value: kv.value,
+        mod_revision: kv.mod_revision,
+        create_revision: kv.create_revision,
+        hlc: kv.hlc,
+    }
 }
 
 fn consistency_pb(c: ReadConsistency) -> i32 {
@@ -154,7 +160,9 @@ impl Client {
         if config.endpoints.is_empty() {
             return Err(KvError::InvalidArgument("no endpoints given".into()));
         }
-        let client_id = config.client_id.unwrap_or_else(|| rand::random::<u64>() | 1);
+        let client_id = config
+            .client_id
+            .unwrap_or_else(|| rand::random::<u64>() | 1);
         let client = Client {
             inner: Arc::new(Inner {
                 config,
@@ -179,7 +187,11 @@ impl Client {
     }
 
     fn channel(&self, addr: &str) -> Result<Channel, KvError> {
-        let mut channels = self.inner.channels.lock().unwrap_or_else(|e| e.into_inner());
+        let mut channels = self
+            .inner
+            .channels
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         if let Some(c) = channels.get(addr) {
             return Ok(c.clone());
         }
@@ -195,7 +207,9 @@ impl Client {
     }
 
     fn kv(&self, addr: &str) -> Result<KvClient<Channel>, KvError> {
-        Ok(KvClient::new(self.channel(addr)?).max_decoding_message_size(64 * 1024 * 1024).max_encoding_message_size(64 * 1024 * 1024))
+        Ok(KvClient::new(self.channel(addr)?)
+            .max_decoding_message_size(64 * 1024 * 1024)
+            .max_encoding_message_size(64 * 1024 * 1024))
     }
 
     /// The status of the node at `addr` (its view of the cluster).
@@ -206,7 +220,9 @@ impl Client {
         match tokio::time::timeout(self.inner.config.attempt_timeout, kv.status(req)).await {
             Ok(Ok(r)) => Ok(r.into_inner()),
             Ok(Err(s)) => Err(from_status(&s)),
-            Err(_) => Err(KvError::Unavailable(format!("{addr} did not answer in time"))),
+            Err(_) => Err(KvError::Unavailable(format!(
+                "{addr} did not answer in time"
+            ))),
         }
     }
 
@@ -235,9 +251,17 @@ impl Client {
     }
 
     fn apply_status(&self, s: &StatusResponse) {
-        let mut r = self.inner.routing.write().unwrap_or_else(|e| e.into_inner());
+        let mut r = self
+            .inner
+            .routing
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
         r.partition_count = s.partition_count;
-        r.nodes = s.nodes.iter().map(|n| (NodeId(n.id), n.addr.clone())).collect();
+        r.nodes = s
+            .nodes
+            .iter()
+            .map(|n| (NodeId(n.id), n.addr.clone()))
+            .collect();
         r.replicas = vec![Vec::new(); s.partition_count as usize];
         r.leaders = vec![None; s.partition_count as usize];
         for p in &s.partitions {
@@ -281,7 +305,11 @@ impl Client {
     }
 
     fn set_leader(&self, p: PartitionId, leader: Option<NodeId>, leader_addr: Option<String>) {
-        let mut r = self.inner.routing.write().unwrap_or_else(|e| e.into_inner());
+        let mut r = self
+            .inner
+            .routing
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
         if let (Some(l), Some(addr)) = (leader, leader_addr) {
             r.nodes.entry(l).or_insert(addr);
         }
@@ -291,7 +319,12 @@ impl Client {
     }
 
     /// Runs `attempt` until it succeeds, fails for good, or the deadline passes.
-    async fn retry<T, F, Fut>(&self, partition: Option<PartitionId>, is_write: bool, attempt: F) -> Result<T, KvError>
+    async fn retry<T, F, Fut>(
+        &self,
+        partition: Option<PartitionId>,
+        is_write: bool,
+        attempt: F,
+    ) -> Result<T, KvError>
     where
         F: Fn(KvClient<Channel>) -> Fut,
         Fut: Future<Output = Result<T, tonic::Status>>,
@@ -320,7 +353,11 @@ impl Client {
                         maybe_applied = true;
                     }
                     match &err {
-                        KvError::NotLeader { partition: p, leader_id, leader_addr } => {
+                        KvError::NotLeader {
+                            partition: p,
+                            leader_id,
+                            leader_addr,
+                        } => {
                             let p = partition.unwrap_or(PartitionId(*p));
                             if leader_id.is_some() {
                                 sleep = false;
@@ -343,7 +380,10 @@ impl Client {
                     if let Some(p) = partition {
                         self.set_leader(p, None, None);
                     }
-                    last_err = KvError::Unavailable(format!("{addr} did not answer within {} ms", budget.as_millis()));
+                    last_err = KvError::Unavailable(format!(
+                        "{addr} did not answer within {} ms",
+                        budget.as_millis()
+                    ));
                 }
             }
             if sleep {
@@ -361,7 +401,11 @@ impl Client {
         }
     }
 
-    pub async fn put(&self, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Result<WriteResult, KvError> {
+    pub async fn put(
+        &self,
+        key: impl Into<Vec<u8>>,
+        value: impl Into<Vec<u8>>,
+    ) -> Result<WriteResult, KvError> {
         self.put_with(key, value, Condition::Always).await
     }
 
@@ -372,7 +416,8 @@ impl Client {
         condition: Condition,
     ) -> Result<WriteResult, KvError> {
         let sequence = self.next_sequence();
-        self.put_idempotent(key, value, condition, self.inner.client_id, sequence).await
+        self.put_idempotent(key, value, condition, self.inner.client_id, sequence)
+            .await
     }
 
     /// A put with an explicit idempotency pair: sending the same pair again returns the
@@ -398,7 +443,10 @@ impl Client {
             value,
             if_revision,
             if_absent,
-            idempotency: Some(pb::Idempotency { client_id, sequence }),
+            idempotency: Some(pb::Idempotency {
+                client_id,
+                sequence,
+            }),
         };
         let resp = self
             .retry(Some(p), true, |mut kv| {
@@ -419,13 +467,20 @@ impl Client {
         self.delete_with(key, None).await
     }
 
-    pub async fn delete_with(&self, key: impl Into<Vec<u8>>, if_revision: Option<u64>) -> Result<WriteResult, KvError> {
+    pub async fn delete_with(
+        &self,
+        key: impl Into<Vec<u8>>,
+        if_revision: Option<u64>,
+    ) -> Result<WriteResult, KvError> {
         let key = key.into();
         let p = self.partition_of(&key);
         let request = pb::DeleteRequest {
             key,
             if_revision,
-            idempotency: Some(pb::Idempotency { client_id: self.inner.client_id, sequence: self.next_sequence() }),
+            idempotency: Some(pb::Idempotency {
+                client_id: self.inner.client_id,
+                sequence: self.next_sequence(),
+            }),
         };
         let resp = self
             .retry(Some(p), true, |mut kv| {
@@ -446,17 +501,28 @@ impl Client {
         self.get_with(key, ReadConsistency::Linearizable).await
     }
 
-    pub async fn get_with(&self, key: impl Into<Vec<u8>>, consistency: ReadConsistency) -> Result<Option<KeyValue>, KvError> {
+    pub async fn get_with(
+        &self,
+        key: impl Into<Vec<u8>>,
+        consistency: ReadConsistency,
+    ) -> Result<Option<KeyValue>, KvError> {
         let key = key.into();
         let p = self.partition_of(&key);
-        let request = pb::GetRequest { key, consistency: consistency_pb(consistency) };
+        let request = pb::GetRequest {
+            key,
+            consistency: consistency_pb(consistency),
+        };
         let resp = self
             .retry(Some(p), false, |mut kv| {
                 let req = request.clone();
                 async move { kv.get(req).await.map(|r| r.into_inner()) }
             })
             .await?;
-        Ok(if resp.found { resp.kv.map(kv_pb_to) } else { None })
+        Ok(if resp.found {
+            resp.kv.map(kv_pb_to)
+        } else {
+            None
+        })
     }
 
     /// One page of keys in byte order across all partitions.
@@ -476,11 +542,18 @@ impl Client {
                 async move { kv.scan(req).await.map(|r| r.into_inner()) }
             })
             .await?;
-        Ok(ScanPage { kvs: resp.kvs.into_iter().map(kv_pb_to).collect(), continuation: resp.continuation })
+        Ok(ScanPage {
+            kvs: resp.kvs.into_iter().map(kv_pb_to).collect(),
+            continuation: resp.continuation,
+        })
     }
 
     /// Every key of the range, up to `max` keys, following continuations.
-    pub async fn scan_all(&self, options: &ScanOptions, max: usize) -> Result<Vec<KeyValue>, KvError> {
+    pub async fn scan_all(
+        &self,
+        options: &ScanOptions,
+        max: usize,
+    ) -> Result<Vec<KeyValue>, KvError> {
         let mut opts = options.clone();
         let mut out = Vec::new();
         loop {

@@ -37,27 +37,41 @@ pub fn parse_initial_cluster(spec: &str) -> Result<Vec<NodeSpec>, PlacementError
         let (id, addr) = part
             .split_once('=')
             .ok_or_else(|| PlacementError::InvalidSpec(format!("{part:?} is not ID=HOST:PORT")))?;
-        let id: u64 = id
-            .trim()
-            .parse()
-            .map_err(|_| PlacementError::InvalidSpec(format!("{id:?} is not a node id (a positive integer)")))?;
+        let id: u64 = id.trim().parse().map_err(|_| {
+            PlacementError::InvalidSpec(format!("{id:?} is not a node id (a positive integer)"))
+        })?;
         if id == 0 {
             return Err(PlacementError::InvalidSpec("node id 0 is reserved".into()));
         }
         let addr = addr.trim();
-        if addr.rsplit_once(':').and_then(|(_, port)| port.parse::<u16>().ok()).is_none() {
-            return Err(PlacementError::InvalidSpec(format!("{addr:?} is not HOST:PORT")));
+        if addr
+            .rsplit_once(':')
+            .and_then(|(_, port)| port.parse::<u16>().ok())
+            .is_none()
+        {
+            return Err(PlacementError::InvalidSpec(format!(
+                "{addr:?} is not HOST:PORT"
+            )));
         }
         if nodes.iter().any(|n| n.id.0 == id) {
-            return Err(PlacementError::InvalidSpec(format!("node id {id} appears twice")));
+            return Err(PlacementError::InvalidSpec(format!(
+                "node id {id} appears twice"
+            )));
         }
         if nodes.iter().any(|n| n.addr == addr) {
-            return Err(PlacementError::InvalidSpec(format!("address {addr} appears twice")));
+            return Err(PlacementError::InvalidSpec(format!(
+                "address {addr} appears twice"
+            )));
         }
-        nodes.push(NodeSpec { id: NodeId(id), addr: addr.to_string() });
+        nodes.push(NodeSpec {
+            id: NodeId(id),
+            addr: addr.to_string(),
+        });
     }
     if nodes.is_empty() {
-        return Err(PlacementError::InvalidSpec("the cluster has no nodes".into()));
+        return Err(PlacementError::InvalidSpec(
+            "the cluster has no nodes".into(),
+        ));
     }
     nodes.sort_by_key(|n| n.id);
     Ok(nodes)
@@ -75,9 +89,15 @@ pub struct PartitionMap {
 
 impl PartitionMap {
     /// The map of a freshly bootstrapped cluster.
-    pub fn initial(nodes: &[NodeSpec], partition_count: u32, replication_factor: u32) -> Result<Self, PlacementError> {
+    pub fn initial(
+        nodes: &[NodeSpec],
+        partition_count: u32,
+        replication_factor: u32,
+    ) -> Result<Self, PlacementError> {
         if nodes.is_empty() {
-            return Err(PlacementError::InvalidSpec("the cluster has no nodes".into()));
+            return Err(PlacementError::InvalidSpec(
+                "the cluster has no nodes".into(),
+            ));
         }
         if partition_count == 0 || partition_count > PARTITIONS_MAX {
             return Err(PlacementError::InvalidSpec(format!(
@@ -85,14 +105,20 @@ impl PartitionMap {
             )));
         }
         if replication_factor == 0 {
-            return Err(PlacementError::InvalidSpec("replication factor must be at least 1".into()));
+            return Err(PlacementError::InvalidSpec(
+                "replication factor must be at least 1".into(),
+            ));
         }
         let rf = (replication_factor as usize).min(nodes.len());
         let mut ring: Vec<(u64, NodeId)> = nodes
             .iter()
             .flat_map(|n| {
-                (0..TOKENS_PER_NODE)
-                    .map(move |i| (xxhash_rust::xxh3::xxh3_64(format!("node:{}:{i}", n.id.0).as_bytes()), n.id))
+                (0..TOKENS_PER_NODE).map(move |i| {
+                    (
+                        xxhash_rust::xxh3::xxh3_64(format!("node:{}:{i}", n.id.0).as_bytes()),
+                        n.id,
+                    )
+                })
             })
             .collect();
         ring.sort();
@@ -131,11 +157,16 @@ impl PartitionMap {
     }
 
     pub fn replicas(&self, p: PartitionId) -> &[NodeId] {
-        self.replicas.get(p.0 as usize).map(Vec::as_slice).unwrap_or(&[])
+        self.replicas
+            .get(p.0 as usize)
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
     }
 
     pub fn partitions_of(&self, node: NodeId) -> Vec<PartitionId> {
-        self.partitions().filter(|p| self.replicas(*p).contains(&node)).collect()
+        self.partitions()
+            .filter(|p| self.replicas(*p).contains(&node))
+            .collect()
     }
 
     pub fn addr_of(&self, node: NodeId) -> Option<&str> {
@@ -148,16 +179,38 @@ mod tests {
     use super::*;
 
     fn spec(n: u64) -> Vec<NodeSpec> {
-        (1..=n).map(|i| NodeSpec { id: NodeId(i), addr: format!("127.0.0.1:{}", 7378 + i) }).collect()
+        (1..=n)
+            .map(|i| NodeSpec {
+                id: NodeId(i),
+                addr: format!("127.0.0.1:{}", 7378 + i),
+            })
+            .collect()
     }
 
     #[test]
     fn parses_and_validates_cluster_specs() {
         let nodes = parse_initial_cluster("2=127.0.0.1:7380, 1=127.0.0.1:7379").unwrap();
-        assert_eq!(nodes[0], NodeSpec { id: NodeId(1), addr: "127.0.0.1:7379".into() });
+        assert_eq!(
+            nodes[0],
+            NodeSpec {
+                id: NodeId(1),
+                addr: "127.0.0.1:7379".into()
+            }
+        );
         assert_eq!(nodes.len(), 2);
-        for bad in ["", "1", "x=127.0.0.1:1", "0=127.0.0.1:1", "1=host", "1=a:1,1=b:2", "1=a:1,2=a:1"] {
-            assert!(parse_initial_cluster(bad).is_err(), "{bad:?} should be rejected");
+        for bad in [
+            "",
+            "1",
+            "x=127.0.0.1:1",
+            "0=127.0.0.1:1",
+            "1=host",
+            "1=a:1,1=b:2",
+            "1=a:1,2=a:1",
+        ] {
+            assert!(
+                parse_initial_cluster(bad).is_err(),
+                "{bad:?} should be rejected"
+            );
         }
     }
 
@@ -190,7 +243,10 @@ mod tests {
         }
         // 64 * 3 = 192 replicas over 6 nodes: 32 each on average.
         for (n, c) in &per_node {
-            assert!((16..=48).contains(c), "node {n} holds {c} replicas: {per_node:?}");
+            assert!(
+                (16..=48).contains(c),
+                "node {n} holds {c} replicas: {per_node:?}"
+            );
         }
         // Deterministic: the same inputs give the same map.
         assert_eq!(map, PartitionMap::initial(&spec(6), 64, 3).unwrap());

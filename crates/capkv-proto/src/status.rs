@@ -16,8 +16,17 @@ pub fn to_status(e: &KvError) -> Status {
         ErrorCode::NotFound => Code::NotFound,
         _ => Code::Internal,
     };
-    let mut detail = ErrorDetail { code: e.code().as_str().to_string(), message: e.message(), ..Default::default() };
-    if let KvError::NotLeader { partition, leader_id, leader_addr } = e {
+    let mut detail = ErrorDetail {
+        code: e.code().as_str().to_string(),
+        message: e.message(),
+        ..Default::default()
+    };
+    if let KvError::NotLeader {
+        partition,
+        leader_id,
+        leader_addr,
+    } = e
+    {
         detail.partition_id = *partition;
         detail.leader_id = leader_id.map(|n| n.0).unwrap_or(0);
         detail.leader_addr = leader_addr.clone().unwrap_or_default();
@@ -43,10 +52,16 @@ pub fn from_status(s: &Status) -> KvError {
         }
     }
     match s.code() {
-        Code::InvalidArgument | Code::OutOfRange => KvError::InvalidArgument(s.message().to_string()),
-        Code::ResourceExhausted => KvError::Unavailable(format!("resource exhausted: {}", s.message())),
+        Code::InvalidArgument | Code::OutOfRange => {
+            KvError::InvalidArgument(s.message().to_string())
+        }
+        Code::ResourceExhausted => {
+            KvError::Unavailable(format!("resource exhausted: {}", s.message()))
+        }
         Code::Unavailable => KvError::Unavailable(s.message().to_string()),
-        Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => KvError::Ambiguous(s.message().to_string()),
+        Code::DeadlineExceeded | Code::Cancelled | Code::Unknown => {
+            KvError::Ambiguous(s.message().to_string())
+        }
         _ => KvError::Internal(format!("{:?}: {}", s.code(), s.message())),
     }
 }
@@ -60,8 +75,16 @@ mod tests {
         let cases = [
             KvError::InvalidArgument("key must not be empty".into()),
             KvError::too_large("value", 2_000_000, 1_048_576),
-            KvError::NotLeader { partition: 3, leader_id: Some(NodeId(2)), leader_addr: Some("127.0.0.1:7380".into()) },
-            KvError::NotLeader { partition: 1, leader_id: None, leader_addr: None },
+            KvError::NotLeader {
+                partition: 3,
+                leader_id: Some(NodeId(2)),
+                leader_addr: Some("127.0.0.1:7380".into()),
+            },
+            KvError::NotLeader {
+                partition: 1,
+                leader_id: None,
+                leader_addr: None,
+            },
             KvError::Unavailable("no quorum".into()),
             KvError::Ambiguous("timed out".into()),
             KvError::Internal("bug".into()),
@@ -73,8 +96,17 @@ mod tests {
 
     #[test]
     fn plain_grpc_statuses_map_by_code() {
-        assert_eq!(from_status(&Status::unavailable("conn refused")).code(), ErrorCode::Unavailable);
-        assert_eq!(from_status(&Status::deadline_exceeded("slow")).code(), ErrorCode::Ambiguous);
-        assert_eq!(from_status(&Status::invalid_argument("bad")).code(), ErrorCode::InvalidArgument);
+        assert_eq!(
+            from_status(&Status::unavailable("conn refused")).code(),
+            ErrorCode::Unavailable
+        );
+        assert_eq!(
+            from_status(&Status::deadline_exceeded("slow")).code(),
+            ErrorCode::Ambiguous
+        );
+        assert_eq!(
+            from_status(&Status::invalid_argument("bad")).code(),
+            ErrorCode::InvalidArgument
+        );
     }
 }

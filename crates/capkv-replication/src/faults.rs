@@ -18,7 +18,10 @@ pub struct Faults {
 
 impl Faults {
     pub fn new(enabled: bool) -> Self {
-        Faults { enabled, blocked: RwLock::new(BTreeSet::new()) }
+        Faults {
+            enabled,
+            blocked: RwLock::new(BTreeSet::new()),
+        }
     }
 
     pub fn enabled(&self) -> bool {
@@ -28,18 +31,28 @@ impl Faults {
     /// Replaces the set of blocked peers. Refused when fault injection is off.
     pub fn set_blocked(&self, peers: BTreeSet<NodeId>) -> Result<(), &'static str> {
         if !self.enabled {
-            return Err("fault injection is disabled (start the node with --unsafe-fault-injection)");
+            return Err(
+                "fault injection is disabled (start the node with --unsafe-fault-injection)",
+            );
         }
         *self.blocked.write().unwrap_or_else(|e| e.into_inner()) = peers;
         Ok(())
     }
 
     pub fn blocked(&self) -> BTreeSet<NodeId> {
-        self.blocked.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.blocked
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn is_blocked(&self, peer: NodeId) -> bool {
-        self.enabled && self.blocked.read().unwrap_or_else(|e| e.into_inner()).contains(&peer)
+        self.enabled
+            && self
+                .blocked
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(&peer)
     }
 }
 

@@ -67,12 +67,22 @@ pub async fn open_partition(
     faults: Arc<Faults>,
     hlc: Arc<Hlc>,
 ) -> Result<(PartitionRaft, Arc<AppliedIndex>), anyhow_like::Error> {
-    let config = Arc::new(settings.raft_config().map_err(|e| anyhow_like::Error(e.to_string()))?);
+    let config = Arc::new(
+        settings
+            .raft_config()
+            .map_err(|e| anyhow_like::Error(e.to_string()))?,
+    );
     let log_store = LogStore::new(engine.clone(), partition);
-    let sm = StateMachine::open(engine, partition, hlc, settings.dedup_capacity)
-        .map_err(|e| anyhow_like::Error(format!("open state machine of partition {partition}: {e}")))?;
+    let sm = StateMachine::open(engine, partition, hlc, settings.dedup_capacity).map_err(|e| {
+        anyhow_like::Error(format!("open state machine of partition {partition}: {e}"))
+    })?;
     let applied = sm.applied_index();
-    let network = NetworkFactory { transport, faults, partition, local };
+    let network = NetworkFactory {
+        transport,
+        faults,
+        partition,
+        local,
+    };
     let raft = openraft::Raft::new(local.0, config, network, log_store, sm)
         .await
         .map_err(|e| anyhow_like::Error(format!("start raft of partition {partition}: {e}")))?;

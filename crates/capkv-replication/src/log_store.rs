@@ -29,7 +29,11 @@ const COMMITTED_SAVE_EVERY: u64 = 128;
 
 impl LogStore {
     pub fn new(engine: Arc<dyn StorageEngine>, partition: PartitionId) -> Self {
-        LogStore { engine, partition, committed_saved: 0 }
+        LogStore {
+            engine,
+            partition,
+            committed_saved: 0,
+        }
     }
 
     fn meta<T: serde::de::DeserializeOwned>(&self, tag: u8) -> io::Result<Option<T>> {
@@ -60,14 +64,19 @@ impl RaftLogReader<TypeConfig> for LogStore {
         range: RB,
     ) -> Result<Vec<EntryOf<TypeConfig>>, io::Error> {
         let (start, end) = bounds(&range);
-        let raw = self.engine.log_read(self.partition, start, end, usize::MAX)?;
+        let raw = self
+            .engine
+            .log_read(self.partition, start, end, usize::MAX)?;
         let mut out = Vec::with_capacity(raw.len());
         for (index, bytes) in raw {
             let entry: EntryOf<TypeConfig> = decode(&bytes)?;
             if entry.log_id.index != index {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
-                    format!("partition {}: log key {index} holds entry {}", self.partition, entry.log_id.index),
+                    format!(
+                        "partition {}: log key {index} holds entry {}",
+                        self.partition, entry.log_id.index
+                    ),
                 ));
             }
             out.push(entry);
@@ -84,12 +93,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = Self;
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
-        let last_purged_log_id: Option<LogIdOf<TypeConfig>> = self.meta(raft_meta_tag::LAST_PURGED)?;
+        let last_purged_log_id: Option<LogIdOf<TypeConfig>> =
+            self.meta(raft_meta_tag::LAST_PURGED)?;
         let last_log_id = match self.engine.log_last(self.partition)? {
             Some((_, bytes)) => Some(decode::<EntryOf<TypeConfig>>(&bytes)?.log_id),
             None => last_purged_log_id,
         };
-        Ok(LogState { last_purged_log_id, last_log_id })
+        Ok(LogState {
+            last_purged_log_id,
+            last_log_id,
+        })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -97,30 +110,46 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &VoteOf<TypeConfig>) -> Result<(), io::Error> {
-        self.engine.raft_meta_put(self.partition, raft_meta_tag::VOTE, &encode(vote)?)?;
+        self.engine
+            .raft_meta_put(self.partition, raft_meta_tag::VOTE, &encode(vote)?)?;
         // A vote must be durable before it is acted on.
         self.engine.group_commit().flush().await?;
         Ok(())
     }
 
-    async fn save_committed(&mut self, committed: Option<LogIdOf<TypeConfig>>) -> Result<(), io::Error> {
+    async fn save_committed(
+        &mut self,
+        committed: Option<LogIdOf<TypeConfig>>,
+    ) -> Result<(), io::Error> {
         // Not synced, and written at most every COMMITTED_SAVE_EVERY entries: a stale value
         // after a crash only means re-applying less on restart (the state machine's own
         // applied id is exact); saving on every commit cost a journal write per commit.
         let index = committed.as_ref().map(|l| l.index).unwrap_or(0);
-        if index < self.committed_saved.saturating_add(COMMITTED_SAVE_EVERY) && index >= self.committed_saved {
+        if index < self.committed_saved.saturating_add(COMMITTED_SAVE_EVERY)
+            && index >= self.committed_saved
+        {
             return Ok(());
         }
-        self.engine.raft_meta_put(self.partition, raft_meta_tag::COMMITTED, &encode(&committed)?)?;
+        self.engine.raft_meta_put(
+            self.partition,
+            raft_meta_tag::COMMITTED,
+            &encode(&committed)?,
+        )?;
         self.committed_saved = index;
         Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogIdOf<TypeConfig>>, io::Error> {
-        Ok(self.meta::<Option<LogIdOf<TypeConfig>>>(raft_meta_tag::COMMITTED)?.flatten())
+        Ok(self
+            .meta::<Option<LogIdOf<TypeConfig>>>(raft_meta_tag::COMMITTED)?
+            .flatten())
     }
 
-    async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> Result<(), io::Error>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: IOFlushed<TypeConfig>,
+    ) -> Result<(), io::Error>
     where
         I: IntoIterator<Item = EntryOf<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -137,7 +166,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(())
     }
 
-    async fn truncate_after(&mut self, last_log_id: Option<LogIdOf<TypeConfig>>) -> Result<(), io::Error> {
+    async fn truncate_after(
+        &mut self,
+        last_log_id: Option<LogIdOf<TypeConfig>>,
+    ) -> Result<(), io::Error> {
         let from = last_log_id.map(|l| l.index + 1).unwrap_or(0);
         self.engine.log_truncate_from(self.partition, from)?;
         Ok(())
@@ -146,7 +178,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn purge(&mut self, log_id: LogIdOf<TypeConfig>) -> Result<(), io::Error> {
         // Record the purge point first: entries at or below it are ignored from then on,
         // so a crash between the two writes leaves no hole.
-        self.engine.raft_meta_put(self.partition, raft_meta_tag::LAST_PURGED, &encode(&log_id)?)?;
+        self.engine.raft_meta_put(
+            self.partition,
+            raft_meta_tag::LAST_PURGED,
+            &encode(&log_id)?,
+        )?;
         self.engine.log_purge_upto(self.partition, log_id.index)?;
         Ok(())
     }

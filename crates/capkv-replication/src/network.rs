@@ -13,8 +13,10 @@ use futures::future::BoxFuture;
 use openraft::alias::{SnapshotMetaOf, SnapshotOf, VoteOf};
 use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+};
 use openraft::raft::{TransferLeaderRequest, TransferLeaderResponse};
-use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse};
 use openraft::{BasicNode, RaftNetworkV2};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -70,8 +72,12 @@ pub enum TransportError {
 
 /// Sends a Raft message to a node and returns its reply bytes.
 pub trait RaftTransport: Send + Sync + 'static {
-    fn call(&self, addr: &str, envelope: RaftEnvelope, timeout: Duration)
-        -> BoxFuture<'static, Result<Vec<u8>, TransportError>>;
+    fn call(
+        &self,
+        addr: &str,
+        envelope: RaftEnvelope,
+        timeout: Duration,
+    ) -> BoxFuture<'static, Result<Vec<u8>, TransportError>>;
 }
 
 /// Creates the per-peer network clients of one partition's Raft group.
@@ -114,15 +120,28 @@ impl PeerNetwork {
         timeout: Duration,
     ) -> Result<Resp, RPCError<TypeConfig>> {
         if self.faults.is_blocked(self.target) {
-            return Err(RPCError::Unreachable(Unreachable::from_string("dropped by fault injection")));
+            return Err(RPCError::Unreachable(Unreachable::from_string(
+                "dropped by fault injection",
+            )));
         }
         let payload = encode(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let envelope = RaftEnvelope { partition: self.partition, from: self.local, to: self.target, rpc, payload };
-        let reply = self.transport.call(&self.addr, envelope, timeout).await.map_err(|e| match e {
-            TransportError::Unreachable(_) => RPCError::Unreachable(Unreachable::new(&e)),
-            TransportError::Remote(_) => RPCError::Network(NetworkError::new(&e)),
-        })?;
-        let result: Result<Resp, String> = decode(&reply).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let envelope = RaftEnvelope {
+            partition: self.partition,
+            from: self.local,
+            to: self.target,
+            rpc,
+            payload,
+        };
+        let reply = self
+            .transport
+            .call(&self.addr, envelope, timeout)
+            .await
+            .map_err(|e| match e {
+                TransportError::Unreachable(_) => RPCError::Unreachable(Unreachable::new(&e)),
+                TransportError::Remote(_) => RPCError::Network(NetworkError::new(&e)),
+            })?;
+        let result: Result<Resp, String> =
+            decode(&reply).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         result.map_err(|m| RPCError::Network(NetworkError::from_string(m)))
     }
 }
@@ -132,7 +151,9 @@ fn streaming_error(e: RPCError<TypeConfig>) -> StreamingError<TypeConfig> {
         RPCError::Unreachable(u) => StreamingError::Unreachable(u),
         RPCError::Timeout(t) => StreamingError::Timeout(t),
         RPCError::Network(n) => StreamingError::Network(n),
-        RPCError::RemoteError(r) => StreamingError::Network(NetworkError::from_string(r.to_string())),
+        RPCError::RemoteError(r) => {
+            StreamingError::Network(NetworkError::from_string(r.to_string()))
+        }
     }
 }
 
@@ -182,7 +203,8 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
         req: TransferLeaderRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.call(RaftRpc::TransferLeader, &req, option.soft_ttl()).await
+        self.call(RaftRpc::TransferLeader, &req, option.soft_ttl())
+            .await
     }
 }
 
@@ -202,14 +224,28 @@ fn parse<T: DeserializeOwned>(payload: &[u8]) -> Result<T, DispatchError> {
 }
 
 /// Hands a received message to the partition's Raft and encodes its answer.
-pub async fn dispatch(raft: &PartitionRaft, rpc: RaftRpc, payload: &[u8]) -> Result<Vec<u8>, DispatchError> {
+pub async fn dispatch(
+    raft: &PartitionRaft,
+    rpc: RaftRpc,
+    payload: &[u8],
+) -> Result<Vec<u8>, DispatchError> {
     match rpc {
         RaftRpc::Append => reply(raft.append_entries(parse(payload)?).await),
         RaftRpc::Vote => reply(raft.vote(parse(payload)?).await),
         RaftRpc::PreVote => reply(raft.pre_vote(parse(payload)?).await),
         RaftRpc::Snapshot => {
-            let (vote, meta, data): (VoteOf<TypeConfig>, SnapshotMetaOf<TypeConfig>, Vec<u8>) = parse(payload)?;
-            reply(raft.install_full_snapshot(vote, SnapshotOf::<TypeConfig, Vec<u8>> { meta, snapshot: data }).await)
+            let (vote, meta, data): (VoteOf<TypeConfig>, SnapshotMetaOf<TypeConfig>, Vec<u8>) =
+                parse(payload)?;
+            reply(
+                raft.install_full_snapshot(
+                    vote,
+                    SnapshotOf::<TypeConfig, Vec<u8>> {
+                        meta,
+                        snapshot: data,
+                    },
+                )
+                .await,
+            )
         }
         RaftRpc::TransferLeader => reply(raft.handle_transfer_leader(parse(payload)?).await),
     }

@@ -40,7 +40,11 @@ pub struct DedupTable {
 
 impl DedupTable {
     pub fn new(capacity: usize) -> Self {
-        DedupTable { capacity: capacity.max(1), entries: HashMap::new(), order: VecDeque::new() }
+        DedupTable {
+            capacity: capacity.max(1),
+            entries: HashMap::new(),
+            order: VecDeque::new(),
+        }
     }
 
     pub fn get(&self, id: &Idempotency) -> Option<&CommandResponse> {
@@ -77,7 +81,13 @@ impl DedupTable {
             let response: CommandResponse = decode(&record.response)?;
             // Loading never evicts more than the persisted rows already reflect, unless
             // the capacity shrank; then the oldest go, as they would have.
-            table.insert(Idempotency { client_id, sequence }, response);
+            table.insert(
+                Idempotency {
+                    client_id,
+                    sequence,
+                },
+                response,
+            );
         }
         Ok(table)
     }
@@ -122,7 +132,15 @@ impl StateMachine {
         hlc.observe(HlcTimestamp(applied.last_hlc));
         let applied_index = Arc::new(AppliedIndex::default());
         applied_index.set(applied.last_applied.as_ref().map(|l| l.index).unwrap_or(0));
-        Ok(StateMachine { engine, partition, hlc, applied, applied_index, dedup, dedup_capacity })
+        Ok(StateMachine {
+            engine,
+            partition,
+            hlc,
+            applied,
+            applied_index,
+            dedup,
+            dedup_capacity,
+        })
     }
 
     pub fn applied_index(&self) -> Arc<AppliedIndex> {
@@ -131,7 +149,11 @@ impl StateMachine {
 
     /// The key's value as of the entries applied so far, including those of the current
     /// batch not yet written (`overlay`).
-    fn current(&self, key: &[u8], overlay: &HashMap<Vec<u8>, Option<StoredValue>>) -> io::Result<Option<StoredValue>> {
+    fn current(
+        &self,
+        key: &[u8],
+        overlay: &HashMap<Vec<u8>, Option<StoredValue>>,
+    ) -> io::Result<Option<StoredValue>> {
         match overlay.get(key) {
             Some(v) => Ok(v.clone()),
             None => Ok(self.engine.sm_get(self.partition, key)?),
@@ -150,7 +172,10 @@ impl StateMachine {
         let idempotency = cmd.idempotency.filter(|i| i.client_id != 0);
         if let Some(id) = idempotency {
             if let Some(previous) = self.dedup.get(&id) {
-                return Ok(CommandResponse { deduplicated: true, ..previous.clone() });
+                return Ok(CommandResponse {
+                    deduplicated: true,
+                    ..previous.clone()
+                });
             }
         }
         let hlc = cmd.hlc.max(self.applied.last_hlc.saturating_add(1));
@@ -170,8 +195,14 @@ impl StateMachine {
         let succeeded = match cmd.op {
             Op::Put { key, value, .. } => {
                 if holds {
-                    let create_revision = current.as_ref().map(|c| c.create_revision).unwrap_or(index);
-                    let stored = StoredValue { mod_revision: index, create_revision, hlc, value };
+                    let create_revision =
+                        current.as_ref().map(|c| c.create_revision).unwrap_or(index);
+                    let stored = StoredValue {
+                        mod_revision: index,
+                        create_revision,
+                        hlc,
+                        value,
+                    };
                     overlay.insert(key.clone(), Some(stored.clone()));
                     ops.push(SmOp::Put { key, value: stored });
                 }
@@ -186,15 +217,27 @@ impl StateMachine {
                 deleted
             }
         };
-        let response = CommandResponse { revision: index, hlc, succeeded, current_revision, deduplicated: false };
+        let response = CommandResponse {
+            revision: index,
+            hlc,
+            succeeded,
+            current_revision,
+            deduplicated: false,
+        };
         if let Some(id) = idempotency {
             ops.push(SmOp::DedupPut {
                 client_id: id.client_id,
                 sequence: id.sequence,
-                record: DedupRecord { applied_index: index, response: encode(&response)? },
+                record: DedupRecord {
+                    applied_index: index,
+                    response: encode(&response)?,
+                },
             });
             for old in self.dedup.insert(id, response.clone()) {
-                ops.push(SmOp::DedupDelete { client_id: old.client_id, sequence: old.sequence });
+                ops.push(SmOp::DedupDelete {
+                    client_id: old.client_id,
+                    sequence: old.sequence,
+                });
             }
         }
         Ok(response)
@@ -210,11 +253,22 @@ impl StateMachine {
         &mut self,
         ops: &mut Vec<SmOp>,
         overlay: &mut HashMap<Vec<u8>, Option<StoredValue>>,
-        responses: &mut Vec<(openraft::storage::ApplyResponder<TypeConfig>, CommandResponse)>,
+        responses: &mut Vec<(
+            openraft::storage::ApplyResponder<TypeConfig>,
+            CommandResponse,
+        )>,
         last_index: &mut Option<u64>,
     ) -> io::Result<()> {
-        let Some(index) = last_index.take() else { return Ok(()) };
-        self.engine.sm_write(self.partition, SmWrite { ops: std::mem::take(ops), applied: Some(encode(&self.applied)?) })?;
+        let Some(index) = last_index.take() else {
+            return Ok(());
+        };
+        self.engine.sm_write(
+            self.partition,
+            SmWrite {
+                ops: std::mem::take(ops),
+                applied: Some(encode(&self.applied)?),
+            },
+        )?;
         overlay.clear();
         self.applied_index.set(index);
         for (responder, response) in responses.drain(..) {
@@ -235,7 +289,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
-    where Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend {
+    where
+        Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + OptionalSend,
+    {
         // The entries of one call are written as one atomic batch (with the applied state
         // of the last one); responses go out only after the batch is written, so a reader
         // who sees a response also sees its effect.
@@ -246,10 +302,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         while let Some((entry, responder)) = entries.try_next().await? {
             let index = entry.log_id.index;
             let response = match entry.payload {
-                EntryPayload::Blank => CommandResponse { revision: index, ..Default::default() },
+                EntryPayload::Blank => CommandResponse {
+                    revision: index,
+                    ..Default::default()
+                },
                 EntryPayload::Membership(m) => {
                     self.applied.membership = StoredMembership::new(Some(entry.log_id), m);
-                    CommandResponse { revision: index, ..Default::default() }
+                    CommandResponse {
+                        revision: index,
+                        ..Default::default()
+                    }
                 }
                 EntryPayload::Normal(cmd) => self.execute(index, cmd, &mut ops, &mut overlay)?,
             };
@@ -266,10 +328,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        SnapshotBuilder { engine: self.engine.clone(), partition: self.partition }
+        SnapshotBuilder {
+            engine: self.engine.clone(),
+            partition: self.partition,
+        }
     }
 
-    async fn install_snapshot(&mut self, meta: &SnapshotMetaOf<TypeConfig>, snapshot: Vec<u8>) -> Result<(), io::Error> {
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMetaOf<TypeConfig>,
+        snapshot: Vec<u8>,
+    ) -> Result<(), io::Error> {
         let engine = self.engine.clone();
         let partition = self.partition;
         let meta_bytes = encode(meta)?;
@@ -283,7 +352,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             if applied.last_applied != expected {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidData,
-                    format!("snapshot of partition {partition} claims {expected:?} but holds {:?}", applied.last_applied),
+                    format!(
+                        "snapshot of partition {partition} claims {expected:?} but holds {:?}",
+                        applied.last_applied
+                    ),
                 ));
             }
             engine.sm_import(partition, &image)?;
@@ -297,18 +369,32 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             None => AppliedState::default(),
         };
         self.hlc.observe(HlcTimestamp(self.applied.last_hlc));
-        self.dedup = DedupTable::load(self.dedup_capacity, self.engine.sm_dedup_all(self.partition)?)?;
-        self.applied_index.set(self.applied.last_applied.as_ref().map(|l| l.index).unwrap_or(0));
+        self.dedup = DedupTable::load(
+            self.dedup_capacity,
+            self.engine.sm_dedup_all(self.partition)?,
+        )?;
+        self.applied_index.set(
+            self.applied
+                .last_applied
+                .as_ref()
+                .map(|l| l.index)
+                .unwrap_or(0),
+        );
         tracing::info!(partition = self.partition.0, last_log_id = ?self.applied.last_applied, "installed snapshot");
         Ok(())
     }
 
-    async fn get_current_snapshot(&mut self) -> Result<Option<SnapshotOf<TypeConfig, Vec<u8>>>, io::Error> {
+    async fn get_current_snapshot(
+        &mut self,
+    ) -> Result<Option<SnapshotOf<TypeConfig, Vec<u8>>>, io::Error> {
         match self.engine.snapshot_load(self.partition)? {
             None => Ok(None),
             Some((meta, data)) => {
                 let meta: SnapshotMetaOf<TypeConfig> = decode(&meta)?;
-                Ok(Some(SnapshotOf::<TypeConfig, Vec<u8>> { meta, snapshot: data }))
+                Ok(Some(SnapshotOf::<TypeConfig, Vec<u8>> {
+                    meta,
+                    snapshot: data,
+                }))
             }
         }
     }
@@ -326,22 +412,26 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<SnapshotOf<TypeConfig, Vec<u8>>, io::Error> {
         let engine = self.engine.clone();
         let partition = self.partition;
-        let snapshot = tokio::task::spawn_blocking(move || -> io::Result<SnapshotOf<TypeConfig, Vec<u8>>> {
-            let image = engine.sm_export(partition)?;
-            let applied: AppliedState = match &image.applied {
-                Some(b) => decode(b)?,
-                None => AppliedState::default(),
-            };
-            let meta = SnapshotMetaOf::<TypeConfig> {
-                last_log_id: applied.last_applied,
-                last_membership: applied.membership.clone(),
-            };
-            let data = image.encode()?;
-            engine.snapshot_save(partition, &encode(&meta)?, &data)?;
-            Ok(SnapshotOf::<TypeConfig, Vec<u8>> { meta, snapshot: data })
-        })
-        .await
-        .map_err(io::Error::other)??;
+        let snapshot =
+            tokio::task::spawn_blocking(move || -> io::Result<SnapshotOf<TypeConfig, Vec<u8>>> {
+                let image = engine.sm_export(partition)?;
+                let applied: AppliedState = match &image.applied {
+                    Some(b) => decode(b)?,
+                    None => AppliedState::default(),
+                };
+                let meta = SnapshotMetaOf::<TypeConfig> {
+                    last_log_id: applied.last_applied,
+                    last_membership: applied.membership.clone(),
+                };
+                let data = image.encode()?;
+                engine.snapshot_save(partition, &encode(&meta)?, &data)?;
+                Ok(SnapshotOf::<TypeConfig, Vec<u8>> {
+                    meta,
+                    snapshot: data,
+                })
+            })
+            .await
+            .map_err(io::Error::other)??;
         tracing::info!(
             partition = self.partition.0,
             last_log_id = ?snapshot.meta.last_log_id,
@@ -357,13 +447,20 @@ mod tests {
     use super::*;
 
     fn resp(rev: u64) -> CommandResponse {
-        CommandResponse { revision: rev, succeeded: true, ..Default::default() }
+        CommandResponse {
+            revision: rev,
+            succeeded: true,
+            ..Default::default()
+        }
     }
 
     #[test]
     fn dedup_table_evicts_oldest_first() {
         let mut t = DedupTable::new(2);
-        let id = |s| Idempotency { client_id: 1, sequence: s };
+        let id = |s| Idempotency {
+            client_id: 1,
+            sequence: s,
+        };
         assert!(t.insert(id(1), resp(1)).is_empty());
         assert!(t.insert(id(2), resp(2)).is_empty());
         assert_eq!(t.insert(id(3), resp(3)), vec![id(1)]);

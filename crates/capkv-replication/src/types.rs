@@ -32,8 +32,15 @@ pub enum Condition {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {
-    Put { key: Vec<u8>, value: Vec<u8>, condition: Condition },
-    Delete { key: Vec<u8>, condition: Condition },
+    Put {
+        key: Vec<u8>,
+        value: Vec<u8>,
+        condition: Condition,
+    },
+    Delete {
+        key: Vec<u8>,
+        condition: Condition,
+    },
 }
 
 /// A write, as proposed by the leader.

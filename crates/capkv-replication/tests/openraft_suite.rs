@@ -14,7 +14,9 @@ use openraft::StorageError;
 struct Builder;
 
 impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Builder {
-    async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError<TypeConfig>> {
+    async fn build(
+        &self,
+    ) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError<TypeConfig>> {
         let dir = tempfile::tempdir().expect("tempdir");
         let engine: Arc<dyn StorageEngine> =
             Arc::new(FjallEngine::open(dir.path(), FjallOptions::default()).expect("open engine"));
@@ -28,5 +30,7 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Bui
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn capkv_storage_passes_openraft_suite() {
-    Suite::test_all(Builder).await.expect("openraft storage suite");
+    Suite::test_all(Builder)
+        .await
+        .expect("openraft storage suite");
 }

@@ -54,7 +54,10 @@ impl NodeConfig {
             data_dir,
             listen,
             http_listen,
-            initial_cluster: vec![NodeSpec { id, addr: listen.to_string() }],
+            initial_cluster: vec![NodeSpec {
+                id,
+                addr: listen.to_string(),
+            }],
             partitions: 8,
             replication_factor: 3,
             limits: Limits::default(),

@@ -7,8 +7,8 @@ use std::time::Instant;
 
 use capkv_proto::kv::{self as pb, kv_server::Kv};
 use capkv_proto::raft::{
-    raft_transport_server::RaftTransport as RaftTransportService, RaftBatch, RaftMessage, RaftReply, RaftReplyBatch,
-    RaftReplyItem, RaftReplyStatus,
+    raft_transport_server::RaftTransport as RaftTransportService, RaftBatch, RaftMessage,
+    RaftReply, RaftReplyBatch, RaftReplyItem, RaftReplyStatus,
 };
 use capkv_proto::status::to_status;
 use capkv_replication::{dispatch, CommandResponse, Condition, Idempotency};
@@ -24,7 +24,9 @@ pub struct KvService {
 
 fn level(c: i32) -> Result<ReadConsistency, KvError> {
     match pb::Consistency::try_from(c) {
-        Ok(pb::Consistency::Unspecified) | Ok(pb::Consistency::Linearizable) => Ok(ReadConsistency::Linearizable),
+        Ok(pb::Consistency::Unspecified) | Ok(pb::Consistency::Linearizable) => {
+            Ok(ReadConsistency::Linearizable)
+        }
         Ok(pb::Consistency::Prefix) => Ok(ReadConsistency::Prefix),
         Err(_) => Err(KvError::InvalidArgument(format!(
             "unknown consistency level {c}; supported: {} (1), {} (2)",
@@ -36,7 +38,9 @@ fn level(c: i32) -> Result<ReadConsistency, KvError> {
 
 fn condition(if_revision: Option<u64>, if_absent: bool) -> Result<Condition, KvError> {
     match (if_revision, if_absent) {
-        (Some(_), true) => Err(KvError::InvalidArgument("if_revision and if_absent cannot both be set".into())),
+        (Some(_), true) => Err(KvError::InvalidArgument(
+            "if_revision and if_absent cannot both be set".into(),
+        )),
         (Some(r), false) => Ok(Condition::IfRevision(r)),
         (None, true) => Ok(Condition::IfAbsent),
         (None, false) => Ok(Condition::Always),
@@ -44,7 +48,10 @@ fn condition(if_revision: Option<u64>, if_absent: bool) -> Result<Condition, KvE
 }
 
 fn idempotency(i: Option<pb::Idempotency>) -> Option<Idempotency> {
-    i.filter(|i| i.client_id != 0).map(|i| Idempotency { client_id: i.client_id, sequence: i.sequence })
+    i.filter(|i| i.client_id != 0).map(|i| Idempotency {
+        client_id: i.client_id,
+        sequence: i.sequence,
+    })
 }
 
 fn header(node: NodeId, s: Served) -> Option<pb::ResponseHeader> {
@@ -67,11 +74,17 @@ fn kv_pb(kv: KeyValue) -> pb::KeyValue {
 }
 
 impl KvService {
-    async fn observe<T>(&self, op: &'static str, fut: impl Future<Output = Result<T, KvError>>) -> Result<T, Status> {
+    async fn observe<T>(
+        &self,
+        op: &'static str,
+        fut: impl Future<Output = Result<T, KvError>>,
+    ) -> Result<T, Status> {
         let started = Instant::now();
         let result = fut.await;
         let m = &self.core.metrics;
-        m.latency.with_label_values(&[op]).observe(started.elapsed().as_secs_f64());
+        m.latency
+            .with_label_values(&[op])
+            .observe(started.elapsed().as_secs_f64());
         let code = match &result {
             Ok(_) => "ok",
             Err(e) => e.code().as_str(),
@@ -87,7 +100,10 @@ fn write_parts(r: &CommandResponse) -> (bool, u64, u64, u64) {
 
 #[tonic::async_trait]
 impl Kv for KvService {
-    async fn get(&self, request: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
+    async fn get(
+        &self,
+        request: Request<pb::GetRequest>,
+    ) -> Result<Response<pb::GetResponse>, Status> {
         let req = request.into_inner();
         let core = &self.core;
         let resp = self
@@ -97,42 +113,72 @@ impl Kv for KvService {
                 Ok(pb::GetResponse {
                     header: header(core.id, served),
                     found: value.is_some(),
-                    kv: value.map(|value| kv_pb(KeyValue { key: req.key.clone(), value })),
+                    kv: value.map(|value| {
+                        kv_pb(KeyValue {
+                            key: req.key.clone(),
+                            value,
+                        })
+                    }),
                 })
             })
             .await?;
         Ok(Response::new(resp))
     }
 
-    async fn put(&self, request: Request<pb::PutRequest>) -> Result<Response<pb::PutResponse>, Status> {
+    async fn put(
+        &self,
+        request: Request<pb::PutRequest>,
+    ) -> Result<Response<pb::PutResponse>, Status> {
         let req = request.into_inner();
         let core = &self.core;
         let resp = self
             .observe("put", async {
                 let cond = condition(req.if_revision, req.if_absent)?;
-                let (served, r) = core.put(req.key, req.value, cond, idempotency(req.idempotency)).await?;
+                let (served, r) = core
+                    .put(req.key, req.value, cond, idempotency(req.idempotency))
+                    .await?;
                 let (succeeded, revision, hlc, current_revision) = write_parts(&r);
-                Ok(pb::PutResponse { header: header(core.id, served), succeeded, revision, hlc, current_revision })
+                Ok(pb::PutResponse {
+                    header: header(core.id, served),
+                    succeeded,
+                    revision,
+                    hlc,
+                    current_revision,
+                })
             })
             .await?;
         Ok(Response::new(resp))
     }
 
-    async fn delete(&self, request: Request<pb::DeleteRequest>) -> Result<Response<pb::DeleteResponse>, Status> {
+    async fn delete(
+        &self,
+        request: Request<pb::DeleteRequest>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
         let req = request.into_inner();
         let core = &self.core;
         let resp = self
             .observe("delete", async {
                 let cond = condition(req.if_revision, false)?;
-                let (served, r) = core.delete(req.key, cond, idempotency(req.idempotency)).await?;
+                let (served, r) = core
+                    .delete(req.key, cond, idempotency(req.idempotency))
+                    .await?;
                 let (deleted, revision, hlc, current_revision) = write_parts(&r);
-                Ok(pb::DeleteResponse { header: header(core.id, served), deleted, revision, hlc, current_revision })
+                Ok(pb::DeleteResponse {
+                    header: header(core.id, served),
+                    deleted,
+                    revision,
+                    hlc,
+                    current_revision,
+                })
             })
             .await?;
         Ok(Response::new(resp))
     }
 
-    async fn scan(&self, request: Request<pb::ScanRequest>) -> Result<Response<pb::ScanResponse>, Status> {
+    async fn scan(
+        &self,
+        request: Request<pb::ScanRequest>,
+    ) -> Result<Response<pb::ScanResponse>, Status> {
         let req = request.into_inner();
         let core = &self.core;
         let resp = self
@@ -149,13 +195,19 @@ impl Kv for KvService {
                     Some(p) => core.scan_one(PartitionId(p), &params).await?,
                     None => core.scan(&params).await?,
                 };
-                Ok(pb::ScanResponse { kvs: page.kvs.into_iter().map(kv_pb).collect(), continuation: page.continuation })
+                Ok(pb::ScanResponse {
+                    kvs: page.kvs.into_iter().map(kv_pb).collect(),
+                    continuation: page.continuation,
+                })
             })
             .await?;
         Ok(Response::new(resp))
     }
 
-    async fn status(&self, _request: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+    async fn status(
+        &self,
+        _request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
         let core = &self.core;
         let partitions = core
             .partition_status()
@@ -205,18 +257,33 @@ impl RaftService {
     /// Delivers one message to its partition's Raft and returns the encoded answer.
     async fn handle(core: &KvCore, m: RaftMessage) -> Result<Vec<u8>, Status> {
         if m.to_node != core.id.0 {
-            return Err(Status::failed_precondition(format!("message for node {} reached node {}", m.to_node, core.id)));
+            return Err(Status::failed_precondition(format!(
+                "message for node {} reached node {}",
+                m.to_node, core.id
+            )));
         }
         if core.faults.is_blocked(NodeId(m.from_node)) {
             return Err(Status::unavailable("dropped by fault injection"));
         }
-        let rpc = rpc_of(m.kind).ok_or_else(|| Status::invalid_argument(format!("unknown raft message kind {}", m.kind)))?;
-        core.metrics.raft_messages.with_label_values(&[rpc.name()]).inc();
+        let rpc = rpc_of(m.kind).ok_or_else(|| {
+            Status::invalid_argument(format!("unknown raft message kind {}", m.kind))
+        })?;
+        core.metrics
+            .raft_messages
+            .with_label_values(&[rpc.name()])
+            .inc();
         let replica = core
             .replicas
             .get(&PartitionId(m.partition_id))
-            .ok_or_else(|| Status::unavailable(format!("node {} holds no replica of partition {}", core.id, m.partition_id)))?;
-        dispatch(&replica.raft, rpc, &m.payload).await.map_err(|e| Status::invalid_argument(e.to_string()))
+            .ok_or_else(|| {
+                Status::unavailable(format!(
+                    "node {} holds no replica of partition {}",
+                    core.id, m.partition_id
+                ))
+            })?;
+        dispatch(&replica.raft, rpc, &m.payload)
+            .await
+            .map_err(|e| Status::invalid_argument(e.to_string()))
     }
 }
 
@@ -253,7 +320,12 @@ impl RaftTransportService for RaftService {
                             Some(m) => Self::handle(&core, m).await,
                         };
                         let item = match reply {
-                            Ok(payload) => RaftReplyItem { id: item.id, status: RaftReplyStatus::Ok as i32, payload, error: String::new() },
+                            Ok(payload) => RaftReplyItem {
+                                id: item.id,
+                                status: RaftReplyStatus::Ok as i32,
+                                payload,
+                                error: String::new(),
+                            },
                             Err(s) => RaftReplyItem {
                                 id: item.id,
                                 status: if s.code() == tonic::Code::InvalidArgument {
@@ -285,6 +357,8 @@ impl RaftTransportService for RaftService {
                 }
             }
         });
-        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(out_rx)))
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            out_rx,
+        )))
     }
 }

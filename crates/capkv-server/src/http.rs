@@ -26,21 +26,46 @@ pub fn router(core: Arc<KvCore>) -> Router {
 
 async fn metrics(State(core): State<Arc<KvCore>>) -> impl IntoResponse {
     let stats = core.engine.group_commit().stats();
-    core.metrics.storage_fsyncs.set(stats.syncs.load(Ordering::Relaxed) as i64);
-    core.metrics.storage_fsync_requests.set(stats.requests.load(Ordering::Relaxed) as i64);
+    core.metrics
+        .storage_fsyncs
+        .set(stats.syncs.load(Ordering::Relaxed) as i64);
+    core.metrics
+        .storage_fsync_requests
+        .set(stats.requests.load(Ordering::Relaxed) as i64);
     for v in core.partition_status() {
         if v.role.is_empty() {
             continue;
         }
         let p = v.id.0.to_string();
         let l = [p.as_str()];
-        core.metrics.raft_term.with_label_values(&l).set(v.term as i64);
-        core.metrics.raft_last_log_index.with_label_values(&l).set(v.last_log_index as i64);
-        core.metrics.raft_commit_index.with_label_values(&l).set(v.commit_index as i64);
-        core.metrics.raft_applied_index.with_label_values(&l).set(v.applied_index as i64);
-        core.metrics.raft_is_leader.with_label_values(&l).set(i64::from(v.leader == Some(core.id)));
+        core.metrics
+            .raft_term
+            .with_label_values(&l)
+            .set(v.term as i64);
+        core.metrics
+            .raft_last_log_index
+            .with_label_values(&l)
+            .set(v.last_log_index as i64);
+        core.metrics
+            .raft_commit_index
+            .with_label_values(&l)
+            .set(v.commit_index as i64);
+        core.metrics
+            .raft_applied_index
+            .with_label_values(&l)
+            .set(v.applied_index as i64);
+        core.metrics
+            .raft_is_leader
+            .with_label_values(&l)
+            .set(i64::from(v.leader == Some(core.id)));
     }
-    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], core.metrics.render())
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        core.metrics.render(),
+    )
 }
 
 #[derive(Serialize)]
@@ -55,7 +80,12 @@ async fn health(State(core): State<Arc<KvCore>>) -> impl IntoResponse {
     let views = core.partition_status();
     let hosted: Vec<_> = views.iter().filter(|v| !v.role.is_empty()).collect();
     let with_leader = hosted.iter().filter(|v| v.leader.is_some()).count();
-    Json(Health { status: "ok", node_id: core.id, replicas: hosted.len(), replicas_with_leader: with_leader })
+    Json(Health {
+        status: "ok",
+        node_id: core.id,
+        replicas: hosted.len(),
+        replicas_with_leader: with_leader,
+    })
 }
 
 async fn status(State(core): State<Arc<KvCore>>) -> impl IntoResponse {
@@ -74,10 +104,15 @@ struct FaultsBody {
 }
 
 async fn get_faults(State(core): State<Arc<KvCore>>) -> impl IntoResponse {
-    Json(FaultsBody { blocked: core.faults.blocked().into_iter().map(|n| n.0).collect() })
+    Json(FaultsBody {
+        blocked: core.faults.blocked().into_iter().map(|n| n.0).collect(),
+    })
 }
 
-async fn set_faults(State(core): State<Arc<KvCore>>, Json(body): Json<FaultsBody>) -> impl IntoResponse {
+async fn set_faults(
+    State(core): State<Arc<KvCore>>,
+    Json(body): Json<FaultsBody>,
+) -> impl IntoResponse {
     let peers = body.blocked.iter().map(|n| NodeId(*n)).collect();
     match core.faults.set_blocked(peers) {
         Ok(()) => {

@@ -9,11 +9,13 @@ use std::time::Duration;
 use capkv_placement::PartitionMap;
 use capkv_proto::kv::{kv_client::KvClient, Consistency as WireConsistency, ScanRequest};
 use capkv_replication::state_machine::AppliedIndex;
-use capkv_replication::{Command, CommandResponse, Condition, Faults, Idempotency, Op, PartitionRaft, TypeConfig};
+use capkv_replication::{
+    Command, CommandResponse, Condition, Faults, Idempotency, Op, PartitionRaft, TypeConfig,
+};
 use capkv_storage::{StorageEngine, StoredValue};
 use capkv_types::{Hlc, KvError, Limits, NodeId, PartitionId, ReadConsistency};
-use openraft::error::{ClientWriteError, ForwardToLeader, LinearizableReadError, RaftError};
 use openraft::async_runtime::WatchReceiver;
+use openraft::error::{ClientWriteError, ForwardToLeader, LinearizableReadError, RaftError};
 use openraft::{Instant as _, ReadPolicy, ServerState};
 
 use crate::config::ReadPolicyChoice;
@@ -154,7 +156,9 @@ fn decode_continuation(token: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
     match token.split_first() {
         None => Ok(None),
         Some((&CONTINUATION_V1, last_key)) => Ok(Some(last_key.to_vec())),
-        Some(_) => Err(KvError::InvalidArgument("continuation token is not one this server issued".into())),
+        Some(_) => Err(KvError::InvalidArgument(
+            "continuation token is not one this server issued".into(),
+        )),
     }
 }
 
@@ -197,7 +201,11 @@ impl KvCore {
 
     fn served(&self, r: &Replica) -> Served {
         let term = r.raft.metrics().borrow_watched().current_term;
-        Served { partition: r.partition, term, applied_index: r.applied.get() }
+        Served {
+            partition: r.partition,
+            term,
+            applied_index: r.applied.get(),
+        }
     }
 
     pub async fn put(
@@ -211,7 +219,16 @@ impl KvCore {
         self.limits.check_value(&value)?;
         check_condition(condition)?;
         let p = self.map.partition_for_key(&key);
-        self.propose(p, Op::Put { key, value, condition }, idempotency).await
+        self.propose(
+            p,
+            Op::Put {
+                key,
+                value,
+                condition,
+            },
+            idempotency,
+        )
+        .await
     }
 
     pub async fn delete(
@@ -223,7 +240,8 @@ impl KvCore {
         self.limits.check_key(&key)?;
         check_condition(condition)?;
         let p = self.map.partition_for_key(&key);
-        self.propose(p, Op::Delete { key, condition }, idempotency).await
+        self.propose(p, Op::Delete { key, condition }, idempotency)
+            .await
     }
 
     async fn propose(
@@ -233,7 +251,11 @@ impl KvCore {
         idempotency: Option<Idempotency>,
     ) -> Result<(Served, CommandResponse), KvError> {
         let replica = self.replica(p)?;
-        let cmd = Command { hlc: self.hlc.now().0, idempotency: idempotency.filter(|i| i.client_id != 0), op };
+        let cmd = Command {
+            hlc: self.hlc.now().0,
+            idempotency: idempotency.filter(|i| i.client_id != 0),
+            op,
+        };
         let result = tokio::time::timeout(self.write_timeout, replica.raft.client_write(cmd)).await;
         match result {
             Err(_elapsed) => Err(KvError::Ambiguous(format!(
@@ -255,7 +277,11 @@ impl KvCore {
     }
 
     /// Waits until the local replica may serve a read at `level`.
-    async fn read_barrier(&self, p: PartitionId, level: ReadConsistency) -> Result<&Replica, KvError> {
+    async fn read_barrier(
+        &self,
+        p: PartitionId,
+        level: ReadConsistency,
+    ) -> Result<&Replica, KvError> {
         let replica = self.replica(p)?;
         if level == ReadConsistency::Prefix || self.unsafe_local_reads {
             return Ok(replica);
@@ -268,10 +294,15 @@ impl KvCore {
             if m.state != ServerState::Leader {
                 return match m.current_leader {
                     Some(l) if NodeId(l) != self.id => Err(self.not_leader(p, Some(NodeId(l)))),
-                    _ => Err(KvError::Unavailable(format!("partition {p} has no known leader"))),
+                    _ => Err(KvError::Unavailable(format!(
+                        "partition {p} has no known leader"
+                    ))),
                 };
             }
-            if m.last_quorum_acked.as_ref().is_some_and(|t| t.elapsed() > Duration::from_millis(self.quorum_lease_ms)) {
+            if m.last_quorum_acked
+                .as_ref()
+                .is_some_and(|t| t.elapsed() > Duration::from_millis(self.quorum_lease_ms))
+            {
                 return Err(KvError::Unavailable(format!(
                     "partition {p}: this leader has not heard from a quorum for over {} ms",
                     self.quorum_lease_ms
@@ -286,7 +317,11 @@ impl KvCore {
             match replica.reads.confirm(&replica.raft, policy).await {
                 None => Err(RaftError::Fatal(openraft::error::Fatal::Stopped)),
                 Some(Err(e)) => Err(e),
-                Some(Ok(linearizer)) => linearizer.await_ready(&replica.raft).await.map(|_| ()).map_err(RaftError::Fatal),
+                Some(Ok(linearizer)) => linearizer
+                    .await_ready(&replica.raft)
+                    .await
+                    .map(|_| ())
+                    .map_err(RaftError::Fatal),
             }
         };
         match tokio::time::timeout(self.read_timeout, confirmed).await {
@@ -295,19 +330,30 @@ impl KvCore {
                 self.read_timeout.as_millis()
             ))),
             Ok(Ok(())) => Ok(replica),
-            Ok(Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f)))) => Err(self.forward_error(p, &f)),
+            Ok(Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f)))) => {
+                Err(self.forward_error(p, &f))
+            }
             Ok(Err(RaftError::APIError(LinearizableReadError::QuorumNotEnough(e)))) => {
                 Err(KvError::Unavailable(format!("partition {p}: {e}")))
             }
-            Ok(Err(RaftError::Fatal(f))) => Err(KvError::Unavailable(format!("partition {p}: replica stopped: {f}"))),
+            Ok(Err(RaftError::Fatal(f))) => Err(KvError::Unavailable(format!(
+                "partition {p}: replica stopped: {f}"
+            ))),
         }
     }
 
-    pub async fn get(&self, key: &[u8], level: ReadConsistency) -> Result<(Served, Option<StoredValue>), KvError> {
+    pub async fn get(
+        &self,
+        key: &[u8],
+        level: ReadConsistency,
+    ) -> Result<(Served, Option<StoredValue>), KvError> {
         self.limits.check_key(key)?;
         let p = self.map.partition_for_key(key);
         let replica = self.read_barrier(p, level).await?;
-        let value = self.engine.sm_get(p, key).map_err(|e| KvError::Internal(e.to_string()))?;
+        let value = self
+            .engine
+            .sm_get(p, key)
+            .map_err(|e| KvError::Internal(e.to_string()))?;
         Ok((self.served(replica), value))
     }
 
@@ -337,7 +383,12 @@ impl KvCore {
         let bytes: usize = rows.iter().map(|(k, v)| k.len() + v.value.len()).sum();
         let more = rows.len() > want || bytes >= bytes_max;
         rows.truncate(want);
-        Ok((rows.into_iter().map(|(key, value)| KeyValue { key, value }).collect(), more))
+        Ok((
+            rows.into_iter()
+                .map(|(key, value)| KeyValue { key, value })
+                .collect(),
+            more,
+        ))
     }
 
     async fn scan_partition_anywhere(
@@ -364,13 +415,17 @@ impl KvCore {
                 return self.scan_partition_local(p, start, end, limit, level).await;
             }
             match self.scan_remote(node, p, start, end, limit, level).await {
-                Err(KvError::NotLeader { leader_id, .. }) if leader_id.is_some() && leader_id != Some(node) => {
+                Err(KvError::NotLeader { leader_id, .. })
+                    if leader_id.is_some() && leader_id != Some(node) =>
+                {
                     target = leader_id;
                 }
                 other => return other,
             }
         }
-        Err(KvError::Unavailable(format!("partition {p}: no leader found for the scan")))
+        Err(KvError::Unavailable(format!(
+            "partition {p}: no leader found for the scan"
+        )))
     }
 
     async fn scan_remote(
@@ -386,8 +441,9 @@ impl KvCore {
             .map
             .addr_of(node)
             .ok_or_else(|| KvError::Internal(format!("node {node} is not in the partition map")))?;
-        let mut client = KvClient::new(self.peers.channel(addr))
-            .max_decoding_message_size(self.limits.message_bytes_max() + self.limits.scan_page_bytes_max);
+        let mut client = KvClient::new(self.peers.channel(addr)).max_decoding_message_size(
+            self.limits.message_bytes_max() + self.limits.scan_page_bytes_max,
+        );
         let consistency = match level {
             ReadConsistency::Prefix => WireConsistency::Prefix,
             _ => WireConsistency::Linearizable,
@@ -402,7 +458,11 @@ impl KvCore {
             partition_id: Some(p.0),
         });
         req.set_timeout(self.read_timeout + Duration::from_secs(1));
-        let resp = client.scan(req).await.map_err(|s| capkv_proto::status::from_status(&s))?.into_inner();
+        let resp = client
+            .scan(req)
+            .await
+            .map_err(|s| capkv_proto::status::from_status(&s))?
+            .into_inner();
         let kvs = resp
             .kvs
             .into_iter()
@@ -423,7 +483,9 @@ impl KvCore {
     fn scan_bounds(&self, params: &ScanParams) -> Result<(Vec<u8>, Option<Vec<u8>>), KvError> {
         let (mut start, end) = if !params.prefix.is_empty() {
             if !params.start.is_empty() || params.end.is_some() {
-                return Err(KvError::InvalidArgument("give either a prefix or a start/end range, not both".into()));
+                return Err(KvError::InvalidArgument(
+                    "give either a prefix or a start/end range, not both".into(),
+                ));
             }
             (params.prefix.clone(), prefix_end(&params.prefix))
         } else {
@@ -431,7 +493,11 @@ impl KvCore {
         };
         for k in [Some(&start), end.as_ref()].into_iter().flatten() {
             if k.len() > self.limits.key_bytes_max {
-                return Err(KvError::too_large("scan bound", k.len(), self.limits.key_bytes_max));
+                return Err(KvError::too_large(
+                    "scan bound",
+                    k.len(),
+                    self.limits.key_bytes_max,
+                ));
             }
         }
         if let Some(last) = decode_continuation(&params.continuation)? {
@@ -459,7 +525,9 @@ impl KvCore {
     pub async fn scan_one(&self, p: PartitionId, params: &ScanParams) -> Result<ScanPage, KvError> {
         let limit = self.scan_limit(params.limit)?;
         let (start, end) = self.scan_bounds(params)?;
-        let (kvs, more) = self.scan_partition_local(p, &start, end.as_deref(), limit, params.consistency).await?;
+        let (kvs, more) = self
+            .scan_partition_local(p, &start, end.as_deref(), limit, params.consistency)
+            .await?;
         let continuation = match (more, kvs.last()) {
             (true, Some(last)) => encode_continuation(&last.key),
             _ => vec![],
@@ -477,10 +545,9 @@ impl KvCore {
         if matches!(&end, Some(e) if *e <= start) {
             return Ok(ScanPage::default());
         }
-        let futures = self
-            .map
-            .partitions()
-            .map(|p| self.scan_partition_anywhere(p, &start, end.as_deref(), limit, params.consistency));
+        let futures = self.map.partitions().map(|p| {
+            self.scan_partition_anywhere(p, &start, end.as_deref(), limit, params.consistency)
+        });
         let results = futures::future::join_all(futures).await;
         let mut all: Vec<KeyValue> = Vec::new();
         // No key past the last key of a partition that has more may be returned: that
@@ -502,7 +569,9 @@ impl KvCore {
         let mut page = Vec::new();
         let mut bytes = 0usize;
         for kv in all {
-            if page.len() >= limit as usize || (bytes >= self.limits.scan_page_bytes_max && !page.is_empty()) {
+            if page.len() >= limit as usize
+                || (bytes >= self.limits.scan_page_bytes_max && !page.is_empty())
+            {
                 break;
             }
             if matches!(&cutoff, Some(c) if kv.key > *c) {
@@ -516,7 +585,10 @@ impl KvCore {
             (true, Some(last)) => encode_continuation(&last.key),
             _ => vec![],
         };
-        Ok(ScanPage { kvs: page, continuation })
+        Ok(ScanPage {
+            kvs: page,
+            continuation,
+        })
     }
 
     /// This node's view of each partition.
@@ -548,7 +620,9 @@ impl KvCore {
 
 fn check_condition(c: Condition) -> Result<(), KvError> {
     if c == Condition::IfRevision(0) {
-        return Err(KvError::InvalidArgument("if_revision must be a revision (>= 1); use if_absent for 'not present'".into()));
+        return Err(KvError::InvalidArgument(
+            "if_revision must be a revision (>= 1); use if_absent for 'not present'".into(),
+        ));
     }
     Ok(())
 }
@@ -582,7 +656,10 @@ mod tests {
 
     #[test]
     fn continuation_tokens_round_trip_and_reject_garbage() {
-        assert_eq!(decode_continuation(&encode_continuation(b"k1")).unwrap(), Some(b"k1".to_vec()));
+        assert_eq!(
+            decode_continuation(&encode_continuation(b"k1")).unwrap(),
+            Some(b"k1".to_vec())
+        );
         assert_eq!(decode_continuation(b"").unwrap(), None);
         assert!(decode_continuation(b"\x07junk").is_err());
     }

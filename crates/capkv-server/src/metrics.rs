@@ -1,6 +1,8 @@
 //! Prometheus metrics of a node.
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 pub struct Metrics {
     pub registry: Registry,
@@ -24,30 +26,58 @@ impl Metrics {
     pub fn new(node_id: u64) -> Result<Self, prometheus::Error> {
         let labels = std::collections::HashMap::from([("node".to_string(), node_id.to_string())]);
         let registry = Registry::new_custom(Some("capkv".into()), Some(labels))?;
-        let requests = IntCounterVec::new(Opts::new("requests_total", "Client requests by op and result code"), &["op", "code"])?;
+        let requests = IntCounterVec::new(
+            Opts::new("requests_total", "Client requests by op and result code"),
+            &["op", "code"],
+        )?;
         let latency = HistogramVec::new(
-            HistogramOpts::new("request_duration_seconds", "Client request latency by op").buckets(vec![
-                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-            ]),
+            HistogramOpts::new("request_duration_seconds", "Client request latency by op").buckets(
+                vec![
+                    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                    0.5, 1.0, 2.5, 5.0, 10.0,
+                ],
+            ),
             &["op"],
         )?;
-        let gauge = |name: &str, help: &str| IntGaugeVec::new(Opts::new(name, help), &["partition"]);
+        let gauge =
+            |name: &str, help: &str| IntGaugeVec::new(Opts::new(name, help), &["partition"]);
         let raft_term = gauge("raft_term", "Current Raft term per partition")?;
         let raft_last_log_index = gauge("raft_last_log_index", "Last log index per partition")?;
         let raft_commit_index = gauge("raft_commit_index", "Committed log index per partition")?;
         let raft_applied_index = gauge("raft_applied_index", "Applied log index per partition")?;
         let raft_is_leader = gauge("raft_is_leader", "1 if this node leads the partition")?;
-        let raft_leader_changes =
-            IntCounterVec::new(Opts::new("raft_leader_changes_total", "Leader changes seen per partition"), &["partition"])?;
-        let raft_messages =
-            IntCounterVec::new(Opts::new("raft_messages_received_total", "Raft messages received from peers by kind"), &["kind"])?;
+        let raft_leader_changes = IntCounterVec::new(
+            Opts::new(
+                "raft_leader_changes_total",
+                "Leader changes seen per partition",
+            ),
+            &["partition"],
+        )?;
+        let raft_messages = IntCounterVec::new(
+            Opts::new(
+                "raft_messages_received_total",
+                "Raft messages received from peers by kind",
+            ),
+            &["kind"],
+        )?;
         registry.register(Box::new(raft_messages.clone()))?;
-        let storage_fsyncs = IntGauge::new("storage_fsyncs", "fsyncs performed by the group-commit flusher")?;
-        let storage_fsync_requests =
-            IntGauge::new("storage_fsync_requests", "durability requests served by the group-commit flusher")?;
+        let storage_fsyncs = IntGauge::new(
+            "storage_fsyncs",
+            "fsyncs performed by the group-commit flusher",
+        )?;
+        let storage_fsync_requests = IntGauge::new(
+            "storage_fsync_requests",
+            "durability requests served by the group-commit flusher",
+        )?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(latency.clone()))?;
-        for g in [&raft_term, &raft_last_log_index, &raft_commit_index, &raft_applied_index, &raft_is_leader] {
+        for g in [
+            &raft_term,
+            &raft_last_log_index,
+            &raft_commit_index,
+            &raft_applied_index,
+            &raft_is_leader,
+        ] {
             registry.register(Box::new(g.clone()))?;
         }
         registry.register(Box::new(raft_leader_changes.clone()))?;
@@ -71,6 +101,8 @@ impl Metrics {
 
     pub fn render(&self) -> String {
         let encoder = prometheus::TextEncoder::new();
-        encoder.encode_to_string(&self.registry.gather()).unwrap_or_else(|e| format!("# encode error: {e}\n"))
+        encoder
+            .encode_to_string(&self.registry.gather())
+            .unwrap_or_else(|e| format!("# encode error: {e}\n"))
     }
 }

@@ -66,8 +66,8 @@ impl Node {
         let fresh = match engine.node_meta_get(IDENTITY_KEY)? {
             None => true,
             Some(bytes) => {
-                let stored: ClusterIdentity =
-                    serde_json::from_slice(&bytes).context("the data dir's cluster identity is unreadable")?;
+                let stored: ClusterIdentity = serde_json::from_slice(&bytes)
+                    .context("the data dir's cluster identity is unreadable")?;
                 if stored != identity {
                     bail!(
                         "data dir {} belongs to {stored:?}, but this node was started as {identity:?}; \
@@ -78,11 +78,16 @@ impl Node {
                 false
             }
         };
-        let map = PartitionMap::initial(&config.initial_cluster, config.partitions, config.replication_factor)?;
+        let map = PartitionMap::initial(
+            &config.initial_cluster,
+            config.partitions,
+            config.replication_factor,
+        )?;
 
         // Bind first, so a port conflict is reported before anything else starts.
-        let grpc_listener =
-            TcpListener::bind(config.listen).await.with_context(|| format!("listen on {}", config.listen))?;
+        let grpc_listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("listen on {}", config.listen))?;
         let http_listener = TcpListener::bind(config.http_listen)
             .await
             .with_context(|| format!("listen for HTTP on {}", config.http_listen))?;
@@ -92,7 +97,9 @@ impl Node {
         let hlc = Arc::new(Hlc::new());
         let faults = Arc::new(Faults::new(config.unsafe_fault_injection));
         let peers = Arc::new(PeerChannels::default());
-        let transport = Arc::new(GrpcTransport { peers: peers.clone() });
+        let transport = Arc::new(GrpcTransport {
+            peers: peers.clone(),
+        });
         let mut replicas = BTreeMap::new();
         for p in map.partitions_of(config.id) {
             let (raft, applied) = open_partition(
@@ -105,7 +112,15 @@ impl Node {
                 hlc.clone(),
             )
             .await?;
-            replicas.insert(p, Replica { partition: p, raft, applied, reads: Default::default() });
+            replicas.insert(
+                p,
+                Replica {
+                    partition: p,
+                    raft,
+                    applied,
+                    reads: Default::default(),
+                },
+            );
         }
         if fresh {
             for (p, r) in &replicas {
@@ -151,9 +166,16 @@ impl Node {
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut tasks = Vec::new();
         for r in core.replicas.values() {
-            tasks.push(tokio::spawn(watch_leader(core.clone(), r.partition, shutdown_rx.clone())));
+            tasks.push(tokio::spawn(watch_leader(
+                core.clone(),
+                r.partition,
+                shutdown_rx.clone(),
+            )));
         }
-        tasks.push(tokio::spawn(balance_leaders(core.clone(), shutdown_rx.clone())));
+        tasks.push(tokio::spawn(balance_leaders(
+            core.clone(),
+            shutdown_rx.clone(),
+        )));
 
         let message_max = config.limits.message_bytes_max() + config.limits.scan_page_bytes_max;
         let kv = KvServer::new(KvService { core: core.clone() })
@@ -201,7 +223,13 @@ impl Node {
             fresh,
             "node started"
         );
-        Ok(Node { core, grpc_addr, http_addr, shutdown, tasks })
+        Ok(Node {
+            core,
+            grpc_addr,
+            http_addr,
+            shutdown,
+            tasks,
+        })
     }
 
     pub fn grpc_addr(&self) -> SocketAddr {
@@ -235,8 +263,14 @@ impl Node {
 }
 
 /// Logs leader changes of one partition and counts them.
-async fn watch_leader(core: Arc<KvCore>, p: capkv_types::PartitionId, mut shutdown: watch::Receiver<bool>) {
-    let Some(replica) = core.replicas.get(&p) else { return };
+async fn watch_leader(
+    core: Arc<KvCore>,
+    p: capkv_types::PartitionId,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let Some(replica) = core.replicas.get(&p) else {
+        return;
+    };
     let mut rx = replica.raft.metrics();
     let mut last_leader: Option<u64> = None;
     let label = p.0.to_string();
@@ -245,7 +279,10 @@ async fn watch_leader(core: Arc<KvCore>, p: capkv_types::PartitionId, mut shutdo
             let m = rx.borrow_watched();
             if m.current_leader != last_leader {
                 last_leader = m.current_leader;
-                core.metrics.raft_leader_changes.with_label_values(&[label.as_str()]).inc();
+                core.metrics
+                    .raft_leader_changes
+                    .with_label_values(&[label.as_str()])
+                    .inc();
                 tracing::info!(
                     node = core.id.0,
                     partition = p.0,
@@ -275,7 +312,9 @@ async fn balance_leaders(core: Arc<KvCore>, mut shutdown: watch::Receiver<bool>)
             _ = shutdown.wait_for(|s| *s) => return,
         }
         for r in core.replicas.values() {
-            let Some(preferred) = core.map.replicas(r.partition).first().copied() else { continue };
+            let Some(preferred) = core.map.replicas(r.partition).first().copied() else {
+                continue;
+            };
             if preferred == core.id {
                 continue;
             }
@@ -284,13 +323,21 @@ async fn balance_leaders(core: Arc<KvCore>, mut shutdown: watch::Receiver<bool>)
                 continue;
             }
             let caught_up = match (&m.replication, m.last_log_index) {
-                (Some(rep), Some(last)) => rep.get(&preferred.0).and_then(|l| l.as_ref()).is_some_and(|l| l.index == last),
+                (Some(rep), Some(last)) => rep
+                    .get(&preferred.0)
+                    .and_then(|l| l.as_ref())
+                    .is_some_and(|l| l.index == last),
                 _ => false,
             };
             if !caught_up {
                 continue;
             }
-            tracing::info!(node = core.id.0, partition = r.partition.0, to = preferred.0, "transferring leadership to the preferred replica");
+            tracing::info!(
+                node = core.id.0,
+                partition = r.partition.0,
+                to = preferred.0,
+                "transferring leadership to the preferred replica"
+            );
             if let Err(e) = r.raft.trigger().transfer_leader(preferred.0).await {
                 tracing::warn!(partition = r.partition.0, error = %e, "leader transfer failed");
             }
@@ -313,13 +360,21 @@ impl Connected for LimitedStream {
 }
 
 impl AsyncRead for LimitedStream {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for LimitedStream {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
@@ -356,7 +411,13 @@ fn limited_incoming(
             match listener.accept().await {
                 Ok((tcp, _)) => {
                     let _ = tcp.set_nodelay(true);
-                    return Some((Ok(LimitedStream { inner: tcp, _permit: permit }), (listener, permits)));
+                    return Some((
+                        Ok(LimitedStream {
+                            inner: tcp,
+                            _permit: permit,
+                        }),
+                        (listener, permits),
+                    ));
                 }
                 Err(e) => {
                     // Usually EMFILE or a reset during accept: wait briefly, keep serving.

@@ -8,12 +8,12 @@ use std::time::Duration;
 use std::sync::Arc;
 
 use capkv_proto::raft::{
-    raft_transport_client::RaftTransportClient, RaftBatch, RaftBatchItem, RaftKind, RaftMessage, RaftReplyItem,
-    RaftReplyStatus,
+    raft_transport_client::RaftTransportClient, RaftBatch, RaftBatchItem, RaftKind, RaftMessage,
+    RaftReplyItem, RaftReplyStatus,
 };
-use tokio::sync::{mpsc, oneshot};
 use capkv_replication::{RaftEnvelope, RaftRpc, RaftTransport, TransportError};
 use futures::future::BoxFuture;
+use tokio::sync::{mpsc, oneshot};
 use tonic::transport::{Channel, Endpoint};
 
 /// Largest Raft message (snapshots travel whole).
@@ -107,7 +107,10 @@ fn collect(
     let mut push = |(m, a): (RaftMessage, Answer), items: &mut Vec<RaftBatchItem>| {
         *next_id += 1;
         pending.insert(*next_id, a);
-        items.push(RaftBatchItem { id: *next_id, message: Some(m) });
+        items.push(RaftBatchItem {
+            id: *next_id,
+            message: Some(m),
+        });
     };
     push(first, &mut items);
     while items.len() < BATCH_MAX {
@@ -213,7 +216,12 @@ pub fn rpc_of(kind: i32) -> Option<RaftRpc> {
 }
 
 impl RaftTransport for GrpcTransport {
-    fn call(&self, addr: &str, env: RaftEnvelope, timeout: Duration) -> BoxFuture<'static, Result<Vec<u8>, TransportError>> {
+    fn call(
+        &self,
+        addr: &str,
+        env: RaftEnvelope,
+        timeout: Duration,
+    ) -> BoxFuture<'static, Result<Vec<u8>, TransportError>> {
         let message = RaftMessage {
             partition_id: env.partition.0,
             from_node: env.from.0,
@@ -234,22 +242,34 @@ impl RaftTransport for GrpcTransport {
                 return Err(TransportError::Unreachable("peer stream stopped".into()));
             }
             match tokio::time::timeout(timeout, rx).await {
-                Err(_) => Err(TransportError::Unreachable(format!("no answer within {} ms", timeout.as_millis()))),
-                Ok(Err(_)) => Err(TransportError::Unreachable("peer stream dropped the message".into())),
+                Err(_) => Err(TransportError::Unreachable(format!(
+                    "no answer within {} ms",
+                    timeout.as_millis()
+                ))),
+                Ok(Err(_)) => Err(TransportError::Unreachable(
+                    "peer stream dropped the message".into(),
+                )),
                 Ok(Ok(answer)) => answer,
             }
         })
     }
 }
 
-async fn call_unary(channel: Channel, message: RaftMessage, timeout: Duration) -> Result<Vec<u8>, TransportError> {
+async fn call_unary(
+    channel: Channel,
+    message: RaftMessage,
+    timeout: Duration,
+) -> Result<Vec<u8>, TransportError> {
     let mut client = RaftTransportClient::new(channel)
         .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
         .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX);
     let mut req = tonic::Request::new(message);
     req.set_timeout(timeout);
     match tokio::time::timeout(timeout, client.call(req)).await {
-        Err(_) => Err(TransportError::Unreachable(format!("no answer within {} ms", timeout.as_millis()))),
+        Err(_) => Err(TransportError::Unreachable(format!(
+            "no answer within {} ms",
+            timeout.as_millis()
+        ))),
         Ok(Ok(resp)) => Ok(resp.into_inner().payload),
         Ok(Err(s)) => match s.code() {
             tonic::Code::InvalidArgument => Err(TransportError::Remote(s.message().to_string())),

@@ -27,11 +27,18 @@ pub fn run_all<E: StorageEngine>(dir: &Path, open: &dyn Fn(&Path) -> E) {
 }
 
 fn entries(range: std::ops::Range<u64>, tag: &str) -> Vec<(u64, Vec<u8>)> {
-    range.map(|i| (i, format!("{tag}-{i}").into_bytes())).collect()
+    range
+        .map(|i| (i, format!("{tag}-{i}").into_bytes()))
+        .collect()
 }
 
 fn sv(rev: u64, value: &str) -> StoredValue {
-    StoredValue { mod_revision: rev, create_revision: rev, hlc: rev * 10, value: value.as_bytes().to_vec() }
+    StoredValue {
+        mod_revision: rev,
+        create_revision: rev,
+        hlc: rev * 10,
+        value: value.as_bytes().to_vec(),
+    }
 }
 
 pub fn log_append_read_and_bounds<E: StorageEngine>(e: &E) {
@@ -39,12 +46,31 @@ pub fn log_append_read_and_bounds<E: StorageEngine>(e: &E) {
     e.log_append(P1, &entries(1..11, "a")).unwrap();
     e.log_append(P2, &entries(1..4, "b")).unwrap();
     assert_eq!(e.log_read(P1, 1, 11, 100).unwrap(), entries(1..11, "a"));
-    assert_eq!(e.log_read(P1, 3, 6, 100).unwrap(), entries(3..6, "a"), "[start, end) is half-open");
-    assert_eq!(e.log_read(P1, 3, 11, 2).unwrap(), entries(3..5, "a"), "max_entries bounds the read");
-    assert_eq!(e.log_read(P1, 6, 6, 100).unwrap(), vec![], "an empty range reads nothing");
+    assert_eq!(
+        e.log_read(P1, 3, 6, 100).unwrap(),
+        entries(3..6, "a"),
+        "[start, end) is half-open"
+    );
+    assert_eq!(
+        e.log_read(P1, 3, 11, 2).unwrap(),
+        entries(3..5, "a"),
+        "max_entries bounds the read"
+    );
+    assert_eq!(
+        e.log_read(P1, 6, 6, 100).unwrap(),
+        vec![],
+        "an empty range reads nothing"
+    );
     assert_eq!(e.log_last(P1).unwrap(), Some((10, b"a-10".to_vec())));
-    assert_eq!(e.log_last(P2).unwrap(), Some((3, b"b-3".to_vec())), "partitions do not see each other's log");
-    assert_eq!(e.log_read(P2, 0, u64::MAX, 100).unwrap(), entries(1..4, "b"));
+    assert_eq!(
+        e.log_last(P2).unwrap(),
+        Some((3, b"b-3".to_vec())),
+        "partitions do not see each other's log"
+    );
+    assert_eq!(
+        e.log_read(P2, 0, u64::MAX, 100).unwrap(),
+        entries(1..4, "b")
+    );
     // Appending at an existing index overwrites it.
     e.log_append(P1, &[(10, b"a-10-new".to_vec())]).unwrap();
     assert_eq!(e.log_last(P1).unwrap(), Some((10, b"a-10-new".to_vec())));
@@ -56,13 +82,27 @@ pub fn log_truncate_and_purge_leave_no_holes<E: StorageEngine>(e: &E) {
     e.log_truncate_from(P1, 15).unwrap();
     assert_eq!(e.log_last(P1).unwrap().map(|x| x.0), Some(14));
     e.log_purge_upto(P1, 5).unwrap();
-    assert_eq!(e.log_read(P1, 0, u64::MAX, 100).unwrap(), entries(6..15, "a"));
+    assert_eq!(
+        e.log_read(P1, 0, u64::MAX, 100).unwrap(),
+        entries(6..15, "a")
+    );
     e.log_purge_upto(P1, 5).unwrap(); // idempotent
     e.log_truncate_from(P1, 100).unwrap(); // nothing to do
-    assert_eq!(e.log_read(P1, 0, u64::MAX, 100).unwrap(), entries(6..15, "a"));
-    assert_eq!(e.log_read(P2, 0, u64::MAX, 100).unwrap(), entries(1..21, "b"), "other partitions untouched");
+    assert_eq!(
+        e.log_read(P1, 0, u64::MAX, 100).unwrap(),
+        entries(6..15, "a")
+    );
+    assert_eq!(
+        e.log_read(P2, 0, u64::MAX, 100).unwrap(),
+        entries(1..21, "b"),
+        "other partitions untouched"
+    );
     e.log_purge_upto(P1, 14).unwrap();
-    assert_eq!(e.log_last(P1).unwrap(), None, "purging everything empties the log");
+    assert_eq!(
+        e.log_last(P1).unwrap(),
+        None,
+        "purging everything empties the log"
+    );
 }
 
 pub fn raft_meta_is_per_partition<E: StorageEngine>(e: &E) {
@@ -70,51 +110,157 @@ pub fn raft_meta_is_per_partition<E: StorageEngine>(e: &E) {
     e.raft_meta_put(P1, raft_meta_tag::VOTE, b"v1").unwrap();
     e.raft_meta_put(P2, raft_meta_tag::VOTE, b"v2").unwrap();
     e.raft_meta_put(P1, raft_meta_tag::VOTE, b"v1b").unwrap();
-    assert_eq!(e.raft_meta_get(P1, raft_meta_tag::VOTE).unwrap(), Some(b"v1b".to_vec()));
-    assert_eq!(e.raft_meta_get(P2, raft_meta_tag::VOTE).unwrap(), Some(b"v2".to_vec()));
+    assert_eq!(
+        e.raft_meta_get(P1, raft_meta_tag::VOTE).unwrap(),
+        Some(b"v1b".to_vec())
+    );
+    assert_eq!(
+        e.raft_meta_get(P2, raft_meta_tag::VOTE).unwrap(),
+        Some(b"v2".to_vec())
+    );
     assert_eq!(e.raft_meta_get(P1, raft_meta_tag::COMMITTED).unwrap(), None);
 }
 
 pub fn state_machine_put_get_delete_scan<E: StorageEngine>(e: &E) {
     let mut ops = Vec::new();
     for (i, k) in ["b", "a", "c", "ab", "d"].iter().enumerate() {
-        ops.push(SmOp::Put { key: k.as_bytes().to_vec(), value: sv(i as u64 + 1, k) });
+        ops.push(SmOp::Put {
+            key: k.as_bytes().to_vec(),
+            value: sv(i as u64 + 1, k),
+        });
     }
-    e.sm_write(P1, SmWrite { ops, applied: Some(b"applied-5".to_vec()) }).unwrap();
-    e.sm_write(P2, SmWrite { ops: vec![SmOp::Put { key: b"a".to_vec(), value: sv(1, "other") }], applied: None })
-        .unwrap();
+    e.sm_write(
+        P1,
+        SmWrite {
+            ops,
+            applied: Some(b"applied-5".to_vec()),
+        },
+    )
+    .unwrap();
+    e.sm_write(
+        P2,
+        SmWrite {
+            ops: vec![SmOp::Put {
+                key: b"a".to_vec(),
+                value: sv(1, "other"),
+            }],
+            applied: None,
+        },
+    )
+    .unwrap();
     assert_eq!(e.sm_get(P1, b"a").unwrap(), Some(sv(2, "a")));
     assert_eq!(e.sm_get(P2, b"a").unwrap(), Some(sv(1, "other")));
     assert_eq!(e.sm_get(P1, b"zz").unwrap(), None);
     assert_eq!(e.sm_applied(P1).unwrap(), Some(b"applied-5".to_vec()));
     assert_eq!(e.sm_applied(P2).unwrap(), None);
 
-    let keys = |v: Vec<(Vec<u8>, StoredValue)>| v.into_iter().map(|(k, _)| String::from_utf8(k).unwrap()).collect::<Vec<_>>();
-    assert_eq!(keys(e.sm_scan(P1, b"", None, 100, usize::MAX).unwrap()), ["a", "ab", "b", "c", "d"]);
-    assert_eq!(keys(e.sm_scan(P1, b"ab", Some(b"c"), 100, usize::MAX).unwrap()), ["ab", "b"], "[start, end)");
-    assert_eq!(keys(e.sm_scan(P1, b"", None, 2, usize::MAX).unwrap()), ["a", "ab"], "limit");
-    assert_eq!(keys(e.sm_scan(P1, b"", None, 100, 1).unwrap()), ["a"], "byte bound keeps at least one");
-    assert_eq!(keys(e.sm_scan(P2, b"", None, 100, usize::MAX).unwrap()), ["a"], "scan stays in its partition");
+    let keys = |v: Vec<(Vec<u8>, StoredValue)>| {
+        v.into_iter()
+            .map(|(k, _)| String::from_utf8(k).unwrap())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        keys(e.sm_scan(P1, b"", None, 100, usize::MAX).unwrap()),
+        ["a", "ab", "b", "c", "d"]
+    );
+    assert_eq!(
+        keys(e.sm_scan(P1, b"ab", Some(b"c"), 100, usize::MAX).unwrap()),
+        ["ab", "b"],
+        "[start, end)"
+    );
+    assert_eq!(
+        keys(e.sm_scan(P1, b"", None, 2, usize::MAX).unwrap()),
+        ["a", "ab"],
+        "limit"
+    );
+    assert_eq!(
+        keys(e.sm_scan(P1, b"", None, 100, 1).unwrap()),
+        ["a"],
+        "byte bound keeps at least one"
+    );
+    assert_eq!(
+        keys(e.sm_scan(P2, b"", None, 100, usize::MAX).unwrap()),
+        ["a"],
+        "scan stays in its partition"
+    );
 
-    e.sm_write(P1, SmWrite { ops: vec![SmOp::Delete { key: b"ab".to_vec() }], applied: None }).unwrap();
+    e.sm_write(
+        P1,
+        SmWrite {
+            ops: vec![SmOp::Delete {
+                key: b"ab".to_vec(),
+            }],
+            applied: None,
+        },
+    )
+    .unwrap();
     assert_eq!(e.sm_get(P1, b"ab").unwrap(), None);
-    assert_eq!(keys(e.sm_scan(P1, b"a", None, 100, usize::MAX).unwrap()), ["a", "b", "c", "d"]);
+    assert_eq!(
+        keys(e.sm_scan(P1, b"a", None, 100, usize::MAX).unwrap()),
+        ["a", "b", "c", "d"]
+    );
 
-    let rec = DedupRecord { applied_index: 7, response: b"resp".to_vec() };
-    e.sm_write(P1, SmWrite { ops: vec![SmOp::DedupPut { client_id: 9, sequence: 3, record: rec.clone() }], applied: None })
-        .unwrap();
+    let rec = DedupRecord {
+        applied_index: 7,
+        response: b"resp".to_vec(),
+    };
+    e.sm_write(
+        P1,
+        SmWrite {
+            ops: vec![SmOp::DedupPut {
+                client_id: 9,
+                sequence: 3,
+                record: rec.clone(),
+            }],
+            applied: None,
+        },
+    )
+    .unwrap();
     assert_eq!(e.sm_dedup_all(P1).unwrap(), vec![(9, 3, rec)]);
     assert_eq!(e.sm_dedup_all(P2).unwrap(), vec![]);
-    e.sm_write(P1, SmWrite { ops: vec![SmOp::DedupDelete { client_id: 9, sequence: 3 }], applied: None }).unwrap();
+    e.sm_write(
+        P1,
+        SmWrite {
+            ops: vec![SmOp::DedupDelete {
+                client_id: 9,
+                sequence: 3,
+            }],
+            applied: None,
+        },
+    )
+    .unwrap();
     assert_eq!(e.sm_dedup_all(P1).unwrap(), vec![]);
 }
 
 pub fn export_import_replaces_one_partition<E: StorageEngine>(e: &E) {
-    let put = |k: &str, rev| SmOp::Put { key: k.as_bytes().to_vec(), value: sv(rev, k) };
-    let dedup = SmOp::DedupPut { client_id: 1, sequence: 1, record: DedupRecord { applied_index: 1, response: vec![] } };
-    e.sm_write(P1, SmWrite { ops: vec![put("x", 1), put("y", 2), dedup], applied: Some(b"p1@2".to_vec()) })
-        .unwrap();
-    e.sm_write(P2, SmWrite { ops: vec![put("keep", 1)], applied: Some(b"p2@1".to_vec()) }).unwrap();
+    let put = |k: &str, rev| SmOp::Put {
+        key: k.as_bytes().to_vec(),
+        value: sv(rev, k),
+    };
+    let dedup = SmOp::DedupPut {
+        client_id: 1,
+        sequence: 1,
+        record: DedupRecord {
+            applied_index: 1,
+            response: vec![],
+        },
+    };
+    e.sm_write(
+        P1,
+        SmWrite {
+            ops: vec![put("x", 1), put("y", 2), dedup],
+            applied: Some(b"p1@2".to_vec()),
+        },
+    )
+    .unwrap();
+    e.sm_write(
+        P2,
+        SmWrite {
+            ops: vec![put("keep", 1)],
+            applied: Some(b"p2@1".to_vec()),
+        },
+    )
+    .unwrap();
     let image = e.sm_export(P1).unwrap();
     assert_eq!(image.applied, Some(b"p1@2".to_vec()));
     assert_eq!(image.data.len(), 2);
@@ -123,12 +269,22 @@ pub fn export_import_replaces_one_partition<E: StorageEngine>(e: &E) {
     assert_eq!(decoded, image);
 
     // Change P1 after the export, then import the old image: P1 is exactly the image again.
-    e.sm_write(P1, SmWrite { ops: vec![put("z", 3), SmOp::Delete { key: b"x".to_vec() }], applied: Some(b"p1@3".to_vec()) })
-        .unwrap();
+    e.sm_write(
+        P1,
+        SmWrite {
+            ops: vec![put("z", 3), SmOp::Delete { key: b"x".to_vec() }],
+            applied: Some(b"p1@3".to_vec()),
+        },
+    )
+    .unwrap();
     e.sm_import(P1, &image).unwrap();
     assert_eq!(e.sm_export(P1).unwrap(), image);
     assert_eq!(e.sm_get(P1, b"z").unwrap(), None);
-    assert_eq!(e.sm_get(P2, b"keep").unwrap(), Some(sv(1, "keep")), "import leaves other partitions alone");
+    assert_eq!(
+        e.sm_get(P2, b"keep").unwrap(),
+        Some(sv(1, "keep")),
+        "import leaves other partitions alone"
+    );
     assert_eq!(e.sm_applied(P2).unwrap(), Some(b"p2@1".to_vec()));
 
     // Importing an empty image empties the partition.
@@ -141,9 +297,16 @@ pub fn snapshots_replace_atomically<E: StorageEngine>(e: &E) {
     assert_eq!(e.snapshot_load(P1).unwrap(), None);
     e.snapshot_save(P1, b"meta-1", b"data-1").unwrap();
     e.snapshot_save(P2, b"meta-2", &[]).unwrap();
-    e.snapshot_save(P1, b"meta-1b", &vec![7u8; 100_000]).unwrap();
-    assert_eq!(e.snapshot_load(P1).unwrap(), Some((b"meta-1b".to_vec(), vec![7u8; 100_000])));
-    assert_eq!(e.snapshot_load(P2).unwrap(), Some((b"meta-2".to_vec(), vec![])));
+    e.snapshot_save(P1, b"meta-1b", &vec![7u8; 100_000])
+        .unwrap();
+    assert_eq!(
+        e.snapshot_load(P1).unwrap(),
+        Some((b"meta-1b".to_vec(), vec![7u8; 100_000]))
+    );
+    assert_eq!(
+        e.snapshot_load(P2).unwrap(),
+        Some((b"meta-2".to_vec(), vec![]))
+    );
 }
 
 pub fn synced_writes_survive_reopen<E: StorageEngine>(dir: &Path, open: &dyn Fn(&Path) -> E) {
@@ -151,14 +314,29 @@ pub fn synced_writes_survive_reopen<E: StorageEngine>(dir: &Path, open: &dyn Fn(
         let e = open(dir);
         e.log_append(P1, &entries(1..101, "a")).unwrap();
         e.raft_meta_put(P1, raft_meta_tag::VOTE, b"vote").unwrap();
-        e.sm_write(P1, SmWrite { ops: vec![SmOp::Put { key: b"k".to_vec(), value: sv(5, "v") }], applied: Some(b"5".to_vec()) })
-            .unwrap();
+        e.sm_write(
+            P1,
+            SmWrite {
+                ops: vec![SmOp::Put {
+                    key: b"k".to_vec(),
+                    value: sv(5, "v"),
+                }],
+                applied: Some(b"5".to_vec()),
+            },
+        )
+        .unwrap();
         e.node_meta_put("cluster", b"c1").unwrap();
         e.sync().unwrap();
     }
     let e = open(dir);
-    assert_eq!(e.log_read(P1, 0, u64::MAX, 1000).unwrap(), entries(1..101, "a"));
-    assert_eq!(e.raft_meta_get(P1, raft_meta_tag::VOTE).unwrap(), Some(b"vote".to_vec()));
+    assert_eq!(
+        e.log_read(P1, 0, u64::MAX, 1000).unwrap(),
+        entries(1..101, "a")
+    );
+    assert_eq!(
+        e.raft_meta_get(P1, raft_meta_tag::VOTE).unwrap(),
+        Some(b"vote".to_vec())
+    );
     assert_eq!(e.sm_get(P1, b"k").unwrap(), Some(sv(5, "v")));
     assert_eq!(e.sm_applied(P1).unwrap(), Some(b"5".to_vec()));
     assert_eq!(e.node_meta_get("cluster").unwrap(), Some(b"c1".to_vec()));
@@ -169,10 +347,13 @@ pub fn group_commit_flushes<E: StorageEngine>(e: &E) {
     for i in 0..50u64 {
         e.log_append(P1, &[(i + 1, vec![1])]).unwrap();
         let tx = tx.clone();
-        e.group_commit().request(Box::new(move |r| tx.send(r).unwrap()));
+        e.group_commit()
+            .request(Box::new(move |r| tx.send(r).unwrap()));
     }
     for _ in 0..50 {
-        rx.recv_timeout(std::time::Duration::from_secs(30)).unwrap().unwrap();
+        rx.recv_timeout(std::time::Duration::from_secs(30))
+            .unwrap()
+            .unwrap();
     }
 }
 
@@ -184,7 +365,9 @@ mod tests {
     #[test]
     fn fjall_engine_passes_the_suite() {
         let dir = tempfile::tempdir().unwrap();
-        run_all(dir.path(), &|p: &Path| FjallEngine::open(p, FjallOptions::default()).unwrap());
+        run_all(dir.path(), &|p: &Path| {
+            FjallEngine::open(p, FjallOptions::default()).unwrap()
+        });
     }
 
     #[test]

@@ -61,17 +61,32 @@ impl DedupRecord {
             .get(..8)
             .and_then(|b| b.try_into().ok())
             .ok_or_else(|| StorageError::Corrupt("dedup record shorter than 8 bytes".into()))?;
-        Ok(DedupRecord { applied_index: u64::from_be_bytes(head), response: bytes[8..].to_vec() })
+        Ok(DedupRecord {
+            applied_index: u64::from_be_bytes(head),
+            response: bytes[8..].to_vec(),
+        })
     }
 }
 
 /// One change to a partition's state machine.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SmOp {
-    Put { key: Vec<u8>, value: StoredValue },
-    Delete { key: Vec<u8> },
-    DedupPut { client_id: u64, sequence: u64, record: DedupRecord },
-    DedupDelete { client_id: u64, sequence: u64 },
+    Put {
+        key: Vec<u8>,
+        value: StoredValue,
+    },
+    Delete {
+        key: Vec<u8>,
+    },
+    DedupPut {
+        client_id: u64,
+        sequence: u64,
+        record: DedupRecord,
+    },
+    DedupDelete {
+        client_id: u64,
+        sequence: u64,
+    },
 }
 
 /// Changes applied atomically together with the new applied state.
@@ -94,11 +109,13 @@ pub struct PartitionImage {
 
 impl PartitionImage {
     pub fn encode(&self) -> Result<Vec<u8>, StorageError> {
-        postcard::to_stdvec(self).map_err(|e| StorageError::Engine(format!("encode snapshot image: {e}")))
+        postcard::to_stdvec(self)
+            .map_err(|e| StorageError::Engine(format!("encode snapshot image: {e}")))
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, StorageError> {
-        postcard::from_bytes(bytes).map_err(|e| StorageError::Corrupt(format!("decode snapshot image: {e}")))
+        postcard::from_bytes(bytes)
+            .map_err(|e| StorageError::Corrupt(format!("decode snapshot image: {e}")))
     }
 }
 
@@ -115,8 +132,13 @@ pub trait StorageEngine: Send + Sync + 'static {
     /// Appends (index, entry) pairs atomically. Overwrites entries with the same index.
     fn log_append(&self, p: PartitionId, entries: &[(u64, Vec<u8>)]) -> Result<(), StorageError>;
     /// Entries with index in `[start, end)`, in order, at most `max_entries`.
-    fn log_read(&self, p: PartitionId, start: u64, end: u64, max_entries: usize)
-        -> Result<Vec<(u64, Vec<u8>)>, StorageError>;
+    fn log_read(
+        &self,
+        p: PartitionId,
+        start: u64,
+        end: u64,
+        max_entries: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StorageError>;
     /// The entry with the highest index, if any.
     fn log_last(&self, p: PartitionId) -> Result<Option<(u64, Vec<u8>)>, StorageError>;
     /// Deletes entries with index >= `from`.
@@ -132,8 +154,14 @@ pub trait StorageEngine: Send + Sync + 'static {
     /// Keys in `[start, end)` (`end = None`: to the partition's end), in order, at most
     /// `limit` of them, stopping early once `bytes_max` bytes of keys and values are taken
     /// (always at least one pair when there is one).
-    fn sm_scan(&self, p: PartitionId, start: &[u8], end: Option<&[u8]>, limit: usize, bytes_max: usize)
-        -> Result<Vec<(Vec<u8>, StoredValue)>, StorageError>;
+    fn sm_scan(
+        &self,
+        p: PartitionId,
+        start: &[u8],
+        end: Option<&[u8]>,
+        limit: usize,
+        bytes_max: usize,
+    ) -> Result<Vec<(Vec<u8>, StoredValue)>, StorageError>;
     fn sm_applied(&self, p: PartitionId) -> Result<Option<Vec<u8>>, StorageError>;
     fn sm_dedup_all(&self, p: PartitionId) -> Result<Vec<(u64, u64, DedupRecord)>, StorageError>;
     /// A consistent copy of the partition's state machine (one point in time).

@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use capkv_types::PartitionId;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable};
 
-use crate::engine::{DedupRecord, PartitionImage, SmOp, SmWrite, StorageEngine, StorageError, StoredSnapshot};
+use crate::engine::{
+    DedupRecord, PartitionImage, SmOp, SmWrite, StorageEngine, StorageError, StoredSnapshot,
+};
 use crate::group_commit::GroupCommit;
 use crate::keys::{self, raft_meta_tag};
 use crate::value::StoredValue;
@@ -25,7 +27,9 @@ pub struct FjallOptions {
 
 impl Default for FjallOptions {
     fn default() -> Self {
-        FjallOptions { cache_bytes: 64 * 1024 * 1024 }
+        FjallOptions {
+            cache_bytes: 64 * 1024 * 1024,
+        }
     }
 }
 
@@ -51,7 +55,9 @@ impl FjallEngine {
         fs::create_dir_all(dir)?;
         let snapshot_dir = dir.join("snapshots");
         fs::create_dir_all(&snapshot_dir)?;
-        let db = Database::builder(dir.join("db")).cache_size(options.cache_bytes).open()?;
+        let db = Database::builder(dir.join("db"))
+            .cache_size(options.cache_bytes)
+            .open()?;
         let ks = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default);
         let raft_log = ks("raft_log")?;
         let raft_meta = ks("raft_meta")?;
@@ -61,7 +67,17 @@ impl FjallEngine {
         let node_meta = ks("node_meta")?;
         let sync_db = db.clone();
         let group_commit = GroupCommit::start(move || persist(&sync_db))?;
-        Ok(FjallEngine { db, raft_log, raft_meta, sm_data, sm_meta, sm_dedup, node_meta, snapshot_dir, group_commit })
+        Ok(FjallEngine {
+            db,
+            raft_log,
+            raft_meta,
+            sm_data,
+            sm_meta,
+            sm_dedup,
+            node_meta,
+            snapshot_dir,
+            group_commit,
+        })
     }
 
     fn snapshot_path(&self, p: PartitionId) -> PathBuf {
@@ -79,7 +95,11 @@ impl FjallEngine {
 
     /// Deletes the log entries of `p` with index in `[first, last]`, in one batch.
     fn remove_log_range(&self, p: PartitionId, first: u64, last: u64) -> Result<(), StorageError> {
-        let doomed = Self::keys_in(&self.raft_log, &keys::log_key(p, first), &keys::log_key(p, last))?;
+        let doomed = Self::keys_in(
+            &self.raft_log,
+            &keys::log_key(p, first),
+            &keys::log_key(p, last),
+        )?;
         if doomed.is_empty() {
             return Ok(());
         }
@@ -110,18 +130,27 @@ impl StorageEngine for FjallEngine {
         Ok(())
     }
 
-    fn log_read(&self, p: PartitionId, start: u64, end: u64, max_entries: usize)
-        -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
+    fn log_read(
+        &self,
+        p: PartitionId,
+        start: u64,
+        end: u64,
+        max_entries: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
         let mut out = Vec::new();
         if start >= end {
             return Ok(out);
         }
-        for guard in self.raft_log.range(keys::log_key(p, start)..keys::log_key(p, end)) {
+        for guard in self
+            .raft_log
+            .range(keys::log_key(p, start)..keys::log_key(p, end))
+        {
             if out.len() >= max_entries {
                 break;
             }
             let (k, v) = guard.into_inner()?;
-            let index = keys::log_index_of(&k).ok_or_else(|| StorageError::Corrupt("malformed log key".into()))?;
+            let index = keys::log_index_of(&k)
+                .ok_or_else(|| StorageError::Corrupt("malformed log key".into()))?;
             out.push((index, v.to_vec()));
         }
         Ok(out)
@@ -132,8 +161,8 @@ impl StorageEngine for FjallEngine {
             None => Ok(None),
             Some(guard) => {
                 let (k, v) = guard.into_inner()?;
-                let index =
-                    keys::log_index_of(&k).ok_or_else(|| StorageError::Corrupt("malformed log key".into()))?;
+                let index = keys::log_index_of(&k)
+                    .ok_or_else(|| StorageError::Corrupt("malformed log key".into()))?;
                 Ok(Some((index, v.to_vec())))
             }
         }
@@ -148,11 +177,17 @@ impl StorageEngine for FjallEngine {
     }
 
     fn raft_meta_get(&self, p: PartitionId, tag: u8) -> Result<Option<Vec<u8>>, StorageError> {
-        Ok(self.raft_meta.get(keys::tagged_key(p, tag))?.map(|v| v.to_vec()))
+        Ok(self
+            .raft_meta
+            .get(keys::tagged_key(p, tag))?
+            .map(|v| v.to_vec()))
     }
 
     fn raft_meta_put(&self, p: PartitionId, tag: u8, value: &[u8]) -> Result<(), StorageError> {
-        debug_assert!(matches!(tag, raft_meta_tag::VOTE | raft_meta_tag::COMMITTED | raft_meta_tag::LAST_PURGED));
+        debug_assert!(matches!(
+            tag,
+            raft_meta_tag::VOTE | raft_meta_tag::COMMITTED | raft_meta_tag::LAST_PURGED
+        ));
         self.raft_meta.insert(keys::tagged_key(p, tag), value)?;
         Ok(())
     }
@@ -161,14 +196,23 @@ impl StorageEngine for FjallEngine {
         let mut batch = self.db.batch();
         for op in write.ops {
             match op {
-                SmOp::Put { key, value } => batch.insert(&self.sm_data, keys::data_key(p, &key), value.encode()),
+                SmOp::Put { key, value } => {
+                    batch.insert(&self.sm_data, keys::data_key(p, &key), value.encode())
+                }
                 SmOp::Delete { key } => batch.remove(&self.sm_data, keys::data_key(p, &key)),
-                SmOp::DedupPut { client_id, sequence, record } => {
-                    batch.insert(&self.sm_dedup, keys::dedup_key(p, client_id, sequence), record.encode())
-                }
-                SmOp::DedupDelete { client_id, sequence } => {
-                    batch.remove(&self.sm_dedup, keys::dedup_key(p, client_id, sequence))
-                }
+                SmOp::DedupPut {
+                    client_id,
+                    sequence,
+                    record,
+                } => batch.insert(
+                    &self.sm_dedup,
+                    keys::dedup_key(p, client_id, sequence),
+                    record.encode(),
+                ),
+                SmOp::DedupDelete {
+                    client_id,
+                    sequence,
+                } => batch.remove(&self.sm_dedup, keys::dedup_key(p, client_id, sequence)),
             }
         }
         if let Some(applied) = write.applied {
@@ -185,8 +229,14 @@ impl StorageEngine for FjallEngine {
         }
     }
 
-    fn sm_scan(&self, p: PartitionId, start: &[u8], end: Option<&[u8]>, limit: usize, bytes_max: usize)
-        -> Result<Vec<(Vec<u8>, StoredValue)>, StorageError> {
+    fn sm_scan(
+        &self,
+        p: PartitionId,
+        start: &[u8],
+        end: Option<&[u8]>,
+        limit: usize,
+        bytes_max: usize,
+    ) -> Result<Vec<(Vec<u8>, StoredValue)>, StorageError> {
         let from = keys::data_key(p, start);
         let to = match end {
             Some(end) => Some(keys::data_key(p, end)),
@@ -211,14 +261,18 @@ impl StorageEngine for FjallEngine {
     }
 
     fn sm_applied(&self, p: PartitionId) -> Result<Option<Vec<u8>>, StorageError> {
-        Ok(self.sm_meta.get(keys::tagged_key(p, SM_META_APPLIED))?.map(|v| v.to_vec()))
+        Ok(self
+            .sm_meta
+            .get(keys::tagged_key(p, SM_META_APPLIED))?
+            .map(|v| v.to_vec()))
     }
 
     fn sm_dedup_all(&self, p: PartitionId) -> Result<Vec<(u64, u64, DedupRecord)>, StorageError> {
         let mut out = Vec::new();
         for guard in self.sm_dedup.prefix(keys::partition_prefix(p)) {
             let (k, v) = guard.into_inner()?;
-            let (c, s) = keys::dedup_ids_of(&k).ok_or_else(|| StorageError::Corrupt("malformed dedup key".into()))?;
+            let (c, s) = keys::dedup_ids_of(&k)
+                .ok_or_else(|| StorageError::Corrupt("malformed dedup key".into()))?;
             out.push((c, s, DedupRecord::decode(&v)?));
         }
         Ok(out)
@@ -227,7 +281,9 @@ impl StorageEngine for FjallEngine {
     fn sm_export(&self, p: PartitionId) -> Result<PartitionImage, StorageError> {
         let snap = self.db.snapshot();
         let prefix = keys::partition_prefix(p);
-        let applied = snap.get(&self.sm_meta, keys::tagged_key(p, SM_META_APPLIED))?.map(|v| v.to_vec());
+        let applied = snap
+            .get(&self.sm_meta, keys::tagged_key(p, SM_META_APPLIED))?
+            .map(|v| v.to_vec());
         let mut data = Vec::new();
         for guard in snap.prefix(&self.sm_data, prefix) {
             let (k, v) = guard.into_inner()?;
@@ -236,10 +292,15 @@ impl StorageEngine for FjallEngine {
         let mut dedup = Vec::new();
         for guard in snap.prefix(&self.sm_dedup, prefix) {
             let (k, v) = guard.into_inner()?;
-            let (c, s) = keys::dedup_ids_of(&k).ok_or_else(|| StorageError::Corrupt("malformed dedup key".into()))?;
+            let (c, s) = keys::dedup_ids_of(&k)
+                .ok_or_else(|| StorageError::Corrupt("malformed dedup key".into()))?;
             dedup.push((c, s, v.to_vec()));
         }
-        Ok(PartitionImage { applied, data, dedup })
+        Ok(PartitionImage {
+            applied,
+            data,
+            dedup,
+        })
     }
 
     fn sm_import(&self, p: PartitionId, image: &PartitionImage) -> Result<(), StorageError> {
@@ -260,7 +321,11 @@ impl StorageEngine for FjallEngine {
             batch.insert(&self.sm_dedup, keys::dedup_key(p, *c, *s), r.as_slice());
         }
         match &image.applied {
-            Some(a) => batch.insert(&self.sm_meta, keys::tagged_key(p, SM_META_APPLIED), a.as_slice()),
+            Some(a) => batch.insert(
+                &self.sm_meta,
+                keys::tagged_key(p, SM_META_APPLIED),
+                a.as_slice(),
+            ),
             None => batch.remove(&self.sm_meta, keys::tagged_key(p, SM_META_APPLIED)),
         }
         batch.commit()?;
@@ -295,7 +360,9 @@ impl StorageEngine for FjallEngine {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e.into()),
         };
-        decode_snapshot_file(&body).map(Some).map_err(|m| StorageError::Corrupt(format!("{}: {m}", path.display())))
+        decode_snapshot_file(&body)
+            .map(Some)
+            .map_err(|m| StorageError::Corrupt(format!("{}: {m}", path.display())))
     }
 
     fn node_meta_get(&self, name: &str) -> Result<Option<Vec<u8>>, StorageError> {
@@ -325,13 +392,24 @@ fn decode_snapshot_file(body: &[u8]) -> Result<StoredSnapshot, String> {
     if xxhash_rust::xxh3::xxh3_64(content) != expected {
         return Err("checksum mismatch".into());
     }
-    let meta_len = u32::from_be_bytes(content[8..12].try_into().map_err(|_| "short header")?) as usize;
-    let meta_end = 12usize.checked_add(meta_len).filter(|e| *e + 8 <= content.len()).ok_or("meta overruns file")?;
+    let meta_len =
+        u32::from_be_bytes(content[8..12].try_into().map_err(|_| "short header")?) as usize;
+    let meta_end = 12usize
+        .checked_add(meta_len)
+        .filter(|e| *e + 8 <= content.len())
+        .ok_or("meta overruns file")?;
     let meta = content[12..meta_end].to_vec();
-    let data_len = u64::from_be_bytes(content[meta_end..meta_end + 8].try_into().map_err(|_| "short header")?);
+    let data_len = u64::from_be_bytes(
+        content[meta_end..meta_end + 8]
+            .try_into()
+            .map_err(|_| "short header")?,
+    );
     let data = &content[meta_end + 8..];
     if data.len() as u64 != data_len {
-        return Err(format!("data length {} does not match header {data_len}", data.len()));
+        return Err(format!(
+            "data length {} does not match header {data_len}",
+            data.len()
+        ));
     }
     Ok((meta, data.to_vec()))
 }

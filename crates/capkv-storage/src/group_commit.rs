@@ -33,7 +33,9 @@ pub struct GroupCommit {
 impl GroupCommit {
     /// Starts the flusher thread. It stops when the `GroupCommit` is dropped.
     pub fn start<F>(sync: F) -> std::io::Result<Self>
-    where F: Fn() -> Result<(), StorageError> + Send + 'static {
+    where
+        F: Fn() -> Result<(), StorageError> + Send + 'static,
+    {
         let (tx, rx) = mpsc::channel::<FlushCallback>();
         let stats = Arc::new(GroupCommitStats::default());
         let thread_stats = stats.clone();
@@ -63,7 +65,9 @@ impl GroupCommit {
     /// the flusher thread when it is.
     pub fn request(&self, callback: FlushCallback) {
         if let Err(mpsc::SendError(cb)) = self.tx.send(callback) {
-            cb(Err(StorageError::Io("group commit flusher has stopped".into())));
+            cb(Err(StorageError::Io(
+                "group commit flusher has stopped".into(),
+            )));
         }
     }
 
@@ -73,7 +77,8 @@ impl GroupCommit {
         self.request(Box::new(move |r| {
             let _ = tx.send(r);
         }));
-        rx.await.map_err(|_| StorageError::Io("group commit flusher dropped a request".into()))?
+        rx.await
+            .map_err(|_| StorageError::Io("group commit flusher dropped a request".into()))?
     }
 
     pub fn stats(&self) -> &GroupCommitStats {

@@ -31,10 +31,16 @@ impl StoredValue {
 
     pub fn decode(bytes: &[u8]) -> Result<Self, StorageError> {
         if bytes.len() < HEADER_BYTES {
-            return Err(StorageError::Corrupt(format!("stored value of {} bytes is too short", bytes.len())));
+            return Err(StorageError::Corrupt(format!(
+                "stored value of {} bytes is too short",
+                bytes.len()
+            )));
         }
         if bytes[0] != FORMAT_V1 {
-            return Err(StorageError::Corrupt(format!("unknown stored value format {}", bytes[0])));
+            return Err(StorageError::Corrupt(format!(
+                "unknown stored value format {}",
+                bytes[0]
+            )));
         }
         let u64_at = |at: usize| {
             let mut b = [0u8; 8];
@@ -56,7 +62,12 @@ mod tests {
 
     #[test]
     fn round_trips_and_rejects_garbage() {
-        let v = StoredValue { mod_revision: 9, create_revision: 3, hlc: 77, value: b"abc".to_vec() };
+        let v = StoredValue {
+            mod_revision: 9,
+            create_revision: 3,
+            hlc: 77,
+            value: b"abc".to_vec(),
+        };
         assert_eq!(StoredValue::decode(&v.encode()).unwrap(), v);
         assert!(StoredValue::decode(b"short").is_err());
         let mut bad = v.encode();

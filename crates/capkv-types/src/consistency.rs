@@ -54,8 +54,14 @@ mod tests {
 
     #[test]
     fn parses_known_levels_and_rejects_others() {
-        assert_eq!("linearizable".parse::<ReadConsistency>(), Ok(ReadConsistency::Linearizable));
-        assert_eq!("PREFIX".parse::<ReadConsistency>(), Ok(ReadConsistency::Prefix));
+        assert_eq!(
+            "linearizable".parse::<ReadConsistency>(),
+            Ok(ReadConsistency::Linearizable)
+        );
+        assert_eq!(
+            "PREFIX".parse::<ReadConsistency>(),
+            Ok(ReadConsistency::Prefix)
+        );
         let err = "sometimes".parse::<ReadConsistency>().unwrap_err();
         assert!(err.contains("linearizable"), "{err}");
     }

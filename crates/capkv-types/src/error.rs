@@ -60,7 +60,11 @@ pub enum KvError {
     TooLarge(String),
     /// This node does not lead the partition. `leader` is the node it believes leads, if any.
     #[error("NotLeader: partition {partition} is led by {}", leader_display(.leader_id, .leader_addr))]
-    NotLeader { partition: u32, leader_id: Option<NodeId>, leader_addr: Option<String> },
+    NotLeader {
+        partition: u32,
+        leader_id: Option<NodeId>,
+        leader_addr: Option<String>,
+    },
     /// The operation certainly did not take effect (no quorum, node unreachable, overloaded).
     #[error("Unavailable: {0}")]
     Unavailable(String),
@@ -94,7 +98,11 @@ impl KvError {
         match code {
             ErrorCode::InvalidArgument => KvError::InvalidArgument(message),
             ErrorCode::TooLarge => KvError::TooLarge(message),
-            ErrorCode::NotLeader => KvError::NotLeader { partition: 0, leader_id: None, leader_addr: None },
+            ErrorCode::NotLeader => KvError::NotLeader {
+                partition: 0,
+                leader_id: None,
+                leader_addr: None,
+            },
             ErrorCode::Unavailable => KvError::Unavailable(message),
             ErrorCode::Ambiguous => KvError::Ambiguous(message),
             ErrorCode::NotFound => KvError::NotFound(message),
@@ -123,7 +131,10 @@ impl KvError {
 
     /// True when sending the same request again (same idempotency pair) may succeed.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, KvError::NotLeader { .. } | KvError::Unavailable(_) | KvError::Ambiguous(_))
+        matches!(
+            self,
+            KvError::NotLeader { .. } | KvError::Unavailable(_) | KvError::Ambiguous(_)
+        )
     }
 }
 
@@ -151,7 +162,11 @@ mod tests {
     fn messages_start_with_the_code() {
         let e = KvError::too_large("key", 5000, 4096);
         assert!(e.to_string().starts_with("TooLarge:"));
-        let e = KvError::NotLeader { partition: 3, leader_id: Some(NodeId(2)), leader_addr: None };
+        let e = KvError::NotLeader {
+            partition: 3,
+            leader_id: Some(NodeId(2)),
+            leader_addr: None,
+        };
         assert_eq!(e.to_string(), "NotLeader: partition 3 is led by node 2");
     }
 }

@@ -51,7 +51,10 @@ impl Hlc {
     }
 
     fn wall_ms() -> u64 {
-        SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
     }
 
     /// A timestamp greater than every one this clock returned or observed before.
@@ -60,7 +63,10 @@ impl Hlc {
         let mut prev = self.last.load(Ordering::Relaxed);
         loop {
             let next = if wall > prev { wall } else { prev + 1 };
-            match self.last.compare_exchange_weak(prev, next, Ordering::AcqRel, Ordering::Relaxed) {
+            match self
+                .last
+                .compare_exchange_weak(prev, next, Ordering::AcqRel, Ordering::Relaxed)
+            {
                 Ok(_) => return HlcTimestamp(next),
                 Err(actual) => prev = actual,
             }

@@ -6,16 +6,22 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 /// A node of the cluster. Never reused for a node that starts with an empty data dir.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
 pub struct NodeId(pub u64);
 
 /// A partition: one arc of the hash ring, one Raft group in a `cp` keyspace.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
 pub struct PartitionId(pub u32);
 
 /// The revision of a write: the Raft log index of the entry that carried it, so it is
 /// unique and increasing within one partition (not across partitions).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
 pub struct Revision(pub u64);
 
 impl fmt::Display for NodeId {

@@ -37,7 +37,11 @@ impl Limits {
 
     pub fn check_value(&self, value: &[u8]) -> Result<(), KvError> {
         if value.len() > self.value_bytes_max {
-            return Err(KvError::too_large("value", value.len(), self.value_bytes_max));
+            return Err(KvError::too_large(
+                "value",
+                value.len(),
+                self.value_bytes_max,
+            ));
         }
         Ok(())
     }
@@ -56,10 +60,22 @@ mod tests {
     #[test]
     fn rejects_empty_and_oversized_input() {
         let limits = Limits::default();
-        assert_eq!(limits.check_key(b"").unwrap_err().code(), ErrorCode::InvalidArgument);
-        assert_eq!(limits.check_key(&[b'k'; 5 * 1024]).unwrap_err().code(), ErrorCode::TooLarge);
+        assert_eq!(
+            limits.check_key(b"").unwrap_err().code(),
+            ErrorCode::InvalidArgument
+        );
+        assert_eq!(
+            limits.check_key(&[b'k'; 5 * 1024]).unwrap_err().code(),
+            ErrorCode::TooLarge
+        );
         assert!(limits.check_key(&[b'k'; 4 * 1024]).is_ok());
         assert!(limits.check_value(&vec![0u8; 1024 * 1024]).is_ok());
-        assert_eq!(limits.check_value(&vec![0u8; 1024 * 1024 + 1]).unwrap_err().code(), ErrorCode::TooLarge);
+        assert_eq!(
+            limits
+                .check_value(&vec![0u8; 1024 * 1024 + 1])
+                .unwrap_err()
+                .code(),
+            ErrorCode::TooLarge
+        );
     }
 }

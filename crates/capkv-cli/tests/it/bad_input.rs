@@ -15,44 +15,140 @@ async fn bad_input_is_rejected_and_the_node_keeps_serving() {
     let client = cluster.client().await;
 
     let code = |r: Result<capkv_client::WriteResult, capkv_types::KvError>| r.unwrap_err().code();
-    assert_eq!(code(client.put("", "v").await), ErrorCode::InvalidArgument, "empty key");
-    assert_eq!(code(client.put(vec![b'k'; 5 * 1024], "v").await), ErrorCode::TooLarge, "5 KiB key");
-    assert_eq!(code(client.put("k", vec![0u8; 1024 * 1024 + 1]).await), ErrorCode::TooLarge, "value over 1 MiB");
-    assert!(client.put("k", vec![0u8; 1024 * 1024]).await.unwrap().succeeded, "a value of exactly 1 MiB is fine");
-    assert_eq!(client.get("").await.unwrap_err().code(), ErrorCode::InvalidArgument);
+    assert_eq!(
+        code(client.put("", "v").await),
+        ErrorCode::InvalidArgument,
+        "empty key"
+    );
+    assert_eq!(
+        code(client.put(vec![b'k'; 5 * 1024], "v").await),
+        ErrorCode::TooLarge,
+        "5 KiB key"
+    );
+    assert_eq!(
+        code(client.put("k", vec![0u8; 1024 * 1024 + 1]).await),
+        ErrorCode::TooLarge,
+        "value over 1 MiB"
+    );
+    assert!(
+        client
+            .put("k", vec![0u8; 1024 * 1024])
+            .await
+            .unwrap()
+            .succeeded,
+        "a value of exactly 1 MiB is fine"
+    );
+    assert_eq!(
+        client.get("").await.unwrap_err().code(),
+        ErrorCode::InvalidArgument
+    );
 
     // Raw gRPC: values the typed client cannot send.
-    let mut raw = KvClient::connect(format!("http://{}", cluster.node(1).addr)).await.unwrap();
-    let err = raw.get(GetRequest { key: b"k".to_vec(), consistency: 99 }).await.unwrap_err();
+    let mut raw = KvClient::connect(format!("http://{}", cluster.node(1).addr))
+        .await
+        .unwrap();
+    let err = raw
+        .get(GetRequest {
+            key: b"k".to_vec(),
+            consistency: 99,
+        })
+        .await
+        .unwrap_err();
     let e = from_status(&err);
     assert_eq!(e.code(), ErrorCode::InvalidArgument);
-    assert!(e.to_string().contains("unknown consistency level 99"), "{e}");
+    assert!(
+        e.to_string().contains("unknown consistency level 99"),
+        "{e}"
+    );
     let err = raw
-        .put(PutRequest { key: b"k".to_vec(), value: vec![], if_revision: Some(0), ..Default::default() })
+        .put(PutRequest {
+            key: b"k".to_vec(),
+            value: vec![],
+            if_revision: Some(0),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
-    assert_eq!(from_status(&err).code(), ErrorCode::InvalidArgument, "if_revision 0");
+    assert_eq!(
+        from_status(&err).code(),
+        ErrorCode::InvalidArgument,
+        "if_revision 0"
+    );
     let err = raw
-        .put(PutRequest { key: b"k".to_vec(), value: vec![], if_revision: Some(3), if_absent: true, ..Default::default() })
+        .put(PutRequest {
+            key: b"k".to_vec(),
+            value: vec![],
+            if_revision: Some(3),
+            if_absent: true,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
-    assert_eq!(from_status(&err).code(), ErrorCode::InvalidArgument, "if_revision with if_absent");
-    let err = raw.scan(ScanRequest { limit: 1_000_000, ..Default::default() }).await.unwrap_err();
-    assert_eq!(from_status(&err).code(), ErrorCode::InvalidArgument, "scan limit");
+    assert_eq!(
+        from_status(&err).code(),
+        ErrorCode::InvalidArgument,
+        "if_revision with if_absent"
+    );
     let err = raw
-        .scan(ScanRequest { prefix: b"a".to_vec(), start: b"b".to_vec(), ..Default::default() })
+        .scan(ScanRequest {
+            limit: 1_000_000,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
-    assert_eq!(from_status(&err).code(), ErrorCode::InvalidArgument, "prefix with range");
-    let err = raw.scan(ScanRequest { continuation: b"\x09bogus".to_vec(), ..Default::default() }).await.unwrap_err();
-    assert_eq!(from_status(&err).code(), ErrorCode::InvalidArgument, "forged continuation");
-    let err = raw.scan(ScanRequest { partition_id: Some(999), ..Default::default() }).await.unwrap_err();
-    assert_eq!(from_status(&err).code(), ErrorCode::InvalidArgument, "unknown partition");
+    assert_eq!(
+        from_status(&err).code(),
+        ErrorCode::InvalidArgument,
+        "scan limit"
+    );
+    let err = raw
+        .scan(ScanRequest {
+            prefix: b"a".to_vec(),
+            start: b"b".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        from_status(&err).code(),
+        ErrorCode::InvalidArgument,
+        "prefix with range"
+    );
+    let err = raw
+        .scan(ScanRequest {
+            continuation: b"\x09bogus".to_vec(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        from_status(&err).code(),
+        ErrorCode::InvalidArgument,
+        "forged continuation"
+    );
+    let err = raw
+        .scan(ScanRequest {
+            partition_id: Some(999),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        from_status(&err).code(),
+        ErrorCode::InvalidArgument,
+        "unknown partition"
+    );
 
     // The CLI rejects an unknown level before sending anything.
-    let (code, _, err) = cli(&["get", "k", "--consistency", "sometimes"], &cluster.endpoints().join(","));
+    let (code, _, err) = cli(
+        &["get", "k", "--consistency", "sometimes"],
+        &cluster.endpoints().join(","),
+    );
     assert_eq!(code, 2);
-    assert!(err.contains("linearizable") && err.contains("prefix"), "{err}");
+    assert!(
+        err.contains("linearizable") && err.contains("prefix"),
+        "{err}"
+    );
 
     // Garbage bytes on the gRPC and HTTP ports: the connection is dropped, nothing else.
     let seed = seed("bad_input");
@@ -65,7 +161,11 @@ async fn bad_input_is_rejected_and_the_node_keeps_serving() {
             x as u8
         })
         .collect();
-    for addr in [&cluster.node(1).addr, &cluster.node(1).http, &cluster.node(2).addr] {
+    for addr in [
+        &cluster.node(1).addr,
+        &cluster.node(1).http,
+        &cluster.node(2).addr,
+    ] {
         for chunk in [&b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"[..], &garbage[..]] {
             let mut s = std::net::TcpStream::connect(addr).unwrap();
             s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();

@@ -21,41 +21,81 @@ async fn client_put_get_delete_scan_and_conditions() {
     let w2 = client.put("user:1", "alice2").await.unwrap();
     assert!(w2.revision > w.revision);
     let kv = client.get("user:1").await.unwrap().unwrap();
-    assert_eq!((kv.value.as_slice(), kv.mod_revision, kv.create_revision), (&b"alice2"[..], w2.revision, w.revision));
+    assert_eq!(
+        (kv.value.as_slice(), kv.mod_revision, kv.create_revision),
+        (&b"alice2"[..], w2.revision, w.revision)
+    );
 
     // Compare-and-set.
-    let stale = client.put_with("user:1", "x", Condition::IfRevision(w.revision)).await.unwrap();
+    let stale = client
+        .put_with("user:1", "x", Condition::IfRevision(w.revision))
+        .await
+        .unwrap();
     assert!(!stale.succeeded);
     assert_eq!(stale.current_revision, w2.revision);
-    let fresh = client.put_with("user:1", "alice3", Condition::IfRevision(w2.revision)).await.unwrap();
+    let fresh = client
+        .put_with("user:1", "alice3", Condition::IfRevision(w2.revision))
+        .await
+        .unwrap();
     assert!(fresh.succeeded);
-    assert!(!client.put_with("user:1", "y", Condition::IfAbsent).await.unwrap().succeeded);
-    assert!(client.put_with("user:new", "y", Condition::IfAbsent).await.unwrap().succeeded);
+    assert!(
+        !client
+            .put_with("user:1", "y", Condition::IfAbsent)
+            .await
+            .unwrap()
+            .succeeded
+    );
+    assert!(
+        client
+            .put_with("user:new", "y", Condition::IfAbsent)
+            .await
+            .unwrap()
+            .succeeded
+    );
 
     // Delete.
     let d = client.delete("user:1").await.unwrap();
     assert!(d.succeeded);
     assert_eq!(client.get("user:1").await.unwrap(), None);
-    assert!(!client.delete("user:1").await.unwrap().succeeded, "deleting an absent key reports not deleted");
+    assert!(
+        !client.delete("user:1").await.unwrap().succeeded,
+        "deleting an absent key reports not deleted"
+    );
 
     // Scan across all partitions, in key order, paginated.
     let mut expected: Vec<String> = (0..60).map(|i| format!("item:{i:03}")).collect();
     for k in &expected {
-        client.put(k.as_bytes().to_vec(), format!("v-{k}")).await.unwrap();
+        client
+            .put(k.as_bytes().to_vec(), format!("v-{k}"))
+            .await
+            .unwrap();
     }
     client.put("itex", "outside the prefix").await.unwrap();
     expected.sort();
-    let partitions: std::collections::BTreeSet<_> =
-        expected.iter().map(|k| capkv_types::partition_for_key(k.as_bytes(), 8)).collect();
-    assert!(partitions.len() > 4, "the keys must span partitions for this test to mean anything");
+    let partitions: std::collections::BTreeSet<_> = expected
+        .iter()
+        .map(|k| capkv_types::partition_for_key(k.as_bytes(), 8))
+        .collect();
+    assert!(
+        partitions.len() > 4,
+        "the keys must span partitions for this test to mean anything"
+    );
 
-    let mut opts = ScanOptions { prefix: b"item:".to_vec(), limit: 7, ..Default::default() };
+    let mut opts = ScanOptions {
+        prefix: b"item:".to_vec(),
+        limit: 7,
+        ..Default::default()
+    };
     let mut seen = Vec::new();
     let mut pages = 0;
     loop {
         let page = client.scan(&opts).await.unwrap();
         assert!(page.kvs.len() <= 7);
-        seen.extend(page.kvs.iter().map(|kv| String::from_utf8(kv.key.clone()).unwrap()));
+        seen.extend(
+            page.kvs
+                .iter()
+                .map(|kv| String::from_utf8(kv.key.clone()).unwrap()),
+        );
         pages += 1;
         if page.continuation.is_empty() {
             break;
@@ -63,13 +103,35 @@ async fn client_put_get_delete_scan_and_conditions() {
         opts.continuation = page.continuation;
         assert!(pages < 100, "scan does not terminate");
     }
-    assert_eq!(seen, expected, "paginated scan returns every key once, in order");
+    assert_eq!(
+        seen, expected,
+        "paginated scan returns every key once, in order"
+    );
 
     // Range scan [item:010, item:020) and prefix consistency.
-    let range = ScanOptions { start: b"item:010".to_vec(), end: b"item:020".to_vec(), ..Default::default() };
-    let got: Vec<_> = client.scan_all(&range, 1000).await.unwrap().into_iter().map(|kv| kv.key).collect();
-    assert_eq!(got, expected[10..20].iter().map(|k| k.as_bytes().to_vec()).collect::<Vec<_>>());
-    let prefix_read = client.get_with("item:005", ReadConsistency::Prefix).await.unwrap();
+    let range = ScanOptions {
+        start: b"item:010".to_vec(),
+        end: b"item:020".to_vec(),
+        ..Default::default()
+    };
+    let got: Vec<_> = client
+        .scan_all(&range, 1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|kv| kv.key)
+        .collect();
+    assert_eq!(
+        got,
+        expected[10..20]
+            .iter()
+            .map(|k| k.as_bytes().to_vec())
+            .collect::<Vec<_>>()
+    );
+    let prefix_read = client
+        .get_with("item:005", ReadConsistency::Prefix)
+        .await
+        .unwrap();
     // A prefix read may be stale but never invents data: the key was written, so either
     // value seen is one that was written.
     if let Some(kv) = prefix_read {
@@ -113,7 +175,10 @@ async fn cli_put_get_del_scan_status() {
     for n in nodes {
         let parts = n["partitions"].as_array().unwrap();
         assert_eq!(parts.len(), 8);
-        assert!(parts.iter().all(|p| p["leader"].as_u64().unwrap() != 0), "every partition has a leader");
+        assert!(
+            parts.iter().all(|p| p["leader"].as_u64().unwrap() != 0),
+            "every partition has a leader"
+        );
     }
 
     // An unreachable cluster is an error (exit 2), not "not found".

@@ -8,7 +8,12 @@ use crate::fixture::{seed, Slot, BIN};
 fn check(args: &[&str]) -> (i32, String, String) {
     // A check saturates the machine by design; run it alone.
     let _slot = Slot::take_all();
-    let out = Command::new(BIN).arg("check").args(args).env("RUST_LOG", "error").output().expect("run capkv check");
+    let out = Command::new(BIN)
+        .arg("check")
+        .args(args)
+        .env("RUST_LOG", "error")
+        .output()
+        .expect("run capkv check");
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -21,17 +26,31 @@ fn check_under_partitions_and_kills_is_valid() {
     let dir = tempfile::tempdir().unwrap();
     let seed = seed("check_valid").to_string();
     let out = dir.path().to_str().unwrap();
-    let (code, stdout, stderr) =
-        check(&["--duration", "30s", "--nemesis", "partition,kill", "--seed", &seed, "--out", out]);
+    let (code, stdout, stderr) = check(&[
+        "--duration",
+        "30s",
+        "--nemesis",
+        "partition,kill",
+        "--seed",
+        &seed,
+        "--out",
+        out,
+    ]);
     eprintln!("{stdout}");
     assert_eq!(code, 0, "check failed (seed {seed}):\n{stdout}\n{stderr}");
-    assert!(stdout.contains("linearizable: valid (8 keys checked)"), "{stdout}");
+    assert!(
+        stdout.contains("linearizable: valid (8 keys checked)"),
+        "{stdout}"
+    );
     let faults: u64 = stdout
         .split_whitespace()
         .find_map(|w| w.strip_prefix("faults="))
         .and_then(|n| n.parse().ok())
         .expect("faults=N in the summary");
-    assert!(faults >= 3, "a 30 s run should inject several faults: {stdout}");
+    assert!(
+        faults >= 3,
+        "a 30 s run should inject several faults: {stdout}"
+    );
     let history = std::fs::read_to_string(dir.path().join("history.jsonl")).unwrap();
     assert!(history.lines().count() > 1000, "the history holds the run");
 }
@@ -54,7 +73,13 @@ fn check_finds_the_planted_stale_reads_bug() {
         out,
     ]);
     eprintln!("{stdout}");
-    assert_eq!(code, 1, "the planted bug went unnoticed (seed {seed}):\n{stdout}\n{stderr}");
+    assert_eq!(
+        code, 1,
+        "the planted bug went unnoticed (seed {seed}):\n{stdout}\n{stderr}"
+    );
     assert!(stdout.contains("linearizable: INVALID"), "{stdout}");
-    assert!(stdout.contains("smallest failing window on key"), "the report shows a counterexample: {stdout}");
+    assert!(
+        stdout.contains("smallest failing window on key"),
+        "the report shows a counterexample: {stdout}"
+    );
 }

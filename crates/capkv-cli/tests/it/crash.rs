@@ -51,7 +51,10 @@ async fn acknowledged_writes_survive_killing_every_node() {
             let _ = t.await;
         }
         let acked = acked.lock().unwrap().clone();
-        assert!(!acked.is_empty(), "round {round}: no write was acknowledged before the kill");
+        assert!(
+            !acked.is_empty(),
+            "round {round}: no write was acknowledged before the kill"
+        );
 
         for id in 1..=3 {
             cluster.spawn(id);
@@ -75,6 +78,11 @@ async fn acknowledged_writes_survive_killing_every_node() {
             acked.len(),
             present
         );
-        assert_eq!(present, acked.len(), "lost acknowledged writes: {:?}", &missing[..missing.len().min(10)]);
+        assert_eq!(
+            present,
+            acked.len(),
+            "lost acknowledged writes: {:?}",
+            &missing[..missing.len().min(10)]
+        );
     }
 }

@@ -32,17 +32,26 @@ async fn killing_a_leader_elects_a_new_one() {
         }
     };
     let took = killed_at.elapsed();
-    eprintln!("failover: partition {p} writable again {} ms after SIGKILL of leader node {old_leader}", took.as_millis());
+    eprintln!(
+        "failover: partition {p} writable again {} ms after SIGKILL of leader node {old_leader}",
+        took.as_millis()
+    );
     let new_leader = cluster.leader_of(p).await.expect("new leader");
     assert_ne!(new_leader, old_leader);
     assert_eq!(client.get(key).await.unwrap().unwrap().value, b"after");
 
     // The old leader comes back as a follower and catches up.
     cluster.spawn(old_leader);
-    let what = format!("node {old_leader} applies partition {p} up to revision {}", write.revision);
+    let what = format!(
+        "node {old_leader} applies partition {p} up to revision {}",
+        write.revision
+    );
     wait_until(Duration::from_secs(60), &what, || async {
         match cluster.status(old_leader).await {
-            Some(s) => s.partitions.iter().any(|x| x.id == p && x.applied_index >= write.revision),
+            Some(s) => s
+                .partitions
+                .iter()
+                .any(|x| x.id == p && x.applied_index >= write.revision),
             None => false,
         }
     })

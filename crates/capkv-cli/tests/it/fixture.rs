@@ -51,7 +51,10 @@ impl Drop for Slot {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }
 
 pub struct NodeProc {
@@ -81,7 +84,11 @@ pub struct Opts {
 
 impl Default for Opts {
     fn default() -> Self {
-        Opts { nodes: 3, partitions: 8, extra_args: vec![] }
+        Opts {
+            nodes: 3,
+            partitions: 8,
+            extra_args: vec![],
+        }
     }
 }
 
@@ -89,7 +96,10 @@ impl Cluster {
     /// Starts the nodes and waits until every partition has a leader.
     pub async fn start(opts: Opts) -> Cluster {
         let slot = tokio::task::spawn_blocking(Slot::take).await.expect("slot");
-        let dir = tempfile::Builder::new().prefix("capkv-it-").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("capkv-it-")
+            .tempdir()
+            .expect("tempdir");
         let mut nodes = Vec::new();
         for i in 0..opts.nodes {
             let id = i as u64 + 1;
@@ -102,7 +112,11 @@ impl Cluster {
                 child: None,
             });
         }
-        let cluster_spec = nodes.iter().map(|n| format!("{}={}", n.id, n.addr)).collect::<Vec<_>>().join(",");
+        let cluster_spec = nodes
+            .iter()
+            .map(|n| format!("{}={}", n.id, n.addr))
+            .collect::<Vec<_>>()
+            .join(",");
         let mut c = Cluster {
             dir: Some(dir),
             nodes,
@@ -133,7 +147,11 @@ impl Cluster {
         let extra = self.extra_args.clone();
         let n = self.node_mut(id);
         assert!(n.child.is_none(), "node {id} is already running");
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&n.log).expect("log file");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&n.log)
+            .expect("log file");
         let child = Command::new(BIN)
             .arg("server")
             .args(["--id", &id.to_string()])
@@ -196,7 +214,11 @@ impl Cluster {
     }
 
     pub fn running(&self) -> Vec<u64> {
-        self.nodes.iter().filter(|n| n.child.is_some()).map(|n| n.id).collect()
+        self.nodes
+            .iter()
+            .filter(|n| n.child.is_some())
+            .map(|n| n.id)
+            .collect()
     }
 
     pub async fn client(&self) -> Client {
@@ -331,8 +353,15 @@ pub fn http_request(addr: &str, method: &str, path: &str, body: &str) -> (u16, S
     s.write_all(req.as_bytes()).expect("write http");
     let mut resp = String::new();
     let _ = s.read_to_string(&mut resp);
-    let code = resp.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let code = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (code, body)
 }
 
@@ -353,9 +382,15 @@ pub fn cli(args: &[&str], endpoints: &str) -> (i32, String, String) {
 
 /// A seed from CAPKV_TEST_SEED or the clock, printed so a failure can be replayed.
 pub fn seed(test: &str) -> u64 {
-    let seed = std::env::var("CAPKV_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
-    });
+    let seed = std::env::var("CAPKV_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+        });
     eprintln!("{test}: seed={seed} (replay with CAPKV_TEST_SEED={seed})");
     seed
 }

@@ -27,9 +27,15 @@ fn key_per_partition(partitions: u32) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn isolated_node_refuses_linearizable_ops_and_converges_after_healing() {
     let cluster = Cluster::start(Opts {
-        extra_args: ["--unsafe-fault-injection", "--write-timeout-ms", "1500", "--read-timeout-ms", "1500"]
-            .map(String::from)
-            .to_vec(),
+        extra_args: [
+            "--unsafe-fault-injection",
+            "--write-timeout-ms",
+            "1500",
+            "--read-timeout-ms",
+            "1500",
+        ]
+        .map(String::from)
+        .to_vec(),
         ..Default::default()
     })
     .await;
@@ -49,42 +55,63 @@ async fn isolated_node_refuses_linearizable_ops_and_converges_after_healing() {
 
     cluster.set_blocked(cut, &others);
     let cut_at = Instant::now();
-    let mut raw = KvClient::connect(format!("http://{}", cluster.node(cut).addr)).await.unwrap();
+    let mut raw = KvClient::connect(format!("http://{}", cluster.node(cut).addr))
+        .await
+        .unwrap();
     let any_write_succeeded = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    wait_until(Duration::from_secs(30), "the isolated node refuses every linearizable read and write", || {
-        let raw = raw.clone();
-        let keys = keys.clone();
-        let any = any_write_succeeded.clone();
-        async move {
-            let probes = keys.iter().map(|k| {
-                let mut raw = raw.clone();
-                let key = k.as_bytes().to_vec();
-                async move {
-                    let get = raw.get(GetRequest { key: key.clone(), consistency: Consistency::Linearizable as i32 }).await;
-                    let put = raw.put(PutRequest { key, value: b"minority".to_vec(), ..Default::default() }).await;
-                    (get.map(|_| ()), put.map(|_| ()))
-                }
-            });
-            let mut all_refused = true;
-            for (get, put) in futures::future::join_all(probes).await {
-                if put.is_ok() {
-                    any.store(true, std::sync::atomic::Ordering::SeqCst);
-                }
-                for r in [get, put] {
-                    match r {
-                        Ok(()) => all_refused = false,
-                        Err(s) => {
-                            let code = from_status(&s).code();
-                            all_refused &= matches!(code, ErrorCode::Unavailable | ErrorCode::NotLeader);
+    wait_until(
+        Duration::from_secs(30),
+        "the isolated node refuses every linearizable read and write",
+        || {
+            let raw = raw.clone();
+            let keys = keys.clone();
+            let any = any_write_succeeded.clone();
+            async move {
+                let probes = keys.iter().map(|k| {
+                    let mut raw = raw.clone();
+                    let key = k.as_bytes().to_vec();
+                    async move {
+                        let get = raw
+                            .get(GetRequest {
+                                key: key.clone(),
+                                consistency: Consistency::Linearizable as i32,
+                            })
+                            .await;
+                        let put = raw
+                            .put(PutRequest {
+                                key,
+                                value: b"minority".to_vec(),
+                                ..Default::default()
+                            })
+                            .await;
+                        (get.map(|_| ()), put.map(|_| ()))
+                    }
+                });
+                let mut all_refused = true;
+                for (get, put) in futures::future::join_all(probes).await {
+                    if put.is_ok() {
+                        any.store(true, std::sync::atomic::Ordering::SeqCst);
+                    }
+                    for r in [get, put] {
+                        match r {
+                            Ok(()) => all_refused = false,
+                            Err(s) => {
+                                let code = from_status(&s).code();
+                                all_refused &=
+                                    matches!(code, ErrorCode::Unavailable | ErrorCode::NotLeader);
+                            }
                         }
                     }
                 }
+                all_refused
             }
-            all_refused
-        }
-    })
+        },
+    )
     .await;
-    assert!(!any_write_succeeded.load(std::sync::atomic::Ordering::SeqCst), "a write on the isolated node was acknowledged");
+    assert!(
+        !any_write_succeeded.load(std::sync::atomic::Ordering::SeqCst),
+        "a write on the isolated node was acknowledged"
+    );
     eprintln!(
         "isolation: node {cut} (leader of {} partitions) refused all linearizable ops {} ms after the cut",
         led[cut as usize],
@@ -92,8 +119,16 @@ async fn isolated_node_refuses_linearizable_ops_and_converges_after_healing() {
     );
 
     // Weaker reads are still served on the minority side.
-    let r = raw.get(GetRequest { key: keys[0].as_bytes().to_vec(), consistency: Consistency::Prefix as i32 }).await;
-    assert!(r.is_ok(), "prefix reads stay available on an isolated node: {r:?}");
+    let r = raw
+        .get(GetRequest {
+            key: keys[0].as_bytes().to_vec(),
+            consistency: Consistency::Prefix as i32,
+        })
+        .await;
+    assert!(
+        r.is_ok(),
+        "prefix reads stay available on an isolated node: {r:?}"
+    );
 
     // The majority serves every partition.
     let majority = cluster.client_for(&others).await;
@@ -103,20 +138,34 @@ async fn isolated_node_refuses_linearizable_ops_and_converges_after_healing() {
     }
 
     cluster.set_blocked(cut, &[]);
-    wait_until(Duration::from_secs(60), "the isolated node converges after healing", || {
-        let mut raw = raw.clone();
-        let keys = keys.clone();
-        async move {
-            for k in &keys {
-                let r = raw.get(GetRequest { key: k.as_bytes().to_vec(), consistency: Consistency::Prefix as i32 }).await;
-                match r {
-                    Ok(resp) if resp.get_ref().kv.as_ref().is_some_and(|kv| kv.value == b"v1") => {}
-                    _ => return false,
+    wait_until(
+        Duration::from_secs(60),
+        "the isolated node converges after healing",
+        || {
+            let mut raw = raw.clone();
+            let keys = keys.clone();
+            async move {
+                for k in &keys {
+                    let r = raw
+                        .get(GetRequest {
+                            key: k.as_bytes().to_vec(),
+                            consistency: Consistency::Prefix as i32,
+                        })
+                        .await;
+                    match r {
+                        Ok(resp)
+                            if resp
+                                .get_ref()
+                                .kv
+                                .as_ref()
+                                .is_some_and(|kv| kv.value == b"v1") => {}
+                        _ => return false,
+                    }
                 }
+                true
             }
-            true
-        }
-    })
+        },
+    )
     .await;
     // Nothing written on the minority side survived.
     for k in &keys {
@@ -124,5 +173,11 @@ async fn isolated_node_refuses_linearizable_ops_and_converges_after_healing() {
     }
     let client1 = cluster.client_for(&[cut]).await;
     client1.put("after-heal", "ok").await.unwrap();
-    raw.put(PutRequest { key: b"x".to_vec(), value: b"y".to_vec(), ..Default::default() }).await.ok();
+    raw.put(PutRequest {
+        key: b"x".to_vec(),
+        value: b"y".to_vec(),
+        ..Default::default()
+    })
+    .await
+    .ok();
 }

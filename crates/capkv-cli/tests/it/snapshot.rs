@@ -29,10 +29,16 @@ async fn lagging_follower_catches_up_by_snapshot() {
         tasks.push(tokio::spawn(async move {
             for i in 0..150 {
                 let n = w * 150 + i;
-                client.put(format!("snap-{n:04}"), format!("v{n}")).await.unwrap();
+                client
+                    .put(format!("snap-{n:04}"), format!("v{n}"))
+                    .await
+                    .unwrap();
             }
             for i in (0..150).step_by(10) {
-                client.delete(format!("snap-{:04}", w * 150 + i)).await.unwrap();
+                client
+                    .delete(format!("snap-{:04}", w * 150 + i))
+                    .await
+                    .unwrap();
             }
         }));
     }
@@ -41,22 +47,39 @@ async fn lagging_follower_catches_up_by_snapshot() {
     }
     // Node 3 stopped after ~40 writes (a handful of entries per partition); once the
     // leaders' logs are purged past that, it can only catch up from a snapshot.
-    wait_until(Duration::from_secs(120), "nodes 1 and 2 purged their logs past node 3's position", || async {
-        let mut ok = true;
-        for id in [1, 2] {
-            let s = cluster.status(id).await;
-            if !s.as_ref().is_some_and(|s| s.partitions.iter().all(|p| p.purged_index >= 30)) {
-                eprintln!("snapshot: waiting for purge on node {id}: {:?}", s.map(|s| s.partitions.iter().map(|p| p.purged_index).collect::<Vec<_>>()));
-                ok = false;
+    wait_until(
+        Duration::from_secs(120),
+        "nodes 1 and 2 purged their logs past node 3's position",
+        || async {
+            let mut ok = true;
+            for id in [1, 2] {
+                let s = cluster.status(id).await;
+                if !s
+                    .as_ref()
+                    .is_some_and(|s| s.partitions.iter().all(|p| p.purged_index >= 30))
+                {
+                    eprintln!(
+                        "snapshot: waiting for purge on node {id}: {:?}",
+                        s.map(|s| s
+                            .partitions
+                            .iter()
+                            .map(|p| p.purged_index)
+                            .collect::<Vec<_>>())
+                    );
+                    ok = false;
+                }
             }
-        }
-        ok
-    })
+            ok
+        },
+    )
     .await;
 
     cluster.spawn(3);
     let leader_view = cluster.client_for(&[1, 2]).await;
-    let expected = leader_view.scan_all(&ScanOptions::default(), 100_000).await.unwrap();
+    let expected = leader_view
+        .scan_all(&ScanOptions::default(), 100_000)
+        .await
+        .unwrap();
     assert_eq!(expected.len(), 1200 - 120);
     let commits = {
         let mut m = std::collections::BTreeMap::new();
@@ -68,16 +91,32 @@ async fn lagging_follower_catches_up_by_snapshot() {
         }
         m
     };
-    wait_until(Duration::from_secs(120), "node 3 applies every partition up to the leaders' commit", || async {
-        cluster.status(3).await.is_some_and(|s| s.partitions.iter().all(|p| p.applied_index >= commits[&p.id]))
-    })
+    wait_until(
+        Duration::from_secs(120),
+        "node 3 applies every partition up to the leaders' commit",
+        || async {
+            cluster.status(3).await.is_some_and(|s| {
+                s.partitions
+                    .iter()
+                    .all(|p| p.applied_index >= commits[&p.id])
+            })
+        },
+    )
     .await;
-    let installs = std::fs::read_to_string(&cluster.node(3).log).unwrap().matches("installed snapshot").count();
-    assert!(installs > 0, "node 3 caught up without installing a snapshot; the test did not test anything");
+    let installs = std::fs::read_to_string(&cluster.node(3).log)
+        .unwrap()
+        .matches("installed snapshot")
+        .count();
+    assert!(
+        installs > 0,
+        "node 3 caught up without installing a snapshot; the test did not test anything"
+    );
     eprintln!("snapshot: node 3 installed {installs} partition snapshots");
 
     // Node 3's own replicas (prefix reads are served locally) equal the leaders' data.
-    let mut raw = KvClient::connect(format!("http://{}", cluster.node(3).addr)).await.unwrap();
+    let mut raw = KvClient::connect(format!("http://{}", cluster.node(3).addr))
+        .await
+        .unwrap();
     let mut local = Vec::new();
     let mut continuation = vec![];
     loop {
@@ -91,13 +130,20 @@ async fn lagging_follower_catches_up_by_snapshot() {
             .await
             .unwrap()
             .into_inner();
-        local.extend(page.kvs.into_iter().map(|kv| (kv.key, kv.value, kv.mod_revision)));
+        local.extend(
+            page.kvs
+                .into_iter()
+                .map(|kv| (kv.key, kv.value, kv.mod_revision)),
+        );
         if page.continuation.is_empty() {
             break;
         }
         continuation = page.continuation;
     }
-    let expected: Vec<_> = expected.into_iter().map(|kv| (kv.key, kv.value, kv.mod_revision)).collect();
+    let expected: Vec<_> = expected
+        .into_iter()
+        .map(|kv| (kv.key, kv.value, kv.mod_revision))
+        .collect();
     assert_eq!(local.len(), expected.len());
     assert!(local == expected, "node 3's data differs from the leaders'");
 }
