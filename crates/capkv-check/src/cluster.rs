@@ -6,7 +6,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use capkv_client::{Client, ClientConfig};
+use capkv_client::{fetch_node_status, leaders_of, Client, ClientConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 
@@ -298,40 +298,25 @@ impl Cluster {
         }
     }
 
-    /// The leader of partition `p`, asked of the running nodes.
-    pub async fn leader_of(&self, p: u32) -> Option<u64> {
-        for n in &self.nodes {
-            if !self.is_up(n.id) {
-                continue;
-            }
-            let mut cfg = ClientConfig::new([n.addr.clone()]);
-            cfg.attempt_timeout = Duration::from_millis(500);
-            cfg.request_timeout = Duration::from_millis(500);
-            let Ok(client) = Client::connect(cfg).await else {
-                continue;
-            };
-            if let Ok(s) = client.node_status(&n.addr).await {
-                if s.partitions.iter().any(|x| x.id == p && x.role == "Leader") {
-                    return Some(n.id);
-                }
+    /// The leader of each partition, from one status call per running node.
+    pub async fn leaders(&self) -> Vec<Option<u64>> {
+        let mut statuses = Vec::new();
+        for n in self.nodes.iter().filter(|n| self.is_up(n.id)) {
+            if let Ok(s) = fetch_node_status(&n.addr, Duration::from_millis(500)).await {
+                statuses.push((n.id, s));
             }
         }
-        None
+        leaders_of(self.partitions, &statuses)
+    }
+
+    /// The leader of partition `p`, asked of the running nodes.
+    pub async fn leader_of(&self, p: u32) -> Option<u64> {
+        self.leaders().await.get(p as usize).copied().flatten()
     }
 
     pub async fn wait_ready(&self, limit: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + limit;
-        loop {
-            let mut all = true;
-            for p in 0..self.partitions {
-                if self.leader_of(p).await.is_none() {
-                    all = false;
-                    break;
-                }
-            }
-            if all {
-                return Ok(());
-            }
+        while !self.leaders().await.iter().all(Option::is_some) {
             if Instant::now() > deadline {
                 bail!(
                     "not every partition had a leader after {} s",
@@ -340,6 +325,7 @@ impl Cluster {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        Ok(())
     }
 
     pub async fn shutdown(&mut self) {

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use capkv_client::{Client, ClientConfig};
+use capkv_client::fetch_node_status;
 use clap::Args;
 use tokio::process::{Child, Command};
 
@@ -133,24 +133,20 @@ async fn wait_for_leaders(
                 ));
             }
         }
-        let mut cfg = ClientConfig::new(addrs.to_vec());
-        cfg.attempt_timeout = Duration::from_secs(1);
-        if let Ok(client) = Client::connect(cfg).await {
-            let mut all = true;
-            for addr in addrs {
-                match client.node_status(addr).await {
-                    Ok(s) => {
-                        all &= s
-                            .partitions
-                            .iter()
-                            .all(|p| p.role.is_empty() || p.leader_id != 0)
-                    }
-                    Err(_) => all = false,
+        let mut all = true;
+        for addr in addrs {
+            match fetch_node_status(addr, Duration::from_secs(1)).await {
+                Ok(s) => {
+                    all &= s
+                        .partitions
+                        .iter()
+                        .all(|p| p.role.is_empty() || p.leader_id != 0)
                 }
+                Err(_) => all = false,
             }
-            if all {
-                return Ok(());
-            }
+        }
+        if all {
+            return Ok(());
         }
         if Instant::now() >= deadline {
             return Err(format!(

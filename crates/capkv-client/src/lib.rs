@@ -144,6 +144,46 @@ fn consistency_pb(c: ReadConsistency) -> i32 {
     }
 }
 
+/// Asks one node for its status, with a deadline.
+async fn status_call(
+    mut kv: KvClient<Channel>,
+    addr: &str,
+    timeout: Duration,
+) -> Result<StatusResponse, KvError> {
+    let mut req = tonic::Request::new(pb::StatusRequest {});
+    req.set_timeout(timeout);
+    match tokio::time::timeout(timeout, kv.status(req)).await {
+        Ok(Ok(r)) => Ok(r.into_inner()),
+        Ok(Err(s)) => Err(from_status(&s)),
+        Err(_) => Err(KvError::Unavailable(format!(
+            "{addr} did not answer in time"
+        ))),
+    }
+}
+
+/// The status of the node at `addr` over a connection of its own: one RPC, no partition
+/// map needed (for tools that watch nodes rather than route keys).
+pub async fn fetch_node_status(addr: &str, timeout: Duration) -> Result<StatusResponse, KvError> {
+    let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| KvError::InvalidArgument(format!("bad endpoint {addr:?}: {e}")))?
+        .connect_timeout(timeout)
+        .tcp_nodelay(true);
+    status_call(KvClient::new(endpoint.connect_lazy()), addr, timeout).await
+}
+
+/// The leader of each partition according to `statuses` (a node that says it leads);
+/// `None` where no node does.
+pub fn leaders_of(partitions: u32, statuses: &[(u64, StatusResponse)]) -> Vec<Option<u64>> {
+    (0..partitions)
+        .map(|p| {
+            statuses
+                .iter()
+                .find(|(_, s)| s.partitions.iter().any(|x| x.id == p && x.role == "Leader"))
+                .map(|(id, _)| *id)
+        })
+        .collect()
+}
+
 /// Where an attempt's failure leaves a write.
 fn may_have_applied(status: &tonic::Status, err: &KvError) -> bool {
     match err {
@@ -214,16 +254,7 @@ impl Client {
 
     /// The status of the node at `addr` (its view of the cluster).
     pub async fn node_status(&self, addr: &str) -> Result<StatusResponse, KvError> {
-        let mut kv = self.kv(addr)?;
-        let mut req = tonic::Request::new(pb::StatusRequest {});
-        req.set_timeout(self.inner.config.attempt_timeout);
-        match tokio::time::timeout(self.inner.config.attempt_timeout, kv.status(req)).await {
-            Ok(Ok(r)) => Ok(r.into_inner()),
-            Ok(Err(s)) => Err(from_status(&s)),
-            Err(_) => Err(KvError::Unavailable(format!(
-                "{addr} did not answer in time"
-            ))),
-        }
+        status_call(self.kv(addr)?, addr, self.inner.config.attempt_timeout).await
     }
 
     /// Reloads the partition map and leaders from the first endpoint that answers.

@@ -110,6 +110,17 @@ pub struct ScanParams {
     pub consistency: ReadConsistency,
 }
 
+/// One partition's share of a scan: `[start, end)`, at most `limit` keys, read at `level`.
+#[derive(Debug, Clone, Copy)]
+pub struct PartitionScan<'a> {
+    pub partition: PartitionId,
+    pub start: &'a [u8],
+    /// Exclusive; `None` = to the partition's last key.
+    pub end: Option<&'a [u8]>,
+    pub limit: u32,
+    pub level: ReadConsistency,
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct ScanPage {
     pub kvs: Vec<KeyValue>,
@@ -290,19 +301,25 @@ impl KvCore {
             // Fail fast where the answer is already known, instead of waiting out the
             // read timeout: a follower names its leader; a leader whose quorum has been
             // silent for a whole lease cannot confirm leadership now.
-            let m = replica.raft.metrics().borrow_watched().clone();
-            if m.state != ServerState::Leader {
-                return match m.current_leader {
+            // Copy out the three fields needed; cloning all metrics per read is wasteful.
+            let (state, leader, quorum_silent) = {
+                let rx = replica.raft.metrics();
+                let m = rx.borrow_watched();
+                let silent = m
+                    .last_quorum_acked
+                    .as_ref()
+                    .is_some_and(|t| t.elapsed() > Duration::from_millis(self.quorum_lease_ms));
+                (m.state, m.current_leader, silent)
+            };
+            if state != ServerState::Leader {
+                return match leader {
                     Some(l) if NodeId(l) != self.id => Err(self.not_leader(p, Some(NodeId(l)))),
                     _ => Err(KvError::Unavailable(format!(
                         "partition {p} has no known leader"
                     ))),
                 };
             }
-            if m.last_quorum_acked
-                .as_ref()
-                .is_some_and(|t| t.elapsed() > Duration::from_millis(self.quorum_lease_ms))
-            {
+            if quorum_silent {
                 return Err(KvError::Unavailable(format!(
                     "partition {p}: this leader has not heard from a quorum for over {} ms",
                     self.quorum_lease_ms
@@ -361,12 +378,15 @@ impl KvCore {
     /// more keys after it.
     pub async fn scan_partition_local(
         &self,
-        p: PartitionId,
-        start: &[u8],
-        end: Option<&[u8]>,
-        limit: u32,
-        level: ReadConsistency,
+        scan: PartitionScan<'_>,
     ) -> Result<(Vec<KeyValue>, bool), KvError> {
+        let PartitionScan {
+            partition: p,
+            start,
+            end,
+            limit,
+            level,
+        } = scan;
         if p.0 >= self.map.partition_count {
             return Err(KvError::InvalidArgument(format!(
                 "partition {p} does not exist (the cluster has {})",
@@ -393,28 +413,29 @@ impl KvCore {
 
     async fn scan_partition_anywhere(
         &self,
-        p: PartitionId,
-        start: &[u8],
-        end: Option<&[u8]>,
-        limit: u32,
-        level: ReadConsistency,
+        scan: PartitionScan<'_>,
     ) -> Result<(Vec<KeyValue>, bool), KvError> {
+        let p = scan.partition;
         let mut target: Option<NodeId> = None;
         if let Some(r) = self.replicas.get(&p) {
-            let leads = r.raft.metrics().borrow_watched().state == ServerState::Leader;
-            if level == ReadConsistency::Prefix || leads {
-                return self.scan_partition_local(p, start, end, limit, level).await;
+            let (state, leader) = {
+                let rx = r.raft.metrics();
+                let m = rx.borrow_watched();
+                (m.state, m.current_leader)
+            };
+            if scan.level == ReadConsistency::Prefix || state == ServerState::Leader {
+                return self.scan_partition_local(scan).await;
             }
-            target = r.raft.metrics().borrow_watched().current_leader.map(NodeId);
+            target = leader.map(NodeId);
         }
         let mut target = target.or_else(|| self.map.replicas(p).first().copied());
         // Follow at most two leader hints.
         for _ in 0..3 {
             let Some(node) = target else { break };
             if node == self.id {
-                return self.scan_partition_local(p, start, end, limit, level).await;
+                return self.scan_partition_local(scan).await;
             }
-            match self.scan_remote(node, p, start, end, limit, level).await {
+            match self.scan_remote(node, scan).await {
                 Err(KvError::NotLeader { leader_id, .. })
                     if leader_id.is_some() && leader_id != Some(node) =>
                 {
@@ -431,12 +452,15 @@ impl KvCore {
     async fn scan_remote(
         &self,
         node: NodeId,
-        p: PartitionId,
-        start: &[u8],
-        end: Option<&[u8]>,
-        limit: u32,
-        level: ReadConsistency,
+        scan: PartitionScan<'_>,
     ) -> Result<(Vec<KeyValue>, bool), KvError> {
+        let PartitionScan {
+            partition: p,
+            start,
+            end,
+            limit,
+            level,
+        } = scan;
         let addr = self
             .map
             .addr_of(node)
@@ -526,7 +550,13 @@ impl KvCore {
         let limit = self.scan_limit(params.limit)?;
         let (start, end) = self.scan_bounds(params)?;
         let (kvs, more) = self
-            .scan_partition_local(p, &start, end.as_deref(), limit, params.consistency)
+            .scan_partition_local(PartitionScan {
+                partition: p,
+                start: &start,
+                end: end.as_deref(),
+                limit,
+                level: params.consistency,
+            })
             .await?;
         let continuation = match (more, kvs.last()) {
             (true, Some(last)) => encode_continuation(&last.key),
@@ -546,7 +576,13 @@ impl KvCore {
             return Ok(ScanPage::default());
         }
         let futures = self.map.partitions().map(|p| {
-            self.scan_partition_anywhere(p, &start, end.as_deref(), limit, params.consistency)
+            self.scan_partition_anywhere(PartitionScan {
+                partition: p,
+                start: &start,
+                end: end.as_deref(),
+                limit,
+                level: params.consistency,
+            })
         });
         let results = futures::future::join_all(futures).await;
         let mut all: Vec<KeyValue> = Vec::new();

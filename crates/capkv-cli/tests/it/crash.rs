@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::fixture::{seed, Cluster, Opts};
+use crate::fixture::{seed, wait_until, Cluster, Opts};
 
 const WRITERS: usize = 8;
 
@@ -40,8 +40,14 @@ async fn acknowledged_writes_survive_killing_every_node() {
                 }
             }));
         }
-        let kill_after = Duration::from_millis(1500 + next() % 2000);
-        tokio::time::sleep(kill_after).await;
+        // Kill once a seeded number of writes were acknowledged: mid-load, at a point that
+        // depends on the seed rather than on how fast this machine is.
+        let kill_after = 500 + (next() % 2500) as usize;
+        let what = format!("{kill_after} writes acknowledged");
+        wait_until(Duration::from_secs(120), &what, || async {
+            acked.lock().unwrap().len() >= kill_after
+        })
+        .await;
         for id in 1..=3 {
             cluster.kill(id);
         }
@@ -73,8 +79,8 @@ async fn acknowledged_writes_survive_killing_every_node() {
             }
         }
         eprintln!(
-            "crash round {round}: killed all nodes after {} ms; acked={} present={}",
-            kill_after.as_millis(),
+            "crash round {round}: killed all nodes after {} acknowledged writes; acked={} present={}",
+            kill_after,
             acked.len(),
             present
         );

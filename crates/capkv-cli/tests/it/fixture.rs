@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use capkv_client::{Client, ClientConfig, StatusResponse};
+use capkv_client::{fetch_node_status, leaders_of, Client, ClientConfig, StatusResponse};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_capkv");
 
@@ -244,34 +244,32 @@ impl Cluster {
     }
 
     pub async fn status(&self, id: u64) -> Option<StatusResponse> {
-        let mut cfg = ClientConfig::new([self.node(id).addr.clone()]);
-        cfg.attempt_timeout = Duration::from_secs(2);
-        let client = Client::connect(cfg).await.ok()?;
-        client.node_status(&self.node(id).addr).await.ok()
+        fetch_node_status(&self.node(id).addr, Duration::from_secs(2))
+            .await
+            .ok()
+    }
+
+    /// The leader of each partition, from one status call per running node.
+    pub async fn leaders(&self) -> Vec<Option<u64>> {
+        let mut statuses = Vec::new();
+        for id in self.running() {
+            if let Some(s) = self.status(id).await {
+                statuses.push((id, s));
+            }
+        }
+        leaders_of(self.partitions, &statuses)
     }
 
     /// The leader of partition `p` according to the running nodes (a node that says it leads).
     pub async fn leader_of(&self, p: u32) -> Option<u64> {
-        for id in self.running() {
-            if let Some(s) = self.status(id).await {
-                if s.partitions.iter().any(|x| x.id == p && x.role == "Leader") {
-                    return Some(id);
-                }
-            }
-        }
-        None
+        self.leaders().await.get(p as usize).copied().flatten()
     }
 
-    /// Waits until every partition has a leader that the running nodes agree on.
+    /// Waits until every partition has a leader.
     pub async fn wait_ready(&self, limit: Duration) {
         let what = format!("every partition has a leader on nodes {:?}", self.running());
         wait_until(limit, &what, || async {
-            for p in 0..self.partitions {
-                if self.leader_of(p).await.is_none() {
-                    return false;
-                }
-            }
-            true
+            self.leaders().await.iter().all(Option::is_some)
         })
         .await;
     }
