@@ -183,7 +183,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             raft_meta_tag::LAST_PURGED,
             &encode(&log_id)?,
         )?;
-        self.engine.log_purge_upto(self.partition, log_id.index)?;
+        // Thousands of deletions: off the runtime threads, so other partitions' Raft
+        // tasks on this worker are not held up.
+        let engine = self.engine.clone();
+        let partition = self.partition;
+        tokio::task::spawn_blocking(move || engine.log_purge_upto(partition, log_id.index))
+            .await
+            .map_err(io::Error::other)??;
         Ok(())
     }
 }

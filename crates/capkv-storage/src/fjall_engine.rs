@@ -42,11 +42,89 @@ pub struct FjallEngine {
     sm_dedup: Keyspace,
     node_meta: Keyspace,
     snapshot_dir: PathBuf,
+    syncer: std::sync::Arc<JournalSyncer>,
     group_commit: GroupCommit,
 }
 
-fn persist(db: &Database) -> Result<(), StorageError> {
-    db.persist(PersistMode::SyncAll).map_err(StorageError::from)
+/// Makes every write committed to `db` before the call durable, without holding fjall's
+/// journal lock during the fsync.
+///
+/// `Database::persist(SyncAll)` fsyncs while holding the journal writer's mutex, so every
+/// batch commit on any runtime thread (log appends, applies of every partition) stalls
+/// for the whole fsync (measured: tokio workers blocked in `WriteBatch::commit` behind the
+/// flusher). Instead, the journal's user-space buffer is flushed under the lock (a
+/// `write`, fast) and the active journal file is then `fdatasync`ed through our own file
+/// descriptor, with the lock released.
+///
+/// Why this is safe: `fdatasync` on any descriptor of a file syncs that file's data and
+/// the metadata needed to read it. If fjall rotates the journal between our buffer
+/// flush and our fsync, rotation itself `fsync`s the sealed journal (which holds our
+/// writes) before switching, and writes made after the rotation are not ours to cover.
+/// If the journal layout is not the one this relies on (`<db>/<id>.jnl`), it falls back
+/// to `persist(SyncAll)`.
+struct JournalSyncer {
+    db: Database,
+    dir: PathBuf,
+    active: std::sync::Mutex<Option<(u64, fs::File)>>,
+}
+
+impl JournalSyncer {
+    fn new(db: Database, dir: PathBuf) -> Self {
+        JournalSyncer {
+            db,
+            dir,
+            active: std::sync::Mutex::new(None),
+        }
+    }
+
+    fn journal_path(&self, id: u64) -> PathBuf {
+        self.dir.join(format!("{id}.jnl"))
+    }
+
+    /// Highest journal id in the directory (the active one), if any.
+    fn scan_active(&self) -> std::io::Result<Option<u64>> {
+        let mut best = None;
+        for entry in fs::read_dir(&self.dir)? {
+            let name = entry?.file_name();
+            let id = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".jnl"))
+                .and_then(|n| n.parse::<u64>().ok());
+            if let Some(id) = id {
+                best = best.max(Some(id));
+            }
+        }
+        Ok(best)
+    }
+
+    fn sync(&self) -> Result<(), StorageError> {
+        // Under fjall's lock: user-space buffer to the OS. Everything committed before
+        // this line is now in the active journal's page cache (or in a sealed journal
+        // that rotation has already fsynced).
+        self.db.persist(PersistMode::Buffer)?;
+        let mut active = self.active.lock().unwrap_or_else(|e| e.into_inner());
+        let mut id = match active.as_ref() {
+            Some((id, _)) => *id,
+            None => match self.scan_active()? {
+                Some(id) => id,
+                None => {
+                    drop(active);
+                    return self.db.persist(PersistMode::SyncAll).map_err(Into::into);
+                }
+            },
+        };
+        // Follow rotations (one `stat` per sync when there was none).
+        while self.journal_path(id + 1).exists() {
+            id += 1;
+        }
+        if active.as_ref().map(|(a, _)| *a) != Some(id) {
+            let file = fs::File::open(self.journal_path(id))?;
+            *active = Some((id, file));
+        }
+        let (_, file) = active.as_ref().expect("set above");
+        file.sync_data()?;
+        Ok(())
+    }
 }
 
 impl FjallEngine {
@@ -65,8 +143,9 @@ impl FjallEngine {
         let sm_meta = ks("sm_meta")?;
         let sm_dedup = ks("sm_dedup")?;
         let node_meta = ks("node_meta")?;
-        let sync_db = db.clone();
-        let group_commit = GroupCommit::start(move || persist(&sync_db))?;
+        let syncer = std::sync::Arc::new(JournalSyncer::new(db.clone(), dir.join("db")));
+        let flusher = syncer.clone();
+        let group_commit = GroupCommit::start(move || flusher.sync())?;
         Ok(FjallEngine {
             db,
             raft_log,
@@ -76,6 +155,7 @@ impl FjallEngine {
             sm_dedup,
             node_meta,
             snapshot_dir,
+            syncer,
             group_commit,
         })
     }
@@ -173,7 +253,27 @@ impl StorageEngine for FjallEngine {
     }
 
     fn log_purge_upto(&self, p: PartitionId, upto: u64) -> Result<(), StorageError> {
-        self.remove_log_range(p, 0, upto)
+        // Indexes are contiguous, so one seek finds the first live entry and the rest
+        // are named, not read: a purge of ~20k entries used to read every entry (values
+        // included) before deleting it.
+        let first = match self
+            .raft_log
+            .range(keys::log_key(p, 0)..=keys::log_key(p, upto))
+            .next()
+        {
+            None => return Ok(()),
+            Some(guard) => {
+                let key = guard.key()?;
+                keys::log_index_of(&key)
+                    .ok_or_else(|| StorageError::Corrupt("malformed raft log key".into()))?
+            }
+        };
+        let mut batch = self.db.batch();
+        for index in first..=upto {
+            batch.remove(&self.raft_log, keys::log_key(p, index));
+        }
+        batch.commit()?;
+        Ok(())
     }
 
     fn raft_meta_get(&self, p: PartitionId, tag: u8) -> Result<Option<Vec<u8>>, StorageError> {
@@ -375,7 +475,7 @@ impl StorageEngine for FjallEngine {
     }
 
     fn sync(&self) -> Result<(), StorageError> {
-        persist(&self.db)
+        self.syncer.sync()
     }
 
     fn group_commit(&self) -> &GroupCommit {
@@ -412,4 +512,62 @@ fn decode_snapshot_file(body: &[u8]) -> Result<StoredSnapshot, String> {
         ));
     }
     Ok((meta, data.to_vec()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn active_id(s: &JournalSyncer) -> Option<u64> {
+        s.active.lock().unwrap().as_ref().map(|(id, _)| *id)
+    }
+
+    /// The syncer must fsync the journal fjall is writing to now, also after fjall
+    /// rotated it (at a memtable flush once the journal passed 64 MB).
+    #[test]
+    fn journal_syncer_follows_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Database::builder(dir.path().join("db")).open().unwrap();
+        let ks = db.keyspace("k", KeyspaceCreateOptions::default).unwrap();
+        let syncer = JournalSyncer::new(db.clone(), dir.path().join("db"));
+        ks.insert(b"first", b"1").unwrap();
+        syncer.sync().unwrap();
+        let first = active_id(&syncer).expect("found the journal");
+
+        // Incompressible values (the journal may compress).
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut value = vec![0u8; 1024 * 1024];
+        let mut i = 0u32;
+        while syncer.scan_active().unwrap() == Some(first) {
+            for b in value.iter_mut() {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                *b = x as u8;
+            }
+            assert!(
+                i < 400,
+                "fjall did not rotate its journal after {i} MiB: {:?}",
+                fs::read_dir(dir.path().join("db"))
+                    .unwrap()
+                    .map(|e| e.unwrap().file_name())
+                    .collect::<Vec<_>>()
+            );
+            ks.insert(i.to_be_bytes(), &value).unwrap();
+            i += 1;
+            if i % 16 == 0 {
+                // fjall rotates its journal during a memtable flush once the journal
+                // is past 64 MB.
+                ks.rotate_memtable_and_wait().unwrap();
+            }
+        }
+        ks.insert(b"last", b"2").unwrap();
+        syncer.sync().unwrap();
+        let now = active_id(&syncer).unwrap();
+        assert!(
+            now > first,
+            "syncer still syncs journal {now}, fjall rotated past {first}"
+        );
+        assert_eq!(Some(now), syncer.scan_active().unwrap());
+    }
 }
