@@ -555,7 +555,7 @@ mod tests {
             );
             ks.insert(i.to_be_bytes(), &value).unwrap();
             i += 1;
-            if i % 16 == 0 {
+            if i.is_multiple_of(16) {
                 // fjall rotates its journal during a memtable flush once the journal
                 // is past 64 MB.
                 ks.rotate_memtable_and_wait().unwrap();
