@@ -44,6 +44,24 @@ impl LogStore {
     }
 }
 
+/// Whether `partition`'s vote stored on this node is still `leader`'s at `term`, i.e. this
+/// node has not moved to a later term (granted a vote or followed another leader there).
+///
+/// Reads storage, not metrics: openraft stores a vote before any grant or answer that
+/// depends on it leaves the node, while metrics are published later and may lag.
+pub fn stored_vote_is(
+    engine: &dyn StorageEngine,
+    partition: PartitionId,
+    term: u64,
+    leader: u64,
+) -> io::Result<bool> {
+    let Some(bytes) = engine.raft_meta_get(partition, raft_meta_tag::VOTE)? else {
+        return Ok(false);
+    };
+    let vote: VoteOf<TypeConfig> = decode(&bytes)?;
+    Ok(vote.leader_id.term == term && vote.leader_id.node_id == leader)
+}
+
 fn bounds(range: &impl RangeBounds<u64>) -> (u64, u64) {
     let start = match range.start_bound() {
         Bound::Included(x) => *x,

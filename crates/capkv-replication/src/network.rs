@@ -36,6 +36,9 @@ pub enum RaftRpc {
     PreVote,
     Snapshot,
     TransferLeader,
+    /// Node-level leadership confirmation (see `capkv_server::kv::LeaderConfirmer`);
+    /// answered by the node, not by a partition's Raft.
+    ConfirmLeadership,
 }
 
 impl RaftRpc {
@@ -46,6 +49,7 @@ impl RaftRpc {
             RaftRpc::PreVote => "pre_vote",
             RaftRpc::Snapshot => "snapshot",
             RaftRpc::TransferLeader => "transfer_leader",
+            RaftRpc::ConfirmLeadership => "confirm_leadership",
         }
     }
 }
@@ -248,5 +252,8 @@ pub async fn dispatch(
             )
         }
         RaftRpc::TransferLeader => reply(raft.handle_transfer_leader(parse(payload)?).await),
+        RaftRpc::ConfirmLeadership => Err(DispatchError::Malformed(
+            "leadership confirmations are answered by the node, not a partition".into(),
+        )),
     }
 }

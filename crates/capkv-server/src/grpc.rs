@@ -11,10 +11,12 @@ use capkv_proto::raft::{
     RaftReply, RaftReplyBatch, RaftReplyItem, RaftReplyStatus,
 };
 use capkv_proto::status::to_status;
-use capkv_replication::{dispatch, CommandResponse, Condition, Idempotency};
+use capkv_replication::codec::{decode, encode};
+use capkv_replication::{dispatch, CommandResponse, Condition, Idempotency, RaftRpc};
 use capkv_types::{KvError, NodeId, PartitionId, ReadConsistency};
 use tonic::{Request, Response, Status};
 
+use crate::confirm::{self, ConfirmItems, CONFIRM_ITEMS_MAX};
 use crate::kv::{KeyValue, KvCore, ScanParams, Served};
 use crate::transport::rpc_of;
 
@@ -272,6 +274,24 @@ impl RaftService {
             .raft_messages
             .with_label_values(&[rpc.name()])
             .inc();
+        if rpc == RaftRpc::ConfirmLeadership {
+            let items: ConfirmItems = decode(&m.payload)
+                .map_err(|e| Status::invalid_argument(format!("malformed confirmation: {e}")))?;
+            if items.len() > CONFIRM_ITEMS_MAX {
+                return Err(Status::invalid_argument(format!(
+                    "confirmation of {} partitions; at most {CONFIRM_ITEMS_MAX}",
+                    items.len()
+                )));
+            }
+            let confirmed = confirm::answer(
+                &*core.engine,
+                |p| core.replicas.contains_key(&p),
+                NodeId(m.from_node),
+                &items,
+            );
+            return encode(&Ok::<_, String>(confirmed))
+                .map_err(|e| Status::internal(e.to_string()));
+        }
         let replica = core
             .replicas
             .get(&PartitionId(m.partition_id))

@@ -19,6 +19,7 @@ use openraft::error::{ClientWriteError, ForwardToLeader, LinearizableReadError, 
 use openraft::{Instant as _, ReadPolicy, ServerState};
 
 use crate::config::ReadPolicyChoice;
+use crate::confirm::LeaderConfirmer;
 use crate::metrics::Metrics;
 use crate::transport::PeerChannels;
 
@@ -148,6 +149,8 @@ pub struct KvCore {
     pub peers: Arc<PeerChannels>,
     pub faults: Arc<Faults>,
     pub metrics: Arc<Metrics>,
+    /// Batched leadership confirmations for ReadIndex reads (all partitions at once).
+    pub confirmer: LeaderConfirmer,
 }
 
 /// The smallest key greater than every key starting with `prefix`, or `None` if there is
@@ -297,6 +300,8 @@ impl KvCore {
         if level == ReadConsistency::Prefix || self.unsafe_local_reads {
             return Ok(replica);
         }
+        let deadline = tokio::time::Instant::now() + self.read_timeout;
+        let read_point: Option<(u64, u64)>;
         {
             // Fail fast where the answer is already known, instead of waiting out the
             // read timeout: a follower names its leader; a leader whose quorum has been
@@ -309,6 +314,14 @@ impl KvCore {
                     .last_quorum_acked
                     .as_ref()
                     .is_some_and(|t| t.elapsed() > Duration::from_millis(self.quorum_lease_ms));
+                // The read point: the commit index now, usable once the leader has
+                // committed an entry of its own term (then it covers every write
+                // acknowledged by earlier leaders).
+                read_point = m
+                    .local_committed
+                    .as_ref()
+                    .filter(|c| c.leader_id.term == m.current_term)
+                    .map(|c| (m.current_term, c.index));
                 (m.state, m.current_leader, silent)
             };
             if state != ServerState::Leader {
@@ -326,6 +339,25 @@ impl KvCore {
                 )));
             }
         }
+        if let (ReadPolicyChoice::ReadIndex, Some((term, read_index))) =
+            (self.read_policy, read_point)
+        {
+            // Batched node-level confirmation (see `confirm.rs`); if it does not confirm,
+            // openraft's own ReadIndex below decides, with its precise errors.
+            let fast = async {
+                self.confirmer.confirm(p, term).await
+                    && (replica.applied.get() >= read_index
+                        || replica
+                            .raft
+                            .wait(Some(self.read_timeout))
+                            .applied_index_at_least(Some(read_index), "linearizable read")
+                            .await
+                            .is_ok())
+            };
+            if let Ok(true) = tokio::time::timeout_at(deadline, fast).await {
+                return Ok(replica);
+            }
+        }
         let policy = match self.read_policy {
             ReadPolicyChoice::ReadIndex => ReadPolicy::ReadIndex,
             ReadPolicyChoice::Lease => ReadPolicy::LeaseRead,
@@ -341,7 +373,7 @@ impl KvCore {
                     .map_err(RaftError::Fatal),
             }
         };
-        match tokio::time::timeout(self.read_timeout, confirmed).await {
+        match tokio::time::timeout_at(deadline, confirmed).await {
             Err(_elapsed) => Err(KvError::Unavailable(format!(
                 "partition {p}: could not confirm leadership with a quorum within {} ms",
                 self.read_timeout.as_millis()

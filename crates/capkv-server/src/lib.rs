@@ -5,6 +5,7 @@
 //! leadership, consistency levels, validation); [`grpc`] and [`http`] only translate.
 
 pub mod config;
+pub mod confirm;
 pub mod grpc;
 pub mod http;
 pub mod kv;

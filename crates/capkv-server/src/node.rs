@@ -23,6 +23,7 @@ use tokio::task::JoinHandle;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
 use crate::config::NodeConfig;
+use crate::confirm::LeaderConfirmer;
 use crate::grpc::{KvService, RaftService};
 use crate::kv::{KvCore, Replica};
 use crate::metrics::Metrics;
@@ -140,6 +141,14 @@ impl Node {
         }
 
         let metrics = Arc::new(Metrics::new(config.id.0)?);
+        let confirmer = LeaderConfirmer::new(
+            config.id,
+            map.clone(),
+            engine.clone(),
+            transport.clone(),
+            faults.clone(),
+            config.read_timeout,
+        );
         let core = Arc::new(KvCore {
             id: config.id,
             map,
@@ -155,6 +164,7 @@ impl Node {
             peers,
             faults,
             metrics,
+            confirmer,
         });
         if config.unsafe_local_reads {
             tracing::warn!("UNSAFE: --unsafe-local-reads serves linearizable reads from the local replica; reads may be stale");

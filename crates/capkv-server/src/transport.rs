@@ -201,6 +201,7 @@ fn kind(rpc: RaftRpc) -> RaftKind {
         RaftRpc::PreVote => RaftKind::PreVote,
         RaftRpc::Snapshot => RaftKind::Snapshot,
         RaftRpc::TransferLeader => RaftKind::TransferLeader,
+        RaftRpc::ConfirmLeadership => RaftKind::ConfirmLeadership,
     }
 }
 
@@ -211,6 +212,7 @@ pub fn rpc_of(kind: i32) -> Option<RaftRpc> {
         RaftKind::PreVote => RaftRpc::PreVote,
         RaftKind::Snapshot => RaftRpc::Snapshot,
         RaftKind::TransferLeader => RaftRpc::TransferLeader,
+        RaftKind::ConfirmLeadership => RaftRpc::ConfirmLeadership,
         RaftKind::Unspecified => return None,
     })
 }

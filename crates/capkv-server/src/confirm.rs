@@ -1,0 +1,223 @@
+//! Node-level leadership confirmation for linearizable reads (ReadIndex across partitions).
+//!
+//! A ReadIndex read on a leader must learn, after the read began, that a majority of the
+//! partition's replicas has not moved past the leader's term. Asking each partition's Raft
+//! group to do that costs a heartbeat round per partition (a Raft-core turn on the leader
+//! and on every follower). Here one message per peer confirms every partition this node
+//! is reading from at once: the peer answers, for each `(partition, term)`, whether its
+//! *stored* vote for that partition is still this node's at that term.
+//!
+//! Why that is enough: a leader elected at a later term needs votes from a majority, and
+//! openraft stores a vote before a grant leaves a node. If, after the read began, a
+//! majority (this node included, checked last) still stores this node's vote at `term`,
+//! no later leader existed when those answers were given; every write acknowledged before
+//! the read began is at or below the leader's commit index taken at the start, which the
+//! read then waits to have applied.
+//!
+//! Rounds are coalesced like [`crate::kv::ReadBatcher`]: reads that arrive while a round
+//! is in flight wait for the next one, so a round always starts after every read it serves.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use capkv_placement::PartitionMap;
+use capkv_replication::codec::{decode, encode};
+use capkv_replication::log_store::stored_vote_is;
+use capkv_replication::{Faults, RaftEnvelope, RaftRpc, RaftTransport};
+use capkv_storage::StorageEngine;
+use capkv_types::{NodeId, PartitionId};
+use futures::stream::{FuturesUnordered, StreamExt};
+use tokio::sync::oneshot;
+
+/// What a peer is asked: (partition, term) pairs; it answers with the confirmed subset.
+pub type ConfirmItems = Vec<(u32, u64)>;
+
+/// Largest number of pairs a peer accepts in one confirmation message.
+pub const CONFIRM_ITEMS_MAX: usize = 1 << 16;
+
+struct Context {
+    id: NodeId,
+    map: PartitionMap,
+    engine: Arc<dyn StorageEngine>,
+    transport: Arc<dyn RaftTransport>,
+    faults: Arc<Faults>,
+    timeout: Duration,
+}
+
+struct Waiter {
+    partition: PartitionId,
+    term: u64,
+    tx: oneshot::Sender<bool>,
+}
+
+#[derive(Default)]
+struct State {
+    running: bool,
+    waiting: Vec<Waiter>,
+}
+
+pub struct LeaderConfirmer {
+    ctx: Arc<Context>,
+    state: Arc<Mutex<State>>,
+}
+
+impl LeaderConfirmer {
+    pub fn new(
+        id: NodeId,
+        map: PartitionMap,
+        engine: Arc<dyn StorageEngine>,
+        transport: Arc<dyn RaftTransport>,
+        faults: Arc<Faults>,
+        timeout: Duration,
+    ) -> Self {
+        LeaderConfirmer {
+            ctx: Arc::new(Context {
+                id,
+                map,
+                engine,
+                transport,
+                faults,
+                timeout,
+            }),
+            state: Arc::default(),
+        }
+    }
+
+    /// True if a majority of `partition`'s replicas, asked after this call began, still
+    /// hold this node's vote at `term`. False means "not confirmed" (lost leadership, or a
+    /// quorum did not answer in time), never "confirmed late".
+    pub async fn confirm(&self, partition: PartitionId, term: u64) -> bool {
+        let (tx, rx) = oneshot::channel();
+        let start_driver = {
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            st.waiting.push(Waiter {
+                partition,
+                term,
+                tx,
+            });
+            !std::mem::replace(&mut st.running, true)
+        };
+        if start_driver {
+            let ctx = self.ctx.clone();
+            let state = self.state.clone();
+            tokio::spawn(async move {
+                loop {
+                    let waiters = {
+                        let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+                        if st.waiting.is_empty() {
+                            st.running = false;
+                            break;
+                        }
+                        std::mem::take(&mut st.waiting)
+                    };
+                    round(&ctx, waiters).await;
+                }
+            });
+        }
+        rx.await.unwrap_or(false)
+    }
+}
+
+/// One (partition, term) being confirmed in a round.
+struct Ask {
+    /// Peer acknowledgements still needed (a majority counts this node too).
+    need: usize,
+    waiters: Vec<oneshot::Sender<bool>>,
+}
+
+/// Answers every ask that has its peer acknowledgements, after checking this node's own
+/// stored vote (last, so it is read after every acknowledgement it is combined with).
+fn settle(ctx: &Context, asks: &mut BTreeMap<(PartitionId, u64), Ask>) {
+    asks.retain(|(p, term), ask| {
+        if ask.need > 0 {
+            return true;
+        }
+        let own = stored_vote_is(&*ctx.engine, *p, *term, ctx.id.0).unwrap_or(false);
+        for w in ask.waiters.drain(..) {
+            let _ = w.send(own);
+        }
+        false
+    });
+}
+
+async fn round(ctx: &Context, waiters: Vec<Waiter>) {
+    let mut asks: BTreeMap<(PartitionId, u64), Ask> = BTreeMap::new();
+    for w in waiters {
+        let replicas = ctx.map.replicas(w.partition);
+        let ask = asks.entry((w.partition, w.term)).or_insert_with(|| Ask {
+            need: replicas.len() / 2,
+            waiters: Vec::new(),
+        });
+        ask.waiters.push(w.tx);
+    }
+    let mut per_peer: BTreeMap<NodeId, ConfirmItems> = BTreeMap::new();
+    for (p, term) in asks.keys() {
+        for r in ctx.map.replicas(*p) {
+            if *r != ctx.id {
+                per_peer.entry(*r).or_default().push((p.0, *term));
+            }
+        }
+    }
+    let mut calls = FuturesUnordered::new();
+    for (peer, items) in per_peer {
+        if ctx.faults.is_blocked(peer) {
+            continue;
+        }
+        let (Some(addr), Ok(payload)) = (ctx.map.addr_of(peer), encode(&items)) else {
+            continue;
+        };
+        let envelope = RaftEnvelope {
+            partition: PartitionId(0),
+            from: ctx.id,
+            to: peer,
+            rpc: RaftRpc::ConfirmLeadership,
+            payload,
+        };
+        calls.push(ctx.transport.call(addr, envelope, ctx.timeout));
+    }
+    settle(ctx, &mut asks);
+    // Answers are used as they come: with one peer slow or cut off, reads are confirmed
+    // by the others and the round ends without waiting for it.
+    while !asks.is_empty() {
+        let Some(answer) = calls.next().await else {
+            break;
+        };
+        let mut confirmed = answer
+            .ok()
+            .and_then(|bytes| decode::<Result<ConfirmItems, String>>(&bytes).ok())
+            .and_then(Result::ok)
+            .unwrap_or_default();
+        // A peer counts once per pair, whatever it sends.
+        confirmed.sort_unstable();
+        confirmed.dedup();
+        for (p, term) in confirmed {
+            if let Some(ask) = asks.get_mut(&(PartitionId(p), term)) {
+                ask.need = ask.need.saturating_sub(1);
+            }
+        }
+        settle(ctx, &mut asks);
+    }
+    for (_, ask) in asks {
+        for w in ask.waiters {
+            let _ = w.send(false);
+        }
+    }
+}
+
+/// A peer's side: which of `items` this node still votes for `leader` in.
+pub fn answer(
+    engine: &dyn StorageEngine,
+    hosted: impl Fn(PartitionId) -> bool,
+    leader: NodeId,
+    items: &[(u32, u64)],
+) -> ConfirmItems {
+    items
+        .iter()
+        .filter(|(p, term)| {
+            let p = PartitionId(*p);
+            hosted(p) && stored_vote_is(engine, p, *term, leader.0).unwrap_or(false)
+        })
+        .copied()
+        .collect()
+}
