@@ -221,3 +221,35 @@ pub fn answer(
         .copied()
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use capkv_replication::TypeConfig;
+    use capkv_storage::keys::raft_meta_tag;
+    use capkv_storage::{FjallEngine, FjallOptions};
+    use openraft::alias::VoteOf;
+
+    fn store_vote(e: &FjallEngine, p: PartitionId, vote: VoteOf<TypeConfig>) {
+        e.raft_meta_put(p, raft_meta_tag::VOTE, &encode(&vote).unwrap())
+            .unwrap();
+    }
+
+    #[test]
+    fn a_peer_confirms_only_the_leader_and_term_it_stores() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = FjallEngine::open(dir.path(), FjallOptions::default()).unwrap();
+        let (p1, p2, p3) = (PartitionId(1), PartitionId(2), PartitionId(3));
+        store_vote(&e, p1, VoteOf::<TypeConfig>::new_committed(5, 1));
+        // p2: this node has since granted a vote to node 2 at a later term.
+        store_vote(&e, p2, VoteOf::<TypeConfig>::new_committed(5, 1));
+        store_vote(&e, p2, VoteOf::<TypeConfig>::new(6, 2));
+        // p3 has no stored vote at all.
+        let hosted = |p: PartitionId| p != PartitionId(9);
+        let asked = [(1, 5), (1, 4), (2, 5), (3, 5), (9, 5)];
+        assert_eq!(answer(&e, hosted, NodeId(1), &asked), vec![(1, 5)]);
+        // The same vote does not confirm another node's leadership.
+        assert!(answer(&e, hosted, NodeId(2), &[(1, 5)]).is_empty());
+        assert_eq!(answer(&e, hosted, NodeId(2), &[(2, 6)]), vec![(2, 6)]);
+    }
+}
