@@ -17,16 +17,17 @@
 //! Rounds are coalesced like [`crate::kv::ReadBatcher`]: reads that arrive while a round
 //! is in flight wait for the next one, so a round always starts after every read it serves.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use capkv_placement::PartitionMap;
 use capkv_replication::codec::{decode, encode};
 use capkv_replication::log_store::stored_vote_is;
-use capkv_replication::{Faults, RaftEnvelope, RaftRpc, RaftTransport};
+use capkv_replication::{Faults, RaftEnvelope, RaftRpc, RaftTransport, TransportError};
 use capkv_storage::StorageEngine;
 use capkv_types::{NodeId, PartitionId};
+use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::oneshot;
 
@@ -54,6 +55,7 @@ struct Waiter {
 #[derive(Default)]
 struct State {
     running: bool,
+    rounds: usize,
     waiting: Vec<Waiter>,
 }
 
@@ -109,9 +111,10 @@ impl LeaderConfirmer {
                             st.running = false;
                             break;
                         }
-                        std::mem::take(&mut st.waiting)
+                        st.rounds = st.rounds.wrapping_add(1);
+                        (std::mem::take(&mut st.waiting), st.rounds)
                     };
-                    round(&ctx, waiters).await;
+                    round(&ctx, waiters.0, waiters.1).await;
                 }
             });
         }
@@ -141,7 +144,66 @@ fn settle(ctx: &Context, asks: &mut BTreeMap<(PartitionId, u64), Ask>) {
     });
 }
 
-async fn round(ctx: &Context, waiters: Vec<Waiter>) {
+/// How long a round waits for the peers it asked first before asking the others too.
+const HEDGE_AFTER: Duration = Duration::from_millis(5);
+
+/// Peers to ask first: enough that every ask could reach its quorum, preferring peers
+/// already chosen (fewer messages) and otherwise the rotated order (spread the load).
+fn first_wave(
+    ctx: &Context,
+    asks: &BTreeMap<(PartitionId, u64), Ask>,
+    rotation: usize,
+) -> BTreeSet<NodeId> {
+    let mut chosen = BTreeSet::new();
+    for ((p, _), ask) in asks {
+        let mut peers: Vec<NodeId> = ctx
+            .map
+            .replicas(*p)
+            .iter()
+            .copied()
+            .filter(|r| *r != ctx.id && !ctx.faults.is_blocked(*r))
+            .collect();
+        let have = peers.iter().filter(|r| chosen.contains(*r)).count();
+        if have >= ask.need || peers.is_empty() {
+            continue;
+        }
+        let shift = rotation % peers.len();
+        peers.rotate_left(shift);
+        let extra: Vec<NodeId> = peers
+            .into_iter()
+            .filter(|r| !chosen.contains(r))
+            .take(ask.need - have)
+            .collect();
+        chosen.extend(extra);
+    }
+    chosen
+}
+
+fn confirmation_to(
+    ctx: &Context,
+    peer: NodeId,
+    asks: &BTreeMap<(PartitionId, u64), Ask>,
+) -> Option<BoxFuture<'static, Result<Vec<u8>, TransportError>>> {
+    let items: ConfirmItems = asks
+        .keys()
+        .filter(|(p, _)| ctx.map.replicas(*p).contains(&peer))
+        .map(|(p, term)| (p.0, *term))
+        .collect();
+    if items.is_empty() || ctx.faults.is_blocked(peer) {
+        return None;
+    }
+    let addr = ctx.map.addr_of(peer)?;
+    let envelope = RaftEnvelope {
+        partition: PartitionId(0),
+        from: ctx.id,
+        to: peer,
+        rpc: RaftRpc::ConfirmLeadership,
+        payload: encode(&items).ok()?,
+    };
+    Some(ctx.transport.call(addr, envelope, ctx.timeout))
+}
+
+async fn round(ctx: &Context, waiters: Vec<Waiter>, rotation: usize) {
     let mut asks: BTreeMap<(PartitionId, u64), Ask> = BTreeMap::new();
     for w in waiters {
         let replicas = ctx.map.replicas(w.partition);
@@ -151,52 +213,59 @@ async fn round(ctx: &Context, waiters: Vec<Waiter>) {
         });
         ask.waiters.push(w.tx);
     }
-    let mut per_peer: BTreeMap<NodeId, ConfirmItems> = BTreeMap::new();
-    for (p, term) in asks.keys() {
-        for r in ctx.map.replicas(*p) {
-            if *r != ctx.id {
-                per_peer.entry(*r).or_default().push((p.0, *term));
-            }
-        }
-    }
-    let mut calls = FuturesUnordered::new();
-    for (peer, items) in per_peer {
-        if ctx.faults.is_blocked(peer) {
-            continue;
-        }
-        let (Some(addr), Ok(payload)) = (ctx.map.addr_of(peer), encode(&items)) else {
-            continue;
-        };
-        let envelope = RaftEnvelope {
-            partition: PartitionId(0),
-            from: ctx.id,
-            to: peer,
-            rpc: RaftRpc::ConfirmLeadership,
-            payload,
-        };
-        calls.push(ctx.transport.call(addr, envelope, ctx.timeout));
-    }
     settle(ctx, &mut asks);
-    // Answers are used as they come: with one peer slow or cut off, reads are confirmed
-    // by the others and the round ends without waiting for it.
+    // First only as many peers as a quorum needs (one of two followers at RF 3); the
+    // others are asked when those fail, answer no, or are slower than HEDGE_AFTER.
+    let mut asked = first_wave(ctx, &asks, rotation);
+    let mut calls = FuturesUnordered::new();
+    for peer in &asked {
+        calls.extend(confirmation_to(ctx, *peer, &asks));
+    }
+    let hedge = tokio::time::sleep(HEDGE_AFTER);
+    tokio::pin!(hedge);
+    let mut hedged = false;
     while !asks.is_empty() {
-        let Some(answer) = calls.next().await else {
-            break;
+        let answer = tokio::select! {
+            a = calls.next(), if !calls.is_empty() => a,
+            _ = &mut hedge, if !hedged => None,
+            else => None,
         };
-        let mut confirmed = answer
-            .ok()
-            .and_then(|bytes| decode::<Result<ConfirmItems, String>>(&bytes).ok())
-            .and_then(Result::ok)
-            .unwrap_or_default();
-        // A peer counts once per pair, whatever it sends.
-        confirmed.sort_unstable();
-        confirmed.dedup();
-        for (p, term) in confirmed {
-            if let Some(ask) = asks.get_mut(&(PartitionId(p), term)) {
-                ask.need = ask.need.saturating_sub(1);
+        match answer {
+            Some(answer) => {
+                let mut confirmed = answer
+                    .ok()
+                    .and_then(|bytes| decode::<Result<ConfirmItems, String>>(&bytes).ok())
+                    .and_then(Result::ok)
+                    .unwrap_or_default();
+                // A peer counts once per pair, whatever it sends.
+                confirmed.sort_unstable();
+                confirmed.dedup();
+                for (p, term) in confirmed {
+                    if let Some(ask) = asks.get_mut(&(PartitionId(p), term)) {
+                        ask.need = ask.need.saturating_sub(1);
+                    }
+                }
+                settle(ctx, &mut asks);
             }
+            None if !hedged => {
+                // Slow, failed or refused: ask every peer not asked yet (each peer is
+                // asked at most once per round, so none counts twice).
+                hedged = true;
+                let rest: BTreeSet<NodeId> = asks
+                    .keys()
+                    .flat_map(|(p, _)| ctx.map.replicas(*p).iter().copied())
+                    .filter(|r| *r != ctx.id && !asked.contains(r))
+                    .collect();
+                for peer in rest {
+                    asked.insert(peer);
+                    calls.extend(confirmation_to(ctx, peer, &asks));
+                }
+            }
+            None => break,
         }
-        settle(ctx, &mut asks);
+        if calls.is_empty() && hedged {
+            break;
+        }
     }
     for (_, ask) in asks {
         for w in ask.waiters {
