@@ -281,7 +281,9 @@ async fn watch_leader(
     let Some(replica) = core.replicas.get(&p) else {
         return;
     };
-    let mut rx = replica.raft.metrics();
+    // Server metrics change only with the vote, role, leader or membership; the full
+    // metrics change on every commit and would wake this task once per write.
+    let mut rx = replica.raft.server_metrics();
     let mut last_leader: Option<u64> = None;
     let label = p.0.to_string();
     loop {
@@ -297,7 +299,7 @@ async fn watch_leader(
                     node = core.id.0,
                     partition = p.0,
                     leader = ?m.current_leader,
-                    term = m.current_term,
+                    term = m.vote.leader_id.term,
                     "leader changed"
                 );
             }
