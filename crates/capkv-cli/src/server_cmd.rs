@@ -44,8 +44,9 @@ pub struct ServerArgs {
     /// Largest value accepted, in bytes.
     #[arg(long, default_value_t = 1024 * 1024)]
     pub value_max_bytes: usize,
-    /// Build a partition snapshot (and purge its log) every this many entries. Each build
-    /// copies the whole partition, so small values trade write latency tails for log size.
+    /// Take a partition snapshot (an fsync of its state; then its log is purged) every this
+    /// many entries. Smaller values keep less log; a follower further behind than the
+    /// kept log catches up by a full copy of the partition.
     #[arg(long, default_value_t = 20_000)]
     pub snapshot_every: u64,
     /// A write not committed within this time is answered Ambiguous.

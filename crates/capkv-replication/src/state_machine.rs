@@ -341,7 +341,6 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     ) -> Result<(), io::Error> {
         let engine = self.engine.clone();
         let partition = self.partition;
-        let meta_bytes = encode(meta)?;
         let expected = meta.last_log_id;
         let image = tokio::task::spawn_blocking(move || -> io::Result<PartitionImage> {
             let image = PartitionImage::decode(&snapshot)?;
@@ -358,8 +357,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     ),
                 ));
             }
+            // Durable on return (the import is one batch, then fsync).
             engine.sm_import(partition, &image)?;
-            engine.snapshot_save(partition, &meta_bytes, &snapshot)?;
             Ok(image)
         })
         .await
@@ -384,23 +383,56 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok(())
     }
 
+    /// The partition as it is now, exported from a consistent fjall snapshot. Snapshots
+    /// are not kept as files: the state machine is already durable in fjall (see
+    /// [`SnapshotBuilder`]), so a copy is made only when a follower needs one. Its
+    /// `last_log_id` is the current applied id, at or after the last built snapshot's.
     async fn get_current_snapshot(
         &mut self,
     ) -> Result<Option<SnapshotOf<TypeConfig, Vec<u8>>>, io::Error> {
-        match self.engine.snapshot_load(self.partition)? {
-            None => Ok(None),
-            Some((meta, data)) => {
-                let meta: SnapshotMetaOf<TypeConfig> = decode(&meta)?;
-                Ok(Some(SnapshotOf::<TypeConfig, Vec<u8>> {
-                    meta,
-                    snapshot: data,
-                }))
-            }
+        if self.applied.last_applied.is_none() {
+            return Ok(None);
         }
+        let engine = self.engine.clone();
+        let partition = self.partition;
+        let snapshot = tokio::task::spawn_blocking(move || export(&*engine, partition))
+            .await
+            .map_err(io::Error::other)??;
+        tracing::info!(
+            partition = self.partition.0,
+            last_log_id = ?snapshot.meta.last_log_id,
+            bytes = snapshot.snapshot.len(),
+            "exported snapshot"
+        );
+        Ok(Some(snapshot))
     }
 }
 
-/// Builds a snapshot from a consistent point-in-time copy of the partition.
+/// A consistent copy of partition `p` with the metadata of the state it holds.
+fn export(
+    engine: &dyn StorageEngine,
+    partition: PartitionId,
+) -> io::Result<SnapshotOf<TypeConfig, Vec<u8>>> {
+    let image = engine.sm_export(partition)?;
+    let applied: AppliedState = match &image.applied {
+        Some(b) => decode(b)?,
+        None => AppliedState::default(),
+    };
+    Ok(SnapshotOf::<TypeConfig, Vec<u8>> {
+        meta: SnapshotMetaOf::<TypeConfig> {
+            last_log_id: applied.last_applied,
+            last_membership: applied.membership,
+        },
+        snapshot: image.encode()?,
+    })
+}
+
+/// "Builds" a snapshot without copying the partition: it makes the state machine durable
+/// up to its applied id (one fsync) and reports that id, which is what openraft needs to
+/// purge the log behind it. The state machine lives in fjall, so the log entries it covers
+/// are no longer needed once its state is durable; a copy for a lagging follower is made
+/// by `get_current_snapshot` when one is asked for. (Measured: copying every partition
+/// each 20,000 entries cost 10–15 % of put throughput with 100k keys, plus latency spikes.)
 pub struct SnapshotBuilder {
     engine: Arc<dyn StorageEngine>,
     partition: PartitionId,
@@ -412,33 +444,31 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<SnapshotOf<TypeConfig, Vec<u8>>, io::Error> {
         let engine = self.engine.clone();
         let partition = self.partition;
-        let snapshot =
-            tokio::task::spawn_blocking(move || -> io::Result<SnapshotOf<TypeConfig, Vec<u8>>> {
-                let image = engine.sm_export(partition)?;
-                let applied: AppliedState = match &image.applied {
-                    Some(b) => decode(b)?,
+        let meta =
+            tokio::task::spawn_blocking(move || -> io::Result<SnapshotMetaOf<TypeConfig>> {
+                // Read the applied state first, then fsync: every apply batch up to it was
+                // written to the journal before it, so the fsync makes all of them durable.
+                let applied: AppliedState = match engine.sm_applied(partition)? {
+                    Some(b) => decode(&b)?,
                     None => AppliedState::default(),
                 };
-                let meta = SnapshotMetaOf::<TypeConfig> {
+                engine.sync()?;
+                Ok(SnapshotMetaOf::<TypeConfig> {
                     last_log_id: applied.last_applied,
-                    last_membership: applied.membership.clone(),
-                };
-                let data = image.encode()?;
-                engine.snapshot_save(partition, &encode(&meta)?, &data)?;
-                Ok(SnapshotOf::<TypeConfig, Vec<u8>> {
-                    meta,
-                    snapshot: data,
+                    last_membership: applied.membership,
                 })
             })
             .await
             .map_err(io::Error::other)??;
         tracing::info!(
             partition = self.partition.0,
-            last_log_id = ?snapshot.meta.last_log_id,
-            bytes = snapshot.snapshot.len(),
-            "built snapshot"
+            last_log_id = ?meta.last_log_id,
+            "state machine durable; snapshot point recorded"
         );
-        Ok(snapshot)
+        Ok(SnapshotOf::<TypeConfig, Vec<u8>> {
+            meta,
+            snapshot: Vec::new(),
+        })
     }
 }
 

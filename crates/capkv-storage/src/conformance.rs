@@ -21,7 +21,6 @@ pub fn run_all<E: StorageEngine>(dir: &Path, open: &dyn Fn(&Path) -> E) {
     raft_meta_is_per_partition(&open(&dir.join("meta")));
     state_machine_put_get_delete_scan(&open(&dir.join("sm")));
     export_import_replaces_one_partition(&open(&dir.join("image")));
-    snapshots_replace_atomically(&open(&dir.join("snap")));
     synced_writes_survive_reopen(&dir.join("reopen"), open);
     group_commit_flushes(&open(&dir.join("gc")));
 }
@@ -293,22 +292,6 @@ pub fn export_import_replaces_one_partition<E: StorageEngine>(e: &E) {
     assert_eq!(e.sm_applied(P1).unwrap(), None);
 }
 
-pub fn snapshots_replace_atomically<E: StorageEngine>(e: &E) {
-    assert_eq!(e.snapshot_load(P1).unwrap(), None);
-    e.snapshot_save(P1, b"meta-1", b"data-1").unwrap();
-    e.snapshot_save(P2, b"meta-2", &[]).unwrap();
-    e.snapshot_save(P1, b"meta-1b", &vec![7u8; 100_000])
-        .unwrap();
-    assert_eq!(
-        e.snapshot_load(P1).unwrap(),
-        Some((b"meta-1b".to_vec(), vec![7u8; 100_000]))
-    );
-    assert_eq!(
-        e.snapshot_load(P2).unwrap(),
-        Some((b"meta-2".to_vec(), vec![]))
-    );
-}
-
 pub fn synced_writes_survive_reopen<E: StorageEngine>(dir: &Path, open: &dyn Fn(&Path) -> E) {
     {
         let e = open(dir);
@@ -368,19 +351,5 @@ mod tests {
         run_all(dir.path(), &|p: &Path| {
             FjallEngine::open(p, FjallOptions::default()).unwrap()
         });
-    }
-
-    #[test]
-    fn fjall_engine_detects_a_corrupt_snapshot_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let e = FjallEngine::open(dir.path(), FjallOptions::default()).unwrap();
-        e.snapshot_save(P1, b"m", b"some data").unwrap();
-        let path = dir.path().join("snapshots").join("p1.snap");
-        let mut bytes = std::fs::read(&path).unwrap();
-        let mid = bytes.len() / 2;
-        bytes[mid] ^= 0xff;
-        std::fs::write(&path, bytes).unwrap();
-        let err = e.snapshot_load(P1).unwrap_err();
-        assert!(err.to_string().contains("checksum"), "{err}");
     }
 }

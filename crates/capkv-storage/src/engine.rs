@@ -119,9 +119,6 @@ impl PartitionImage {
     }
 }
 
-/// A stored snapshot: (openraft metadata, partition image), both opaque bytes here.
-pub type StoredSnapshot = (Vec<u8>, Vec<u8>);
-
 /// A node's storage. Every method names the partition; implementations keep partitions
 /// apart and must not lose a write that `sync` (or a [`GroupCommit`] flush) confirmed.
 ///
@@ -168,12 +165,6 @@ pub trait StorageEngine: Send + Sync + 'static {
     fn sm_export(&self, p: PartitionId) -> Result<PartitionImage, StorageError>;
     /// Replaces the partition's state machine with `image`, atomically, and syncs.
     fn sm_import(&self, p: PartitionId, image: &PartitionImage) -> Result<(), StorageError>;
-
-    // ---- Snapshots (the last one built or installed, per partition) ----
-    /// Stores the snapshot durably, replacing the previous one atomically.
-    fn snapshot_save(&self, p: PartitionId, meta: &[u8], data: &[u8]) -> Result<(), StorageError>;
-    /// (meta, data) of the stored snapshot.
-    fn snapshot_load(&self, p: PartitionId) -> Result<Option<StoredSnapshot>, StorageError>;
 
     // ---- Node ----
     fn node_meta_get(&self, name: &str) -> Result<Option<Vec<u8>>, StorageError>;

@@ -2,20 +2,16 @@
 //! keyspaces and partitions (so one fsync commits writes of every Raft group).
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use capkv_types::PartitionId;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable};
 
-use crate::engine::{
-    DedupRecord, PartitionImage, SmOp, SmWrite, StorageEngine, StorageError, StoredSnapshot,
-};
+use crate::engine::{DedupRecord, PartitionImage, SmOp, SmWrite, StorageEngine, StorageError};
 use crate::group_commit::GroupCommit;
 use crate::keys::{self, raft_meta_tag};
 use crate::value::StoredValue;
 
-const SNAPSHOT_MAGIC: &[u8; 8] = b"CKVSNAP1";
 const SM_META_APPLIED: u8 = 1;
 
 /// Tuning of the fjall engine.
@@ -41,7 +37,6 @@ pub struct FjallEngine {
     sm_meta: Keyspace,
     sm_dedup: Keyspace,
     node_meta: Keyspace,
-    snapshot_dir: PathBuf,
     syncer: std::sync::Arc<JournalSyncer>,
     group_commit: GroupCommit,
 }
@@ -131,8 +126,6 @@ impl FjallEngine {
     /// Opens (or creates) the engine under `dir`.
     pub fn open(dir: &Path, options: FjallOptions) -> Result<Self, StorageError> {
         fs::create_dir_all(dir)?;
-        let snapshot_dir = dir.join("snapshots");
-        fs::create_dir_all(&snapshot_dir)?;
         let db = Database::builder(dir.join("db"))
             .cache_size(options.cache_bytes)
             .open()?;
@@ -154,14 +147,9 @@ impl FjallEngine {
             sm_meta,
             sm_dedup,
             node_meta,
-            snapshot_dir,
             syncer,
             group_commit,
         })
-    }
-
-    fn snapshot_path(&self, p: PartitionId) -> PathBuf {
-        self.snapshot_dir.join(format!("p{}.snap", p.0))
     }
 
     /// Keys of `ks` in `[from, to]`.
@@ -432,39 +420,6 @@ impl StorageEngine for FjallEngine {
         self.sync()
     }
 
-    fn snapshot_save(&self, p: PartitionId, meta: &[u8], data: &[u8]) -> Result<(), StorageError> {
-        let path = self.snapshot_path(p);
-        let tmp = path.with_extension("snap.tmp");
-        let mut body = Vec::with_capacity(8 + 4 + meta.len() + 8 + data.len() + 8);
-        body.extend_from_slice(SNAPSHOT_MAGIC);
-        body.extend_from_slice(&(meta.len() as u32).to_be_bytes());
-        body.extend_from_slice(meta);
-        body.extend_from_slice(&(data.len() as u64).to_be_bytes());
-        body.extend_from_slice(data);
-        let checksum = xxhash_rust::xxh3::xxh3_64(&body);
-        body.extend_from_slice(&checksum.to_be_bytes());
-        {
-            let mut f = fs::File::create(&tmp)?;
-            f.write_all(&body)?;
-            f.sync_all()?;
-        }
-        fs::rename(&tmp, &path)?;
-        fs::File::open(&self.snapshot_dir)?.sync_all()?;
-        Ok(())
-    }
-
-    fn snapshot_load(&self, p: PartitionId) -> Result<Option<StoredSnapshot>, StorageError> {
-        let path = self.snapshot_path(p);
-        let body = match fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(e.into()),
-        };
-        decode_snapshot_file(&body)
-            .map(Some)
-            .map_err(|m| StorageError::Corrupt(format!("{}: {m}", path.display())))
-    }
-
     fn node_meta_get(&self, name: &str) -> Result<Option<Vec<u8>>, StorageError> {
         Ok(self.node_meta.get(name.as_bytes())?.map(|v| v.to_vec()))
     }
@@ -481,37 +436,6 @@ impl StorageEngine for FjallEngine {
     fn group_commit(&self) -> &GroupCommit {
         &self.group_commit
     }
-}
-
-fn decode_snapshot_file(body: &[u8]) -> Result<StoredSnapshot, String> {
-    if body.len() < 8 + 4 + 8 + 8 || &body[..8] != SNAPSHOT_MAGIC {
-        return Err("not a capkv snapshot file".into());
-    }
-    let (content, tail) = body.split_at(body.len() - 8);
-    let expected = u64::from_be_bytes(tail.try_into().map_err(|_| "short checksum")?);
-    if xxhash_rust::xxh3::xxh3_64(content) != expected {
-        return Err("checksum mismatch".into());
-    }
-    let meta_len =
-        u32::from_be_bytes(content[8..12].try_into().map_err(|_| "short header")?) as usize;
-    let meta_end = 12usize
-        .checked_add(meta_len)
-        .filter(|e| *e + 8 <= content.len())
-        .ok_or("meta overruns file")?;
-    let meta = content[12..meta_end].to_vec();
-    let data_len = u64::from_be_bytes(
-        content[meta_end..meta_end + 8]
-            .try_into()
-            .map_err(|_| "short header")?,
-    );
-    let data = &content[meta_end + 8..];
-    if data.len() as u64 != data_len {
-        return Err(format!(
-            "data length {} does not match header {data_len}",
-            data.len()
-        ));
-    }
-    Ok((meta, data.to_vec()))
 }
 
 #[cfg(test)]

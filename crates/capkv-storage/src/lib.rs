@@ -17,9 +17,7 @@ mod group_commit;
 pub mod keys;
 mod value;
 
-pub use engine::{
-    DedupRecord, PartitionImage, SmOp, SmWrite, StorageEngine, StorageError, StoredSnapshot,
-};
+pub use engine::{DedupRecord, PartitionImage, SmOp, SmWrite, StorageEngine, StorageError};
 pub use fjall_engine::{FjallEngine, FjallOptions};
 pub use group_commit::{FlushCallback, GroupCommit, GroupCommitStats};
 pub use value::StoredValue;
