@@ -311,7 +311,7 @@ mod tests {
     fn a_peer_confirms_only_the_leader_and_term_it_stores() {
         let dir = tempfile::tempdir().unwrap();
         let e = FjallEngine::open(dir.path(), FjallOptions::default()).unwrap();
-        let (p1, p2, p3) = (PartitionId(1), PartitionId(2), PartitionId(3));
+        let (p1, p2) = (PartitionId(1), PartitionId(2));
         store_vote(&e, p1, VoteOf::<TypeConfig>::new_committed(5, 1));
         // p2: this node has since granted a vote to node 2 at a later term.
         store_vote(&e, p2, VoteOf::<TypeConfig>::new_committed(5, 1));
