@@ -108,7 +108,7 @@ impl LeaderConfirmer {
                     // Let reads already runnable on this worker join the round first
                     // (measured: get-16 +7 %, fewer confirmation messages per read).
                     tokio::task::yield_now().await;
-                    let waiters = {
+                    let (waiters, rotation) = {
                         let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
                         if st.waiting.is_empty() {
                             st.running = false;
@@ -117,7 +117,7 @@ impl LeaderConfirmer {
                         st.rounds = st.rounds.wrapping_add(1);
                         (std::mem::take(&mut st.waiting), st.rounds)
                     };
-                    round(&ctx, waiters.0, waiters.1).await;
+                    round(&ctx, waiters, rotation).await;
                 }
             });
         }
