@@ -14,8 +14,8 @@
 //! the read began is at or below the leader's commit index taken at the start, which the
 //! read then waits to have applied.
 //!
-//! Rounds are coalesced like [`crate::kv::ReadBatcher`]: reads that arrive while a round
-//! is in flight wait for the next one, so a round always starts after every read it serves.
+//! Rounds are coalesced: reads that arrive while a round is in flight wait for the next
+//! one, so a round always starts after every read it serves.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};

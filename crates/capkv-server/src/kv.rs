@@ -28,61 +28,6 @@ pub struct Replica {
     pub partition: PartitionId,
     pub raft: PartitionRaft,
     pub applied: Arc<AppliedIndex>,
-    pub reads: ReadBatcher,
-}
-
-type ReadConfirmation = Result<
-    openraft::raft::linearizable_read::Linearizer<TypeConfig>,
-    RaftError<TypeConfig, LinearizableReadError<TypeConfig>>,
->;
-
-/// Coalesces concurrent linearizable reads of one partition: every read that arrives while
-/// a leadership confirmation is in flight waits for the next one, and one confirmation
-/// serves all of them. A confirmation is always requested after every read it serves
-/// arrived, so each read still sees every write acknowledged before it began.
-#[derive(Default)]
-pub struct ReadBatcher {
-    state: Arc<std::sync::Mutex<ReadBatchState>>,
-}
-
-#[derive(Default)]
-struct ReadBatchState {
-    running: bool,
-    waiting: Vec<tokio::sync::oneshot::Sender<ReadConfirmation>>,
-}
-
-impl ReadBatcher {
-    /// A leadership confirmation requested after this call began.
-    async fn confirm(&self, raft: &PartitionRaft, policy: ReadPolicy) -> Option<ReadConfirmation> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let start_driver = {
-            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            st.waiting.push(tx);
-            !std::mem::replace(&mut st.running, true)
-        };
-        if start_driver {
-            // The driver runs on its own task so no request waits for rounds beyond its own.
-            let raft = raft.clone();
-            let state = self.state.clone();
-            tokio::spawn(async move {
-                loop {
-                    let waiters = {
-                        let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
-                        if st.waiting.is_empty() {
-                            st.running = false;
-                            break;
-                        }
-                        std::mem::take(&mut st.waiting)
-                    };
-                    let result = raft.get_read_linearizer(policy.clone()).await;
-                    for w in waiters {
-                        let _ = w.send(result.clone());
-                    }
-                }
-            });
-        }
-        rx.await.ok()
-    }
 }
 
 /// Where a response was served from (for the response header).
@@ -363,10 +308,9 @@ impl KvCore {
             ReadPolicyChoice::Lease => ReadPolicy::LeaseRead,
         };
         let confirmed = async {
-            match replica.reads.confirm(&replica.raft, policy).await {
-                None => Err(RaftError::Fatal(openraft::error::Fatal::Stopped)),
-                Some(Err(e)) => Err(e),
-                Some(Ok(linearizer)) => linearizer
+            match replica.raft.get_read_linearizer(policy).await {
+                Err(e) => Err(e),
+                Ok(linearizer) => linearizer
                     .await_ready(&replica.raft)
                     .await
                     .map(|_| ())

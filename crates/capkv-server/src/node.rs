@@ -119,7 +119,6 @@ impl Node {
                     partition: p,
                     raft,
                     applied,
-                    reads: Default::default(),
                 },
             );
         }
