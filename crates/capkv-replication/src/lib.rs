@@ -8,6 +8,8 @@
 //! - [`network`]: `RaftNetworkV2` over the narrow [`RaftTransport`] trait, and the
 //!   receiving side's [`dispatch`]. Nothing here knows gRPC: the server supplies the
 //!   transport.
+//! - [`vote_hold`]: a restarted node refuses votes for one leader lease, so that lease
+//!   reads stay linearizable across crashes.
 //! - [`faults`]: the test-only fault injector (drop traffic to/from chosen peers).
 
 pub mod codec;
@@ -17,8 +19,10 @@ pub mod log_store;
 pub mod network;
 pub mod state_machine;
 pub mod types;
+pub mod vote_hold;
 
 pub use faults::Faults;
 pub use group::{open_partition, GroupSettings, PartitionRaft};
 pub use network::{dispatch, RaftEnvelope, RaftRpc, RaftTransport, TransportError};
 pub use types::{Command, CommandResponse, Condition, Idempotency, Op, TypeConfig};
+pub use vote_hold::VoteHold;

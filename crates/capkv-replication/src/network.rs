@@ -25,6 +25,7 @@ use crate::codec::{decode, encode};
 use crate::faults::Faults;
 use crate::group::PartitionRaft;
 use crate::types::TypeConfig;
+use crate::vote_hold::VoteHold;
 
 /// Snapshots travel in one message; give them time.
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -217,6 +218,9 @@ impl RaftNetworkV2<TypeConfig> for PeerNetwork {
 pub enum DispatchError {
     #[error("malformed raft message: {0}")]
     Malformed(String),
+    /// A vote asked for while this node holds its vote after a restart.
+    #[error("{0}")]
+    VoteHeld(String),
 }
 
 fn reply<T: Serialize, E: std::fmt::Display>(r: Result<T, E>) -> Result<Vec<u8>, DispatchError> {
@@ -227,16 +231,28 @@ fn parse<T: DeserializeOwned>(payload: &[u8]) -> Result<T, DispatchError> {
     decode(payload).map_err(|e| DispatchError::Malformed(e.to_string()))
 }
 
-/// Hands a received message to the partition's Raft and encodes its answer.
+/// Hands a received message to the partition's Raft and encodes its answer. Vote
+/// requests are refused while `hold` lasts (see [`VoteHold`]).
 pub async fn dispatch(
     raft: &PartitionRaft,
     rpc: RaftRpc,
     payload: &[u8],
+    hold: &VoteHold,
 ) -> Result<Vec<u8>, DispatchError> {
+    let vote_request = |payload: &[u8]| -> Result<VoteRequest<TypeConfig>, DispatchError> {
+        let req: VoteRequest<TypeConfig> = parse(payload)?;
+        match hold.remaining() {
+            Some(left) if hold.refuses(&req) => Err(DispatchError::VoteHeld(format!(
+                "this node restarted and grants no vote for another {} ms",
+                left.as_millis()
+            ))),
+            _ => Ok(req),
+        }
+    };
     match rpc {
         RaftRpc::Append => reply(raft.append_entries(parse(payload)?).await),
-        RaftRpc::Vote => reply(raft.vote(parse(payload)?).await),
-        RaftRpc::PreVote => reply(raft.pre_vote(parse(payload)?).await),
+        RaftRpc::Vote => reply(raft.vote(vote_request(payload)?).await),
+        RaftRpc::PreVote => reply(raft.pre_vote(vote_request(payload)?).await),
         RaftRpc::Snapshot => {
             let (vote, meta, data): (VoteOf<TypeConfig>, SnapshotMetaOf<TypeConfig>, Vec<u8>) =
                 parse(payload)?;

@@ -12,6 +12,7 @@ use capkv_proto::raft::{
 };
 use capkv_proto::status::to_status;
 use capkv_replication::codec::{decode, encode};
+use capkv_replication::network::DispatchError;
 use capkv_replication::{dispatch, CommandResponse, Condition, Idempotency, RaftRpc};
 use capkv_types::{KvError, NodeId, PartitionId, ReadConsistency};
 use tonic::{Request, Response, Status};
@@ -301,9 +302,15 @@ impl RaftService {
                     core.id, m.partition_id
                 ))
             })?;
-        dispatch(&replica.raft, rpc, &m.payload)
+        dispatch(&replica.raft, rpc, &m.payload, &core.vote_hold)
             .await
-            .map_err(|e| Status::invalid_argument(e.to_string()))
+            .map_err(|e| match e {
+                DispatchError::Malformed(_) => Status::invalid_argument(e.to_string()),
+                DispatchError::VoteHeld(_) => {
+                    core.metrics.votes_held.inc();
+                    Status::unavailable(e.to_string())
+                }
+            })
     }
 }
 

@@ -11,11 +11,13 @@ use capkv_proto::kv::{kv_client::KvClient, Consistency as WireConsistency, ScanR
 use capkv_replication::state_machine::AppliedIndex;
 use capkv_replication::{
     Command, CommandResponse, Condition, Faults, Idempotency, Op, PartitionRaft, TypeConfig,
+    VoteHold,
 };
 use capkv_storage::{StorageEngine, StoredValue};
 use capkv_types::{Hlc, KvError, Limits, NodeId, PartitionId, ReadConsistency};
 use openraft::async_runtime::WatchReceiver;
 use openraft::error::{ClientWriteError, ForwardToLeader, LinearizableReadError, RaftError};
+use openraft::raft::linearizable_read::LinearizerOption;
 use openraft::{Instant as _, ReadPolicy, ServerState};
 
 use crate::config::ReadPolicyChoice;
@@ -91,6 +93,8 @@ pub struct KvCore {
     /// How long a leader may go without a quorum acknowledging it before reads on it fail
     /// fast (openraft's leader lease: the maximum election timeout).
     pub quorum_lease_ms: u64,
+    /// Vote hold after a restart (keeps lease reads of other leaders safe).
+    pub vote_hold: VoteHold,
     pub peers: Arc<PeerChannels>,
     pub faults: Arc<Faults>,
     pub metrics: Arc<Metrics>,
@@ -304,8 +308,18 @@ impl KvCore {
             }
         }
         let policy = match self.read_policy {
-            ReadPolicyChoice::ReadIndex => ReadPolicy::ReadIndex,
-            ReadPolicyChoice::Lease => ReadPolicy::LeaseRead,
+            ReadPolicyChoice::ReadIndex => LinearizerOption::from(ReadPolicy::ReadIndex),
+            // A lease read trusts a quorum acknowledgement for half of the lease that
+            // followers grant (openraft's leader lease, the election timeout maximum): the
+            // other half is margin for clocks that run at different rates. An older
+            // acknowledgement does not fail the read: a heartbeat goes out at once and the
+            // read waits for its quorum, as ReadIndex would.
+            ReadPolicyChoice::Lease => {
+                LinearizerOption::new(Some(Duration::from_millis(self.quorum_lease_ms) / 2), true)
+                    .with_wait_timeout(
+                        deadline.saturating_duration_since(tokio::time::Instant::now()),
+                    )
+            }
         };
         let confirmed = async {
             match replica.raft.get_read_linearizer(policy).await {

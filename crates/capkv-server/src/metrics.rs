@@ -1,7 +1,7 @@
 //! Prometheus metrics of a node.
 
 use prometheus::{
-    HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
 pub struct Metrics {
@@ -18,6 +18,8 @@ pub struct Metrics {
     pub raft_leader_changes: IntCounterVec,
     /// Raft messages received from peers, by kind.
     pub raft_messages: IntCounterVec,
+    /// Vote requests refused during the vote hold after a restart.
+    pub votes_held: IntCounter,
     pub storage_fsyncs: IntGauge,
     pub storage_fsync_requests: IntGauge,
 }
@@ -61,6 +63,11 @@ impl Metrics {
             &["kind"],
         )?;
         registry.register(Box::new(raft_messages.clone()))?;
+        let votes_held = IntCounter::new(
+            "raft_votes_held_total",
+            "Vote requests refused while this node holds its vote after a restart",
+        )?;
+        registry.register(Box::new(votes_held.clone()))?;
         let storage_fsyncs = IntGauge::new(
             "storage_fsyncs",
             "fsyncs performed by the group-commit flusher",
@@ -94,6 +101,7 @@ impl Metrics {
             raft_is_leader,
             raft_leader_changes,
             raft_messages,
+            votes_held,
             storage_fsyncs,
             storage_fsync_requests,
         })

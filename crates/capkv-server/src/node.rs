@@ -5,12 +5,13 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use capkv_placement::{NodeSpec, PartitionMap};
 use capkv_proto::kv::kv_server::KvServer;
 use capkv_proto::raft::raft_transport_server::RaftTransportServer;
-use capkv_replication::{open_partition, Faults};
+use capkv_replication::{open_partition, Faults, VoteHold};
 use capkv_storage::{FjallEngine, FjallOptions, StorageEngine};
 use capkv_types::{Hlc, NodeId};
 use openraft::async_runtime::WatchReceiver;
@@ -79,6 +80,12 @@ impl Node {
                 false
             }
         };
+        // A restarted node holds its vote for one leader lease (see `VoteHold`).
+        let vote_hold = if fresh {
+            VoteHold::none()
+        } else {
+            VoteHold::for_lease(Duration::from_millis(config.raft.election_timeout_max_ms))
+        };
         let map = PartitionMap::initial(
             &config.initial_cluster,
             config.partitions,
@@ -113,6 +120,7 @@ impl Node {
                 hlc.clone(),
             )
             .await?;
+            vote_hold.hold_elections(&raft);
             replicas.insert(
                 p,
                 Replica {
@@ -160,6 +168,7 @@ impl Node {
             read_policy: config.read_policy,
             unsafe_local_reads: config.unsafe_local_reads,
             quorum_lease_ms: config.raft.election_timeout_max_ms,
+            vote_hold,
             peers,
             faults,
             metrics,
@@ -230,6 +239,7 @@ impl Node {
             partitions = core.replicas.len(),
             data_dir = %config.data_dir.display(),
             fresh,
+            vote_hold_ms = vote_hold.remaining().map_or(0, |d| d.as_millis() as u64),
             "node started"
         );
         Ok(Node {

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use capkv_types::partition_for_key;
 
-use crate::fixture::{wait_until, Cluster, Opts};
+use crate::fixture::{http_request, wait_until, Cluster, Opts};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_a_leader_elects_a_new_one() {
@@ -56,4 +56,80 @@ async fn killing_a_leader_elects_a_new_one() {
         }
     })
     .await;
+}
+
+/// A node that restarts grants no vote for one leader lease, so a leader serving lease
+/// reads from acknowledgements it got before the crash cannot be replaced behind its back.
+///
+/// The dangerous case: the survivor's own lease on the old leader has run out (it lost
+/// contact), and the only other voter restarts and has forgotten the lease it granted.
+/// Here the old leader and the restarting node go down together; once the survivor's lease
+/// has run out, the node comes back. No partition of the old leader may then elect a new
+/// leader before the restarted node has been up for one lease (the election timeout
+/// maximum: 1,200 ms with the fixture's 600 ms timeout). Without the hold the survivor's
+/// next campaign wins at once. The bound only errs one way: the hold starts after the
+/// spawn recorded here, and a leader is observed after it is elected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_holds_its_vote_for_a_lease() {
+    const HOLD: Duration = Duration::from_millis(1200);
+    let mut cluster = Cluster::start(Opts::default()).await;
+    let client = cluster.client().await;
+    client.put("hold-key", "v").await.unwrap();
+
+    // The node that leads the most partitions goes down for good, so its partitions lose
+    // their leader; another node restarts. (A restarted node that led a partition takes
+    // it back at once in the same term, which is no election, so those are not counted.)
+    let leaders = cluster.leaders().await;
+    let led = |n: u64| leaders.iter().filter(|l| **l == Some(n)).count();
+    let down = (1..=3).max_by_key(|n| led(*n)).unwrap();
+    let others: Vec<u64> = (1..=3).filter(|n| *n != down).collect();
+    let (survivor, restarted) = (others[0], others[1]);
+    let leaderless: Vec<usize> = (0..leaders.len())
+        .filter(|p| leaders[*p] == Some(down))
+        .collect();
+    cluster.kill(restarted);
+    cluster.kill(down);
+    // Let the survivor's lease on the old leader run out: that is a span of time, not a
+    // state to poll for.
+    tokio::time::sleep(HOLD + Duration::from_millis(300)).await;
+
+    let spawned = Instant::now();
+    cluster.spawn(restarted);
+    let mut first_leader: Option<Duration> = None;
+    let what =
+        format!("partitions {leaderless:?} elect leaders on nodes {survivor} and {restarted}");
+    // Poll often: the bound is checked against the first observation.
+    let deadline = spawned + Duration::from_secs(60);
+    loop {
+        let now = cluster.leaders().await;
+        let elected = leaderless.iter().filter(|p| now[**p].is_some()).count();
+        if elected > 0 && first_leader.is_none() {
+            first_leader = Some(spawned.elapsed());
+        }
+        if elected == leaderless.len() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let first = first_leader.unwrap();
+    let (_, metrics) = http_request(&cluster.node(restarted).http, "GET", "/metrics", "");
+    let held = metrics
+        .lines()
+        .find(|l| l.starts_with("capkv_raft_votes_held_total"))
+        .unwrap_or("capkv_raft_votes_held_total (absent)")
+        .to_string();
+    eprintln!(
+        "vote hold: first new leader {} ms after restarting node {restarted}; {held}",
+        first.as_millis()
+    );
+    assert!(
+        first >= HOLD,
+        "a partition elected a leader {} ms after node {restarted} restarted, inside its {} ms vote hold",
+        first.as_millis(),
+        HOLD.as_millis()
+    );
+    // The data is still there, served by the new leaders.
+    let client = cluster.client_for(&[survivor, restarted]).await;
+    assert_eq!(client.get("hold-key").await.unwrap().unwrap().value, b"v");
 }
