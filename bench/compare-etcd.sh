@@ -55,11 +55,21 @@ done
 # --- capkv: 3 nodes on loopback ----------------------------------------------------------
 CAPKV_CLUSTER="1=127.0.0.1:17379,2=127.0.0.1:17380,3=127.0.0.1:17381"
 CAPKV_ENDPOINTS="127.0.0.1:17379,127.0.0.1:17380,127.0.0.1:17381"
-for i in 1 2 3; do
-  RUST_LOG=warn "$BIN" server --id "$i" --data-dir "$WORK/capkv-$i" --listen "127.0.0.1:$((17378 + i))" \
-    --initial-cluster "$CAPKV_CLUSTER" >"$WORK/capkv-$i.log" 2>&1 &
-  PIDS_CAPKV+=($!)
-done
+CAPKV_POLICY=lease # the server default
+start_capkv() { # read policy
+  CAPKV_POLICY=$1
+  for i in 1 2 3; do
+    RUST_LOG=warn "$BIN" server --id "$i" --data-dir "$WORK/capkv-$i" --listen "127.0.0.1:$((17378 + i))" \
+      --initial-cluster "$CAPKV_CLUSTER" --read-policy "$CAPKV_POLICY" >>"$WORK/capkv-$i.log" 2>&1 &
+    PIDS_CAPKV+=($!)
+  done
+}
+stop_capkv() {
+  for p in "${PIDS_CAPKV[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${PIDS_CAPKV[@]}"; do wait "$p" 2>/dev/null || true; done
+  PIDS_CAPKV=()
+}
+start_capkv lease
 
 wait_ready() {
   for _ in $(seq 1 120); do
@@ -113,18 +123,26 @@ for system in capkv etcd; do
     --duration 0s --warmup 0s --keys $KEYS --key-size $KEY_SIZE --value-size $VALUE_SIZE --json >/dev/null
 done
 
+# workload clients capkv-level etcd-level capkv-read-policy
 CELLS=(
-  "put 1 linearizable linearizable"
-  "put 16 linearizable linearizable"
-  "put 64 linearizable linearizable"
-  "get 16 linearizable linearizable"
-  "get 64 linearizable linearizable"
-  "get 16 prefix serializable"
+  "put 1 linearizable linearizable lease"
+  "put 16 linearizable linearizable lease"
+  "put 64 linearizable linearizable lease"
+  "get 16 linearizable linearizable lease"
+  "get 64 linearizable linearizable lease"
+  "get 16 prefix serializable lease"
+  "get 16 linearizable linearizable read-index"
 )
 ROWS=()
 n=0
 for cell in "${CELLS[@]}"; do
-  read -r workload clients capkv_level etcd_level <<<"$cell"
+  read -r workload clients capkv_level etcd_level policy <<<"$cell"
+  if [ "$policy" != "$CAPKV_POLICY" ]; then
+    stop_capkv
+    start_capkv "$policy"
+    wait_ready
+    sleep 4
+  fi
   if [ $((n % 2)) = 0 ]; then order="capkv etcd"; else order="etcd capkv"; fi
   for system in $order; do
     if [ "$system" = capkv ]; then
@@ -135,7 +153,8 @@ for cell in "${CELLS[@]}"; do
   done
   ratio=$(python3 -c "print(round($c_rate / max($e_rate, 1e-9), 2))")
   label=$workload; [ "$capkv_level" = prefix ] && label="get (prefix vs serializable)"
-  echo "RESULT workload=$workload clients=$clients level=$capkv_level/$etcd_level capkv_ops=$c_rate etcd_ops=$e_rate ratio=$ratio capkv_p99_ms=$c_p99 etcd_p99_ms=$e_p99 capkv_cpu_s_per_1k=$c_cpu etcd_cpu_s_per_1k=$e_cpu errors=$c_err/$e_err"
+  [ "$policy" = read-index ] && label="get (capkv ReadIndex)"
+  echo "RESULT workload=$workload clients=$clients level=$capkv_level/$etcd_level read_policy=$policy capkv_ops=$c_rate etcd_ops=$e_rate ratio=$ratio capkv_p99_ms=$c_p99 etcd_p99_ms=$e_p99 capkv_cpu_s_per_1k=$c_cpu etcd_cpu_s_per_1k=$e_cpu errors=$c_err/$e_err"
   ROWS+=("| $label | $clients | $c_rate | $e_rate | **$ratio** | $c_p50 / $c_p99 | $e_p50 / $e_p99 | $c_cpu | $e_cpu |")
   n=$((n + 1))
 done
@@ -165,7 +184,7 @@ MODE="full ($DURATION per cell after $WARMUP warm-up)"; [ $QUICK = 1 ] && MODE="
   echo "- CPU: $CPU_MODEL, $(nproc) cores; RAM $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo)"
   echo "- Disk: fsync of a 4 KiB write takes $FSYNC_MS ms on the benchmark's data disk (mean of 200)"
   echo "- etcd: $(etcd --version | head -1) (Debian package), 3 members, default settings (fsync on every commit)"
-  echo "- capkv: $("$BIN" --version), 3 nodes, 8 partitions, RF 3, defaults (fsync before every acknowledgement, ReadIndex reads)"
+  echo "- capkv: $("$BIN" --version), 3 nodes, 8 partitions, RF 3, defaults (fsync before every acknowledgement, linearizable reads by leader lease; one cell with \`--read-policy read-index\`)"
   echo "- Client: \`capkv bench\` for both, on the same machine, closed loop, ${VALUE_SIZE}-byte values, ${KEY_SIZE}-byte keys, $KEYS keys uniform, every key preloaded"
   echo
   echo "## Results"

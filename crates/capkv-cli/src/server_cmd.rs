@@ -11,9 +11,11 @@ use clap::{Args, ValueEnum};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum ReadPolicyArg {
-    /// Confirm leadership with a quorum round-trip (default; safe under clock skew).
+    /// Confirm leadership with a quorum round-trip per read batch (makes no assumption
+    /// about clocks).
     ReadIndex,
-    /// Trust the leader lease (faster; assumes bounded clock drift).
+    /// Trust the leader lease (default): no round-trip while a quorum acknowledged the
+    /// leader within half the lease. Assumes monotonic clocks that keep running.
     Lease,
 }
 
@@ -55,7 +57,7 @@ pub struct ServerArgs {
     /// A linearizable read that cannot confirm leadership in this time is Unavailable.
     #[arg(long, default_value_t = 5000)]
     pub read_timeout_ms: u64,
-    #[arg(long, value_enum, default_value_t = ReadPolicyArg::ReadIndex)]
+    #[arg(long, value_enum, default_value_t = ReadPolicyArg::Lease)]
     pub read_policy: ReadPolicyArg,
     /// Raft heartbeat interval.
     #[arg(long, default_value_t = 100)]

@@ -12,9 +12,10 @@ use capkv_types::{Limits, NodeId};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ReadPolicyChoice {
     /// A quorum round-trip per read batch (safe under any clock behaviour).
-    #[default]
     ReadIndex,
-    /// The leader's lease (no round-trip; assumes bounded clock drift).
+    /// The leader's lease: no round-trip while a quorum acknowledged the leader within half
+    /// the lease (assumes monotonic clocks that keep running and drift by less than 2×).
+    #[default]
     Lease,
 }
 
@@ -64,7 +65,7 @@ impl NodeConfig {
             raft: GroupSettings::default(),
             write_timeout: Duration::from_secs(5),
             read_timeout: Duration::from_secs(5),
-            read_policy: ReadPolicyChoice::ReadIndex,
+            read_policy: ReadPolicyChoice::Lease,
             unsafe_fault_injection: false,
             unsafe_local_reads: false,
             max_connections: 4096,

@@ -8,7 +8,7 @@ use std::str::FromStr;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum ReadConsistency {
-    /// Sees every write acknowledged before the read began (leader + ReadIndex).
+    /// Sees every write acknowledged before the read began (leader + lease or ReadIndex).
     #[default]
     Linearizable,
     /// Some prefix of the partition's committed history, from the local replica;
