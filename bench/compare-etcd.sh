@@ -75,7 +75,7 @@ wait_ready() {
   for _ in $(seq 1 120); do
     if ETCDCTL_API=3 etcdctl --endpoints "$ETCD_ENDPOINTS" endpoint health >/dev/null 2>&1 &&
        "$BIN" status --endpoints "$CAPKV_ENDPOINTS" --json 2>/dev/null |
-         python3 -c 'import json,sys; d=json.load(sys.stdin); sys.exit(0 if all(n["up"] and all(p["leader"] for p in n["partitions"]) for n in d["nodes"]) else 1)'; then
+         python3 -c 'import json,sys; d=json.load(sys.stdin); sys.exit(0 if all(n["up"] and all(p["leader"] for p in n["partitions"]) for n in d["nodes"]) else 1)' 2>/dev/null; then
       return 0
     fi
     sleep 0.5

@@ -42,6 +42,8 @@ pub struct CheckOptions {
     /// Check an existing cluster instead of starting one.
     pub endpoints: Option<Vec<String>>,
     pub planted_bug: Option<PlantedBug>,
+    /// More arguments for the servers `check` starts (e.g. `--read-policy read-index`).
+    pub server_args: Vec<String>,
     /// The `capkv` executable to start servers with.
     pub server_exe: Option<PathBuf>,
     pub progress: bool,
@@ -142,6 +144,9 @@ pub async fn run(o: CheckOptions) -> anyhow::Result<Report> {
     let mut kinds = o.nemesis.clone();
     let cluster = match &o.endpoints {
         Some(endpoints) => {
+            if !o.server_args.is_empty() {
+                bail!("server arguments ({}) need a cluster that `check` starts itself (omit --endpoints)", o.server_args.join(" "));
+            }
             if o.planted_bug.is_some() {
                 bail!(
                     "--planted-bug needs a cluster that `check` starts itself (omit --endpoints)"
@@ -170,7 +175,7 @@ pub async fn run(o: CheckOptions) -> anyhow::Result<Report> {
                 std::fs::remove_dir_all(&dir)
                     .with_context(|| format!("clear {}", dir.display()))?;
             }
-            let mut extra = Vec::new();
+            let mut extra = o.server_args.clone();
             if o.planted_bug == Some(PlantedBug::StaleReads) {
                 extra.push("--unsafe-local-reads".to_string());
             }

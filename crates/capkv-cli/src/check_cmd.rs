@@ -10,6 +10,8 @@ use capkv_check::CheckOptions;
 use capkv_types::ReadConsistency;
 use clap::{Args, ValueEnum};
 
+use crate::server_cmd::ReadPolicyArg;
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum WorkloadArg {
     Register,
@@ -56,6 +58,10 @@ pub struct CheckArgs {
     /// Start the cluster with a known bug, to see the checker catch it.
     #[arg(long, value_enum)]
     pub planted_bug: Option<PlantedBugArg>,
+    /// How the started servers confirm leadership for linearizable reads (the server's
+    /// default when omitted).
+    #[arg(long, value_enum)]
+    pub read_policy: Option<ReadPolicyArg>,
     /// Time the linearizability search may spend per key.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub check_time_per_key: Duration,
@@ -120,6 +126,13 @@ pub async fn run(a: CheckArgs) -> i32 {
         planted_bug: a
             .planted_bug
             .map(|PlantedBugArg::StaleReads| PlantedBug::StaleReads),
+        server_args: a
+            .read_policy
+            .map(|p| {
+                let name = p.to_possible_value().map(|v| v.get_name().to_string());
+                vec!["--read-policy".to_string(), name.unwrap_or_default()]
+            })
+            .unwrap_or_default(),
         server_exe: std::env::current_exe().ok(),
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
         check_time_per_key: a.check_time_per_key,

@@ -239,6 +239,7 @@ impl Node {
             partitions = core.replicas.len(),
             data_dir = %config.data_dir.display(),
             fresh,
+            read_policy = ?core.read_policy,
             vote_hold_ms = vote_hold.remaining().map_or(0, |d| d.as_millis() as u64),
             "node started"
         );
