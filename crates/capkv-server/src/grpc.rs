@@ -18,7 +18,7 @@ use capkv_types::{KvError, NodeId, PartitionId, ReadConsistency};
 use tonic::{Request, Response, Status};
 
 use crate::confirm::{self, ConfirmItems, CONFIRM_ITEMS_MAX};
-use crate::kv::{KeyValue, KvCore, ScanParams, Served};
+use crate::kv::{check_peer_lease, KeyValue, KvCore, ScanParams, Served};
 use crate::transport::rpc_of;
 
 pub struct KvService {
@@ -268,6 +268,13 @@ impl RaftService {
         if core.faults.is_blocked(NodeId(m.from_node)) {
             return Err(Status::unavailable("dropped by fault injection"));
         }
+        check_peer_lease(
+            NodeId(m.from_node),
+            m.lease_read_ms,
+            core.id,
+            core.quorum_lease_ms,
+        )
+        .map_err(Status::failed_precondition)?;
         let rpc = rpc_of(m.kind).ok_or_else(|| {
             Status::invalid_argument(format!("unknown raft message kind {}", m.kind))
         })?;

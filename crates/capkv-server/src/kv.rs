@@ -93,6 +93,8 @@ pub struct KvCore {
     /// How long a leader may go without a quorum acknowledging it before reads on it fail
     /// fast (openraft's leader lease: the maximum election timeout).
     pub quorum_lease_ms: u64,
+    /// How long a lease read trusts a quorum acknowledgement (see `lease_read_ms`).
+    pub lease_read: Duration,
     /// Vote hold after a restart (keeps lease reads of other leaders safe).
     pub vote_hold: VoteHold,
     pub peers: Arc<PeerChannels>,
@@ -309,17 +311,10 @@ impl KvCore {
         }
         let policy = match self.read_policy {
             ReadPolicyChoice::ReadIndex => LinearizerOption::from(ReadPolicy::ReadIndex),
-            // A lease read trusts a quorum acknowledgement for half of the lease that
-            // followers grant (openraft's leader lease, the election timeout maximum): the
-            // other half is margin for clocks that run at different rates. An older
-            // acknowledgement does not fail the read: a heartbeat goes out at once and the
-            // read waits for its quorum, as ReadIndex would.
-            ReadPolicyChoice::Lease => {
-                LinearizerOption::new(Some(Duration::from_millis(self.quorum_lease_ms) / 2), true)
-                    .with_wait_timeout(
-                        deadline.saturating_duration_since(tokio::time::Instant::now()),
-                    )
-            }
+            // An older acknowledgement does not fail the read: a heartbeat goes out at once
+            // and the read waits for its quorum, as ReadIndex would.
+            ReadPolicyChoice::Lease => LinearizerOption::new(Some(self.lease_read), true)
+                .with_wait_timeout(deadline.saturating_duration_since(tokio::time::Instant::now())),
         };
         let confirmed = async {
             match replica.raft.get_read_linearizer(policy).await {
@@ -669,6 +664,37 @@ pub struct PartitionView {
     pub purged_index: u64,
 }
 
+/// How long a leader on this node trusts a quorum acknowledgement for lease reads, in ms:
+/// half of the lease that followers grant (openraft's leader lease, the election timeout
+/// maximum); the other half is margin for clocks that run at different rates. 0 when this
+/// node serves no lease reads.
+pub fn lease_read_ms(policy: ReadPolicyChoice, election_timeout_max_ms: u64) -> u64 {
+    match policy {
+        ReadPolicyChoice::Lease => election_timeout_max_ms / 2,
+        ReadPolicyChoice::ReadIndex => 0,
+    }
+}
+
+/// Whether this node may take Raft messages from a peer that trusts its lease for
+/// `peer_lease_read_ms`: not if that is longer than this node refuses votes after hearing
+/// from a leader (`vote_lease_ms`, its election timeout maximum), since the peer could then
+/// serve lease reads while this node helps elect another leader.
+pub fn check_peer_lease(
+    peer: NodeId,
+    peer_lease_read_ms: u64,
+    local: NodeId,
+    vote_lease_ms: u64,
+) -> Result<(), String> {
+    if peer_lease_read_ms > vote_lease_ms {
+        return Err(format!(
+            "node {peer} trusts its leader lease for {peer_lease_read_ms} ms, longer than node \
+             {local} refuses votes after hearing from a leader ({vote_lease_ms} ms): lease reads \
+             would not be safe. Give every node the same --election-timeout-ms."
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -688,5 +714,25 @@ mod tests {
         );
         assert_eq!(decode_continuation(b"").unwrap(), None);
         assert!(decode_continuation(b"\x07junk").is_err());
+    }
+
+    #[test]
+    fn a_peer_may_not_trust_its_lease_longer_than_this_node_holds_its_vote() {
+        let (a, b) = (NodeId(1), NodeId(2));
+        // The same settings on both sides: a leader trusts half the vote lease.
+        let same = lease_read_ms(ReadPolicyChoice::Lease, 1000);
+        assert_eq!(same, 500);
+        assert!(check_peer_lease(a, same, b, 1000).is_ok());
+        // A peer with twice the election timeout is still within this node's vote lease.
+        assert!(check_peer_lease(a, lease_read_ms(ReadPolicyChoice::Lease, 2000), b, 1000).is_ok());
+        // One with more is refused, with both figures and the fix in the message.
+        let err =
+            check_peer_lease(a, lease_read_ms(ReadPolicyChoice::Lease, 4000), b, 1000).unwrap_err();
+        assert!(err.contains("2000 ms") && err.contains("1000 ms"), "{err}");
+        assert!(err.contains("--election-timeout-ms"), "{err}");
+        // A ReadIndex node trusts no lease and is always accepted.
+        let read_index = lease_read_ms(ReadPolicyChoice::ReadIndex, 60_000);
+        assert_eq!(read_index, 0);
+        assert!(check_peer_lease(a, read_index, b, 100).is_ok());
     }
 }

@@ -105,8 +105,11 @@ impl Node {
         let hlc = Arc::new(Hlc::new());
         let faults = Arc::new(Faults::new(config.unsafe_fault_injection));
         let peers = Arc::new(PeerChannels::default());
+        let lease_read_ms =
+            crate::kv::lease_read_ms(config.read_policy, config.raft.election_timeout_max_ms);
         let transport = Arc::new(GrpcTransport {
             peers: peers.clone(),
+            lease_read_ms,
         });
         let mut replicas = BTreeMap::new();
         for p in map.partitions_of(config.id) {
@@ -168,6 +171,7 @@ impl Node {
             read_policy: config.read_policy,
             unsafe_local_reads: config.unsafe_local_reads,
             quorum_lease_ms: config.raft.election_timeout_max_ms,
+            lease_read: Duration::from_millis(lease_read_ms),
             vote_hold,
             peers,
             faults,

@@ -192,6 +192,8 @@ async fn run_mux(channel: Channel, mut rx: mpsc::Receiver<(RaftMessage, Answer)>
 /// peer's multiplexed stream.
 pub struct GrpcTransport {
     pub peers: Arc<PeerChannels>,
+    /// Sent with every message (see `kv::check_peer_lease`).
+    pub lease_read_ms: u64,
 }
 
 fn kind(rpc: RaftRpc) -> RaftKind {
@@ -230,6 +232,7 @@ impl RaftTransport for GrpcTransport {
             to_node: env.to.0,
             kind: kind(env.rpc) as i32,
             payload: env.payload,
+            lease_read_ms: self.lease_read_ms,
         };
         let peers = self.peers.clone();
         let addr = addr.to_string();

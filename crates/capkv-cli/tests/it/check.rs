@@ -22,26 +22,29 @@ fn check(args: &[&str]) -> (i32, String, String) {
     )
 }
 
-#[test]
-fn check_under_partitions_and_kills_is_valid() {
+/// Runs a check that must be valid (seed named `name`, with `args`); returns its output
+/// directory and summary.
+fn valid_run(name: &str, args: &[&str]) -> (tempfile::TempDir, String) {
     let dir = tempfile::tempdir().unwrap();
-    let seed = seed("check_valid").to_string();
-    let out = dir.path().to_str().unwrap();
-    let (code, stdout, stderr) = check(&[
-        "--duration",
-        "30s",
-        "--nemesis",
-        "partition,kill",
-        "--seed",
-        &seed,
-        "--out",
-        out,
-    ]);
+    let seed = seed(name).to_string();
+    let out = dir.path().to_str().unwrap().to_string();
+    let mut all = args.to_vec();
+    all.extend(["--seed", &seed, "--out", &out]);
+    let (code, stdout, stderr) = check(&all);
     eprintln!("{stdout}");
     assert_eq!(code, 0, "check failed (seed {seed}):\n{stdout}\n{stderr}");
     assert!(
         stdout.contains("linearizable: valid (8 keys checked)"),
         "{stdout}"
+    );
+    (dir, stdout)
+}
+
+#[test]
+fn check_under_partitions_and_kills_is_valid() {
+    let (dir, stdout) = valid_run(
+        "check_valid",
+        &["--duration", "30s", "--nemesis", "partition,kill"],
     );
     let faults: u64 = stdout
         .split_whitespace()
@@ -61,26 +64,16 @@ fn check_under_partitions_and_kills_is_valid() {
 /// stored-vote rule exists for.
 #[test]
 fn check_with_read_index_reads_under_pauses_and_partitions_is_valid() {
-    let dir = tempfile::tempdir().unwrap();
-    let seed = seed("check_read_index").to_string();
-    let out = dir.path().to_str().unwrap();
-    let (code, stdout, stderr) = check(&[
-        "--duration",
-        "20s",
-        "--nemesis",
-        "partition,pause",
-        "--read-policy",
-        "read-index",
-        "--seed",
-        &seed,
-        "--out",
-        out,
-    ]);
-    eprintln!("{stdout}");
-    assert_eq!(code, 0, "check failed (seed {seed}):\n{stdout}\n{stderr}");
-    assert!(
-        stdout.contains("linearizable: valid (8 keys checked)"),
-        "{stdout}"
+    let (dir, _) = valid_run(
+        "check_read_index",
+        &[
+            "--duration",
+            "20s",
+            "--nemesis",
+            "partition,pause",
+            "--read-policy",
+            "read-index",
+        ],
     );
     let log =
         std::fs::read_to_string(dir.path().join("cluster").join("node-1.log")).unwrap_or_default();
