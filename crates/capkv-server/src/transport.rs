@@ -90,8 +90,18 @@ fn answer_of(item: RaftReplyItem) -> Result<Vec<u8>, TransportError> {
     }
 }
 
-fn fail_all(pending: &mut HashMap<u64, Answer>, why: &str) {
+/// Fails every message waiting for an answer, and every message still queued: after a
+/// failed connection they are stale (their callers time out within milliseconds), and
+/// sending them later would only delay fresh ones.
+fn fail_all(
+    pending: &mut HashMap<u64, Answer>,
+    rx: &mut mpsc::Receiver<(RaftMessage, Answer)>,
+    why: &str,
+) {
     for (_, a) in pending.drain() {
+        let _ = a.send(Err(TransportError::Unreachable(why.to_string())));
+    }
+    while let Ok((_, a)) = rx.try_recv() {
         let _ = a.send(Err(TransportError::Unreachable(why.to_string())));
     }
 }
@@ -134,7 +144,7 @@ async fn run_mux(channel: Channel, mut rx: mpsc::Receiver<(RaftMessage, Answer)>
         let (req_tx, req_rx) = mpsc::channel::<RaftBatch>(64);
         let first_batch = collect(first, &mut rx, &mut pending, &mut next_id);
         if req_tx.send(first_batch).await.is_err() {
-            fail_all(&mut pending, "stream closed");
+            fail_all(&mut pending, &mut rx, "stream closed");
             continue;
         }
         let opened = tokio::time::timeout(
@@ -145,12 +155,16 @@ async fn run_mux(channel: Channel, mut rx: mpsc::Receiver<(RaftMessage, Answer)>
         let mut inbound = match opened {
             Ok(Ok(r)) => r.into_inner(),
             Ok(Err(s)) => {
-                fail_all(&mut pending, s.message());
+                fail_all(&mut pending, &mut rx, s.message());
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
             Err(_) => {
-                fail_all(&mut pending, "peer did not open the stream in time");
+                fail_all(
+                    &mut pending,
+                    &mut rx,
+                    "peer did not open the stream in time",
+                );
                 continue;
             }
         };
@@ -161,7 +175,7 @@ async fn run_mux(channel: Channel, mut rx: mpsc::Receiver<(RaftMessage, Answer)>
                     Some(m) => {
                         let batch = collect(m, &mut rx, &mut pending, &mut next_id);
                         if req_tx.send(batch).await.is_err() {
-                            fail_all(&mut pending, "stream closed");
+                            fail_all(&mut pending, &mut rx, "stream closed");
                             break;
                         }
                     }
@@ -179,7 +193,7 @@ async fn run_mux(channel: Channel, mut rx: mpsc::Receiver<(RaftMessage, Answer)>
                         }
                     }
                     Ok(None) | Err(_) => {
-                        fail_all(&mut pending, "stream to peer broke");
+                        fail_all(&mut pending, &mut rx, "stream to peer broke");
                         break;
                     }
                 },
@@ -243,8 +257,19 @@ impl RaftTransport for GrpcTransport {
             }
             let mux = peers.mux(&addr);
             let (tx, rx) = oneshot::channel();
-            if mux.tx.send((message, tx)).await.is_err() {
-                return Err(TransportError::Unreachable("peer stream stopped".into()));
+            // Never wait for room in the queue: a caller must hear back within its timeout
+            // (openraft keeps a replication request in flight, and so holds back log purges,
+            // until it does), and a full queue means the peer is not keeping up anyway.
+            match mux.tx.try_send((message, tx)) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    return Err(TransportError::Unreachable(format!(
+                        "{QUEUE_MAX} messages already queued for the peer"
+                    )))
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    return Err(TransportError::Unreachable("peer stream stopped".into()))
+                }
             }
             match tokio::time::timeout(timeout, rx).await {
                 Err(_) => Err(TransportError::Unreachable(format!(
@@ -280,5 +305,59 @@ async fn call_unary(
             tonic::Code::InvalidArgument => Err(TransportError::Remote(s.message().to_string())),
             _ => Err(TransportError::Unreachable(s.message().to_string())),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use capkv_types::{NodeId, PartitionId};
+    use std::time::Instant;
+
+    /// Every call answers within its timeout even when the peer is down and callers
+    /// outnumber the queue: a caller that waited for room instead would keep openraft's
+    /// replication request in flight, and that holds back log purges for good.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn calls_to_a_dead_peer_return_in_time_even_when_the_queue_is_full() {
+        // Bind and drop a listener: nothing listens on the port afterwards.
+        let addr = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .to_string();
+        let transport = Arc::new(GrpcTransport {
+            peers: Arc::new(PeerChannels::default()),
+            lease_read_ms: 0,
+        });
+        let timeout = Duration::from_millis(50);
+        let calls = 3 * QUEUE_MAX;
+        let mut tasks = Vec::with_capacity(calls);
+        for i in 0..calls {
+            let envelope = RaftEnvelope {
+                partition: PartitionId(i as u32 % 8),
+                from: NodeId(1),
+                to: NodeId(2),
+                rpc: RaftRpc::Append,
+                payload: vec![0; 16],
+            };
+            let call = transport.call(&addr, envelope, timeout);
+            tasks.push(tokio::spawn(async move {
+                let started = Instant::now();
+                let result = call.await;
+                (started.elapsed(), result.is_err())
+            }));
+        }
+        let mut slowest = Duration::ZERO;
+        for t in tasks {
+            let (took, failed) = t.await.unwrap();
+            assert!(failed, "a call to a dead peer cannot succeed");
+            slowest = slowest.max(took);
+        }
+        // Generous: the point is that no call waits for the queue (which drains a batch
+        // per failed connection attempt, seconds for this many callers).
+        assert!(
+            slowest < Duration::from_secs(2),
+            "a call with a {timeout:?} timeout took {slowest:?}"
+        );
     }
 }
