@@ -50,11 +50,32 @@ impl Drop for Slot {
     }
 }
 
+/// A port nothing listens on now, taken below the kernel's ephemeral range (32768 and up),
+/// so that no outgoing connection of a test running in parallel can occupy it before the
+/// node binds it (which happened with port 0: a node failed with "Address already in use"
+/// and its cluster started without it). Each port is handed out once per test process.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Start somewhere else in each process: runs of the suite may overlap.
+    static OFFSET: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let offset = *OFFSET.get_or_init(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        (std::process::id() ^ nanos) % SPAN
+    });
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (FIRST + (offset + n) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {FIRST}..{}", FIRST + SPAN);
 }
 
 pub struct NodeProc {
@@ -129,6 +150,14 @@ impl Cluster {
             c.spawn(id);
         }
         c.wait_ready(Duration::from_secs(60)).await;
+        // A node that failed to start leaves a cluster that looks ready with the others;
+        // say so here rather than through a confusing failure later.
+        for n in &mut c.nodes {
+            if let Some(status) = n.child.as_mut().and_then(|ch| ch.try_wait().ok().flatten()) {
+                let log = std::fs::read_to_string(&n.log).unwrap_or_default();
+                panic!("node {} exited at start ({status}): {log}", n.id);
+            }
+        }
         c
     }
 
