@@ -365,6 +365,11 @@ pub async fn http_post(addr: &str, path: &str, body: &str) -> anyhow::Result<(u1
     let resp = tokio::time::timeout(Duration::from_secs(5), io)
         .await
         .context("HTTP request timed out")??;
+    Ok(parse_http_response(&resp))
+}
+
+/// The status code and body of a whole HTTP/1.1 response (0 and "" where unreadable).
+pub fn parse_http_response(resp: &str) -> (u16, String) {
     let code = resp
         .split_whitespace()
         .nth(1)
@@ -374,5 +379,5 @@ pub async fn http_post(addr: &str, path: &str, body: &str) -> anyhow::Result<(u1
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
-    Ok((code, body))
+    (code, body)
 }

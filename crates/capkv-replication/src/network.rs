@@ -241,12 +241,12 @@ pub async fn dispatch(
 ) -> Result<Vec<u8>, DispatchError> {
     let vote_request = |payload: &[u8]| -> Result<VoteRequest<TypeConfig>, DispatchError> {
         let req: VoteRequest<TypeConfig> = parse(payload)?;
-        match hold.remaining() {
-            Some(left) if hold.refuses(&req) => Err(DispatchError::VoteHeld(format!(
+        match hold.refusal(&req) {
+            Some(left) => Err(DispatchError::VoteHeld(format!(
                 "this node restarted and grants no vote for another {} ms",
                 left.as_millis()
             ))),
-            _ => Ok(req),
+            None => Ok(req),
         }
     };
     match rpc {

@@ -47,9 +47,12 @@ impl VoteHold {
             .filter(|d| !d.is_zero())
     }
 
-    /// Whether `req` must be refused now.
-    pub fn refuses(&self, req: &VoteRequest<TypeConfig>) -> bool {
-        !req.leadership_transfer && self.remaining().is_some()
+    /// If `req` must be refused now, the time left in the hold.
+    pub fn refusal(&self, req: &VoteRequest<TypeConfig>) -> Option<Duration> {
+        if req.leadership_transfer {
+            return None;
+        }
+        self.remaining()
     }
 
     /// Disables `raft`'s own elections for the rest of the hold, then enables them.
@@ -83,11 +86,14 @@ mod tests {
     #[test]
     fn refuses_ordinary_votes_during_the_hold_only() {
         let hold = VoteHold::for_lease(Duration::from_secs(60));
-        assert!(hold.refuses(&request(false)));
-        assert!(!hold.refuses(&request(true)), "a transfer vote is granted");
+        assert!(hold.refusal(&request(false)).is_some());
+        assert!(
+            hold.refusal(&request(true)).is_none(),
+            "a transfer vote is granted"
+        );
         let over = VoteHold::for_lease(Duration::ZERO);
-        assert!(!over.refuses(&request(false)));
-        assert!(!VoteHold::none().refuses(&request(false)));
+        assert!(over.refusal(&request(false)).is_none());
+        assert!(VoteHold::none().refusal(&request(false)).is_none());
         assert!(VoteHold::none().remaining().is_none());
     }
 }

@@ -380,16 +380,7 @@ pub fn http_request(addr: &str, method: &str, path: &str, body: &str) -> (u16, S
     s.write_all(req.as_bytes()).expect("write http");
     let mut resp = String::new();
     let _ = s.read_to_string(&mut resp);
-    let code = resp
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = resp
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (code, body)
+    capkv_check::cluster::parse_http_response(&resp)
 }
 
 /// Runs the `capkv` binary; returns (exit code, stdout, stderr).
