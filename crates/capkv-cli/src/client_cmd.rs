@@ -239,6 +239,8 @@ pub async fn status(a: StatusArgs) -> i32 {
                 Ok(s) => serde_json::json!({
                     "node_id": id.0, "addr": addr, "up": true, "version": s.version,
                     "partition_count": s.partition_count, "replication_factor": s.replication_factor,
+                    "read_policy": s.read_policy, "lease_read_ms": s.lease_read_ms,
+                    "vote_hold_remaining_ms": s.vote_hold_remaining_ms,
                     "partitions": s.partitions.iter().map(|p| serde_json::json!({
                         "id": p.id, "replicas": p.replicas, "role": p.role, "leader": p.leader_id,
                         "term": p.term, "last_log_index": p.last_log_index, "commit_index": p.commit_index,
@@ -259,10 +261,21 @@ pub async fn status(a: StatusArgs) -> i32 {
     println!("NODE  ADDR                   STATE");
     for (id, addr, r) in &views {
         let state = match r {
-            Ok(s) => format!(
-                "up (v{}, {} partitions, rf {})",
-                s.version, s.partition_count, s.replication_factor
-            ),
+            Ok(s) => {
+                let reads = match (s.read_policy.as_str(), s.lease_read_ms) {
+                    ("lease", ms) => format!("lease reads ({ms} ms)"),
+                    ("", _) => "reads: unknown".to_string(),
+                    (other, _) => format!("{other} reads"),
+                };
+                let hold = match s.vote_hold_remaining_ms {
+                    0 => String::new(),
+                    ms => format!(", holding its vote for {ms} ms more"),
+                };
+                format!(
+                    "up (v{}, {} partitions, rf {}, {reads}{hold})",
+                    s.version, s.partition_count, s.replication_factor
+                )
+            }
             Err(e) => format!("DOWN: {e}"),
         };
         println!("{:<5} {:<22} {}", id.0, addr, state);

@@ -19,6 +19,16 @@ pub enum ReadPolicyChoice {
     Lease,
 }
 
+impl ReadPolicyChoice {
+    /// The name `--read-policy` takes, also shown by `capkv status`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ReadPolicyChoice::ReadIndex => "read-index",
+            ReadPolicyChoice::Lease => "lease",
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
     pub id: NodeId,

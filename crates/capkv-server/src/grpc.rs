@@ -247,6 +247,9 @@ impl Kv for KvService {
                 })
                 .collect(),
             partitions,
+            read_policy: core.read_policy.name().to_string(),
+            lease_read_ms: core.lease_read.as_millis() as u64,
+            vote_hold_remaining_ms: core.vote_hold_remaining_ms(),
         }))
     }
 }

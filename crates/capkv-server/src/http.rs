@@ -95,6 +95,9 @@ async fn status(State(core): State<Arc<KvCore>>) -> impl IntoResponse {
         "replication_factor": core.map.replication_factor,
         "nodes": core.map.nodes,
         "partitions": core.partition_status(),
+        "read_policy": core.read_policy.name(),
+        "lease_read_ms": core.lease_read.as_millis() as u64,
+        "vote_hold_remaining_ms": core.vote_hold_remaining_ms(),
     }))
 }
 

@@ -104,6 +104,15 @@ pub struct KvCore {
     pub confirmer: LeaderConfirmer,
 }
 
+impl KvCore {
+    /// Time left of this node's vote hold, in ms (0 once it ended or if there was none).
+    pub fn vote_hold_remaining_ms(&self) -> u64 {
+        self.vote_hold
+            .remaining()
+            .map_or(0, |d| d.as_millis() as u64)
+    }
+}
+
 /// The smallest key greater than every key starting with `prefix`, or `None` if there is
 /// none (the prefix is all 0xff).
 pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {

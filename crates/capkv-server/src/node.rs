@@ -244,7 +244,7 @@ impl Node {
             data_dir = %config.data_dir.display(),
             fresh,
             read_policy = ?core.read_policy,
-            vote_hold_ms = vote_hold.remaining().map_or(0, |d| d.as_millis() as u64),
+            vote_hold_ms = core.vote_hold_remaining_ms(),
             "node started"
         );
         Ok(Node {

@@ -167,12 +167,28 @@ async fn cli_put_get_del_scan_status() {
     let (code, out, _) = cli(&["status"], &ep);
     assert_eq!(code, 0);
     assert_eq!(out.matches(" up ").count(), 3, "three nodes up:\n{out}");
+    assert_eq!(
+        out.matches("lease reads (600 ms)").count(),
+        3,
+        "read policy:\n{out}"
+    );
+    assert!(
+        !out.contains("holding its vote"),
+        "a fresh cluster holds no votes:\n{out}"
+    );
     let (code, out, _) = cli(&["status", "--json"], &ep);
     assert_eq!(code, 0);
     let v: serde_json::Value = serde_json::from_str(&out).expect("status --json is JSON");
     let nodes = v["nodes"].as_array().unwrap();
     assert_eq!(nodes.len(), 3);
     for n in nodes {
+        assert_eq!(n["read_policy"], "lease", "{n}");
+        // The fixture sets --election-timeout-ms 600: a maximum of 1,200 ms, half of it trusted.
+        assert_eq!(
+            n["lease_read_ms"], 600,
+            "half the election timeout maximum: {n}"
+        );
+        assert_eq!(n["vote_hold_remaining_ms"], 0, "{n}");
         let parts = n["partitions"].as_array().unwrap();
         assert_eq!(parts.len(), 8);
         assert!(
