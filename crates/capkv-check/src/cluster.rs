@@ -28,10 +28,71 @@ pub struct Cluster {
     extra_args: Vec<String>,
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+/// A loopback port nothing listens on now, for a node this process is about to start.
+///
+/// Taken below the kernel's ephemeral range (32768 and up), so that no outgoing connection
+/// (of this run or of another test running in parallel) can occupy it before the node
+/// binds it; with port 0 that happened, and the node failed with "Address already in use".
+/// Each port is handed out at most once per process.
+pub fn free_port() -> anyhow::Result<u16> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Start somewhere else in each process: runs may overlap.
+    static OFFSET: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let offset = *OFFSET.get_or_init(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        (std::process::id() ^ nanos) % SPAN
+    });
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (FIRST + (offset + n) % SPAN) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free loopback port in {FIRST}..{}", FIRST + SPAN)
+}
+
+/// Where one local node listens and keeps its files.
+pub struct NodeFiles<'a> {
+    pub id: u64,
+    pub addr: &'a str,
+    pub http: &'a str,
+    pub data_dir: &'a Path,
+    pub log: &'a Path,
+}
+
+/// The `capkv server` command of one node of a local cluster (`spec` is its
+/// `--initial-cluster`), logging at info level to the end of its log file. Callers add
+/// their own settings after these arguments.
+pub fn server_command(
+    exe: &Path,
+    node: &NodeFiles<'_>,
+    spec: &str,
+    partitions: u32,
+) -> std::io::Result<std::process::Command> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(node.log)?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("server")
+        .args(["--id", &node.id.to_string()])
+        .arg("--data-dir")
+        .arg(node.data_dir)
+        .args(["--listen", node.addr, "--http", node.http])
+        .args(["--initial-cluster", spec])
+        .args(["--partitions", &partitions.to_string()])
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log));
+    Ok(cmd)
 }
 
 impl Cluster {
@@ -138,43 +199,26 @@ impl Cluster {
             .exe
             .clone()
             .context("cannot start processes of an external cluster")?;
-        let (spec, partitions, extra) = (
-            self.spec.clone(),
-            self.partitions.to_string(),
-            self.extra_args.clone(),
-        );
+        let (spec, partitions, extra) =
+            (self.spec.clone(), self.partitions, self.extra_args.clone());
         let n = self.node_mut(id)?;
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&n.log)?;
-        let child = Command::new(exe)
-            .arg("server")
-            .args(["--id", &id.to_string()])
-            .arg("--data-dir")
-            .arg(&n.data_dir)
-            .args([
-                "--listen",
-                &n.addr,
-                "--http",
-                &n.http,
-                "--initial-cluster",
-                &spec,
-                "--partitions",
-                &partitions,
-            ])
-            .args([
-                "--unsafe-fault-injection",
-                "--write-timeout-ms",
-                "2000",
-                "--read-timeout-ms",
-                "2000",
-            ])
-            .args(&extra)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log))
+        let files = NodeFiles {
+            id,
+            addr: &n.addr,
+            http: &n.http,
+            data_dir: &n.data_dir,
+            log: &n.log,
+        };
+        let mut cmd = server_command(&exe, &files, &spec, partitions)?;
+        cmd.args([
+            "--unsafe-fault-injection",
+            "--write-timeout-ms",
+            "2000",
+            "--read-timeout-ms",
+            "2000",
+        ])
+        .args(&extra);
+        let child = Command::from(cmd)
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("start node {id}"))?;

@@ -4,12 +4,13 @@
 
 use std::future::Future;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use capkv_check::cluster::{server_command, NodeFiles};
 use capkv_client::{fetch_node_status, leaders_of, Client, ClientConfig, StatusResponse};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_capkv");
@@ -50,32 +51,8 @@ impl Drop for Slot {
     }
 }
 
-/// A port nothing listens on now, taken below the kernel's ephemeral range (32768 and up),
-/// so that no outgoing connection of a test running in parallel can occupy it before the
-/// node binds it (which happened with port 0: a node failed with "Address already in use"
-/// and its cluster started without it). Each port is handed out once per test process.
 fn free_port() -> u16 {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    const FIRST: u32 = 20_000;
-    const SPAN: u32 = 12_000;
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    // Start somewhere else in each process: runs of the suite may overlap.
-    static OFFSET: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-    let offset = *OFFSET.get_or_init(|| {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        (std::process::id() ^ nanos) % SPAN
-    });
-    for _ in 0..SPAN {
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let port = (FIRST + (offset + n) % SPAN) as u16;
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free port in {FIRST}..{}", FIRST + SPAN);
+    capkv_check::cluster::free_port().expect("a free loopback port")
 }
 
 pub struct NodeProc {
@@ -172,28 +149,21 @@ impl Cluster {
     /// Starts node `id`'s process (again) with its data dir.
     pub fn spawn(&mut self, id: u64) {
         let spec = self.cluster_spec.clone();
-        let partitions = self.partitions.to_string();
+        let partitions = self.partitions;
         let extra = self.extra_args.clone();
         let n = self.node_mut(id);
         assert!(n.child.is_none(), "node {id} is already running");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&n.log)
-            .expect("log file");
-        let child = Command::new(BIN)
-            .arg("server")
-            .args(["--id", &id.to_string()])
-            .arg("--data-dir")
-            .arg(&n.data_dir)
-            .args(["--listen", &n.addr, "--http", &n.http])
-            .args(["--initial-cluster", &spec, "--partitions", &partitions])
+        let files = NodeFiles {
+            id,
+            addr: &n.addr,
+            http: &n.http,
+            data_dir: &n.data_dir,
+            log: &n.log,
+        };
+        let child = server_command(BIN.as_ref(), &files, &spec, partitions)
+            .expect("log file")
             .args(["--heartbeat-ms", "100", "--election-timeout-ms", "600"])
             .args(&extra)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log))
             .spawn()
             .expect("spawn capkv server");
         n.child = Some(child);
