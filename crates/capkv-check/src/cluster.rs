@@ -68,7 +68,8 @@ pub struct NodeFiles<'a> {
 }
 
 /// The `capkv server` command of one node of a local cluster (`spec` is its
-/// `--initial-cluster`), logging at info level to the end of its log file. Callers add
+/// `--initial-cluster`), logging at info level (or `CAPKV_SERVER_LOG`, a `RUST_LOG` filter
+/// for debugging) to the end of its log file. Callers add
 /// their own settings after these arguments.
 pub fn server_command(
     exe: &Path,
@@ -88,7 +89,10 @@ pub fn server_command(
         .args(["--listen", node.addr, "--http", node.http])
         .args(["--initial-cluster", spec])
         .args(["--partitions", &partitions.to_string()])
-        .env("RUST_LOG", "info")
+        .env(
+            "RUST_LOG",
+            std::env::var("CAPKV_SERVER_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::from(log));

@@ -42,9 +42,12 @@ impl Default for GroupSettings {
 }
 
 impl GroupSettings {
-    pub fn raft_config(&self) -> Result<Config, openraft::ConfigError> {
+    /// openraft's settings for `partition`'s group. The cluster name names the partition,
+    /// so openraft's debug spans (`RaftCore{id=.. cluster=capkv-p3}`) say which group a
+    /// line is about.
+    pub fn raft_config(&self, partition: PartitionId) -> Result<Config, openraft::ConfigError> {
         Config {
-            cluster_name: "capkv".to_string(),
+            cluster_name: format!("capkv-p{}", partition.0),
             heartbeat_interval: self.heartbeat_interval_ms,
             election_timeout_min: self.election_timeout_min_ms,
             election_timeout_max: self.election_timeout_max_ms,
@@ -69,7 +72,7 @@ pub async fn open_partition(
 ) -> Result<(PartitionRaft, Arc<AppliedIndex>), anyhow_like::Error> {
     let config = Arc::new(
         settings
-            .raft_config()
+            .raft_config(partition)
             .map_err(|e| anyhow_like::Error(e.to_string()))?,
     );
     let log_store = LogStore::new(engine.clone(), partition);
