@@ -133,23 +133,35 @@ impl Node {
                 },
             );
         }
-        if fresh {
-            for (p, r) in &replicas {
-                let members: BTreeMap<u64, BasicNode> = map
-                    .replicas(*p)
-                    .iter()
-                    .map(|n| (n.0, BasicNode::new(map.addr_of(*n).unwrap_or_default())))
-                    .collect();
-                // Every initial node initializes with the same membership; the Raft vote
-                // makes that safe. A node that already has state refuses, which is fine.
+        // Bootstrap. Initializing a group with the same membership on several nodes is safe
+        // (openraft), but done by every replica at once it makes each one a candidate in
+        // term 1, and most groups then need a second election a timeout later. So a
+        // partition's first replica initializes at once, and the others only if the group
+        // has not reached them within one election timeout (the first replica is down or
+        // slow). A node restarting on existing data never initializes at once: it may have
+        // granted a vote, and its vote hold must run out first.
+        let mut late_inits = Vec::new();
+        for (p, r) in &replicas {
+            if r.raft.is_initialized().await.unwrap_or(true) {
+                continue;
+            }
+            let replicas_of_p = map.replicas(*p);
+            let members: BTreeMap<u64, BasicNode> = replicas_of_p
+                .iter()
+                .map(|n| (n.0, BasicNode::new(map.addr_of(*n).unwrap_or_default())))
+                .collect();
+            if fresh && replicas_of_p.first() == Some(&config.id) {
                 if let Err(e) = r.raft.initialize(members).await {
                     tracing::debug!(partition = p.0, error = %e, "initialize skipped");
                 }
+            } else {
+                late_inits.push((*p, r.raft.clone(), members));
             }
+        }
+        if fresh {
             engine.node_meta_put(IDENTITY_KEY, &serde_json::to_vec(&identity)?)?;
             engine.sync()?;
         }
-
         let metrics = Arc::new(Metrics::new(config.id.0)?);
         let confirmer = LeaderConfirmer::new(
             config.id,
@@ -187,6 +199,10 @@ impl Node {
 
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut tasks = Vec::new();
+        if !late_inits.is_empty() {
+            let wait = Duration::from_millis(config.raft.election_timeout_max_ms);
+            tasks.push(tokio::spawn(initialize_late(late_inits, wait)));
+        }
         for r in core.replicas.values() {
             tasks.push(tokio::spawn(watch_leader(
                 core.clone(),
@@ -453,4 +469,30 @@ fn limited_incoming(
             }
         }
     })
+}
+
+/// Initializes the groups in `groups` that nothing reached within `wait` (see the bootstrap
+/// in `Node::start`). A group that a leader reached meanwhile is initialized already and is
+/// left alone.
+async fn initialize_late(
+    groups: Vec<(
+        capkv_types::PartitionId,
+        capkv_replication::PartitionRaft,
+        BTreeMap<u64, BasicNode>,
+    )>,
+    wait: Duration,
+) {
+    tokio::time::sleep(wait).await;
+    for (p, raft, members) in groups {
+        if raft.is_initialized().await.unwrap_or(true) {
+            continue;
+        }
+        tracing::info!(
+            partition = p.0,
+            "no leader reached this replica; initializing the group"
+        );
+        if let Err(e) = raft.initialize(members).await {
+            tracing::debug!(partition = p.0, error = %e, "initialize skipped");
+        }
+    }
 }

@@ -133,3 +133,74 @@ async fn a_restarted_node_holds_its_vote_for_a_lease() {
     let client = cluster.client_for(&[survivor, restarted]).await;
     assert_eq!(client.get("hold-key").await.unwrap().unwrap().value, b"v");
 }
+
+/// A partition's first replica initializes its group at bootstrap and the others wait one
+/// election timeout; with the first replica missing, the others must form the group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_forms_without_a_node_at_bootstrap() {
+    let absent = 1;
+    let mut cluster = Cluster::start(Opts {
+        absent_at_start: vec![absent],
+        ..Default::default()
+    })
+    .await;
+    // Cluster::start waited until every partition has a leader on nodes 2 and 3. Check that
+    // the case under test occurred: some partition lists the absent node first.
+    let status = cluster.status(2).await.expect("node 2 answers");
+    let orphaned: Vec<u32> = status
+        .partitions
+        .iter()
+        .filter(|p| p.replicas.first() == Some(&absent))
+        .map(|p| p.id)
+        .collect();
+    assert!(
+        !orphaned.is_empty(),
+        "node {absent} is the first replica of no partition; the test tests nothing"
+    );
+    let late = [2, 3]
+        .iter()
+        .map(|id| {
+            std::fs::read_to_string(&cluster.node(*id).log)
+                .unwrap_or_default()
+                .matches("no leader reached this replica")
+                .count()
+        })
+        .sum::<usize>();
+    assert!(
+        late >= orphaned.len(),
+        "partitions {orphaned:?} were not initialized late by nodes 2 and 3 ({late} times)"
+    );
+    let client = cluster.client_for(&[2, 3]).await;
+    for i in 0..40 {
+        client.put(format!("boot-{i}"), "v").await.unwrap();
+    }
+
+    // The missing node joins later and catches up.
+    cluster.spawn(absent);
+    wait_until(
+        Duration::from_secs(60),
+        "node 1 applies every partition up to the leaders' commit",
+        || async {
+            let mut commits = vec![0; cluster.partitions as usize];
+            for id in [2, 3] {
+                let Some(s) = cluster.status(id).await else {
+                    return false;
+                };
+                for p in s.partitions {
+                    commits[p.id as usize] = commits[p.id as usize].max(p.commit_index);
+                }
+            }
+            cluster.status(absent).await.is_some_and(|s| {
+                s.partitions
+                    .iter()
+                    .all(|p| p.applied_index >= commits[p.id as usize])
+            })
+        },
+    )
+    .await;
+    let client = cluster.client_for(&[absent]).await;
+    assert_eq!(
+        client.get("boot-39").await.unwrap().map(|v| v.value),
+        Some(b"v".to_vec())
+    );
+}

@@ -78,6 +78,8 @@ pub struct Opts {
     pub nodes: usize,
     pub partitions: u32,
     pub extra_args: Vec<String>,
+    /// Nodes not started with the others (`spawn` them later).
+    pub absent_at_start: Vec<u64>,
 }
 
 impl Default for Opts {
@@ -86,6 +88,7 @@ impl Default for Opts {
             nodes: 3,
             partitions: 8,
             extra_args: vec![],
+            absent_at_start: vec![],
         }
     }
 }
@@ -124,7 +127,9 @@ impl Cluster {
             _slot: slot,
         };
         for id in 1..=opts.nodes as u64 {
-            c.spawn(id);
+            if !opts.absent_at_start.contains(&id) {
+                c.spawn(id);
+            }
         }
         c.wait_ready(Duration::from_secs(60)).await;
         // A node that failed to start leaves a cluster that looks ready with the others;
