@@ -151,9 +151,7 @@ impl Node {
                 .map(|n| (n.0, BasicNode::new(map.addr_of(*n).unwrap_or_default())))
                 .collect();
             if fresh && replicas_of_p.first() == Some(&config.id) {
-                if let Err(e) = r.raft.initialize(members).await {
-                    tracing::debug!(partition = p.0, error = %e, "initialize skipped");
-                }
+                initialize_group(*p, &r.raft, members).await;
             } else {
                 late_inits.push((*p, r.raft.clone(), members));
             }
@@ -201,7 +199,11 @@ impl Node {
         let mut tasks = Vec::new();
         if !late_inits.is_empty() {
             let wait = Duration::from_millis(config.raft.election_timeout_max_ms);
-            tasks.push(tokio::spawn(initialize_late(late_inits, wait)));
+            tasks.push(tokio::spawn(initialize_late(
+                late_inits,
+                wait,
+                shutdown_rx.clone(),
+            )));
         }
         for r in core.replicas.values() {
             tasks.push(tokio::spawn(watch_leader(
@@ -471,9 +473,21 @@ fn limited_incoming(
     })
 }
 
+/// Initializes `partition`'s group with `members`; a group that has state already refuses,
+/// which is fine.
+async fn initialize_group(
+    partition: capkv_types::PartitionId,
+    raft: &capkv_replication::PartitionRaft,
+    members: BTreeMap<u64, BasicNode>,
+) {
+    if let Err(e) = raft.initialize(members).await {
+        tracing::debug!(partition = partition.0, error = %e, "initialize skipped");
+    }
+}
+
 /// Initializes the groups in `groups` that nothing reached within `wait` (see the bootstrap
 /// in `Node::start`). A group that a leader reached meanwhile is initialized already and is
-/// left alone.
+/// left alone. A node stopping meanwhile initializes nothing.
 async fn initialize_late(
     groups: Vec<(
         capkv_types::PartitionId,
@@ -481,8 +495,12 @@ async fn initialize_late(
         BTreeMap<u64, BasicNode>,
     )>,
     wait: Duration,
+    mut shutdown: watch::Receiver<bool>,
 ) {
-    tokio::time::sleep(wait).await;
+    tokio::select! {
+        _ = tokio::time::sleep(wait) => {}
+        _ = shutdown.wait_for(|stop| *stop) => return,
+    }
     for (p, raft, members) in groups {
         if raft.is_initialized().await.unwrap_or(true) {
             continue;
@@ -491,8 +509,6 @@ async fn initialize_late(
             partition = p.0,
             "no leader reached this replica; initializing the group"
         );
-        if let Err(e) = raft.initialize(members).await {
-            tracing::debug!(partition = p.0, error = %e, "initialize skipped");
-        }
+        initialize_group(p, &raft, members).await;
     }
 }
