@@ -39,6 +39,19 @@ impl FaultKind {
     pub fn needs_processes(self) -> bool {
         matches!(self, FaultKind::Kill | FaultKind::Pause)
     }
+
+    /// Faults between nodes: nothing to cut on a one-node cluster.
+    pub fn needs_peers(self) -> bool {
+        matches!(self, FaultKind::Partition)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultKind::Partition => "partition",
+            FaultKind::Kill => "kill",
+            FaultKind::Pause => "pause",
+        }
+    }
 }
 
 /// One planned fault: start at `at`, heal after `hold`.

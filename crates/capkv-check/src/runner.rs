@@ -184,6 +184,23 @@ pub async fn run(o: CheckOptions) -> anyhow::Result<Report> {
     };
     let endpoints = cluster.endpoints();
     let node_count = cluster.ids().len();
+    if node_count < 2 {
+        let (dropped, kept): (Vec<FaultKind>, Vec<FaultKind>) =
+            kinds.iter().partition(|k| k.needs_peers());
+        if !dropped.is_empty() {
+            let names = |v: &[FaultKind]| v.iter().map(|k| k.name()).collect::<Vec<_>>().join(",");
+            eprintln!(
+                "note: {} need(s) two or more nodes; on one node the nemesis runs: {}",
+                names(&dropped),
+                if kept.is_empty() {
+                    "none".to_string()
+                } else {
+                    names(&kept)
+                }
+            );
+        }
+        kinds = kept;
+    }
     let partitions = cluster.partitions;
 
     let recorder = Arc::new(Recorder::new(HistoryWriter::create(&history_path)?));

@@ -143,6 +143,7 @@ pub async fn run(args: ServerArgs) -> i32 {
             return 2;
         }
     };
+    let data_dir = config.data_dir.clone();
     let node = match Node::start(config).await {
         Ok(n) => n,
         Err(e) => {
@@ -150,6 +151,14 @@ pub async fn run(args: ServerArgs) -> i32 {
             return 2;
         }
     };
+    // One line on stdout once the node listens (logs go to stderr).
+    println!(
+        "node {} serving: gRPC {}, HTTP {}, data {}",
+        node.core().id,
+        node.grpc_addr(),
+        node.http_addr(),
+        data_dir.display()
+    );
     wait_for_stop_signal().await;
     tracing::info!("stopping");
     node.shutdown().await;

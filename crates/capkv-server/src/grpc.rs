@@ -257,6 +257,9 @@ impl Kv for KvService {
 /// Receives Raft messages from peers.
 pub struct RaftService {
     pub core: Arc<KvCore>,
+    /// Set when the node stops: peer streams end, so the gRPC server's graceful shutdown
+    /// does not wait for connections that peers keep open for good.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 impl RaftService {
@@ -344,10 +347,19 @@ impl RaftTransportService for RaftService {
         let (out_tx, out_rx) = tokio::sync::mpsc::channel::<Result<RaftReplyBatch, Status>>(64);
         let (item_tx, mut item_rx) = tokio::sync::mpsc::unbounded_channel::<RaftReplyItem>();
         let core = self.core.clone();
+        let mut shutdown = self.shutdown.clone();
         // Reader: every message is handled on its own task, so a slow partition does not
-        // hold up the others sharing the stream.
+        // hold up the others sharing the stream. It stops reading when the node stops;
+        // the writer then ends the stream once the answers in flight are out.
         tokio::spawn(async move {
-            while let Ok(Some(batch)) = inbound.message().await {
+            loop {
+                let batch = tokio::select! {
+                    m = inbound.message() => match m {
+                        Ok(Some(batch)) => batch,
+                        _ => break,
+                    },
+                    _ = shutdown.wait_for(|stop| *stop) => break,
+                };
                 for item in batch.items {
                     let core = core.clone();
                     let tx = item_tx.clone();

@@ -270,10 +270,17 @@ impl KvCore {
             let (state, leader, quorum_silent) = {
                 let rx = replica.raft.metrics();
                 let m = rx.borrow_watched();
-                let silent = m
-                    .last_quorum_acked
-                    .as_ref()
-                    .is_some_and(|t| t.elapsed() > Duration::from_millis(self.quorum_lease_ms));
+                // A leader that is its group's only voter is a quorum by itself: it needs
+                // no peer's acknowledgement (openraft never refreshes `last_quorum_acked`
+                // for it, so the age check below would fail every read of an RF 1 group).
+                let self_quorum = {
+                    let mut voters = m.membership_config.voter_ids();
+                    voters.next() == Some(self.id.0) && voters.next().is_none()
+                };
+                let silent = !self_quorum
+                    && m.last_quorum_acked
+                        .as_ref()
+                        .is_some_and(|t| t.elapsed() > Duration::from_millis(self.quorum_lease_ms));
                 // The read point: the commit index now, usable once the leader has
                 // committed an entry of its own term (then it covers every write
                 // acknowledged by earlier leaders).

@@ -12,7 +12,7 @@ use capkv_placement::{NodeSpec, PartitionMap};
 use capkv_proto::kv::kv_server::KvServer;
 use capkv_proto::raft::raft_transport_server::RaftTransportServer;
 use capkv_replication::{open_partition, Faults, VoteHold};
-use capkv_storage::{FjallEngine, FjallOptions, StorageEngine};
+use capkv_storage::{FjallEngine, FjallOptions, StorageEngine, StorageError};
 use capkv_types::{Hlc, NodeId};
 use openraft::async_runtime::WatchReceiver;
 use openraft::BasicNode;
@@ -56,8 +56,15 @@ impl Node {
             bail!("node id {} is not in the initial cluster", config.id);
         }
         let engine: Arc<dyn StorageEngine> = Arc::new(
-            FjallEngine::open(&config.data_dir, FjallOptions::default())
-                .with_context(|| format!("open storage in {}", config.data_dir.display()))?,
+            match FjallEngine::open(&config.data_dir, FjallOptions::default()) {
+                Ok(e) => e,
+                // The message says it all: "data dir … is in use by another capkv process".
+                Err(e @ StorageError::InUse(_)) => bail!(e),
+                Err(e) => {
+                    return Err(anyhow::Error::new(e)
+                        .context(format!("open storage in {}", config.data_dir.display())))
+                }
+            },
         );
         let identity = ClusterIdentity {
             node_id: config.id,
@@ -221,9 +228,12 @@ impl Node {
         let kv = KvServer::new(KvService { core: core.clone() })
             .max_decoding_message_size(message_max)
             .max_encoding_message_size(message_max);
-        let raft = RaftTransportServer::new(RaftService { core: core.clone() })
-            .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
-            .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX);
+        let raft = RaftTransportServer::new(RaftService {
+            core: core.clone(),
+            shutdown: shutdown_rx.clone(),
+        })
+        .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
+        .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX);
         let incoming = limited_incoming(grpc_listener, config.max_connections);
         let mut rx = shutdown_rx.clone();
         tasks.push(tokio::spawn(async move {

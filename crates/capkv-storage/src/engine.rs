@@ -17,6 +17,9 @@ pub enum StorageError {
     Engine(String),
     #[error("corrupt data on disk: {0}")]
     Corrupt(String),
+    /// Another process holds the data directory open.
+    #[error("data dir {0} is in use by another capkv process")]
+    InUse(String),
 }
 
 impl From<std::io::Error> for StorageError {

@@ -126,9 +126,15 @@ impl FjallEngine {
     /// Opens (or creates) the engine under `dir`.
     pub fn open(dir: &Path, options: FjallOptions) -> Result<Self, StorageError> {
         fs::create_dir_all(dir)?;
-        let db = Database::builder(dir.join("db"))
+        let db = match Database::builder(dir.join("db"))
             .cache_size(options.cache_bytes)
-            .open()?;
+            .open()
+        {
+            Err(fjall::Error::Locked) => {
+                return Err(StorageError::InUse(dir.display().to_string()))
+            }
+            other => other?,
+        };
         let ks = |name: &str| db.keyspace(name, KeyspaceCreateOptions::default);
         let raft_log = ks("raft_log")?;
         let raft_meta = ks("raft_meta")?;

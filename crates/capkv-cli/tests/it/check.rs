@@ -23,8 +23,8 @@ fn check(args: &[&str]) -> (i32, String, String) {
 }
 
 /// Runs a check that must be valid (seed named `name`, with `args`); returns its output
-/// directory and summary.
-fn valid_run(name: &str, args: &[&str]) -> (tempfile::TempDir, String) {
+/// directory, summary and stderr.
+fn valid_run(name: &str, args: &[&str]) -> (tempfile::TempDir, String, String) {
     let dir = tempfile::tempdir().unwrap();
     let seed = seed(name).to_string();
     let out = dir.path().to_str().unwrap().to_string();
@@ -37,12 +37,12 @@ fn valid_run(name: &str, args: &[&str]) -> (tempfile::TempDir, String) {
         stdout.contains("linearizable: valid (8 keys checked)"),
         "{stdout}"
     );
-    (dir, stdout)
+    (dir, stdout, stderr)
 }
 
 #[test]
 fn check_under_partitions_and_kills_is_valid() {
-    let (dir, stdout) = valid_run(
+    let (dir, stdout, _) = valid_run(
         "check_valid",
         &["--duration", "30s", "--nemesis", "partition,kill"],
     );
@@ -64,7 +64,7 @@ fn check_under_partitions_and_kills_is_valid() {
 /// stored-vote rule exists for.
 #[test]
 fn check_with_read_index_reads_under_pauses_and_partitions_is_valid() {
-    let (dir, _) = valid_run(
+    let (dir, _, _) = valid_run(
         "check_read_index",
         &[
             "--duration",
@@ -113,4 +113,24 @@ fn check_finds_the_planted_stale_reads_bug() {
         stdout.contains("smallest failing window on key"),
         "the report shows a counterexample: {stdout}"
     );
+}
+
+/// One node: the faults between nodes do not apply and are left out with a note; kills
+/// and pauses of the only node still run, and the history must be linearizable.
+#[test]
+fn check_on_one_node_is_valid() {
+    let (_dir, stdout, stderr) =
+        valid_run("check_one_node", &["--nodes", "1", "--duration", "15s"]);
+    assert!(
+        stderr.contains(
+            "note: partition need(s) two or more nodes; on one node the nemesis runs: kill,pause"
+        ),
+        "{stderr}"
+    );
+    let faults: u64 = stdout
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("faults="))
+        .and_then(|n| n.parse().ok())
+        .expect("faults=N in the summary");
+    assert!(faults >= 1, "kills and pauses run on one node: {stdout}");
 }

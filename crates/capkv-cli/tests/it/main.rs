@@ -11,4 +11,6 @@ mod crash;
 mod failover;
 mod idempotency;
 mod isolation;
+mod readme;
+mod small;
 mod snapshot;
