@@ -4,6 +4,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         root.join("capkv/v1/kv.proto"),
         root.join("capkv/v1/raft.proto"),
+        root.join("capkv/v1/admin.proto"),
         root.join("etcd/kv_subset.proto"),
     ];
     for f in &files {

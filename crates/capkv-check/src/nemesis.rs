@@ -1,9 +1,24 @@
-//! Faults on a seeded schedule: network partitions, SIGKILL + restart, SIGSTOP + SIGCONT.
+//! Faults on a seeded schedule.
+//!
+//! | nemesis | what it does | healed by |
+//! |---|---|---|
+//! | `partition` | cuts one node, the leader of a workload partition, or a random half off (both directions) | clearing the drops |
+//! | `oneway` | one node stops hearing or stops being heard (all peers or one), a leader preferred | clearing the drops |
+//! | `kill` | SIGKILL a node | a restart 2–6 s later |
+//! | `restart` | SIGKILL a node, preferring the leader of a workload partition, and start it again 0–300 ms later, inside its followers' lease | (restarted at once) |
+//! | `pause` | SIGSTOP a node | SIGCONT |
+//! | `clock` | jumps a node's wall clock (the one its HLC reads) 1–30 s forward or back; or restarts a node with its monotonic clock running at 0.6x–1.5x (libfaketime), which lasts until the run ends | clearing the jump (the rate stays) |
+//! | `disk` | fsyncs of a node stall 50–500 ms, or its next fsync fails (its storage is then poisoned) | clearing the stall; a restart of the poisoned node |
+//!
+//! Faults do not overlap, except a clock rate, which stays with its node (as a bad
+//! oscillator would) while later faults run.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use capkv_testkit::Faults;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tokio::sync::Mutex;
@@ -13,45 +28,82 @@ use crate::cluster::Cluster;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FaultKind {
     Partition,
+    Oneway,
     Kill,
+    Restart,
     Pause,
+    Clock,
+    Disk,
 }
 
 impl FaultKind {
+    pub const ALL: [FaultKind; 7] = [
+        FaultKind::Partition,
+        FaultKind::Oneway,
+        FaultKind::Kill,
+        FaultKind::Restart,
+        FaultKind::Pause,
+        FaultKind::Clock,
+        FaultKind::Disk,
+    ];
+
+    /// `all`, `none`, or a comma-separated list of names.
     pub fn parse_list(s: &str) -> Result<Vec<FaultKind>, String> {
         let mut out = Vec::new();
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            out.push(match part {
-                "partition" => FaultKind::Partition,
-                "kill" => FaultKind::Kill,
-                "pause" => FaultKind::Pause,
-                "none" => continue,
-                other => {
+            if part == "none" {
+                continue;
+            }
+            if part == "all" {
+                out.extend(FaultKind::ALL);
+                continue;
+            }
+            match FaultKind::ALL.iter().find(|k| k.name() == part) {
+                Some(k) => out.push(*k),
+                None => {
                     return Err(format!(
-                        "unknown nemesis {other:?}; expected partition, kill, pause or none"
+                        "unknown nemesis {part:?}; expected all, none, or any of {}",
+                        FaultKind::ALL.map(|k| k.name()).join(", ")
                     ))
                 }
-            });
+            }
         }
+        out.dedup();
         Ok(out)
     }
 
+    /// Faults that kill, stop or restart processes, or need a restart to heal.
     pub fn needs_processes(self) -> bool {
-        matches!(self, FaultKind::Kill | FaultKind::Pause)
+        matches!(
+            self,
+            FaultKind::Kill | FaultKind::Pause | FaultKind::Restart | FaultKind::Disk
+        )
     }
 
     /// Faults between nodes: nothing to cut on a one-node cluster.
     pub fn needs_peers(self) -> bool {
-        matches!(self, FaultKind::Partition)
+        matches!(self, FaultKind::Partition | FaultKind::Oneway)
     }
 
     pub fn name(self) -> &'static str {
         match self {
             FaultKind::Partition => "partition",
+            FaultKind::Oneway => "oneway",
             FaultKind::Kill => "kill",
+            FaultKind::Restart => "restart",
             FaultKind::Pause => "pause",
+            FaultKind::Clock => "clock",
+            FaultKind::Disk => "disk",
         }
     }
+}
+
+/// Which node a fault hits: a fixed one (index into the node list), or whichever leads a
+/// partition the workload uses when the fault starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Node(usize),
+    LeaderOf(u32),
 }
 
 /// One planned fault: start at `at`, heal after `hold`.
@@ -64,26 +116,71 @@ pub struct Planned {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Fault {
-    /// Cut node (index into the node list) off from all others.
-    IsolateNode(usize),
+    /// Cut a node off from all others.
+    Isolate(Target),
     /// Split the nodes in two at a random point of a shuffled order.
     Split {
         seed: u64,
     },
-    /// Cut off the node leading partition `p` at the time.
-    IsolateLeader(u32),
+    /// The node's messages (and answers) to `to` are lost (`None`: to every peer); it
+    /// still hears them.
+    Mute {
+        node: Target,
+        to: Option<usize>,
+    },
+    /// Messages from `from` (`None`: every peer) to the node are lost; it is still heard.
+    Deafen {
+        node: Target,
+        from: Option<usize>,
+    },
     Kill(usize),
+    /// SIGKILL, then start again after `delay_ms`.
+    Restart {
+        node: Target,
+        delay_ms: u64,
+    },
     Pause(usize),
+    /// The node's wall clock jumps by `offset_ms`.
+    ClockJump {
+        node: Target,
+        offset_ms: i64,
+    },
+    /// The node restarts with its clocks running at `rate_percent` % of real time.
+    ClockRate {
+        node: Target,
+        rate_percent: u32,
+    },
+    FsyncStall {
+        node: Target,
+        stall_ms: u32,
+    },
+    FsyncFail {
+        node: Target,
+    },
+}
+
+/// How a run can skew clock rates: the `libfaketime` preload library, if installed.
+pub fn faketime_library() -> Option<PathBuf> {
+    [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/faketime/libfaketime.so.1",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists())
 }
 
 /// The whole schedule for a run, a pure function of the seed and parameters.
 /// `partitions` are the partitions the workload touches; leader faults aim at them.
+/// `clock_rates`: whether clock-rate skew is available (libfaketime).
 pub fn plan(
     seed: u64,
     kinds: &[FaultKind],
     nodes: usize,
     partitions: &[u32],
     duration: Duration,
+    clock_rates: bool,
 ) -> Vec<Planned> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut out = Vec::new();
@@ -92,26 +189,223 @@ pub fn plan(
     }
     let mut t = Duration::from_millis(rng.random_range(1000..3000));
     while t + Duration::from_secs(1) < duration {
-        let hold = Duration::from_millis(rng.random_range(2000..6000));
+        let mut hold = Duration::from_millis(rng.random_range(2000..6000));
+        let leader = |rng: &mut ChaCha8Rng| {
+            Target::LeaderOf(
+                partitions
+                    .get(rng.random_range(0..partitions.len().max(1)))
+                    .copied()
+                    .unwrap_or(0),
+            )
+        };
+        let target = |rng: &mut ChaCha8Rng| {
+            if rng.random_bool(0.5) {
+                leader(rng)
+            } else {
+                Target::Node(rng.random_range(0..nodes))
+            }
+        };
+        let peer = |rng: &mut ChaCha8Rng| {
+            if rng.random_bool(0.5) {
+                None
+            } else {
+                Some(rng.random_range(0..nodes))
+            }
+        };
         let fault = match kinds[rng.random_range(0..kinds.len())] {
             FaultKind::Partition => match rng.random_range(0..3) {
-                0 => Fault::IsolateNode(rng.random_range(0..nodes)),
+                0 => Fault::Isolate(Target::Node(rng.random_range(0..nodes))),
                 1 => Fault::Split { seed: rng.random() },
-                _ => Fault::IsolateLeader(
-                    partitions
-                        .get(rng.random_range(0..partitions.len().max(1)))
-                        .copied()
-                        .unwrap_or(0),
-                ),
+                _ => Fault::Isolate(leader(&mut rng)),
             },
+            FaultKind::Oneway => {
+                let node = target(&mut rng);
+                if rng.random_bool(0.5) {
+                    Fault::Mute {
+                        node,
+                        to: peer(&mut rng),
+                    }
+                } else {
+                    Fault::Deafen {
+                        node,
+                        from: peer(&mut rng),
+                    }
+                }
+            }
             FaultKind::Kill => Fault::Kill(rng.random_range(0..nodes)),
+            FaultKind::Restart => {
+                // Short spacing: the fault is over once the node is back.
+                hold = Duration::from_millis(rng.random_range(1000..3000));
+                Fault::Restart {
+                    node: if rng.random_bool(0.8) {
+                        leader(&mut rng)
+                    } else {
+                        Target::Node(rng.random_range(0..nodes))
+                    },
+                    delay_ms: rng.random_range(0..=300),
+                }
+            }
             FaultKind::Pause => Fault::Pause(rng.random_range(0..nodes)),
+            FaultKind::Clock => {
+                let node = target(&mut rng);
+                if clock_rates && rng.random_bool(0.5) {
+                    Fault::ClockRate {
+                        node,
+                        rate_percent: rng.random_range(60..=150),
+                    }
+                } else {
+                    let magnitude = rng.random_range(1_000..=30_000);
+                    let offset_ms = if rng.random_bool(0.5) {
+                        magnitude
+                    } else {
+                        -magnitude
+                    };
+                    Fault::ClockJump { node, offset_ms }
+                }
+            }
+            FaultKind::Disk => {
+                let node = target(&mut rng);
+                if rng.random_bool(0.6) {
+                    Fault::FsyncStall {
+                        node,
+                        stall_ms: rng.random_range(50..=500),
+                    }
+                } else {
+                    Fault::FsyncFail { node }
+                }
+            }
         };
         let hold = hold.min(duration.saturating_sub(t));
         out.push(Planned { at: t, hold, fault });
         t += hold + Duration::from_millis(rng.random_range(1000..3000));
     }
     out
+}
+
+/// The node a target names now (`None`: no such node, or the partition has no leader).
+async fn resolve(c: &Cluster, ids: &[u64], target: Target) -> Option<u64> {
+    match target {
+        Target::Node(i) => ids.get(i % ids.len().max(1)).copied(),
+        Target::LeaderOf(p) => c.leader_of(p).await,
+    }
+}
+
+fn others(ids: &[u64], id: u64) -> Vec<u64> {
+    ids.iter().copied().filter(|x| *x != id).collect()
+}
+
+/// Carries out one fault; returns what was done.
+async fn inject(
+    c: &mut Cluster,
+    fault: &Fault,
+    faketime: Option<&PathBuf>,
+) -> anyhow::Result<String> {
+    let ids = c.ids();
+    if ids.is_empty() {
+        anyhow::bail!("the cluster has no nodes");
+    }
+    let pick = |i: usize| ids[i % ids.len()];
+    let Some(node) = (match fault {
+        Fault::Isolate(t)
+        | Fault::Mute { node: t, .. }
+        | Fault::Deafen { node: t, .. }
+        | Fault::Restart { node: t, .. }
+        | Fault::ClockJump { node: t, .. }
+        | Fault::ClockRate { node: t, .. }
+        | Fault::FsyncStall { node: t, .. }
+        | Fault::FsyncFail { node: t } => resolve(c, &ids, *t).await,
+        Fault::Kill(i) | Fault::Pause(i) => Some(pick(*i)),
+        Fault::Split { .. } => Some(ids[0]),
+    }) else {
+        return Ok(format!("no node to hit for {fault:?} (no leader)"));
+    };
+    Ok(match fault {
+        Fault::Isolate(_) => {
+            c.partition(&[vec![node], others(&ids, node)]).await?;
+            format!("isolate node {node}")
+        }
+        Fault::Split { seed } => {
+            let mut order = ids.clone();
+            let mut rng = ChaCha8Rng::seed_from_u64(*seed);
+            for i in (1..order.len()).rev() {
+                order.swap(i, rng.random_range(0..=i));
+            }
+            let cut = (order.len() / 2).max(1);
+            let (a, b) = order.split_at(cut);
+            c.partition(&[a.to_vec(), b.to_vec()]).await?;
+            format!("split {a:?} | {b:?}")
+        }
+        Fault::Mute { to, .. } => {
+            let peers = match to {
+                Some(i) if pick(*i) != node => vec![pick(*i)],
+                _ => others(&ids, node),
+            };
+            let f = Faults {
+                drop_to: peers.clone(),
+                ..Faults::default()
+            };
+            c.set_faults(node, f).await?;
+            format!("node {node} is not heard by {peers:?} (one way)")
+        }
+        Fault::Deafen { from, .. } => {
+            let peers = match from {
+                Some(i) if pick(*i) != node => vec![pick(*i)],
+                _ => others(&ids, node),
+            };
+            let f = Faults {
+                drop_from: peers.clone(),
+                ..Faults::default()
+            };
+            c.set_faults(node, f).await?;
+            format!("node {node} does not hear {peers:?} (one way)")
+        }
+        Fault::Kill(_) => {
+            c.kill(node)?;
+            format!("SIGKILL node {node}")
+        }
+        Fault::Restart { delay_ms, .. } => {
+            c.kill(node)?;
+            tokio::time::sleep(Duration::from_millis(*delay_ms)).await;
+            c.restart(node)?;
+            format!("SIGKILL node {node}, started again after {delay_ms} ms")
+        }
+        Fault::Pause(_) => {
+            c.pause(node)?;
+            format!("SIGSTOP node {node}")
+        }
+        Fault::ClockJump { offset_ms, .. } => {
+            let f = Faults {
+                wall_clock_offset_ms: *offset_ms,
+                ..Faults::default()
+            };
+            c.set_faults(node, f).await?;
+            format!("node {node}'s wall clock jumps {offset_ms:+} ms")
+        }
+        Fault::ClockRate { rate_percent, .. } => {
+            let Some(lib) = faketime else {
+                return Ok("clock rates need libfaketime (not installed); skipped".into());
+            };
+            c.kill(node)?;
+            c.restart_with_clock_rate(node, lib, *rate_percent)?;
+            format!("node {node} restarted with its clocks at {rate_percent} % of real time")
+        }
+        Fault::FsyncStall { stall_ms, .. } => {
+            let f = Faults {
+                fsync_stall_ms: *stall_ms,
+                ..Faults::default()
+            };
+            c.set_faults(node, f).await?;
+            format!("node {node}'s fsyncs stall {stall_ms} ms")
+        }
+        Fault::FsyncFail { .. } => {
+            let f = Faults {
+                fsync_fail_next: true,
+                ..Faults::default()
+            };
+            c.set_faults(node, f).await?;
+            format!("node {node}'s next fsync fails")
+        }
+    })
 }
 
 /// Carries out a schedule against the cluster until `deadline`; counts injected faults.
@@ -121,51 +415,13 @@ pub async fn execute(
     start: Instant,
     injected: Arc<AtomicU64>,
 ) {
+    let faketime = faketime_library();
     for p in schedule {
         let at = start + p.at;
         tokio::time::sleep_until(at.into()).await;
         let description = {
             let mut c = cluster.lock().await;
-            let ids = c.ids();
-            let result = match &p.fault {
-                Fault::IsolateNode(i) => {
-                    let id = ids[*i % ids.len()];
-                    let rest: Vec<u64> = ids.iter().copied().filter(|x| *x != id).collect();
-                    c.partition(&[vec![id], rest])
-                        .await
-                        .map(|_| format!("isolate node {id}"))
-                }
-                Fault::Split { seed } => {
-                    let mut order = ids.clone();
-                    let mut rng = ChaCha8Rng::seed_from_u64(*seed);
-                    for i in (1..order.len()).rev() {
-                        order.swap(i, rng.random_range(0..=i));
-                    }
-                    let cut = (order.len() / 2).max(1);
-                    let (a, b) = order.split_at(cut);
-                    c.partition(&[a.to_vec(), b.to_vec()])
-                        .await
-                        .map(|_| format!("split {a:?} | {b:?}"))
-                }
-                Fault::IsolateLeader(part) => match c.leader_of(*part).await {
-                    Some(id) => {
-                        let rest: Vec<u64> = ids.iter().copied().filter(|x| *x != id).collect();
-                        c.partition(&[vec![id], rest])
-                            .await
-                            .map(|_| format!("isolate node {id}, leader of partition {part}"))
-                    }
-                    None => Ok(format!("no leader of partition {part} to isolate")),
-                },
-                Fault::Kill(i) => {
-                    let id = ids[*i % ids.len()];
-                    c.kill(id).await.map(|_| format!("SIGKILL node {id}"))
-                }
-                Fault::Pause(i) => {
-                    let id = ids[*i % ids.len()];
-                    c.pause(id).map(|_| format!("SIGSTOP node {id}"))
-                }
-            };
-            match result {
+            match inject(&mut c, &p.fault, faketime.as_ref()).await {
                 Ok(d) => {
                     injected.fetch_add(1, Ordering::Relaxed);
                     d
@@ -189,20 +445,93 @@ mod tests {
 
     #[test]
     fn the_schedule_is_a_function_of_the_seed() {
-        let kinds = [FaultKind::Partition, FaultKind::Kill, FaultKind::Pause];
-        let a = plan(42, &kinds, 3, &[0, 3, 5], Duration::from_secs(60));
-        assert_eq!(a, plan(42, &kinds, 3, &[0, 3, 5], Duration::from_secs(60)));
-        assert_ne!(a, plan(43, &kinds, 3, &[0, 3, 5], Duration::from_secs(60)));
+        let kinds = FaultKind::ALL;
+        let a = plan(42, &kinds, 3, &[0, 3, 5], Duration::from_secs(60), true);
+        assert_eq!(
+            a,
+            plan(42, &kinds, 3, &[0, 3, 5], Duration::from_secs(60), true)
+        );
+        assert_ne!(
+            a,
+            plan(43, &kinds, 3, &[0, 3, 5], Duration::from_secs(60), true)
+        );
         assert!(a.len() >= 5, "a minute holds several faults: {}", a.len());
         for w in a.windows(2) {
             assert!(w[0].at + w[0].hold < w[1].at, "faults do not overlap");
         }
         assert!(a.iter().all(|p| p.at + p.hold <= Duration::from_secs(60)));
-        assert!(plan(1, &[], 3, &[0], Duration::from_secs(60)).is_empty());
+        assert!(plan(1, &[], 3, &[0], Duration::from_secs(60), true).is_empty());
+        assert!(plan(1, &kinds, 0, &[0], Duration::from_secs(60), true).is_empty());
+    }
+
+    #[test]
+    fn every_nemesis_appears_in_a_long_schedule_within_its_bounds() {
+        let a = plan(
+            7,
+            &FaultKind::ALL,
+            3,
+            &[1, 2],
+            Duration::from_secs(3600),
+            true,
+        );
+        let has = |f: fn(&Fault) -> bool| a.iter().any(|p| f(&p.fault));
+        assert!(has(|f| matches!(
+            f,
+            Fault::Isolate(_) | Fault::Split { .. }
+        )));
+        assert!(has(|f| matches!(f, Fault::Mute { .. })));
+        assert!(has(|f| matches!(f, Fault::Deafen { .. })));
+        assert!(has(|f| matches!(f, Fault::Kill(_))));
+        assert!(has(|f| matches!(f, Fault::Pause(_))));
+        assert!(has(|f| matches!(f, Fault::FsyncFail { .. })));
+        for p in &a {
+            match &p.fault {
+                Fault::Restart { delay_ms, .. } => assert!(*delay_ms <= 300),
+                Fault::ClockJump { offset_ms, .. } => {
+                    assert!((1_000..=30_000).contains(&offset_ms.abs()))
+                }
+                Fault::ClockRate { rate_percent, .. } => {
+                    assert!((60..=150).contains(rate_percent))
+                }
+                Fault::FsyncStall { stall_ms, .. } => assert!((50..=500).contains(stall_ms)),
+                _ => {}
+            }
+        }
+        assert!(has(|f| matches!(
+            f,
+            Fault::Restart {
+                node: Target::LeaderOf(_),
+                ..
+            }
+        )));
+        assert!(has(|f| matches!(f, Fault::ClockRate { .. })));
+        assert!(has(|f| matches!(f, Fault::ClockJump { .. })));
+        assert!(has(|f| matches!(f, Fault::FsyncStall { .. })));
+        let no_rates = plan(
+            7,
+            &[FaultKind::Clock],
+            3,
+            &[1],
+            Duration::from_secs(600),
+            false,
+        );
+        assert!(no_rates
+            .iter()
+            .all(|p| matches!(p.fault, Fault::ClockJump { .. })));
+    }
+
+    #[test]
+    fn nemesis_names_parse() {
         assert_eq!(
             FaultKind::parse_list("partition,kill").unwrap(),
             vec![FaultKind::Partition, FaultKind::Kill]
         );
-        assert!(FaultKind::parse_list("flood").is_err());
+        assert_eq!(
+            FaultKind::parse_list("all").unwrap(),
+            FaultKind::ALL.to_vec()
+        );
+        assert_eq!(FaultKind::parse_list("none").unwrap(), vec![]);
+        let err = FaultKind::parse_list("flood").unwrap_err();
+        assert!(err.contains("oneway") && err.contains("disk"), "{err}");
     }
 }

@@ -20,8 +20,14 @@ pub enum WorkloadArg {
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum PlantedBugArg {
-    /// Servers answer linearizable reads from their local replica (--unsafe-local-reads).
+    /// Linearizable reads from the local replica (found under partitions).
     StaleReads,
+    /// openraft's leader restore on (found by the restart nemesis).
+    LeaderRestore,
+    /// Lease reads trust the whole lease, not half (found by clock rate skew).
+    FullLease,
+    /// Durability acknowledged before the fsync (found by the disk nemesis).
+    AckBeforeFsync,
 }
 
 #[derive(Args, Debug)]
@@ -40,8 +46,9 @@ pub struct CheckArgs {
     /// How long the workload runs, e.g. 60s, 2m, 500ms.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub duration: Duration,
-    /// Faults to inject: any of partition, kill, pause (comma-separated), or none.
-    #[arg(long, default_value = "partition,kill,pause", value_parser = parse_nemesis)]
+    /// Faults to inject: all (default), none, or a comma-separated list of partition,
+    /// oneway, kill, restart, pause, clock, disk.
+    #[arg(long, default_value = "all", value_parser = parse_nemesis)]
     pub nemesis: Nemeses,
     /// Seed of the fault schedule and the clients' choices (random when omitted).
     #[arg(long)]
@@ -51,8 +58,8 @@ pub struct CheckArgs {
     /// Read level the workload uses.
     #[arg(long, default_value = "linearizable", value_parser = parse_consistency)]
     pub consistency: ReadConsistency,
-    /// Check an existing cluster instead (only the partition nemesis runs; its nodes need
-    /// --unsafe-fault-injection for that).
+    /// Check an existing cluster instead (only faults through the nodes' Admin service
+    /// run: partition, oneway, clock jumps; its nodes need --unsafe-fault-injection).
     #[arg(long)]
     pub endpoints: Option<String>,
     /// Start the cluster with a known bug, to see the checker catch it.
@@ -123,9 +130,12 @@ pub async fn run(a: CheckArgs) -> i32 {
             .endpoints
             .as_ref()
             .map(|e| e.split(',').map(|s| s.trim().to_string()).collect()),
-        planted_bug: a
-            .planted_bug
-            .map(|PlantedBugArg::StaleReads| PlantedBug::StaleReads),
+        planted_bug: a.planted_bug.map(|b| match b {
+            PlantedBugArg::StaleReads => PlantedBug::StaleReads,
+            PlantedBugArg::LeaderRestore => PlantedBug::LeaderRestore,
+            PlantedBugArg::FullLease => PlantedBug::FullLease,
+            PlantedBugArg::AckBeforeFsync => PlantedBug::AckBeforeFsync,
+        }),
         server_args: a
             .read_policy
             .map(|p| {
@@ -138,12 +148,17 @@ pub async fn run(a: CheckArgs) -> i32 {
         check_time_per_key: a.check_time_per_key,
     };
     eprintln!(
-        "check: workload={} nodes={} clients={} duration={:?} nemesis={:?} seed={seed} out={}",
+        "check: workload={} nodes={} clients={} duration={:?} nemesis={} seed={seed} out={}",
         options.workload.name(),
         options.nodes,
         options.clients,
         options.duration,
-        options.nemesis,
+        options
+            .nemesis
+            .iter()
+            .map(|k| k.name())
+            .collect::<Vec<_>>()
+            .join(","),
         options.out.display()
     );
     match capkv_check::run(options).await {

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use capkv_server::config::default_http_addr;
-use capkv_server::{Node, NodeConfig, ReadPolicyChoice};
+use capkv_server::{Node, NodeConfig, PlantedBug, ReadPolicyChoice};
 use capkv_types::NodeId;
 use clap::{Args, ValueEnum};
 
@@ -68,13 +68,38 @@ pub struct ServerArgs {
     /// Client connections served at once.
     #[arg(long, default_value_t = 4096)]
     pub max_connections: usize,
-    /// TESTING ONLY: expose /debug/faults, which can cut this node off from its peers.
+    /// TESTING ONLY: serve the Admin gRPC service, through which any client can cut this
+    /// node off from its peers, fail or stall its fsyncs and move its clock.
     #[arg(long)]
     pub unsafe_fault_injection: bool,
-    /// TESTING ONLY (planted bug): serve linearizable reads from the local replica
-    /// without confirming leadership. Reads may be stale.
-    #[arg(long)]
-    pub unsafe_local_reads: bool,
+    /// TESTING ONLY: start with a bug planted on purpose, for `capkv check` to catch
+    /// (repeatable). The node may lose or misreport data.
+    #[arg(long = "planted-bug", value_enum)]
+    pub planted_bugs: Vec<PlantedBugArg>,
+}
+
+/// `--planted-bug` names (see `capkv_server::PlantedBug`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PlantedBugArg {
+    /// Linearizable reads from the local replica, without confirming leadership.
+    StaleReads,
+    /// openraft's leader restore: a restarted leader resumes with a stale commit index.
+    LeaderRestore,
+    /// A lease read trusts the whole lease instead of half (no margin for clock rates).
+    FullLease,
+    /// Acknowledge durability before the fsync.
+    AckBeforeFsync,
+}
+
+impl PlantedBugArg {
+    pub fn bug(self) -> PlantedBug {
+        match self {
+            PlantedBugArg::StaleReads => PlantedBug::StaleReads,
+            PlantedBugArg::LeaderRestore => PlantedBug::LeaderRestore,
+            PlantedBugArg::FullLease => PlantedBug::FullLease,
+            PlantedBugArg::AckBeforeFsync => PlantedBug::AckBeforeFsync,
+        }
+    }
 }
 
 pub fn config_from(args: &ServerArgs) -> anyhow::Result<NodeConfig> {
@@ -130,7 +155,8 @@ pub fn config_from(args: &ServerArgs) -> anyhow::Result<NodeConfig> {
     };
     c.max_connections = args.max_connections;
     c.unsafe_fault_injection = args.unsafe_fault_injection;
-    c.unsafe_local_reads = args.unsafe_local_reads;
+    c.planted_bugs = args.planted_bugs.iter().map(|b| b.bug()).collect();
+    c.raft.leader_restore = c.planted_bugs.contains(&PlantedBug::LeaderRestore);
     Ok(c)
 }
 

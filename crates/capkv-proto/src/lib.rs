@@ -1,4 +1,5 @@
-//! Generated gRPC code. `kv` is the public client API; `raft` is node-to-node traffic.
+//! Generated gRPC code. `kv` is the public client API; `raft` is node-to-node traffic;
+//! `admin` is test-only fault injection.
 
 #![allow(clippy::all, missing_docs)]
 
@@ -8,6 +9,11 @@ pub mod kv {
 
 pub mod raft {
     tonic::include_proto!("capkv.raft.v1");
+}
+
+/// Test-only fault injection (refused unless the node runs with --unsafe-fault-injection).
+pub mod admin {
+    tonic::include_proto!("capkv.admin.v1");
 }
 
 /// Wire-compatible subset of etcd's v3 KV API (for benchmarking against etcd).

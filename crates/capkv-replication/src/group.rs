@@ -26,6 +26,13 @@ pub struct GroupSettings {
     pub log_entries_kept_after_snapshot: u64,
     /// Idempotency table capacity per partition.
     pub dedup_capacity: usize,
+    /// openraft's leader restore: a leader restarted before anyone else was elected takes
+    /// its leadership back without an election. Unsafe here, so off; only the planted bug
+    /// `leader-restore` turns it on. openraft documents it as safe only when the state
+    /// machine is flushed on apply and the committed index is saved exactly; capkv does
+    /// neither (applies without fsync, saves `committed` every 128 entries), so a restored
+    /// leader can serve reads from a read index below writes it acknowledged.
+    pub leader_restore: bool,
 }
 
 impl Default for GroupSettings {
@@ -37,6 +44,7 @@ impl Default for GroupSettings {
             snapshot_every_entries: 20_000,
             log_entries_kept_after_snapshot: 1000,
             dedup_capacity: 10_000,
+            leader_restore: false,
         }
     }
 }
@@ -54,6 +62,7 @@ impl GroupSettings {
             snapshot_policy: SnapshotPolicy::LogsSinceLast(self.snapshot_every_entries),
             max_in_snapshot_log_to_keep: self.log_entries_kept_after_snapshot,
             enable_pre_vote: Some(true),
+            enable_leader_restore: Some(self.leader_restore),
             ..Default::default()
         }
         .validate()

@@ -124,7 +124,7 @@ impl PeerNetwork {
         req: &Req,
         timeout: Duration,
     ) -> Result<Resp, RPCError<TypeConfig>> {
-        if self.faults.is_blocked(self.target) {
+        if self.faults.drops_to(self.target) {
             return Err(RPCError::Unreachable(Unreachable::from_string(
                 "dropped by fault injection",
             )));

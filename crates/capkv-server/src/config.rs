@@ -29,6 +29,42 @@ impl ReadPolicyChoice {
     }
 }
 
+/// Bugs a node can be started with on purpose (TESTING ONLY), so that `capkv check` can
+/// show that its faults and checkers catch them (docs/verification.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum PlantedBug {
+    /// Linearizable reads from the local replica without confirming leadership.
+    StaleReads,
+    /// openraft's leader restore on: a leader restarted within its lease takes its
+    /// leadership back with a stale commit index (caught by the `restart` nemesis).
+    LeaderRestore,
+    /// A lease read trusts a quorum acknowledgement for the whole lease instead of half,
+    /// while telling peers it trusts half (caught by the `clock` nemesis).
+    FullLease,
+    /// Durability requests are acknowledged before the fsync that covers them (caught by
+    /// the `disk` nemesis's power loss).
+    AckBeforeFsync,
+}
+
+impl PlantedBug {
+    pub const ALL: [PlantedBug; 4] = [
+        PlantedBug::StaleReads,
+        PlantedBug::LeaderRestore,
+        PlantedBug::FullLease,
+        PlantedBug::AckBeforeFsync,
+    ];
+
+    /// The name `--planted-bug` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            PlantedBug::StaleReads => "stale-reads",
+            PlantedBug::LeaderRestore => "leader-restore",
+            PlantedBug::FullLease => "full-lease",
+            PlantedBug::AckBeforeFsync => "ack-before-fsync",
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
     pub id: NodeId,
@@ -47,11 +83,10 @@ pub struct NodeConfig {
     /// A linearizable read that cannot confirm leadership within this time is `Unavailable`.
     pub read_timeout: Duration,
     pub read_policy: ReadPolicyChoice,
-    /// Test-only: lets /debug/faults cut this node off from peers.
+    /// Test-only: the `Admin` gRPC service may inject faults into this node.
     pub unsafe_fault_injection: bool,
-    /// Planted bug for the checker: serve linearizable reads from the local replica
-    /// without ReadIndex. Never enable in production.
-    pub unsafe_local_reads: bool,
+    /// Test-only: bugs planted on purpose for the checker. Never in production.
+    pub planted_bugs: std::collections::BTreeSet<PlantedBug>,
     /// Client connections served at once; more wait in the accept queue.
     pub max_connections: usize,
 }
@@ -77,7 +112,7 @@ impl NodeConfig {
             read_timeout: Duration::from_secs(5),
             read_policy: ReadPolicyChoice::Lease,
             unsafe_fault_injection: false,
-            unsafe_local_reads: false,
+            planted_bugs: Default::default(),
             max_connections: 4096,
         }
     }

@@ -164,7 +164,7 @@ fn first_wave(
             .replicas(*p)
             .iter()
             .copied()
-            .filter(|r| *r != ctx.id && !ctx.faults.is_blocked(*r))
+            .filter(|r| *r != ctx.id && !ctx.faults.drops_to(*r))
             .collect();
         let have = peers.iter().filter(|r| chosen.contains(*r)).count();
         if have >= ask.need || peers.is_empty() {
@@ -192,7 +192,7 @@ fn confirmation_to(
         .filter(|(p, _)| ctx.map.replicas(*p).contains(&peer))
         .map(|(p, term)| (p.0, *term))
         .collect();
-    if items.is_empty() || ctx.faults.is_blocked(peer) {
+    if items.is_empty() || ctx.faults.drops_to(peer) {
         return None;
     }
     let addr = ctx.map.addr_of(peer)?;

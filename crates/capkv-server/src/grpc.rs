@@ -250,6 +250,7 @@ impl Kv for KvService {
             read_policy: core.read_policy.name().to_string(),
             lease_read_ms: core.lease_read.as_millis() as u64,
             vote_hold_remaining_ms: core.vote_hold_remaining_ms(),
+            storage_error: core.storage_error().unwrap_or_default(),
         }))
     }
 }
@@ -263,16 +264,28 @@ pub struct RaftService {
 }
 
 impl RaftService {
-    /// Delivers one message to its partition's Raft and returns the encoded answer.
+    /// Delivers one message and returns the encoded answer, under the injected network
+    /// faults: a message from a peer this node drops is refused unseen; the answer to a
+    /// peer this node drops is lost after the message took effect.
     async fn handle(core: &KvCore, m: RaftMessage) -> Result<Vec<u8>, Status> {
+        let from = NodeId(m.from_node);
+        if core.faults.drops_from(from) {
+            return Err(Status::unavailable("dropped by fault injection"));
+        }
+        let answer = Self::deliver(core, m).await;
+        if core.faults.drops_to(from) {
+            return Err(Status::unavailable("answer dropped by fault injection"));
+        }
+        answer
+    }
+
+    /// Delivers one message to its partition's Raft and returns the encoded answer.
+    async fn deliver(core: &KvCore, m: RaftMessage) -> Result<Vec<u8>, Status> {
         if m.to_node != core.id.0 {
             return Err(Status::failed_precondition(format!(
                 "message for node {} reached node {}",
                 m.to_node, core.id
             )));
-        }
-        if core.faults.is_blocked(NodeId(m.from_node)) {
-            return Err(Status::unavailable("dropped by fault injection"));
         }
         check_peer_lease(
             NodeId(m.from_node),

@@ -1,17 +1,15 @@
-//! HTTP front end: `/metrics` (Prometheus), `/health`, `/status` (JSON) and, only with
-//! `--unsafe-fault-injection`, `/debug/faults`.
+//! HTTP front end: `/metrics` (Prometheus), `/health`, `/status` (JSON). (Fault injection
+//! is the test-only `Admin` gRPC service.)
 
-use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
 use capkv_types::NodeId;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::kv::KvCore;
 
@@ -20,7 +18,6 @@ pub fn router(core: Arc<KvCore>) -> Router {
         .route("/metrics", get(metrics))
         .route("/health", get(health))
         .route("/status", get(status))
-        .route("/debug/faults", get(get_faults).post(set_faults))
         .with_state(core)
 }
 
@@ -32,6 +29,9 @@ async fn metrics(State(core): State<Arc<KvCore>>) -> impl IntoResponse {
     core.metrics
         .storage_fsync_requests
         .set(stats.requests.load(Ordering::Relaxed) as i64);
+    core.metrics
+        .storage_poisoned
+        .set(i64::from(core.storage_error().is_some()));
     for v in core.partition_status() {
         if v.role.is_empty() {
             continue;
@@ -70,7 +70,10 @@ async fn metrics(State(core): State<Arc<KvCore>>) -> impl IntoResponse {
 
 #[derive(Serialize)]
 struct Health {
+    /// "ok", or "storage-poisoned" (with `storage_error`) once a failed fsync poisoned it.
     status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    storage_error: Option<String>,
     node_id: NodeId,
     replicas: usize,
     replicas_with_leader: usize,
@@ -80,12 +83,24 @@ async fn health(State(core): State<Arc<KvCore>>) -> impl IntoResponse {
     let views = core.partition_status();
     let hosted: Vec<_> = views.iter().filter(|v| !v.role.is_empty()).collect();
     let with_leader = hosted.iter().filter(|v| v.leader.is_some()).count();
-    Json(Health {
-        status: "ok",
+    let storage_error = core.storage_error();
+    let code = if storage_error.is_some() {
+        axum::http::StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        axum::http::StatusCode::OK
+    };
+    let health = Json(Health {
+        status: if storage_error.is_some() {
+            "storage-poisoned"
+        } else {
+            "ok"
+        },
+        storage_error,
         node_id: core.id,
         replicas: hosted.len(),
         replicas_with_leader: with_leader,
-    })
+    });
+    (code, health)
 }
 
 async fn status(State(core): State<Arc<KvCore>>) -> impl IntoResponse {
@@ -98,30 +113,6 @@ async fn status(State(core): State<Arc<KvCore>>) -> impl IntoResponse {
         "read_policy": core.read_policy.name(),
         "lease_read_ms": core.lease_read.as_millis() as u64,
         "vote_hold_remaining_ms": core.vote_hold_remaining_ms(),
+        "storage_error": core.storage_error(),
     }))
-}
-
-#[derive(Serialize, Deserialize)]
-struct FaultsBody {
-    blocked: BTreeSet<u64>,
-}
-
-async fn get_faults(State(core): State<Arc<KvCore>>) -> impl IntoResponse {
-    Json(FaultsBody {
-        blocked: core.faults.blocked().into_iter().map(|n| n.0).collect(),
-    })
-}
-
-async fn set_faults(
-    State(core): State<Arc<KvCore>>,
-    Json(body): Json<FaultsBody>,
-) -> impl IntoResponse {
-    let peers = body.blocked.iter().map(|n| NodeId(*n)).collect();
-    match core.faults.set_blocked(peers) {
-        Ok(()) => {
-            tracing::warn!(node = core.id.0, blocked = ?body.blocked, "fault injection: blocking raft traffic");
-            (StatusCode::OK, Json(body)).into_response()
-        }
-        Err(msg) => (StatusCode::FORBIDDEN, msg).into_response(),
-    }
 }

@@ -89,6 +89,7 @@ pub struct KvCore {
     pub write_timeout: Duration,
     pub read_timeout: Duration,
     pub read_policy: ReadPolicyChoice,
+    /// Planted bug `stale-reads` (TESTING ONLY): linearizable reads skip confirmation.
     pub unsafe_local_reads: bool,
     /// How long a leader may go without a quorum acknowledging it before reads on it fail
     /// fast (openraft's leader lease: the maximum election timeout).
@@ -105,6 +106,20 @@ pub struct KvCore {
 }
 
 impl KvCore {
+    /// Why this node's storage is poisoned (a failed fsync), if it is.
+    pub fn storage_error(&self) -> Option<String> {
+        self.engine.group_commit().poisoned().map(|e| e.to_string())
+    }
+
+    /// Refuses service once storage is poisoned: nothing this node wrote since the failed
+    /// fsync can be trusted, so it answers nothing until restarted.
+    fn check_storage(&self) -> Result<(), KvError> {
+        match self.storage_error() {
+            None => Ok(()),
+            Some(e) => Err(KvError::Unavailable(format!("node {}: {e}", self.id))),
+        }
+    }
+
     /// Time left of this node's vote hold, in ms (0 once it ended or if there was none).
     pub fn vote_hold_remaining_ms(&self) -> u64 {
         self.vote_hold
@@ -145,6 +160,7 @@ fn encode_continuation(last_key: &[u8]) -> Vec<u8> {
 
 impl KvCore {
     fn replica(&self, p: PartitionId) -> Result<&Replica, KvError> {
+        self.check_storage()?;
         match self.replicas.get(&p) {
             Some(r) => Ok(r),
             None => {

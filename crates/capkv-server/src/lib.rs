@@ -4,6 +4,7 @@
 //! Layering: [`kv::KvCore`] holds the request logic in capkv's own types (routing,
 //! leadership, consistency levels, validation); [`grpc`] and [`http`] only translate.
 
+pub mod admin;
 pub mod config;
 pub mod confirm;
 pub mod grpc;
@@ -13,5 +14,5 @@ pub mod metrics;
 pub mod node;
 pub mod transport;
 
-pub use config::{NodeConfig, ReadPolicyChoice};
+pub use config::{NodeConfig, PlantedBug, ReadPolicyChoice};
 pub use node::Node;

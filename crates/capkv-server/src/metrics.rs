@@ -22,6 +22,8 @@ pub struct Metrics {
     pub votes_held: IntCounter,
     pub storage_fsyncs: IntGauge,
     pub storage_fsync_requests: IntGauge,
+    /// 1 once a failed fsync poisoned the node's storage.
+    pub storage_poisoned: IntGauge,
 }
 
 impl Metrics {
@@ -90,6 +92,11 @@ impl Metrics {
         registry.register(Box::new(raft_leader_changes.clone()))?;
         registry.register(Box::new(storage_fsyncs.clone()))?;
         registry.register(Box::new(storage_fsync_requests.clone()))?;
+        let storage_poisoned = IntGauge::new(
+            "storage_poisoned",
+            "1 once a failed fsync poisoned this node's storage (restart the node)",
+        )?;
+        registry.register(Box::new(storage_poisoned.clone()))?;
         Ok(Metrics {
             registry,
             requests,
@@ -104,6 +111,7 @@ impl Metrics {
             votes_held,
             storage_fsyncs,
             storage_fsync_requests,
+            storage_poisoned,
         })
     }
 

@@ -23,7 +23,8 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
-use crate::config::NodeConfig;
+use crate::admin::AdminService;
+use crate::config::{NodeConfig, PlantedBug};
 use crate::confirm::LeaderConfirmer;
 use crate::grpc::{KvService, RaftService};
 use crate::kv::{KvCore, Replica};
@@ -56,7 +57,15 @@ impl Node {
             bail!("node id {} is not in the initial cluster", config.id);
         }
         let engine: Arc<dyn StorageEngine> = Arc::new(
-            match FjallEngine::open(&config.data_dir, FjallOptions::default()) {
+            match FjallEngine::open(
+                &config.data_dir,
+                FjallOptions {
+                    planted_ack_before_sync: config
+                        .planted_bugs
+                        .contains(&PlantedBug::AckBeforeFsync),
+                    ..FjallOptions::default()
+                },
+            ) {
                 Ok(e) => e,
                 // The message says it all: "data dir … is in use by another capkv process".
                 Err(e @ StorageError::InUse(_)) => bail!(e),
@@ -114,6 +123,12 @@ impl Node {
         let peers = Arc::new(PeerChannels::default());
         let lease_read_ms =
             crate::kv::lease_read_ms(config.read_policy, config.raft.election_timeout_max_ms);
+        // Planted bug `full-lease`: trust the whole lease, while telling peers half.
+        let lease_trusted_ms = if config.planted_bugs.contains(&PlantedBug::FullLease) {
+            lease_read_ms * 2
+        } else {
+            lease_read_ms
+        };
         let transport = Arc::new(GrpcTransport {
             peers: peers.clone(),
             lease_read_ms,
@@ -186,20 +201,20 @@ impl Node {
             write_timeout: config.write_timeout,
             read_timeout: config.read_timeout,
             read_policy: config.read_policy,
-            unsafe_local_reads: config.unsafe_local_reads,
+            unsafe_local_reads: config.planted_bugs.contains(&PlantedBug::StaleReads),
             quorum_lease_ms: config.raft.election_timeout_max_ms,
-            lease_read: Duration::from_millis(lease_read_ms),
+            lease_read: Duration::from_millis(lease_trusted_ms),
             vote_hold,
             peers,
             faults,
             metrics,
             confirmer,
         });
-        if config.unsafe_local_reads {
-            tracing::warn!("UNSAFE: --unsafe-local-reads serves linearizable reads from the local replica; reads may be stale");
+        for bug in &config.planted_bugs {
+            tracing::warn!(bug = bug.name(), "UNSAFE: this node runs with a planted bug (--planted-bug); it may lose or misreport data");
         }
         if config.unsafe_fault_injection {
-            tracing::warn!("UNSAFE: --unsafe-fault-injection lets anyone with HTTP access cut this node off from its peers");
+            tracing::warn!("UNSAFE: --unsafe-fault-injection lets any gRPC client cut this node off, fail its fsyncs and move its clock");
         }
 
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -234,6 +249,8 @@ impl Node {
         })
         .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX)
         .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX);
+        let admin =
+            capkv_proto::admin::admin_server::AdminServer::new(AdminService { core: core.clone() });
         let incoming = limited_incoming(grpc_listener, config.max_connections);
         let mut rx = shutdown_rx.clone();
         tasks.push(tokio::spawn(async move {
@@ -243,6 +260,7 @@ impl Node {
                 .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
                 .add_service(kv)
                 .add_service(raft)
+                .add_service(admin)
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = rx.wait_for(|stop| *stop).await;
                 })

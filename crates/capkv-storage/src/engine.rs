@@ -17,6 +17,10 @@ pub enum StorageError {
     Engine(String),
     #[error("corrupt data on disk: {0}")]
     Corrupt(String),
+    /// A past fsync failed: nothing written since can be trusted to be durable, so the
+    /// engine acknowledges nothing more until the node restarts.
+    #[error("storage is poisoned by a failed fsync ({0}); restart the node")]
+    Poisoned(String),
     /// Another process holds the data directory open.
     #[error("data dir {0} is in use by another capkv process")]
     InUse(String),

@@ -19,12 +19,16 @@ const SM_META_APPLIED: u8 = 1;
 pub struct FjallOptions {
     /// Block cache size.
     pub cache_bytes: u64,
+    /// Planted bug for the checker (TESTING ONLY): acknowledge durability requests before
+    /// the fsync that covers them.
+    pub planted_ack_before_sync: bool,
 }
 
 impl Default for FjallOptions {
     fn default() -> Self {
         FjallOptions {
             cache_bytes: 64 * 1024 * 1024,
+            planted_ack_before_sync: false,
         }
     }
 }
@@ -37,7 +41,6 @@ pub struct FjallEngine {
     sm_meta: Keyspace,
     sm_dedup: Keyspace,
     node_meta: Keyspace,
-    syncer: std::sync::Arc<JournalSyncer>,
     group_commit: GroupCommit,
 }
 
@@ -142,9 +145,9 @@ impl FjallEngine {
         let sm_meta = ks("sm_meta")?;
         let sm_dedup = ks("sm_dedup")?;
         let node_meta = ks("node_meta")?;
-        let syncer = std::sync::Arc::new(JournalSyncer::new(db.clone(), dir.join("db")));
-        let flusher = syncer.clone();
-        let group_commit = GroupCommit::start(move || flusher.sync())?;
+        let syncer = JournalSyncer::new(db.clone(), dir.join("db"));
+        let group_commit =
+            GroupCommit::start_with(move || syncer.sync(), options.planted_ack_before_sync)?;
         Ok(FjallEngine {
             db,
             raft_log,
@@ -153,7 +156,6 @@ impl FjallEngine {
             sm_meta,
             sm_dedup,
             node_meta,
-            syncer,
             group_commit,
         })
     }
@@ -436,7 +438,7 @@ impl StorageEngine for FjallEngine {
     }
 
     fn sync(&self) -> Result<(), StorageError> {
-        self.syncer.sync()
+        self.group_commit.sync_now()
     }
 
     fn group_commit(&self) -> &GroupCommit {

@@ -19,5 +19,5 @@ mod value;
 
 pub use engine::{DedupRecord, PartitionImage, SmOp, SmWrite, StorageEngine, StorageError};
 pub use fjall_engine::{FjallEngine, FjallOptions};
-pub use group_commit::{FlushCallback, GroupCommit, GroupCommitStats};
+pub use group_commit::{FlushCallback, GroupCommit, GroupCommitStats, SyncFaults};
 pub use value::StoredValue;

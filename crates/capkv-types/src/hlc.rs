@@ -4,7 +4,7 @@
 //! counter in the low 16 bits, so timestamps compare as plain `u64`s. A node's clock never
 //! goes backwards and always moves past any timestamp it has observed.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 const LOGICAL_BITS: u32 = 16;
@@ -43,6 +43,8 @@ impl std::fmt::Display for HlcTimestamp {
 #[derive(Debug, Default)]
 pub struct Hlc {
     last: AtomicU64,
+    /// Added to the wall clock (fault injection: the `clock` nemesis jumps it either way).
+    wall_offset_ms: AtomicI64,
 }
 
 impl Hlc {
@@ -50,16 +52,28 @@ impl Hlc {
         Self::default()
     }
 
-    fn wall_ms() -> u64 {
-        SystemTime::now()
+    fn wall_ms(&self) -> u64 {
+        let ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        ms.saturating_add(self.wall_offset_ms.load(Ordering::Relaxed))
+            .max(0) as u64
+    }
+
+    /// Makes the wall clock this HLC reads run `offset_ms` ahead (negative: behind) of the
+    /// system's, as a jumped clock would. The HLC itself still never goes backwards.
+    pub fn set_wall_offset_ms(&self, offset_ms: i64) {
+        self.wall_offset_ms.store(offset_ms, Ordering::Relaxed);
+    }
+
+    pub fn wall_offset_ms(&self) -> i64 {
+        self.wall_offset_ms.load(Ordering::Relaxed)
     }
 
     /// A timestamp greater than every one this clock returned or observed before.
     pub fn now(&self) -> HlcTimestamp {
-        let wall = HlcTimestamp::from_parts(Self::wall_ms(), 0).0;
+        let wall = HlcTimestamp::from_parts(self.wall_ms(), 0).0;
         let mut prev = self.last.load(Ordering::Relaxed);
         loop {
             let next = if wall > prev { wall } else { prev + 1 };
@@ -104,5 +118,23 @@ mod tests {
         clock.observe(future);
         let after = clock.now();
         assert!(after > future, "{after} should pass {future}");
+    }
+
+    #[test]
+    fn wall_clock_jumps_move_the_physical_part_but_never_back() {
+        let clock = Hlc::new();
+        let before = clock.now();
+        clock.set_wall_offset_ms(3_600_000);
+        let ahead = clock.now();
+        assert!(ahead.physical_ms() >= before.physical_ms() + 3_600_000);
+        // Jump back by two hours: the physical part stays where it was, the counter runs.
+        clock.set_wall_offset_ms(-3_600_000);
+        let mut last = ahead;
+        for _ in 0..1000 {
+            let ts = clock.now();
+            assert!(ts > last, "{ts} after {last}");
+            assert_eq!(ts.physical_ms(), ahead.physical_ms());
+            last = ts;
+        }
     }
 }

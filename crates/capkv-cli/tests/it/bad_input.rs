@@ -7,7 +7,7 @@ use capkv_proto::kv::{kv_client::KvClient, GetRequest, PutRequest, ScanRequest};
 use capkv_proto::status::from_status;
 use capkv_types::ErrorCode;
 
-use crate::fixture::{cli, http_request, seed, Cluster, Opts};
+use crate::fixture::{cli, seed, Cluster, Opts};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_rejected_and_the_node_keeps_serving() {
@@ -175,9 +175,20 @@ async fn bad_input_is_rejected_and_the_node_keeps_serving() {
             let _ = s.read_to_end(&mut buf);
         }
     }
-    // A malformed JSON body on the HTTP admin API is a 4xx, not a crash.
-    let (status, _) = http_request(&cluster.node(1).http, "POST", "/debug/faults", "{not json");
-    assert!((400..500).contains(&status), "got {status}");
+    // Fault injection is refused by a node started without --unsafe-fault-injection.
+    let refused = capkv_testkit::set_node_faults(
+        &cluster.node(1).addr,
+        capkv_testkit::Faults {
+            fsync_fail_next: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .expect_err("fault injection must be refused");
+    assert!(
+        format!("{refused:#}").contains("--unsafe-fault-injection"),
+        "{refused:#}"
+    );
 
     // Still serving, on every node.
     for id in 1..=3 {
@@ -186,6 +197,6 @@ async fn bad_input_is_rejected_and_the_node_keeps_serving() {
         c.put(key.clone(), "ok").await.unwrap();
         assert_eq!(c.get(key).await.unwrap().unwrap().value, b"ok");
     }
-    let (code, body) = http_request(&cluster.node(1).http, "GET", "/health", "");
+    let (code, body) = cluster.http_get(1, "/health").await;
     assert_eq!(code, 200, "{body}");
 }

@@ -123,7 +123,8 @@ fn check_on_one_node_is_valid() {
         valid_run("check_one_node", &["--nodes", "1", "--duration", "15s"]);
     assert!(
         stderr.contains(
-            "note: partition need(s) two or more nodes; on one node the nemesis runs: kill,pause"
+            "note: partition,oneway need(s) two or more nodes; on one node the nemesis runs: \
+             kill,restart,pause,clock,disk"
         ),
         "{stderr}"
     );

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use capkv_types::partition_for_key;
 
-use crate::fixture::{http_request, wait_until, Cluster, Opts};
+use crate::fixture::{wait_until, Cluster, Opts};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_a_leader_elects_a_new_one() {
@@ -113,7 +113,7 @@ async fn a_restarted_node_holds_its_vote_for_a_lease() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let first = first_leader.unwrap();
-    let (_, metrics) = http_request(&cluster.node(restarted).http, "GET", "/metrics", "");
+    let (_, metrics) = cluster.http_get(restarted, "/metrics").await;
     let held = metrics
         .lines()
         .find(|l| l.starts_with("capkv_raft_votes_held_total"))

@@ -1,17 +1,16 @@
-//! A cluster of `capkv server` child processes for tests.
+//! A cluster of `capkv server` child processes for tests, on `capkv-testkit`: the tests'
+//! defaults (timings, slots, a temporary directory kept on failure) and `must`-style
+//! helpers that panic with context.
 
 #![allow(dead_code)]
 
 use std::future::Future;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command};
+use std::process::Command;
 use std::sync::{Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use capkv_check::cluster::{server_command, NodeFiles};
-use capkv_client::{fetch_node_status, leaders_of, Client, ClientConfig, StatusResponse};
+use capkv_client::{Client, ClientConfig, StatusResponse};
+use capkv_testkit::{ClusterOptions, Faults, LocalCluster, LocalNode};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_capkv");
 
@@ -51,25 +50,10 @@ impl Drop for Slot {
     }
 }
 
-fn free_port() -> u16 {
-    capkv_check::cluster::free_port().expect("a free loopback port")
-}
-
-pub struct NodeProc {
-    pub id: u64,
-    pub addr: String,
-    pub http: String,
-    pub data_dir: PathBuf,
-    pub log: PathBuf,
-    pub child: Option<Child>,
-}
-
 pub struct Cluster {
+    inner: LocalCluster,
     pub dir: Option<tempfile::TempDir>,
-    pub nodes: Vec<NodeProc>,
     pub partitions: u32,
-    pub extra_args: Vec<String>,
-    cluster_spec: String,
     _slot: Slot,
 }
 
@@ -101,128 +85,69 @@ impl Cluster {
             .prefix("capkv-it-")
             .tempdir()
             .expect("tempdir");
-        let mut nodes = Vec::new();
-        for i in 0..opts.nodes {
-            let id = i as u64 + 1;
-            nodes.push(NodeProc {
-                id,
-                addr: format!("127.0.0.1:{}", free_port()),
-                http: format!("127.0.0.1:{}", free_port()),
-                data_dir: dir.path().join(format!("node-{id}")),
-                log: dir.path().join(format!("node-{id}.log")),
-                child: None,
-            });
+        let mut options = ClusterOptions::new(opts.nodes, opts.partitions);
+        options.extra_args = ["--heartbeat-ms", "100", "--election-timeout-ms", "600"]
+            .map(String::from)
+            .to_vec();
+        options.extra_args.extend(opts.extra_args);
+        let mut inner =
+            LocalCluster::new(BIN.as_ref(), dir.path(), options).expect("lay out the cluster");
+        for id in inner.ids() {
+            if !opts.absent_at_start.contains(&id) {
+                inner.spawn(id).expect("spawn capkv server");
+            }
         }
-        let cluster_spec = nodes
-            .iter()
-            .map(|n| format!("{}={}", n.id, n.addr))
-            .collect::<Vec<_>>()
-            .join(",");
         let mut c = Cluster {
+            inner,
             dir: Some(dir),
-            nodes,
             partitions: opts.partitions,
-            extra_args: opts.extra_args,
-            cluster_spec,
             _slot: slot,
         };
-        for id in 1..=opts.nodes as u64 {
-            if !opts.absent_at_start.contains(&id) {
-                c.spawn(id);
-            }
-        }
-        c.wait_ready(Duration::from_secs(60)).await;
-        // A node that failed to start leaves a cluster that looks ready with the others;
-        // say so here rather than through a confusing failure later.
-        for n in &mut c.nodes {
-            if let Some(status) = n.child.as_mut().and_then(|ch| ch.try_wait().ok().flatten()) {
-                let log = std::fs::read_to_string(&n.log).unwrap_or_default();
-                panic!("node {} exited at start ({status}): {log}", n.id);
-            }
+        // Fails at once, with the node's log, if a node exited at start.
+        if let Err(e) = c.inner.wait_ready(Duration::from_secs(60)).await {
+            panic!("the cluster did not start: {e:#}");
         }
         c
     }
 
-    pub fn node(&self, id: u64) -> &NodeProc {
-        &self.nodes[(id - 1) as usize]
+    pub fn node(&self, id: u64) -> &LocalNode {
+        self.inner.node(id).expect("node id")
     }
 
-    fn node_mut(&mut self, id: u64) -> &mut NodeProc {
-        &mut self.nodes[(id - 1) as usize]
+    /// The testkit cluster, for what this fixture does not wrap.
+    pub fn kit(&mut self) -> &mut LocalCluster {
+        &mut self.inner
     }
 
     /// Starts node `id`'s process (again) with its data dir.
     pub fn spawn(&mut self, id: u64) {
-        let spec = self.cluster_spec.clone();
-        let partitions = self.partitions;
-        let extra = self.extra_args.clone();
-        let n = self.node_mut(id);
-        assert!(n.child.is_none(), "node {id} is already running");
-        let files = NodeFiles {
-            id,
-            addr: &n.addr,
-            http: &n.http,
-            data_dir: &n.data_dir,
-            log: &n.log,
-        };
-        let child = server_command(BIN.as_ref(), &files, &spec, partitions)
-            .expect("log file")
-            .args(["--heartbeat-ms", "100", "--election-timeout-ms", "600"])
-            .args(&extra)
-            .spawn()
-            .expect("spawn capkv server");
-        n.child = Some(child);
+        self.inner.spawn(id).expect("spawn capkv server");
     }
 
     /// SIGKILL: no shutdown, no final sync.
     pub fn kill(&mut self, id: u64) {
-        if let Some(mut c) = self.node_mut(id).child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.inner.kill(id).expect("kill");
     }
 
     /// SIGTERM and wait for a clean exit.
     pub fn stop(&mut self, id: u64) {
-        if let Some(mut c) = self.node_mut(id).child.take() {
-            signal(&c, libc::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(20);
-            loop {
-                if let Ok(Some(_)) = c.try_wait() {
-                    break;
-                }
-                if Instant::now() > deadline {
-                    let _ = c.kill();
-                    let _ = c.wait();
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
+        self.inner.stop(id).expect("stop");
     }
 
-    pub fn pause(&self, id: u64) {
-        if let Some(c) = &self.node(id).child {
-            signal(c, libc::SIGSTOP);
-        }
+    pub fn pause(&mut self, id: u64) {
+        self.inner.pause(id).expect("pause");
     }
 
-    pub fn resume(&self, id: u64) {
-        if let Some(c) = &self.node(id).child {
-            signal(c, libc::SIGCONT);
-        }
+    pub fn resume(&mut self, id: u64) {
+        self.inner.resume(id).expect("resume");
     }
 
     pub fn endpoints(&self) -> Vec<String> {
-        self.nodes.iter().map(|n| n.addr.clone()).collect()
+        self.inner.endpoints()
     }
 
     pub fn running(&self) -> Vec<u64> {
-        self.nodes
-            .iter()
-            .filter(|n| n.child.is_some())
-            .map(|n| n.id)
-            .collect()
+        self.inner.running()
     }
 
     pub async fn client(&self) -> Client {
@@ -234,55 +159,65 @@ impl Cluster {
         let endpoints: Vec<String> = ids.iter().map(|id| self.node(*id).addr.clone()).collect();
         let mut cfg = ClientConfig::new(endpoints);
         cfg.request_timeout = Duration::from_secs(20);
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
             match Client::connect(cfg.clone()).await {
                 Ok(c) => return c,
-                Err(e) if Instant::now() < deadline => {
-                    let _ = e;
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                Err(e) if std::time::Instant::now() > deadline => {
+                    panic!("cannot connect to {ids:?}: {e}")
                 }
-                Err(e) => panic!("cannot connect to {ids:?}: {e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             }
         }
     }
 
     pub async fn status(&self, id: u64) -> Option<StatusResponse> {
-        fetch_node_status(&self.node(id).addr, Duration::from_secs(2))
-            .await
-            .ok()
+        self.inner.status(id).await
     }
 
     /// The leader of each partition, from one status call per running node.
     pub async fn leaders(&self) -> Vec<Option<u64>> {
-        let mut statuses = Vec::new();
-        for id in self.running() {
-            if let Some(s) = self.status(id).await {
-                statuses.push((id, s));
-            }
-        }
-        leaders_of(self.partitions, &statuses)
+        self.inner.leaders().await
     }
 
     /// The leader of partition `p` according to the running nodes (a node that says it leads).
     pub async fn leader_of(&self, p: u32) -> Option<u64> {
-        self.leaders().await.get(p as usize).copied().flatten()
+        self.inner.leader_of(p).await
     }
 
     /// Waits until every partition has a leader.
-    pub async fn wait_ready(&self, limit: Duration) {
-        let what = format!("every partition has a leader on nodes {:?}", self.running());
-        wait_until(limit, &what, || async {
-            self.leaders().await.iter().all(Option::is_some)
-        })
-        .await;
+    pub async fn wait_ready(&mut self, limit: Duration) {
+        if let Err(e) = self.inner.wait_ready(limit).await {
+            panic!("{e:#}");
+        }
     }
 
     /// Sets the peers node `id` drops Raft traffic to and from (needs --unsafe-fault-injection).
-    pub fn set_blocked(&self, id: u64, peers: &[u64]) {
-        let body = format!("{{\"blocked\":{peers:?}}}");
-        let (code, resp) = http_request(&self.node(id).http, "POST", "/debug/faults", &body);
-        assert_eq!(code, 200, "set faults on node {id}: {resp}");
+    pub async fn set_blocked(&self, id: u64, peers: &[u64]) {
+        let cut = Faults {
+            drop_to: peers.to_vec(),
+            drop_from: peers.to_vec(),
+            ..Faults::default()
+        };
+        if let Err(e) = self.inner.set_faults(id, cut).await {
+            panic!("set faults on node {id}: {e:#}");
+        }
+    }
+
+    /// Sets every fault of node `id` (needs --unsafe-fault-injection).
+    pub async fn set_faults(&self, id: u64, faults: Faults) -> Faults {
+        match self.inner.set_faults(id, faults).await {
+            Ok(f) => f,
+            Err(e) => panic!("set faults on node {id}: {e:#}"),
+        }
+    }
+
+    /// `GET` on node `id`'s HTTP port: (status code, body).
+    pub async fn http_get(&self, id: u64, path: &str) -> (u16, String) {
+        match capkv_testkit::http_get(&self.node(id).http, path).await {
+            Ok(r) => r,
+            Err(e) => panic!("GET {path} on node {id}: {e:#}"),
+        }
     }
 
     pub fn log_tail(&self, id: u64, lines: usize) -> String {
@@ -294,18 +229,12 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        for n in &mut self.nodes {
-            if let Some(mut c) = n.child.take() {
-                signal(&c, libc::SIGCONT);
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-        }
+        // The testkit kills every node when `inner` drops.
         if std::thread::panicking() {
             if let Some(dir) = self.dir.take() {
                 let kept = dir.keep();
                 eprintln!("test failed; node logs and data kept in {}", kept.display());
-                for n in &self.nodes {
+                for n in &self.inner.nodes {
                     let text = std::fs::read_to_string(&n.log).unwrap_or_default();
                     let lines: Vec<&str> = text.lines().collect();
                     eprintln!("---- node {} log (last 30 lines) ----", n.id);
@@ -318,44 +247,15 @@ impl Drop for Cluster {
     }
 }
 
-fn signal(c: &Child, sig: libc::c_int) {
-    // SAFETY: kill(2) on the pid of a child process this fixture started.
-    unsafe {
-        libc::kill(c.id() as libc::pid_t, sig);
-    }
-}
-
 /// Polls `cond` until it is true; panics with `what` after `limit`.
-pub async fn wait_until<F, Fut>(limit: Duration, what: &str, mut cond: F)
+pub async fn wait_until<F, Fut>(limit: Duration, what: &str, cond: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    let deadline = Instant::now() + limit;
-    loop {
-        if cond().await {
-            return;
-        }
-        if Instant::now() > deadline {
-            panic!("timed out after {} s waiting until {what}", limit.as_secs());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    if let Err(e) = capkv_testkit::wait_until(limit, what, cond).await {
+        panic!("{e:#}");
     }
-}
-
-/// A minimal HTTP/1.1 request; returns (status code, body).
-pub fn http_request(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
-    let addr: SocketAddr = addr.parse().expect("http addr");
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect http");
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok();
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).expect("write http");
-    let mut resp = String::new();
-    let _ = s.read_to_string(&mut resp);
-    capkv_check::cluster::parse_http_response(&resp)
 }
 
 /// Runs the `capkv` binary; returns (exit code, stdout, stderr).

@@ -53,7 +53,7 @@ async fn isolated_node_refuses_linearizable_ops_and_converges_after_healing() {
     let others: Vec<u64> = (1..=3u64).filter(|id| *id != cut).collect();
     assert!(led[cut as usize] > 0);
 
-    cluster.set_blocked(cut, &others);
+    cluster.set_blocked(cut, &others).await;
     let cut_at = Instant::now();
     let mut raw = KvClient::connect(format!("http://{}", cluster.node(cut).addr))
         .await
@@ -137,7 +137,7 @@ async fn isolated_node_refuses_linearizable_ops_and_converges_after_healing() {
         assert_eq!(majority.get(k.clone()).await.unwrap().unwrap().value, b"v1");
     }
 
-    cluster.set_blocked(cut, &[]);
+    cluster.set_blocked(cut, &[]).await;
     wait_until(
         Duration::from_secs(60),
         "the isolated node converges after healing",
