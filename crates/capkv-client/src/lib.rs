@@ -194,6 +194,116 @@ fn may_have_applied(status: &tonic::Status, err: &KvError) -> bool {
     }
 }
 
+/// How one attempt ended.
+#[derive(Debug)]
+enum Attempt {
+    /// The node answered with an error.
+    Failed(tonic::Status),
+    /// No answer within the attempt's time.
+    TimedOut { addr: String, budget: Duration },
+}
+
+/// What the retry loop does next.
+#[derive(Debug, PartialEq, Eq)]
+enum Next {
+    /// Try again; first back off unless `now`; forget the partition's cached leader unless
+    /// a new one is named in `leader`.
+    Retry { now: bool, leader: LeaderUpdate },
+    /// Stop with this error.
+    Fail(KvError),
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum LeaderUpdate {
+    Forget,
+    Set {
+        partition: u32,
+        leader: Option<NodeId>,
+        addr: Option<String>,
+    },
+}
+
+/// The retry policy, without IO: what a failed attempt means for the operation.
+///
+/// Invariant 8 lives here: once any attempt of a write may have applied it
+/// (`maybe_applied`), the operation's outcome can only be success (a later attempt's
+/// answer, deduplicated by the idempotency pair) or `Ambiguous`, never a definite failure.
+#[derive(Debug)]
+struct RetryPolicy {
+    is_write: bool,
+    maybe_applied: bool,
+    last_err: KvError,
+}
+
+impl RetryPolicy {
+    fn new(is_write: bool) -> Self {
+        RetryPolicy {
+            is_write,
+            maybe_applied: false,
+            last_err: KvError::Unavailable("no attempt was made".into()),
+        }
+    }
+
+    fn after(&mut self, attempt: Attempt) -> Next {
+        let err = match attempt {
+            Attempt::TimedOut { addr, budget } => {
+                self.maybe_applied |= self.is_write;
+                self.last_err = KvError::Unavailable(format!(
+                    "{addr} did not answer within {} ms",
+                    budget.as_millis()
+                ));
+                return Next::Retry {
+                    now: false,
+                    leader: LeaderUpdate::Forget,
+                };
+            }
+            Attempt::Failed(status) => {
+                let err = from_status(&status);
+                self.maybe_applied |= self.is_write && may_have_applied(&status, &err);
+                err
+            }
+        };
+        let next = match &err {
+            KvError::NotLeader {
+                partition,
+                leader_id,
+                leader_addr,
+            } => Next::Retry {
+                now: leader_id.is_some(),
+                leader: LeaderUpdate::Set {
+                    partition: *partition,
+                    leader: *leader_id,
+                    addr: leader_addr.clone(),
+                },
+            },
+            KvError::Unavailable(_) | KvError::Ambiguous(_) => Next::Retry {
+                now: false,
+                leader: LeaderUpdate::Forget,
+            },
+            _ => Next::Fail(self.outcome_with(err.clone())),
+        };
+        self.last_err = err;
+        next
+    }
+
+    /// The error to report when retrying stops (deadline passed).
+    fn give_up(self) -> KvError {
+        let last = self.last_err.clone();
+        self.outcome_with(last)
+    }
+
+    fn outcome_with(&self, err: KvError) -> KvError {
+        if self.maybe_applied && !matches!(err, KvError::Ambiguous(_)) {
+            KvError::Ambiguous(format!(
+                "the write may or may not have been applied (an earlier attempt got no answer); \
+                 the last attempt failed with: {err}"
+            ))
+        } else {
+            err
+        }
+    }
+}
+
 impl Client {
     /// Connects to the cluster: asks the endpoints, in order, for the partition map.
     pub async fn connect(config: ClientConfig) -> Result<Client, KvError> {
@@ -363,72 +473,47 @@ impl Client {
         let cfg = &self.inner.config;
         let deadline = Instant::now() + cfg.request_timeout;
         let mut backoff = cfg.backoff_initial;
-        let mut maybe_applied = false;
-        let mut last_err = KvError::Unavailable("no attempt was made".into());
+        let mut policy = RetryPolicy::new(is_write);
         loop {
             let now = Instant::now();
             if now >= deadline {
-                break;
+                return Err(policy.give_up());
             }
             let Some(addr) = self.target(partition) else {
                 return Err(KvError::Unavailable("no nodes known".into()));
             };
             let kv = self.kv(&addr)?;
             let budget = cfg.attempt_timeout.min(deadline - now);
-            let mut sleep = true;
-            match tokio::time::timeout(budget, attempt(kv)).await {
+            let attempt = match tokio::time::timeout(budget, attempt(kv)).await {
                 Ok(Ok(v)) => return Ok(v),
-                Ok(Err(status)) => {
-                    let err = from_status(&status);
-                    if is_write && may_have_applied(&status, &err) {
-                        maybe_applied = true;
-                    }
-                    match &err {
-                        KvError::NotLeader {
-                            partition: p,
-                            leader_id,
-                            leader_addr,
-                        } => {
-                            let p = partition.unwrap_or(PartitionId(*p));
-                            if leader_id.is_some() {
-                                sleep = false;
-                            }
-                            self.set_leader(p, *leader_id, leader_addr.clone());
-                        }
-                        KvError::Unavailable(_) | KvError::Ambiguous(_) => {
+                Ok(Err(status)) => Attempt::Failed(status),
+                Err(_elapsed) => Attempt::TimedOut { addr, budget },
+            };
+            match policy.after(attempt) {
+                Next::Fail(e) => return Err(e),
+                Next::Retry { now, leader } => {
+                    match leader {
+                        LeaderUpdate::Forget => {
                             if let Some(p) = partition {
                                 self.set_leader(p, None, None);
                             }
                         }
-                        _ => return Err(err),
+                        LeaderUpdate::Set {
+                            partition: p,
+                            leader,
+                            addr,
+                        } => {
+                            let p = partition.unwrap_or(PartitionId(p));
+                            self.set_leader(p, leader, addr);
+                        }
                     }
-                    last_err = err;
-                }
-                Err(_elapsed) => {
-                    if is_write {
-                        maybe_applied = true;
+                    if !now {
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        tokio::time::sleep(backoff.min(left)).await;
+                        backoff = (backoff * 2).min(cfg.backoff_max);
                     }
-                    if let Some(p) = partition {
-                        self.set_leader(p, None, None);
-                    }
-                    last_err = KvError::Unavailable(format!(
-                        "{addr} did not answer within {} ms",
-                        budget.as_millis()
-                    ));
                 }
             }
-            if sleep {
-                let left = deadline.saturating_duration_since(Instant::now());
-                tokio::time::sleep(backoff.min(left)).await;
-                backoff = (backoff * 2).min(cfg.backoff_max);
-            }
-        }
-        if maybe_applied {
-            Err(KvError::Ambiguous(format!(
-                "the write may or may not have been applied; the last attempt failed with: {last_err}"
-            )))
-        } else {
-            Err(last_err)
         }
     }
 
@@ -610,5 +695,140 @@ impl Client {
         let mut v: Vec<_> = r.nodes.iter().map(|(k, v)| (*k, v.clone())).collect();
         v.sort();
         v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// A client whose endpoint is never dialled: the attempts below ignore their channel.
+    fn offline_client() -> Client {
+        let mut config = ClientConfig::new(["127.0.0.1:1"]);
+        config.request_timeout = Duration::from_millis(600);
+        config.attempt_timeout = Duration::from_millis(100);
+        config.backoff_initial = Duration::from_millis(1);
+        Client {
+            inner: Arc::new(Inner {
+                config,
+                client_id: 7,
+                sequence: AtomicU64::new(0),
+                channels: Mutex::new(HashMap::new()),
+                routing: RwLock::new(Routing::default()),
+                round_robin: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Invariant 8: once an attempt may have applied a write, no later answer short of
+    /// success can make the outcome a definite failure. Before the fix, the retry loop
+    /// returned the second attempt's `Internal` as is.
+    #[tokio::test]
+    async fn a_write_that_may_have_applied_stays_ambiguous_whatever_fails_later() {
+        for later in [
+            tonic::Status::internal("boom"),
+            tonic::Status::invalid_argument("no"),
+            tonic::Status::not_found("gone"),
+        ] {
+            let client = offline_client();
+            let calls = AtomicUsize::new(0);
+            let result: Result<(), KvError> = client
+                .retry(Some(PartitionId(0)), true, |_kv| {
+                    let n = calls.fetch_add(1, Ordering::SeqCst);
+                    let later = later.clone();
+                    async move {
+                        if n == 0 {
+                            // Outlives the attempt timeout: the write may have applied.
+                            tokio::time::sleep(Duration::from_secs(5)).await;
+                        }
+                        Err(later)
+                    }
+                })
+                .await;
+            assert!(
+                matches!(result, Err(KvError::Ambiguous(_))),
+                "after a timed-out attempt, {later:?} must give Ambiguous, got {result:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_retry_policy_follows_leaders_and_remembers_what_may_have_applied() {
+        let hint = capkv_proto::status::to_status(&KvError::NotLeader {
+            partition: 3,
+            leader_id: Some(NodeId(2)),
+            leader_addr: Some("127.0.0.1:7380".into()),
+        });
+        let mut p = RetryPolicy::new(true);
+        assert_eq!(
+            p.after(Attempt::Failed(hint)),
+            Next::Retry {
+                now: true,
+                leader: LeaderUpdate::Set {
+                    partition: 3,
+                    leader: Some(NodeId(2)),
+                    addr: Some("127.0.0.1:7380".into())
+                }
+            }
+        );
+        assert!(!p.maybe_applied, "NotLeader says nothing was applied");
+        let unavailable = capkv_proto::status::to_status(&KvError::Unavailable("no quorum".into()));
+        assert_eq!(
+            p.after(Attempt::Failed(unavailable)),
+            Next::Retry {
+                now: false,
+                leader: LeaderUpdate::Forget
+            }
+        );
+        assert!(
+            !p.maybe_applied,
+            "a node's own Unavailable says nothing was applied"
+        );
+        assert!(matches!(p.give_up(), KvError::Unavailable(_)));
+
+        let mut p = RetryPolicy::new(true);
+        let timed_out = Attempt::TimedOut {
+            addr: "a".into(),
+            budget: Duration::from_millis(5),
+        };
+        assert!(matches!(p.after(timed_out), Next::Retry { .. }));
+        assert!(matches!(p.give_up(), KvError::Ambiguous(_)));
+        // A transport failure without capkv's error detail may have applied the write.
+        let mut p = RetryPolicy::new(true);
+        p.after(Attempt::Failed(tonic::Status::unavailable(
+            "connection reset",
+        )));
+        assert!(p.maybe_applied);
+        let mut r = RetryPolicy::new(false);
+        r.after(Attempt::Failed(tonic::Status::unavailable(
+            "connection reset",
+        )));
+        assert!(!r.maybe_applied, "reads never apply anything");
+    }
+
+    /// A read, or a write no attempt of which may have applied, keeps its definite error.
+    #[tokio::test]
+    async fn definite_errors_stay_definite_when_nothing_may_have_applied() {
+        let client = offline_client();
+        let result: Result<(), KvError> = client
+            .retry(Some(PartitionId(0)), true, |_kv| async {
+                Err(tonic::Status::invalid_argument("bad key"))
+            })
+            .await;
+        assert!(
+            matches!(result, Err(KvError::InvalidArgument(_))),
+            "{result:?}"
+        );
+        let result: Result<(), KvError> = client
+            .retry(Some(PartitionId(0)), false, |_kv| async {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                Err(tonic::Status::internal("x"))
+            })
+            .await;
+        assert!(
+            matches!(result, Err(KvError::Unavailable(_))),
+            "a read times out as Unavailable: {result:?}"
+        );
     }
 }

@@ -235,6 +235,7 @@ mod tests {
             let r = map.replicas(p);
             assert_eq!(r.len(), 3);
             let mut d = r.to_vec();
+            d.sort_unstable();
             d.dedup();
             assert_eq!(d.len(), 3, "replicas must be distinct: {r:?}");
             for n in r {

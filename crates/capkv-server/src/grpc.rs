@@ -287,13 +287,15 @@ impl RaftService {
                 m.to_node, core.id
             )));
         }
-        check_peer_lease(
+        if let Err(why) = check_peer_lease(
             NodeId(m.from_node),
             m.lease_read_ms,
             core.id,
             core.quorum_lease_ms,
-        )
-        .map_err(Status::failed_precondition)?;
+        ) {
+            core.log_refused_peer(NodeId(m.from_node), &why);
+            return Err(Status::failed_precondition(why));
+        }
         let rpc = rpc_of(m.kind).ok_or_else(|| {
             Status::invalid_argument(format!("unknown raft message kind {}", m.kind))
         })?;
@@ -342,6 +344,10 @@ impl RaftService {
 
 /// Answers on one peer stream are gathered into batches of at most this many.
 const REPLY_BATCH_MAX: usize = 256;
+/// Messages of one peer stream being handled or answered but not yet sent, at most.
+const STREAM_IN_FLIGHT_MAX: usize = 1024;
+/// Messages in one batch a peer may send (capkv's own peers send at most 256).
+const STREAM_BATCH_ITEMS_MAX: usize = 4096;
 
 #[tonic::async_trait]
 impl RaftTransportService for RaftService {
@@ -358,14 +364,19 @@ impl RaftTransportService for RaftService {
     ) -> Result<Response<Self::StreamStream>, Status> {
         let mut inbound = request.into_inner();
         let (out_tx, out_rx) = tokio::sync::mpsc::channel::<Result<RaftReplyBatch, Status>>(64);
-        let (item_tx, mut item_rx) = tokio::sync::mpsc::unbounded_channel::<RaftReplyItem>();
+        let (item_tx, mut item_rx) =
+            tokio::sync::mpsc::channel::<RaftReplyItem>(STREAM_IN_FLIGHT_MAX);
+        let permits = Arc::new(tokio::sync::Semaphore::new(STREAM_IN_FLIGHT_MAX));
         let core = self.core.clone();
         let mut shutdown = self.shutdown.clone();
         // Reader: every message is handled on its own task, so a slow partition does not
-        // hold up the others sharing the stream. It stops reading when the node stops;
-        // the writer then ends the stream once the answers in flight are out.
+        // hold up the others sharing the stream. At most STREAM_IN_FLIGHT_MAX messages are
+        // handled or answered-but-unsent at once: past that the reader stops reading, and
+        // HTTP/2 flow control stops the peer (a peer that never reads its answers cannot
+        // make this node buffer without bound). It stops reading when the node stops; the
+        // writer then ends the stream once the answers in flight are out.
         tokio::spawn(async move {
-            loop {
+            'read: loop {
                 let batch = tokio::select! {
                     m = inbound.message() => match m {
                         Ok(Some(batch)) => batch,
@@ -373,7 +384,21 @@ impl RaftTransportService for RaftService {
                     },
                     _ = shutdown.wait_for(|stop| *stop) => break,
                 };
+                if batch.items.len() > STREAM_BATCH_ITEMS_MAX {
+                    tracing::warn!(
+                        items = batch.items.len(),
+                        "a peer sent a Raft batch over {STREAM_BATCH_ITEMS_MAX} messages; closing its stream"
+                    );
+                    break;
+                }
                 for item in batch.items {
+                    let permit = tokio::select! {
+                        p = permits.clone().acquire_owned() => match p {
+                            Ok(p) => p,
+                            Err(_) => break 'read,
+                        },
+                        _ = shutdown.wait_for(|stop| *stop) => break 'read,
+                    };
                     let core = core.clone();
                     let tx = item_tx.clone();
                     tokio::spawn(async move {
@@ -399,7 +424,8 @@ impl RaftTransportService for RaftService {
                                 error: s.message().to_string(),
                             },
                         };
-                        let _ = tx.send(item);
+                        let _ = tx.send(item).await;
+                        drop(permit);
                     });
                 }
             }

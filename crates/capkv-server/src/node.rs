@@ -209,6 +209,7 @@ impl Node {
             faults,
             metrics,
             confirmer,
+            refusals_logged: Default::default(),
         });
         for bug in &config.planted_bugs {
             tracing::warn!(bug = bug.name(), "UNSAFE: this node runs with a planted bug (--planted-bug); it may lose or misreport data");

@@ -32,11 +32,16 @@ fn valid_run(name: &str, args: &[&str]) -> (tempfile::TempDir, String, String) {
     all.extend(["--seed", &seed, "--out", &out]);
     let (code, stdout, stderr) = check(&all);
     eprintln!("{stdout}");
-    assert_eq!(code, 0, "check failed (seed {seed}):\n{stdout}\n{stderr}");
-    assert!(
-        stdout.contains("linearizable: valid (8 keys checked)"),
-        "{stdout}"
-    );
+    if code != 0 || !stdout.contains("linearizable: valid (8 keys checked)") {
+        // Keep the history and the nodes' logs, and say how to replay the run.
+        let kept = dir.keep();
+        panic!(
+            "check failed (exit {code}); history and node logs kept in {}; replay with \
+             CAPKV_TEST_SEED={seed} or `capkv check {} --seed {seed}`:\n{stdout}\n{stderr}",
+            kept.display(),
+            args.join(" ")
+        );
+    }
     (dir, stdout, stderr)
 }
 
@@ -106,7 +111,7 @@ fn check_finds_the_planted_stale_reads_bug() {
     eprintln!("{stdout}");
     assert_eq!(
         code, 1,
-        "the planted bug went unnoticed (seed {seed}):\n{stdout}\n{stderr}"
+        "the planted bug went unnoticed (replay with CAPKV_TEST_SEED={seed}):\n{stdout}\n{stderr}"
     );
     assert!(stdout.contains("linearizable: INVALID"), "{stdout}");
     assert!(
