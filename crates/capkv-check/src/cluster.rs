@@ -135,7 +135,9 @@ impl Cluster {
 
     /// Starts node `id` (which must be down) with its clocks, monotonic and wall, running
     /// at `rate_percent` % of real time (libfaketime's `LD_PRELOAD`, which also scales its
-    /// sleeps and timeouts). The rate stays with the node at later restarts.
+    /// sleeps and timeouts). The rate stays with the node at later restarts. Any other
+    /// node running at a skewed rate is restarted at the real rate first: one node off at
+    /// a time keeps the rates within the 2x the lease assumes (0.6x against 1x).
     pub fn restart_with_clock_rate(
         &mut self,
         id: u64,
@@ -143,6 +145,15 @@ impl Cluster {
         rate_percent: u32,
     ) -> anyhow::Result<()> {
         let c = self.local()?;
+        for other in c.ids() {
+            if other != id && !c.env(other)?.is_empty() {
+                c.set_env(other, vec![])?;
+                if c.node(other)?.is_running() {
+                    c.kill(other)?;
+                    c.spawn(other)?;
+                }
+            }
+        }
         let rate = f64::from(rate_percent) / 100.0;
         c.set_env(
             id,
@@ -156,6 +167,30 @@ impl Cluster {
 
     pub fn pause(&mut self, id: u64) -> anyhow::Result<()> {
         self.local()?.pause(id)
+    }
+
+    /// Starts node `id` (which must be down) after dropping the writes no fsync covered.
+    pub fn restart_losing_unsynced_writes(&mut self, id: u64) -> anyhow::Result<()> {
+        let c = self.local()?;
+        c.reap_exited();
+        if c.node(id)?.is_running() {
+            bail!("node {id} is running");
+        }
+        c.spawn_with(id, &["--unsafe-lose-unsynced-writes".to_string()])
+    }
+
+    /// A power cut of every node at once: all killed, then each started after dropping
+    /// what no fsync covered.
+    pub fn power_cut_all(&mut self) -> anyhow::Result<()> {
+        let c = self.local()?;
+        let ids = c.ids();
+        for id in &ids {
+            c.kill(*id)?;
+        }
+        for id in ids {
+            c.spawn_with(id, &["--unsafe-lose-unsynced-writes".to_string()])?;
+        }
+        Ok(())
     }
 
     pub fn resume(&mut self, id: u64) -> anyhow::Result<()> {

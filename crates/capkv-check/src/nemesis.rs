@@ -5,10 +5,10 @@
 //! | `partition` | cuts one node, the leader of a workload partition, or a random half off (both directions) | clearing the drops |
 //! | `oneway` | one node stops hearing or stops being heard (all peers or one), a leader preferred | clearing the drops |
 //! | `kill` | SIGKILL a node | a restart 2–6 s later |
-//! | `restart` | SIGKILL a node, preferring the leader of a workload partition, and start it again 0–300 ms later, inside its followers' lease | (restarted at once) |
+//! | `restart` | SIGKILL a node, preferring the leader of a workload partition, and start it again 0–300 ms later, inside its followers' lease; half the time as a power loss: its fsyncs stall 1.5 s and the power goes 0.5 s later, and it starts without the writes no fsync covered | (restarted at once) |
 //! | `pause` | SIGSTOP a node | SIGCONT |
 //! | `clock` | jumps a node's wall clock (the one its HLC reads) 1–30 s forward or back; or restarts a node with its monotonic clock running at 0.6x–1.5x (libfaketime), which lasts until the run ends | clearing the jump (the rate stays) |
-//! | `disk` | fsyncs of a node stall 50–500 ms, or its next fsync fails (its storage is then poisoned) | clearing the stall; a restart of the poisoned node |
+//! | `disk` | fsyncs of a node stall 50–500 ms; or its next fsync fails (its storage is then poisoned); or a power cut: with every disk slow (fsyncs stalling 1.5 s, the cut 0.5 s later), every node is killed at once and started again without the writes no fsync covered | clearing the stall; a restart of the poisoned node; (restarted at once) |
 //!
 //! Faults do not overlap, except a clock rate, which stays with its node (as a bad
 //! oscillator would) while later faults run.
@@ -55,10 +55,15 @@ impl FaultKind {
                 continue;
             }
             if part == "all" {
-                out.extend(FaultKind::ALL);
+                for k in FaultKind::ALL {
+                    if !out.contains(&k) {
+                        out.push(k);
+                    }
+                }
                 continue;
             }
             match FaultKind::ALL.iter().find(|k| k.name() == part) {
+                Some(k) if out.contains(k) => {}
                 Some(k) => out.push(*k),
                 None => {
                     return Err(format!(
@@ -68,7 +73,6 @@ impl FaultKind {
                 }
             }
         }
-        out.dedup();
         Ok(out)
     }
 
@@ -134,10 +138,12 @@ pub enum Fault {
         from: Option<usize>,
     },
     Kill(usize),
-    /// SIGKILL, then start again after `delay_ms`.
+    /// SIGKILL, then start again after `delay_ms`; with `power_loss`, without the writes
+    /// no fsync covered (the machine lost power and came back).
     Restart {
         node: Target,
         delay_ms: u64,
+        power_loss: bool,
     },
     Pause(usize),
     /// The node's wall clock jumps by `offset_ms`.
@@ -157,6 +163,9 @@ pub enum Fault {
     FsyncFail {
         node: Target,
     },
+    /// Every node loses power at once: killed, and started again without the writes no
+    /// fsync covered.
+    PowerCut,
 }
 
 /// How a run can skew clock rates: the `libfaketime` preload library, if installed.
@@ -243,16 +252,20 @@ pub fn plan(
                         Target::Node(rng.random_range(0..nodes))
                     },
                     delay_ms: rng.random_range(0..=300),
+                    power_loss: rng.random_bool(0.5),
                 }
             }
             FaultKind::Pause => Fault::Pause(rng.random_range(0..nodes)),
             FaultKind::Clock => {
                 let node = target(&mut rng);
                 if clock_rates && rng.random_bool(0.5) {
-                    Fault::ClockRate {
-                        node,
-                        rate_percent: rng.random_range(60..=150),
-                    }
+                    // A leader's clock running slow is what threatens a lease: it trusts
+                    // its lease longer in real time than its followers hold their votes.
+                    let rate_percent = match node {
+                        Target::LeaderOf(_) => rng.random_range(60..=95),
+                        Target::Node(_) => rng.random_range(60..=150),
+                    };
+                    Fault::ClockRate { node, rate_percent }
                 } else {
                     let magnitude = rng.random_range(1_000..=30_000);
                     let offset_ms = if rng.random_bool(0.5) {
@@ -265,13 +278,13 @@ pub fn plan(
             }
             FaultKind::Disk => {
                 let node = target(&mut rng);
-                if rng.random_bool(0.6) {
-                    Fault::FsyncStall {
+                match rng.random_range(0..10) {
+                    0..4 => Fault::FsyncStall {
                         node,
                         stall_ms: rng.random_range(50..=500),
-                    }
-                } else {
-                    Fault::FsyncFail { node }
+                    },
+                    4..7 => Fault::FsyncFail { node },
+                    _ => Fault::PowerCut,
                 }
             }
         };
@@ -315,7 +328,7 @@ async fn inject(
         | Fault::FsyncStall { node: t, .. }
         | Fault::FsyncFail { node: t } => resolve(c, &ids, *t).await,
         Fault::Kill(i) | Fault::Pause(i) => Some(pick(*i)),
-        Fault::Split { .. } => Some(ids[0]),
+        Fault::Split { .. } | Fault::PowerCut => Some(ids[0]),
     }) else {
         return Ok(format!("no node to hit for {fault:?} (no leader)"));
     };
@@ -363,11 +376,28 @@ async fn inject(
             c.kill(node)?;
             format!("SIGKILL node {node}")
         }
-        Fault::Restart { delay_ms, .. } => {
+        Fault::Restart {
+            delay_ms,
+            power_loss,
+            ..
+        } => {
+            if *power_loss {
+                // The disk is slow as the power fails: writes pile up unsynced first.
+                slow_disks(c, &[node]).await?;
+            }
             c.kill(node)?;
             tokio::time::sleep(Duration::from_millis(*delay_ms)).await;
-            c.restart(node)?;
-            format!("SIGKILL node {node}, started again after {delay_ms} ms")
+            if *power_loss {
+                c.restart_losing_unsynced_writes(node)?;
+            } else {
+                c.restart(node)?;
+            }
+            let how = if *power_loss {
+                " without its unsynced writes"
+            } else {
+                ""
+            };
+            format!("SIGKILL node {node}, started again{how} after {delay_ms} ms")
         }
         Fault::Pause(_) => {
             c.pause(node)?;
@@ -397,6 +427,11 @@ async fn inject(
             c.set_faults(node, f).await?;
             format!("node {node}'s fsyncs stall {stall_ms} ms")
         }
+        Fault::PowerCut => {
+            slow_disks(c, &ids).await?;
+            c.power_cut_all()?;
+            "power cut: every node killed and started again without its unsynced writes".into()
+        }
         Fault::FsyncFail { .. } => {
             let f = Faults {
                 fsync_fail_next: true,
@@ -406,6 +441,22 @@ async fn inject(
             format!("node {node}'s next fsync fails")
         }
     })
+}
+
+/// Before a power loss: fsyncs of `nodes` stall for longer than the 500 ms until the power
+/// goes, so that every write of those 500 ms is still unsynced then, as on a disk busy at
+/// that moment. A node that acknowledges only what an fsync covered acknowledges none of
+/// them, and loses nothing it acknowledged.
+async fn slow_disks(c: &Cluster, nodes: &[u64]) -> anyhow::Result<()> {
+    for id in nodes {
+        let stall = Faults {
+            fsync_stall_ms: 1500,
+            ..Faults::default()
+        };
+        c.set_faults(*id, stall).await?;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    Ok(())
 }
 
 /// Carries out a schedule against the cluster until `deadline`; counts injected faults.
@@ -484,6 +535,7 @@ mod tests {
         assert!(has(|f| matches!(f, Fault::Kill(_))));
         assert!(has(|f| matches!(f, Fault::Pause(_))));
         assert!(has(|f| matches!(f, Fault::FsyncFail { .. })));
+        assert!(has(|f| matches!(f, Fault::PowerCut)));
         for p in &a {
             match &p.fault {
                 Fault::Restart { delay_ms, .. } => assert!(*delay_ms <= 300),
@@ -531,6 +583,14 @@ mod tests {
             FaultKind::ALL.to_vec()
         );
         assert_eq!(FaultKind::parse_list("none").unwrap(), vec![]);
+        assert_eq!(
+            FaultKind::parse_list("kill,pause,kill").unwrap(),
+            vec![FaultKind::Kill, FaultKind::Pause]
+        );
+        assert_eq!(
+            FaultKind::parse_list("disk,all").unwrap().len(),
+            FaultKind::ALL.len()
+        );
         let err = FaultKind::parse_list("flood").unwrap_err();
         assert!(err.contains("oneway") && err.contains("disk"), "{err}");
     }

@@ -3,6 +3,17 @@
 use std::io::Write;
 
 use capkv_client::{Client, ClientConfig, Condition, ScanOptions};
+
+/// `println!` that does not panic when stdout is gone (`capkv status | head -3`): output
+/// to a closed pipe is dropped, as other command-line tools do.
+macro_rules! outln {
+    () => {{
+        let _ = writeln!(std::io::stdout());
+    }};
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
 use capkv_types::{KvError, ReadConsistency};
 use clap::Args;
 
@@ -124,11 +135,11 @@ pub async fn put(a: PutArgs) -> i32 {
         .await
     {
         Ok(r) if r.succeeded => {
-            println!("OK revision={} partition={}", r.revision, r.partition);
+            outln!("OK revision={} partition={}", r.revision, r.partition);
             0
         }
         Ok(r) => {
-            println!("CONDITION FAILED current_revision={}", r.current_revision);
+            outln!("CONDITION FAILED current_revision={}", r.current_revision);
             1
         }
         Err(e) => fail(e),
@@ -170,11 +181,11 @@ pub async fn del(a: DelArgs) -> i32 {
     };
     match client.delete_with(a.key.into_bytes(), a.if_revision).await {
         Ok(r) if r.succeeded => {
-            println!("OK revision={} partition={}", r.revision, r.partition);
+            outln!("OK revision={} partition={}", r.revision, r.partition);
             0
         }
         Ok(r) if r.current_revision != 0 => {
-            println!("CONDITION FAILED current_revision={}", r.current_revision);
+            outln!("CONDITION FAILED current_revision={}", r.current_revision);
             1
         }
         Ok(_) => {
@@ -251,14 +262,14 @@ pub async fn status(a: StatusArgs) -> i32 {
                 Err(e) => serde_json::json!({"node_id": id.0, "addr": addr, "up": false, "error": e.to_string()}),
             })
             .collect();
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({ "nodes": nodes }))
                 .unwrap_or_default()
         );
         return 0;
     }
-    println!("NODE  ADDR                   STATE");
+    outln!("NODE  ADDR                   STATE");
     for (id, addr, r) in &views {
         let state = match r {
             Ok(s) => {
@@ -278,10 +289,10 @@ pub async fn status(a: StatusArgs) -> i32 {
             }
             Err(e) => format!("DOWN: {e}"),
         };
-        println!("{:<5} {:<22} {}", id.0, addr, state);
+        outln!("{:<5} {:<22} {}", id.0, addr, state);
     }
-    println!();
-    println!("PARTITION  LEADER  TERM  REPLICAS      APPLIED (per node)");
+    outln!();
+    outln!("PARTITION  LEADER  TERM  REPLICAS      APPLIED (per node)");
     let Some(count) = views
         .iter()
         .find_map(|(_, _, r)| r.as_ref().ok().map(|s| s.partition_count))
@@ -319,7 +330,7 @@ pub async fn status(a: StatusArgs) -> i32 {
         } else {
             leader.to_string()
         };
-        println!(
+        outln!(
             "{:<10} {:<7} {:<5} {:<13} {}",
             p,
             leader,

@@ -51,6 +51,11 @@ pub struct ServerArgs {
     /// kept log catches up by a full copy of the partition.
     #[arg(long, default_value_t = 20_000)]
     pub snapshot_every: u64,
+    /// Forget a client session idle this long (its late retries are then refused with
+    /// SessionExpired, never applied twice). Fixed when the cluster is created: every node
+    /// must use the same value.
+    #[arg(long, default_value_t = 600_000)]
+    pub client_session_ttl_ms: u64,
     /// A write not committed within this time is answered Ambiguous.
     #[arg(long, default_value_t = 5000)]
     pub write_timeout_ms: u64,
@@ -72,6 +77,10 @@ pub struct ServerArgs {
     /// node off from its peers, fail or stall its fsyncs and move its clock.
     #[arg(long)]
     pub unsafe_fault_injection: bool,
+    /// TESTING ONLY (needs --unsafe-fault-injection): before starting, drop every write no
+    /// fsync covered, as a power cut would have (after the node was killed).
+    #[arg(long)]
+    pub unsafe_lose_unsynced_writes: bool,
     /// TESTING ONLY: start with a bug planted on purpose, for `capkv check` to catch
     /// (repeatable). The node may lose or misreport data.
     #[arg(long = "planted-bug", value_enum)]
@@ -141,6 +150,7 @@ pub fn config_from(args: &ServerArgs) -> anyhow::Result<NodeConfig> {
     c.replication_factor = args.replication_factor;
     c.limits.value_bytes_max = args.value_max_bytes;
     c.raft.snapshot_every_entries = args.snapshot_every.max(1);
+    c.raft.session_ttl_ms = args.client_session_ttl_ms.max(1);
     c.raft.log_entries_kept_after_snapshot = (args.snapshot_every / 5).min(1000);
     c.raft.heartbeat_interval_ms = args.heartbeat_ms.max(1);
     c.raft.election_timeout_min_ms = args
@@ -156,6 +166,7 @@ pub fn config_from(args: &ServerArgs) -> anyhow::Result<NodeConfig> {
     c.max_connections = args.max_connections;
     c.unsafe_fault_injection = args.unsafe_fault_injection;
     c.planted_bugs = args.planted_bugs.iter().map(|b| b.bug()).collect();
+    c.unsafe_lose_unsynced_writes = args.unsafe_lose_unsynced_writes;
     c.raft.leader_restore = c.planted_bugs.contains(&PlantedBug::LeaderRestore);
     Ok(c)
 }

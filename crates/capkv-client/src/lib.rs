@@ -2,8 +2,12 @@
 //!
 //! - Routes each key to its partition's leader using a cached partition map, learned from
 //!   any node and refreshed when a node says `NotLeader`.
-//! - Makes every write idempotent: it carries `(client_id, sequence)`, and every retry of
-//!   that write reuses the pair, so the cluster applies it at most once.
+//! - Makes every write idempotent: it carries `(client_id, sequence)` of the client's
+//!   session, and every retry of that write reuses the pair, so the cluster applies it at
+//!   most once. Each write also says which answers the client already has
+//!   (`first_incomplete`), so the servers keep only the answers still awaited. A session
+//!   a partition no longer knows is renewed, and the write sent again, only when no
+//!   attempt may have applied it.
 //! - Retries `NotLeader` (at the hinted leader), `Unavailable` and transport failures with
 //!   capped exponential backoff until the request deadline.
 //! - Returns `Ambiguous` only when a write may have been applied and no retry could learn
@@ -11,7 +15,7 @@
 //!
 //! Depends only on capkv-types and capkv-proto.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -111,10 +115,45 @@ struct Routing {
     leaders: Vec<Option<NodeId>>,
 }
 
+/// The client's session: what makes its writes idempotent (see the server's
+/// `sessions.rs`). Renewed (a new id) when a partition no longer knows it.
+#[derive(Debug)]
+struct Session {
+    client_id: u64,
+    /// Cluster HLC time (ms) the session started at.
+    started_ms: u64,
+    next_sequence: u64,
+    /// Sequences of this session still waiting for their outcome.
+    in_flight: BTreeSet<u64>,
+}
+
+impl Session {
+    fn new(client_id: u64, started_ms: u64) -> Self {
+        Session {
+            client_id,
+            started_ms,
+            next_sequence: 1,
+            in_flight: BTreeSet::new(),
+        }
+    }
+}
+
+/// One write's place in a session.
+#[derive(Debug, Clone, Copy)]
+struct Ticket {
+    client_id: u64,
+    sequence: u64,
+    started_ms: u64,
+    /// False for pairs given by the caller (`put_idempotent`): the session does not track
+    /// them, and they claim no answers (`first_incomplete` 0).
+    tracked: bool,
+}
+
 struct Inner {
     config: ClientConfig,
-    client_id: u64,
-    sequence: AtomicU64,
+    session: Mutex<Session>,
+    /// The newest cluster HLC time (ms) a node reported.
+    cluster_hlc_ms: AtomicU64,
     channels: Mutex<HashMap<String, Channel>>,
     routing: RwLock<Routing>,
     round_robin: AtomicU64,
@@ -141,6 +180,31 @@ fn consistency_pb(c: ReadConsistency) -> i32 {
     match c {
         ReadConsistency::Prefix => pb::Consistency::Prefix as i32,
         _ => pb::Consistency::Linearizable as i32,
+    }
+}
+
+fn put_request(key: Vec<u8>, value: Vec<u8>, condition: Condition) -> pb::PutRequest {
+    let (if_revision, if_absent) = match condition {
+        Condition::Always => (None, false),
+        Condition::IfRevision(r) => (Some(r), false),
+        Condition::IfAbsent => (None, true),
+    };
+    pb::PutRequest {
+        key,
+        value,
+        if_revision,
+        if_absent,
+        idempotency: None,
+    }
+}
+
+fn put_result(p: PartitionId, resp: pb::PutResponse) -> WriteResult {
+    WriteResult {
+        partition: p,
+        succeeded: resp.succeeded,
+        revision: resp.revision,
+        hlc: resp.hlc,
+        current_revision: resp.current_revision,
     }
 }
 
@@ -188,7 +252,10 @@ pub fn leaders_of(partitions: u32, statuses: &[(u64, StatusResponse)]) -> Vec<Op
 fn may_have_applied(status: &tonic::Status, err: &KvError) -> bool {
     match err {
         // Errors a capkv node raised on purpose say exactly whether anything happened.
-        KvError::NotLeader { .. } | KvError::InvalidArgument(_) | KvError::TooLarge(_) => false,
+        KvError::NotLeader { .. }
+        | KvError::InvalidArgument(_)
+        | KvError::TooLarge(_)
+        | KvError::SessionExpired(_) => false,
         KvError::Unavailable(_) => status.details().is_empty(),
         _ => true,
     }
@@ -316,24 +383,113 @@ impl Client {
         let client = Client {
             inner: Arc::new(Inner {
                 config,
-                client_id,
-                sequence: AtomicU64::new(0),
+                session: Mutex::new(Session::new(client_id, 0)),
+                cluster_hlc_ms: AtomicU64::new(0),
                 channels: Mutex::new(HashMap::new()),
                 routing: RwLock::new(Routing::default()),
                 round_robin: AtomicU64::new(0),
             }),
         };
         client.refresh_routing().await?;
+        client.session().started_ms = client.cluster_now_ms();
         Ok(client)
     }
 
-    pub fn client_id(&self) -> u64 {
-        self.inner.client_id
+    fn session(&self) -> std::sync::MutexGuard<'_, Session> {
+        self.inner.session.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Takes the next idempotency sequence number of this client.
-    pub fn next_sequence(&self) -> u64 {
-        self.inner.sequence.fetch_add(1, Ordering::Relaxed) + 1
+    /// The id of this client's current session.
+    pub fn client_id(&self) -> u64 {
+        self.session().client_id
+    }
+
+    /// The cluster's HLC time as last reported by a node (this machine's clock if none did).
+    fn cluster_now_ms(&self) -> u64 {
+        match self.inner.cluster_hlc_ms.load(Ordering::Relaxed) {
+            0 => std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+            ms => ms,
+        }
+    }
+
+    /// Takes the next sequence of the session for a write, which is in flight until
+    /// `end_write`.
+    fn begin_write(&self) -> Ticket {
+        let mut s = self.session();
+        let sequence = s.next_sequence;
+        s.next_sequence += 1;
+        s.in_flight.insert(sequence);
+        Ticket {
+            client_id: s.client_id,
+            sequence,
+            started_ms: s.started_ms,
+            tracked: true,
+        }
+    }
+
+    fn end_write(&self, t: Ticket) {
+        let mut s = self.session();
+        if t.tracked && s.client_id == t.client_id {
+            s.in_flight.remove(&t.sequence);
+        }
+    }
+
+    /// The idempotency pair to send now for `t`, with the lowest sequence of the session
+    /// still waiting for its answer (everything below has its answer).
+    fn idempotency(&self, t: &Ticket) -> pb::Idempotency {
+        let first_incomplete = if t.tracked {
+            let s = self.session();
+            match s.in_flight.first() {
+                Some(first) if s.client_id == t.client_id => (*first).min(t.sequence),
+                _ => t.sequence,
+            }
+        } else {
+            0
+        };
+        pb::Idempotency {
+            client_id: t.client_id,
+            sequence: t.sequence,
+            session_started_ms: t.started_ms,
+            first_incomplete,
+        }
+    }
+
+    /// Starts a new session (a partition no longer knew the old one).
+    async fn renew_session(&self, expired: u64) {
+        let _ = self.refresh_routing().await;
+        let started = self.cluster_now_ms();
+        let mut s = self.session();
+        if s.client_id == expired {
+            *s = Session::new(rand::random::<u64>() | 1, started);
+        }
+    }
+
+    /// Runs one write of the session: retries with the same idempotency pair; if the
+    /// partition no longer knows the session and no attempt may have applied the write
+    /// (`SessionExpired` is only reported then), sends it once more in a new session.
+    async fn session_write<T, F, Fut>(&self, p: PartitionId, send: F) -> Result<T, KvError>
+    where
+        F: Fn(KvClient<Channel>, pb::Idempotency) -> Fut,
+        Fut: Future<Output = Result<T, tonic::Status>>,
+    {
+        let mut renewals = 0;
+        loop {
+            let ticket = self.begin_write();
+            let result = self
+                .retry(Some(p), true, |kv| send(kv, self.idempotency(&ticket)))
+                .await;
+            self.end_write(ticket);
+            match result {
+                Err(KvError::SessionExpired(_)) if renewals < 2 => {
+                    renewals += 1;
+                    self.renew_session(ticket.client_id).await;
+                }
+                other => return other,
+            }
+        }
     }
 
     fn channel(&self, addr: &str) -> Result<Channel, KvError> {
@@ -397,6 +553,9 @@ impl Client {
             .routing
             .write()
             .unwrap_or_else(|e| e.into_inner());
+        self.inner
+            .cluster_hlc_ms
+            .fetch_max(s.hlc_now_ms, Ordering::Relaxed);
         r.partition_count = s.partition_count;
         r.nodes = s
             .nodes
@@ -531,13 +690,22 @@ impl Client {
         value: impl Into<Vec<u8>>,
         condition: Condition,
     ) -> Result<WriteResult, KvError> {
-        let sequence = self.next_sequence();
-        self.put_idempotent(key, value, condition, self.inner.client_id, sequence)
-            .await
+        let request = put_request(key.into(), value.into(), condition);
+        let p = self.partition_of(&request.key);
+        let resp = self
+            .session_write(p, |mut kv, id| {
+                let mut req = request.clone();
+                req.idempotency = Some(id);
+                async move { kv.put(req).await.map(|r| r.into_inner()) }
+            })
+            .await?;
+        Ok(put_result(p, resp))
     }
 
     /// A put with an explicit idempotency pair: sending the same pair again returns the
-    /// original result without applying the write twice.
+    /// original result without applying the write twice. The pair is outside this
+    /// client's own sequence and reports no answers (`first_incomplete` 0), so the
+    /// server keeps its answer until the session expires.
     pub async fn put_idempotent(
         &self,
         key: impl Into<Vec<u8>>,
@@ -546,37 +714,22 @@ impl Client {
         client_id: u64,
         sequence: u64,
     ) -> Result<WriteResult, KvError> {
-        let key = key.into();
-        let value = value.into();
-        let p = self.partition_of(&key);
-        let (if_revision, if_absent) = match condition {
-            Condition::Always => (None, false),
-            Condition::IfRevision(r) => (Some(r), false),
-            Condition::IfAbsent => (None, true),
+        let mut request = put_request(key.into(), value.into(), condition);
+        let p = self.partition_of(&request.key);
+        let ticket = Ticket {
+            client_id,
+            sequence,
+            started_ms: self.session().started_ms,
+            tracked: false,
         };
-        let request = pb::PutRequest {
-            key,
-            value,
-            if_revision,
-            if_absent,
-            idempotency: Some(pb::Idempotency {
-                client_id,
-                sequence,
-            }),
-        };
+        request.idempotency = Some(self.idempotency(&ticket));
         let resp = self
             .retry(Some(p), true, |mut kv| {
                 let req = request.clone();
                 async move { kv.put(req).await.map(|r| r.into_inner()) }
             })
             .await?;
-        Ok(WriteResult {
-            partition: p,
-            succeeded: resp.succeeded,
-            revision: resp.revision,
-            hlc: resp.hlc,
-            current_revision: resp.current_revision,
-        })
+        Ok(put_result(p, resp))
     }
 
     pub async fn delete(&self, key: impl Into<Vec<u8>>) -> Result<WriteResult, KvError> {
@@ -588,19 +741,16 @@ impl Client {
         key: impl Into<Vec<u8>>,
         if_revision: Option<u64>,
     ) -> Result<WriteResult, KvError> {
-        let key = key.into();
-        let p = self.partition_of(&key);
         let request = pb::DeleteRequest {
-            key,
+            key: key.into(),
             if_revision,
-            idempotency: Some(pb::Idempotency {
-                client_id: self.inner.client_id,
-                sequence: self.next_sequence(),
-            }),
+            idempotency: None,
         };
+        let p = self.partition_of(&request.key);
         let resp = self
-            .retry(Some(p), true, |mut kv| {
-                let req = request.clone();
+            .session_write(p, |mut kv, id| {
+                let mut req = request.clone();
+                req.idempotency = Some(id);
                 async move { kv.delete(req).await.map(|r| r.into_inner()) }
             })
             .await?;
@@ -712,8 +862,8 @@ mod tests {
         Client {
             inner: Arc::new(Inner {
                 config,
-                client_id: 7,
-                sequence: AtomicU64::new(0),
+                session: Mutex::new(Session::new(7, 0)),
+                cluster_hlc_ms: AtomicU64::new(0),
                 channels: Mutex::new(HashMap::new()),
                 routing: RwLock::new(Routing::default()),
                 round_robin: AtomicU64::new(0),

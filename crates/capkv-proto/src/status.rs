@@ -14,6 +14,7 @@ pub fn to_status(e: &KvError) -> Status {
         ErrorCode::Unavailable => Code::Unavailable,
         ErrorCode::Ambiguous => Code::Unknown,
         ErrorCode::NotFound => Code::NotFound,
+        ErrorCode::SessionExpired => Code::FailedPrecondition,
         _ => Code::Internal,
     };
     let mut detail = ErrorDetail {

@@ -24,8 +24,10 @@ pub struct GroupSettings {
     pub snapshot_every_entries: u64,
     /// Entries kept in the log behind a snapshot, for followers that are a little behind.
     pub log_entries_kept_after_snapshot: u64,
-    /// Idempotency table capacity per partition.
-    pub dedup_capacity: usize,
+    /// A client session idle this long (in the log's HLC time) is forgotten; its later
+    /// requests are refused with `SessionExpired` (see `sessions.rs`). Part of the state
+    /// machine's rules: every node of a cluster must use the same value.
+    pub session_ttl_ms: u64,
     /// openraft's leader restore: a leader restarted before anyone else was elected takes
     /// its leadership back without an election. Unsafe here, so off; only the planted bug
     /// `leader-restore` turns it on. openraft documents it as safe only when the state
@@ -43,7 +45,7 @@ impl Default for GroupSettings {
             election_timeout_max_ms: 1000,
             snapshot_every_entries: 20_000,
             log_entries_kept_after_snapshot: 1000,
-            dedup_capacity: 10_000,
+            session_ttl_ms: 10 * 60 * 1000,
             leader_restore: false,
         }
     }
@@ -85,7 +87,7 @@ pub async fn open_partition(
             .map_err(|e| anyhow_like::Error(e.to_string()))?,
     );
     let log_store = LogStore::new(engine.clone(), partition);
-    let sm = StateMachine::open(engine, partition, hlc, settings.dedup_capacity).map_err(|e| {
+    let sm = StateMachine::open(engine, partition, hlc, settings.session_ttl_ms).map_err(|e| {
         anyhow_like::Error(format!("open state machine of partition {partition}: {e}"))
     })?;
     let applied = sm.applied_index();

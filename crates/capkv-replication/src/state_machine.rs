@@ -4,12 +4,12 @@
 //! idempotency-table change and the new applied state, so after a crash the state machine
 //! is exactly the effect of some prefix of the log.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use capkv_storage::{DedupRecord, PartitionImage, SmOp, SmWrite, StorageEngine, StoredValue};
+use capkv_storage::{PartitionImage, SmOp, SmWrite, StorageEngine, StoredValue};
 use capkv_types::{Hlc, HlcTimestamp, PartitionId};
 use futures::{Stream, TryStreamExt};
 use openraft::alias::{LogIdOf, SnapshotMetaOf, SnapshotOf, StoredMembershipOf};
@@ -18,7 +18,8 @@ use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder, StoredMembership
 use serde::{Deserialize, Serialize};
 
 use crate::codec::{decode, encode};
-use crate::types::{Command, CommandResponse, Condition, Idempotency, Op, TypeConfig};
+use crate::sessions::{Admission, Session, SessionChange, Sessions};
+use crate::types::{Command, CommandResponse, Condition, Op, TypeConfig};
 
 /// What the state machine persists besides data: where it is in the log.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -27,70 +28,6 @@ struct AppliedState {
     membership: StoredMembershipOf<TypeConfig>,
     /// The highest HLC stamp applied; the next write is stamped above it.
     last_hlc: u64,
-}
-
-/// Bounded table of recent idempotent writes (Raft dissertation §6.3), evicting the
-/// oldest first. Eviction depends only on the log, so every replica evicts alike.
-#[derive(Debug)]
-pub struct DedupTable {
-    capacity: usize,
-    entries: HashMap<Idempotency, CommandResponse>,
-    order: VecDeque<Idempotency>,
-}
-
-impl DedupTable {
-    pub fn new(capacity: usize) -> Self {
-        DedupTable {
-            capacity: capacity.max(1),
-            entries: HashMap::new(),
-            order: VecDeque::new(),
-        }
-    }
-
-    pub fn get(&self, id: &Idempotency) -> Option<&CommandResponse> {
-        self.entries.get(id)
-    }
-
-    /// Records a response; returns the entries evicted to stay within capacity.
-    pub fn insert(&mut self, id: Idempotency, response: CommandResponse) -> Vec<Idempotency> {
-        if self.entries.insert(id, response).is_none() {
-            self.order.push_back(id);
-        }
-        let mut evicted = Vec::new();
-        while self.order.len() > self.capacity {
-            if let Some(old) = self.order.pop_front() {
-                self.entries.remove(&old);
-                evicted.push(old);
-            }
-        }
-        evicted
-    }
-
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
-    fn load(capacity: usize, mut rows: Vec<(u64, u64, DedupRecord)>) -> io::Result<Self> {
-        rows.sort_by_key(|(_, _, r)| r.applied_index);
-        let mut table = DedupTable::new(capacity);
-        for (client_id, sequence, record) in rows {
-            let response: CommandResponse = decode(&record.response)?;
-            // Loading never evicts more than the persisted rows already reflect, unless
-            // the capacity shrank; then the oldest go, as they would have.
-            table.insert(
-                Idempotency {
-                    client_id,
-                    sequence,
-                },
-                response,
-            );
-        }
-        Ok(table)
-    }
 }
 
 /// Applied index of a partition, readable without going through openraft.
@@ -113,8 +50,23 @@ pub struct StateMachine {
     hlc: Arc<Hlc>,
     applied: AppliedState,
     applied_index: Arc<AppliedIndex>,
-    dedup: DedupTable,
-    dedup_capacity: usize,
+    sessions: Sessions,
+    session_ttl_ms: u64,
+    /// Session changes of the batch being applied, one per client (written at its flush).
+    sessions_dirty: BTreeMap<u64, Option<Session>>,
+}
+
+/// The partition's client sessions as stored.
+fn load_sessions(
+    engine: &dyn StorageEngine,
+    partition: PartitionId,
+    ttl_ms: u64,
+) -> io::Result<Sessions> {
+    let mut rows = Vec::new();
+    for (client, bytes) in engine.sm_sessions_all(partition)? {
+        rows.push((client, decode::<Session>(&bytes)?));
+    }
+    Ok(Sessions::load(ttl_ms, rows))
 }
 
 impl StateMachine {
@@ -122,13 +74,13 @@ impl StateMachine {
         engine: Arc<dyn StorageEngine>,
         partition: PartitionId,
         hlc: Arc<Hlc>,
-        dedup_capacity: usize,
+        session_ttl_ms: u64,
     ) -> io::Result<Self> {
         let applied: AppliedState = match engine.sm_applied(partition)? {
             Some(bytes) => decode(&bytes)?,
             None => AppliedState::default(),
         };
-        let dedup = DedupTable::load(dedup_capacity, engine.sm_dedup_all(partition)?)?;
+        let sessions = load_sessions(&*engine, partition, session_ttl_ms)?;
         hlc.observe(HlcTimestamp(applied.last_hlc));
         let applied_index = Arc::new(AppliedIndex::default());
         applied_index.set(applied.last_applied.as_ref().map(|l| l.index).unwrap_or(0));
@@ -138,8 +90,9 @@ impl StateMachine {
             hlc,
             applied,
             applied_index,
-            dedup,
-            dedup_capacity,
+            sessions,
+            session_ttl_ms,
+            sessions_dirty: BTreeMap::new(),
         })
     }
 
@@ -169,18 +122,33 @@ impl StateMachine {
         ops: &mut Vec<SmOp>,
         overlay: &mut HashMap<Vec<u8>, Option<StoredValue>>,
     ) -> io::Result<CommandResponse> {
-        let idempotency = cmd.idempotency.filter(|i| i.client_id != 0);
-        if let Some(id) = idempotency {
-            if let Some(previous) = self.dedup.get(&id) {
-                return Ok(CommandResponse {
-                    deduplicated: true,
-                    ..previous.clone()
-                });
-            }
-        }
         let hlc = cmd.hlc.max(self.applied.last_hlc.saturating_add(1));
         self.applied.last_hlc = hlc;
         self.hlc.observe(HlcTimestamp(hlc));
+        // Session decisions use the log's own clock (this entry's HLC stamp), so every
+        // replica decides alike.
+        let now_ms = HlcTimestamp(hlc).physical_ms();
+        let mut changes = Vec::new();
+        self.sessions.expire(now_ms, &mut changes);
+        let idempotency = cmd.idempotency.filter(|i| i.client_id != 0);
+        if let Some(id) = &idempotency {
+            match self.sessions.admit(id, now_ms) {
+                Admission::Apply => {}
+                Admission::Answered(previous) => {
+                    self.note_sessions(changes);
+                    return Ok(previous);
+                }
+                Admission::Refused(why) => {
+                    self.note_sessions(changes);
+                    return Ok(CommandResponse {
+                        revision: index,
+                        hlc,
+                        rejected: Some(why),
+                        ..Default::default()
+                    });
+                }
+            }
+        }
 
         let (key, condition) = match &cmd.op {
             Op::Put { key, condition, .. } | Op::Delete { key, condition } => (key, *condition),
@@ -223,24 +191,25 @@ impl StateMachine {
             succeeded,
             current_revision,
             deduplicated: false,
+            rejected: None,
         };
-        if let Some(id) = idempotency {
-            ops.push(SmOp::DedupPut {
-                client_id: id.client_id,
-                sequence: id.sequence,
-                record: DedupRecord {
-                    applied_index: index,
-                    response: encode(&response)?,
-                },
-            });
-            for old in self.dedup.insert(id, response.clone()) {
-                ops.push(SmOp::DedupDelete {
-                    client_id: old.client_id,
-                    sequence: old.sequence,
-                });
-            }
+        if let Some(id) = &idempotency {
+            self.sessions
+                .record(id, now_ms, response.clone(), &mut changes);
         }
+        self.note_sessions(changes);
         Ok(response)
+    }
+
+    fn note_sessions(&mut self, changes: Vec<SessionChange>) {
+        for c in changes {
+            match c {
+                SessionChange::Put(client, session) => {
+                    self.sessions_dirty.insert(client, Some(session))
+                }
+                SessionChange::Delete(client) => self.sessions_dirty.insert(client, None),
+            };
+        }
     }
 }
 
@@ -262,6 +231,15 @@ impl StateMachine {
         let Some(index) = last_index.take() else {
             return Ok(());
         };
+        for (client_id, session) in std::mem::take(&mut self.sessions_dirty) {
+            ops.push(match session {
+                Some(s) => SmOp::SessionPut {
+                    client_id,
+                    session: encode(&s)?,
+                },
+                None => SmOp::SessionDelete { client_id },
+            });
+        }
         self.engine.sm_write(
             self.partition,
             SmWrite {
@@ -368,10 +346,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             None => AppliedState::default(),
         };
         self.hlc.observe(HlcTimestamp(self.applied.last_hlc));
-        self.dedup = DedupTable::load(
-            self.dedup_capacity,
-            self.engine.sm_dedup_all(self.partition)?,
-        )?;
+        self.sessions = load_sessions(&*self.engine, self.partition, self.session_ttl_ms)?;
+        self.sessions_dirty.clear();
         self.applied_index.set(
             self.applied
                 .last_applied
@@ -469,33 +445,5 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             meta,
             snapshot: Vec::new(),
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn resp(rev: u64) -> CommandResponse {
-        CommandResponse {
-            revision: rev,
-            succeeded: true,
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn dedup_table_evicts_oldest_first() {
-        let mut t = DedupTable::new(2);
-        let id = |s| Idempotency {
-            client_id: 1,
-            sequence: s,
-        };
-        assert!(t.insert(id(1), resp(1)).is_empty());
-        assert!(t.insert(id(2), resp(2)).is_empty());
-        assert_eq!(t.insert(id(3), resp(3)), vec![id(1)]);
-        assert_eq!(t.get(&id(1)), None);
-        assert_eq!(t.get(&id(3)), Some(&resp(3)));
-        assert_eq!(t.len(), 2);
     }
 }

@@ -13,11 +13,30 @@ openraft::declare_raft_types!(
         Node = openraft::BasicNode,
 );
 
-/// Makes a command idempotent. `client_id` 0 is never used.
+/// Makes a command idempotent: it belongs to client session `client_id` (never 0), which
+/// started at cluster HLC time `session_started_ms`; `sequence` numbers the session's
+/// writes, and every sequence below `first_incomplete` has had its answer (see
+/// `sessions.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Idempotency {
     pub client_id: u64,
     pub sequence: u64,
+    pub session_started_ms: u64,
+    pub first_incomplete: u64,
+}
+
+/// Why the state machine refused a command without applying it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Rejection {
+    /// The client session is unknown here and started over a session TTL ago: it may
+    /// have expired, so a retry cannot be told from a new write.
+    SessionExpired,
+    /// The client already had the answer to this sequence (a delayed duplicate).
+    StaleSequence,
+    /// The session has too many unanswered writes in this partition.
+    TooManyPending,
+    /// `first_incomplete` above the request's own sequence.
+    BadSequence,
 }
 
 /// When a write applies.
@@ -80,4 +99,6 @@ pub struct CommandResponse {
     pub current_revision: u64,
     /// True when this is the stored answer to an earlier, identical request.
     pub deduplicated: bool,
+    /// Set when the command was refused and not applied.
+    pub rejected: Option<Rejection>,
 }

@@ -85,6 +85,9 @@ pub struct NodeConfig {
     pub read_policy: ReadPolicyChoice,
     /// Test-only: the `Admin` gRPC service may inject faults into this node.
     pub unsafe_fault_injection: bool,
+    /// Test-only (with fault injection): before opening storage, drop what no fsync
+    /// covered, as a power cut would have (`capkv_storage::power_loss`).
+    pub unsafe_lose_unsynced_writes: bool,
     /// Test-only: bugs planted on purpose for the checker. Never in production.
     pub planted_bugs: std::collections::BTreeSet<PlantedBug>,
     /// Client connections served at once; more wait in the accept queue.
@@ -113,6 +116,7 @@ impl NodeConfig {
             read_policy: ReadPolicyChoice::Lease,
             unsafe_fault_injection: false,
             planted_bugs: Default::default(),
+            unsafe_lose_unsynced_writes: false,
             max_connections: 4096,
         }
     }

@@ -54,6 +54,8 @@ fn idempotency(i: Option<pb::Idempotency>) -> Option<Idempotency> {
     i.filter(|i| i.client_id != 0).map(|i| Idempotency {
         client_id: i.client_id,
         sequence: i.sequence,
+        session_started_ms: i.session_started_ms,
+        first_incomplete: i.first_incomplete,
     })
 }
 
@@ -251,6 +253,7 @@ impl Kv for KvService {
             lease_read_ms: core.lease_read.as_millis() as u64,
             vote_hold_remaining_ms: core.vote_hold_remaining_ms(),
             storage_error: core.storage_error().unwrap_or_default(),
+            hlc_now_ms: core.hlc.now().physical_ms(),
         }))
     }
 }

@@ -10,8 +10,8 @@ use capkv_placement::PartitionMap;
 use capkv_proto::kv::{kv_client::KvClient, Consistency as WireConsistency, ScanRequest};
 use capkv_replication::state_machine::AppliedIndex;
 use capkv_replication::{
-    Command, CommandResponse, Condition, Faults, Idempotency, Op, PartitionRaft, TypeConfig,
-    VoteHold,
+    Command, CommandResponse, Condition, Faults, Idempotency, Op, PartitionRaft, Rejection,
+    TypeConfig, VoteHold,
 };
 use capkv_storage::{StorageEngine, StoredValue};
 use capkv_types::{Hlc, KvError, Limits, NodeId, PartitionId, ReadConsistency};
@@ -276,7 +276,10 @@ impl KvCore {
                  (client_id, sequence) to learn its outcome",
                 self.write_timeout.as_millis()
             ))),
-            Ok(Ok(resp)) => Ok((self.served(replica), resp.data)),
+            Ok(Ok(resp)) => match resp.data.rejected {
+                None => Ok((self.served(replica), resp.data)),
+                Some(why) => Err(rejection_error(p, why, idempotency)),
+            },
             Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => Err(self.forward_error(p, &f)),
             Ok(Err(RaftError::APIError(ClientWriteError::LogEntryDiscarded(_)))) => Err(KvError::Ambiguous(format!(
                 "partition {p}: leadership changed after the write was proposed; retry with the same \
@@ -691,6 +694,27 @@ impl KvCore {
                 v
             })
             .collect()
+    }
+}
+
+/// The error for a write the state machine refused (nothing was applied).
+fn rejection_error(p: PartitionId, why: Rejection, id: Option<Idempotency>) -> KvError {
+    let (client, seq) = id.map_or((0, 0), |i| (i.client_id, i.sequence));
+    match why {
+        Rejection::SessionExpired => KvError::SessionExpired(format!(
+            "partition {p} does not know client session {client:#x}, which started over a \
+             session TTL ago; the write was not applied. Send it again in a new session."
+        )),
+        Rejection::StaleSequence => KvError::InvalidArgument(format!(
+            "partition {p}: client {client:#x} already had the answer to sequence {seq} \
+             (a delayed duplicate); it was not applied again"
+        )),
+        Rejection::TooManyPending => KvError::Unavailable(format!(
+            "partition {p}: client {client:#x} has too many unanswered writes here; not applied"
+        )),
+        Rejection::BadSequence => KvError::InvalidArgument(format!(
+            "client {client:#x}: first_incomplete is above the write's own sequence {seq}"
+        )),
     }
 }
 

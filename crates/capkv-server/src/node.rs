@@ -39,9 +39,17 @@ struct ClusterIdentity {
     partitions: u32,
     replication_factor: u32,
     initial_cluster: Vec<NodeSpec>,
+    /// A rule of the state machine: every replica must expire client sessions alike.
+    session_ttl_ms: u64,
 }
 
 const IDENTITY_KEY: &str = "cluster_identity";
+const FORMAT_KEY: &str = "format_version";
+
+/// The on-disk format this build reads and writes. 2: client sessions replaced the dedup
+/// table, and log entries carry the session fields. A node refuses a data dir of another
+/// format rather than misread it.
+pub const FORMAT_VERSION: u32 = 2;
 
 pub struct Node {
     core: Arc<KvCore>,
@@ -56,6 +64,14 @@ impl Node {
         if !config.initial_cluster.iter().any(|n| n.id == config.id) {
             bail!("node id {} is not in the initial cluster", config.id);
         }
+        if config.unsafe_lose_unsynced_writes {
+            if !config.unsafe_fault_injection {
+                bail!("--unsafe-lose-unsynced-writes needs --unsafe-fault-injection");
+            }
+            let done = capkv_storage::power_loss::drop_unsynced_writes(&config.data_dir)
+                .context("emulate a power cut")?;
+            tracing::warn!("UNSAFE: emulating a power cut before start: {done}");
+        }
         let engine: Arc<dyn StorageEngine> = Arc::new(
             match FjallEngine::open(
                 &config.data_dir,
@@ -63,6 +79,7 @@ impl Node {
                     planted_ack_before_sync: config
                         .planted_bugs
                         .contains(&PlantedBug::AckBeforeFsync),
+                    record_sync_marks: config.unsafe_fault_injection,
                     ..FjallOptions::default()
                 },
             ) {
@@ -80,10 +97,22 @@ impl Node {
             partitions: config.partitions,
             replication_factor: config.replication_factor,
             initial_cluster: config.initial_cluster.clone(),
+            session_ttl_ms: config.raft.session_ttl_ms,
         };
         let fresh = match engine.node_meta_get(IDENTITY_KEY)? {
             None => true,
             Some(bytes) => {
+                let format = engine
+                    .node_meta_get(FORMAT_KEY)?
+                    .and_then(|b| <[u8; 4]>::try_from(b.as_slice()).ok())
+                    .map_or(1, u32::from_be_bytes);
+                if format != FORMAT_VERSION {
+                    bail!(
+                        "data dir {} holds on-disk format {format}; this capkv reads format \
+                         {FORMAT_VERSION}. Use the capkv version that wrote it, or an empty data dir",
+                        config.data_dir.display()
+                    );
+                }
                 let stored: ClusterIdentity = serde_json::from_slice(&bytes)
                     .context("the data dir's cluster identity is unreadable")?;
                 if stored != identity {
@@ -179,6 +208,7 @@ impl Node {
             }
         }
         if fresh {
+            engine.node_meta_put(FORMAT_KEY, &FORMAT_VERSION.to_be_bytes())?;
             engine.node_meta_put(IDENTITY_KEY, &serde_json::to_vec(&identity)?)?;
             engine.sync()?;
         }

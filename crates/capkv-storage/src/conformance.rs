@@ -7,7 +7,7 @@ use std::path::Path;
 
 use capkv_types::PartitionId;
 
-use crate::engine::{DedupRecord, PartitionImage, SmOp, SmWrite, StorageEngine};
+use crate::engine::{PartitionImage, SmOp, SmWrite, StorageEngine};
 use crate::keys::raft_meta_tag;
 use crate::value::StoredValue;
 
@@ -199,36 +199,31 @@ pub fn state_machine_put_get_delete_scan<E: StorageEngine>(e: &E) {
         ["a", "b", "c", "d"]
     );
 
-    let rec = DedupRecord {
-        applied_index: 7,
-        response: b"resp".to_vec(),
-    };
     e.sm_write(
         P1,
         SmWrite {
-            ops: vec![SmOp::DedupPut {
+            ops: vec![SmOp::SessionPut {
                 client_id: 9,
-                sequence: 3,
-                record: rec.clone(),
+                session: b"session-9".to_vec(),
             }],
             applied: None,
         },
     )
     .unwrap();
-    assert_eq!(e.sm_dedup_all(P1).unwrap(), vec![(9, 3, rec)]);
-    assert_eq!(e.sm_dedup_all(P2).unwrap(), vec![]);
+    assert_eq!(
+        e.sm_sessions_all(P1).unwrap(),
+        vec![(9, b"session-9".to_vec())]
+    );
+    assert_eq!(e.sm_sessions_all(P2).unwrap(), vec![]);
     e.sm_write(
         P1,
         SmWrite {
-            ops: vec![SmOp::DedupDelete {
-                client_id: 9,
-                sequence: 3,
-            }],
+            ops: vec![SmOp::SessionDelete { client_id: 9 }],
             applied: None,
         },
     )
     .unwrap();
-    assert_eq!(e.sm_dedup_all(P1).unwrap(), vec![]);
+    assert_eq!(e.sm_sessions_all(P1).unwrap(), vec![]);
 }
 
 pub fn export_import_replaces_one_partition<E: StorageEngine>(e: &E) {
@@ -236,18 +231,14 @@ pub fn export_import_replaces_one_partition<E: StorageEngine>(e: &E) {
         key: k.as_bytes().to_vec(),
         value: sv(rev, k),
     };
-    let dedup = SmOp::DedupPut {
+    let session = SmOp::SessionPut {
         client_id: 1,
-        sequence: 1,
-        record: DedupRecord {
-            applied_index: 1,
-            response: vec![],
-        },
+        session: b"s1".to_vec(),
     };
     e.sm_write(
         P1,
         SmWrite {
-            ops: vec![put("x", 1), put("y", 2), dedup],
+            ops: vec![put("x", 1), put("y", 2), session],
             applied: Some(b"p1@2".to_vec()),
         },
     )
@@ -263,7 +254,7 @@ pub fn export_import_replaces_one_partition<E: StorageEngine>(e: &E) {
     let image = e.sm_export(P1).unwrap();
     assert_eq!(image.applied, Some(b"p1@2".to_vec()));
     assert_eq!(image.data.len(), 2);
-    assert_eq!(image.dedup.len(), 1);
+    assert_eq!(image.sessions.len(), 1);
     let decoded = PartitionImage::decode(&image.encode().unwrap()).unwrap();
     assert_eq!(decoded, image);
 

@@ -47,34 +47,6 @@ impl From<StorageError> for std::io::Error {
     }
 }
 
-/// What the state machine remembers of an idempotent write: where it was applied and the
-/// response it produced (opaque to storage).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DedupRecord {
-    pub applied_index: u64,
-    pub response: Vec<u8>,
-}
-
-impl DedupRecord {
-    pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(8 + self.response.len());
-        out.extend_from_slice(&self.applied_index.to_be_bytes());
-        out.extend_from_slice(&self.response);
-        out
-    }
-
-    pub fn decode(bytes: &[u8]) -> Result<Self, StorageError> {
-        let head: [u8; 8] = bytes
-            .get(..8)
-            .and_then(|b| b.try_into().ok())
-            .ok_or_else(|| StorageError::Corrupt("dedup record shorter than 8 bytes".into()))?;
-        Ok(DedupRecord {
-            applied_index: u64::from_be_bytes(head),
-            response: bytes[8..].to_vec(),
-        })
-    }
-}
-
 /// One change to a partition's state machine.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SmOp {
@@ -85,14 +57,13 @@ pub enum SmOp {
     Delete {
         key: Vec<u8>,
     },
-    DedupPut {
+    /// A client session (opaque to storage; see the replication layer's `sessions`).
+    SessionPut {
         client_id: u64,
-        sequence: u64,
-        record: DedupRecord,
+        session: Vec<u8>,
     },
-    DedupDelete {
+    SessionDelete {
         client_id: u64,
-        sequence: u64,
     },
 }
 
@@ -110,8 +81,8 @@ pub struct PartitionImage {
     pub applied: Option<Vec<u8>>,
     /// (user key, encoded StoredValue), in key order.
     pub data: Vec<(Vec<u8>, Vec<u8>)>,
-    /// (client id, sequence, encoded DedupRecord).
-    pub dedup: Vec<(u64, u64, Vec<u8>)>,
+    /// (client id, encoded session).
+    pub sessions: Vec<(u64, Vec<u8>)>,
 }
 
 impl PartitionImage {
@@ -167,7 +138,8 @@ pub trait StorageEngine: Send + Sync + 'static {
         bytes_max: usize,
     ) -> Result<Vec<(Vec<u8>, StoredValue)>, StorageError>;
     fn sm_applied(&self, p: PartitionId) -> Result<Option<Vec<u8>>, StorageError>;
-    fn sm_dedup_all(&self, p: PartitionId) -> Result<Vec<(u64, u64, DedupRecord)>, StorageError>;
+    /// Every client session of the partition: (client id, encoded session).
+    fn sm_sessions_all(&self, p: PartitionId) -> Result<Vec<(u64, Vec<u8>)>, StorageError>;
     /// A consistent copy of the partition's state machine (one point in time).
     fn sm_export(&self, p: PartitionId) -> Result<PartitionImage, StorageError>;
     /// Replaces the partition's state machine with `image`, atomically, and syncs.

@@ -7,9 +7,10 @@ use std::path::{Path, PathBuf};
 use capkv_types::PartitionId;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable};
 
-use crate::engine::{DedupRecord, PartitionImage, SmOp, SmWrite, StorageEngine, StorageError};
+use crate::engine::{PartitionImage, SmOp, SmWrite, StorageEngine, StorageError};
 use crate::group_commit::GroupCommit;
 use crate::keys::{self, raft_meta_tag};
+use crate::power_loss::SyncMarks;
 use crate::value::StoredValue;
 
 const SM_META_APPLIED: u8 = 1;
@@ -22,6 +23,9 @@ pub struct FjallOptions {
     /// Planted bug for the checker (TESTING ONLY): acknowledge durability requests before
     /// the fsync that covers them.
     pub planted_ack_before_sync: bool,
+    /// Fault injection (TESTING ONLY): record how much of the journal each fsync covered,
+    /// so that a later start can emulate a power cut (`power_loss`).
+    pub record_sync_marks: bool,
 }
 
 impl Default for FjallOptions {
@@ -29,6 +33,7 @@ impl Default for FjallOptions {
         FjallOptions {
             cache_bytes: 64 * 1024 * 1024,
             planted_ack_before_sync: false,
+            record_sync_marks: false,
         }
     }
 }
@@ -39,7 +44,7 @@ pub struct FjallEngine {
     raft_meta: Keyspace,
     sm_data: Keyspace,
     sm_meta: Keyspace,
-    sm_dedup: Keyspace,
+    sm_session: Keyspace,
     node_meta: Keyspace,
     group_commit: GroupCommit,
 }
@@ -64,6 +69,8 @@ struct JournalSyncer {
     db: Database,
     dir: PathBuf,
     active: std::sync::Mutex<Option<(u64, fs::File)>>,
+    /// Fault injection: how much of the journal each fsync covered (power-loss emulation).
+    marks: Option<SyncMarks>,
 }
 
 impl JournalSyncer {
@@ -72,6 +79,7 @@ impl JournalSyncer {
             db,
             dir,
             active: std::sync::Mutex::new(None),
+            marks: None,
         }
     }
 
@@ -120,7 +128,14 @@ impl JournalSyncer {
             *active = Some((id, file));
         }
         let (_, file) = active.as_ref().expect("set above");
+        let written = self
+            .marks
+            .as_ref()
+            .and_then(|m| m.written(id, &self.journal_path(id), file));
         file.sync_data()?;
+        if let (Some(marks), Some(bytes)) = (&self.marks, written) {
+            marks.record(id, bytes);
+        }
         Ok(())
     }
 }
@@ -143,9 +158,12 @@ impl FjallEngine {
         let raft_meta = ks("raft_meta")?;
         let sm_data = ks("sm_data")?;
         let sm_meta = ks("sm_meta")?;
-        let sm_dedup = ks("sm_dedup")?;
+        let sm_session = ks("sm_session")?;
         let node_meta = ks("node_meta")?;
-        let syncer = JournalSyncer::new(db.clone(), dir.join("db"));
+        let mut syncer = JournalSyncer::new(db.clone(), dir.join("db"));
+        if options.record_sync_marks {
+            syncer.marks = Some(SyncMarks::new(dir));
+        }
         let group_commit =
             GroupCommit::start_with(move || syncer.sync(), options.planted_ack_before_sync)?;
         Ok(FjallEngine {
@@ -154,7 +172,7 @@ impl FjallEngine {
             raft_meta,
             sm_data,
             sm_meta,
-            sm_dedup,
+            sm_session,
             node_meta,
             group_commit,
         })
@@ -296,19 +314,12 @@ impl StorageEngine for FjallEngine {
                     batch.insert(&self.sm_data, keys::data_key(p, &key), value.encode())
                 }
                 SmOp::Delete { key } => batch.remove(&self.sm_data, keys::data_key(p, &key)),
-                SmOp::DedupPut {
-                    client_id,
-                    sequence,
-                    record,
-                } => batch.insert(
-                    &self.sm_dedup,
-                    keys::dedup_key(p, client_id, sequence),
-                    record.encode(),
-                ),
-                SmOp::DedupDelete {
-                    client_id,
-                    sequence,
-                } => batch.remove(&self.sm_dedup, keys::dedup_key(p, client_id, sequence)),
+                SmOp::SessionPut { client_id, session } => {
+                    batch.insert(&self.sm_session, keys::session_key(p, client_id), session)
+                }
+                SmOp::SessionDelete { client_id } => {
+                    batch.remove(&self.sm_session, keys::session_key(p, client_id))
+                }
             }
         }
         if let Some(applied) = write.applied {
@@ -363,13 +374,13 @@ impl StorageEngine for FjallEngine {
             .map(|v| v.to_vec()))
     }
 
-    fn sm_dedup_all(&self, p: PartitionId) -> Result<Vec<(u64, u64, DedupRecord)>, StorageError> {
+    fn sm_sessions_all(&self, p: PartitionId) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
         let mut out = Vec::new();
-        for guard in self.sm_dedup.prefix(keys::partition_prefix(p)) {
+        for guard in self.sm_session.prefix(keys::partition_prefix(p)) {
             let (k, v) = guard.into_inner()?;
-            let (c, s) = keys::dedup_ids_of(&k)
-                .ok_or_else(|| StorageError::Corrupt("malformed dedup key".into()))?;
-            out.push((c, s, DedupRecord::decode(&v)?));
+            let c = keys::session_client_of(&k)
+                .ok_or_else(|| StorageError::Corrupt("malformed session key".into()))?;
+            out.push((c, v.to_vec()));
         }
         Ok(out)
     }
@@ -385,17 +396,17 @@ impl StorageEngine for FjallEngine {
             let (k, v) = guard.into_inner()?;
             data.push((keys::user_key_of(&k).to_vec(), v.to_vec()));
         }
-        let mut dedup = Vec::new();
-        for guard in snap.prefix(&self.sm_dedup, prefix) {
+        let mut sessions = Vec::new();
+        for guard in snap.prefix(&self.sm_session, prefix) {
             let (k, v) = guard.into_inner()?;
-            let (c, s) = keys::dedup_ids_of(&k)
-                .ok_or_else(|| StorageError::Corrupt("malformed dedup key".into()))?;
-            dedup.push((c, s, v.to_vec()));
+            let c = keys::session_client_of(&k)
+                .ok_or_else(|| StorageError::Corrupt("malformed session key".into()))?;
+            sessions.push((c, v.to_vec()));
         }
         Ok(PartitionImage {
             applied,
             data,
-            dedup,
+            sessions,
         })
     }
 
@@ -405,16 +416,19 @@ impl StorageEngine for FjallEngine {
         for k in Self::keys_with_prefix(&self.sm_data, &prefix)? {
             batch.remove(&self.sm_data, k);
         }
-        for k in Self::keys_with_prefix(&self.sm_dedup, &prefix)? {
-            batch.remove(&self.sm_dedup, k);
+        for k in Self::keys_with_prefix(&self.sm_session, &prefix)? {
+            batch.remove(&self.sm_session, k);
         }
         for (k, v) in &image.data {
             StoredValue::decode(v)?;
             batch.insert(&self.sm_data, keys::data_key(p, k), v.as_slice());
         }
-        for (c, s, r) in &image.dedup {
-            DedupRecord::decode(r)?;
-            batch.insert(&self.sm_dedup, keys::dedup_key(p, *c, *s), r.as_slice());
+        for (c, session) in &image.sessions {
+            batch.insert(
+                &self.sm_session,
+                keys::session_key(p, *c),
+                session.as_slice(),
+            );
         }
         match &image.applied {
             Some(a) => batch.insert(

@@ -6,7 +6,7 @@
 //! raft_meta  [partition u32][tag u8]                   -> vote / committed / last purged
 //! sm_data    [partition u32][user key ...]             -> StoredValue
 //! sm_meta    [partition u32][tag u8]                   -> applied state (opaque)
-//! sm_dedup   [partition u32][client u64][sequence u64] -> DedupRecord
+//! sm_session [partition u32][client u64]                -> client session (opaque)
 //! node_meta  [name ...]                                -> node-level settings
 //! ```
 //! All integers are big-endian so byte order equals numeric order.
@@ -55,19 +55,17 @@ pub fn user_key_of(data_key: &[u8]) -> &[u8] {
     data_key.get(PARTITION_PREFIX_BYTES..).unwrap_or(&[])
 }
 
-pub fn dedup_key(p: PartitionId, client_id: u64, sequence: u64) -> [u8; 20] {
-    let mut k = [0u8; 20];
+pub fn session_key(p: PartitionId, client_id: u64) -> [u8; 12] {
+    let mut k = [0u8; 12];
     k[..4].copy_from_slice(&p.0.to_be_bytes());
     k[4..12].copy_from_slice(&client_id.to_be_bytes());
-    k[12..].copy_from_slice(&sequence.to_be_bytes());
     k
 }
 
-/// `(client_id, sequence)` of a `sm_dedup` key, or `None` if malformed.
-pub fn dedup_ids_of(key: &[u8]) -> Option<(u64, u64)> {
+/// The client id of a `sm_session` key, or `None` if malformed.
+pub fn session_client_of(key: &[u8]) -> Option<u64> {
     let c: [u8; 8] = key.get(4..12)?.try_into().ok()?;
-    let s: [u8; 8] = key.get(12..20)?.try_into().ok()?;
-    Some((u64::from_be_bytes(c), u64::from_be_bytes(s)))
+    (key.len() == 12).then_some(u64::from_be_bytes(c))
 }
 
 /// Tags of `raft_meta` keys.
@@ -93,12 +91,13 @@ mod tests {
     }
 
     #[test]
-    fn data_and_dedup_keys_round_trip() {
+    fn data_and_session_keys_round_trip() {
         let k = data_key(PartitionId(7), b"user:1");
         assert_eq!(user_key_of(&k), b"user:1");
         assert!(data_key(PartitionId(7), b"\xff\xff") < data_key(PartitionId(8), b""));
-        let d = dedup_key(PartitionId(7), 42, 9);
-        assert_eq!(dedup_ids_of(&d), Some((42, 9)));
+        let d = session_key(PartitionId(7), 42);
+        assert_eq!(session_client_of(&d), Some(42));
+        assert_eq!(session_client_of(&d[..11]), None);
         assert_eq!(next_partition_prefix(PartitionId(u32::MAX)), None);
     }
 }

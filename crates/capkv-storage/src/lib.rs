@@ -15,9 +15,10 @@ mod engine;
 mod fjall_engine;
 mod group_commit;
 pub mod keys;
+pub mod power_loss;
 mod value;
 
-pub use engine::{DedupRecord, PartitionImage, SmOp, SmWrite, StorageEngine, StorageError};
+pub use engine::{PartitionImage, SmOp, SmWrite, StorageEngine, StorageError};
 pub use fjall_engine::{FjallEngine, FjallOptions};
 pub use group_commit::{FlushCallback, GroupCommit, GroupCommitStats, SyncFaults};
 pub use value::StoredValue;

@@ -352,6 +352,11 @@ impl LocalCluster {
         Ok(())
     }
 
+    /// The extra environment node `id` gets at its starts.
+    pub fn env(&self, id: u64) -> anyhow::Result<&[(String, String)]> {
+        Ok(&self.node(id)?.env)
+    }
+
     /// Sets the environment node `id` gets at its next starts (replacing what was set).
     pub fn set_env(&mut self, id: u64, env: Vec<(String, String)>) -> anyhow::Result<()> {
         self.node_mut(id)?.env = env;
@@ -368,6 +373,14 @@ impl LocalCluster {
         }
         n.paused = false;
         Ok(())
+    }
+
+    /// A power cut of node `id`: SIGKILL, then a start that first drops every write no
+    /// fsync covered (the node must run with `--unsafe-fault-injection`, which records
+    /// what each fsync covered).
+    pub fn power_cut(&mut self, id: u64) -> anyhow::Result<()> {
+        self.kill(id)?;
+        self.spawn_with(id, &["--unsafe-lose-unsynced-writes".to_string()])
     }
 
     /// SIGTERM, and waits up to 20 s for a clean exit (then SIGKILL).

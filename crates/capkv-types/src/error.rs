@@ -13,6 +13,7 @@ pub enum ErrorCode {
     Ambiguous,
     NotFound,
     Internal,
+    SessionExpired,
 }
 
 impl ErrorCode {
@@ -25,6 +26,7 @@ impl ErrorCode {
             ErrorCode::Ambiguous => "Ambiguous",
             ErrorCode::NotFound => "NotFound",
             ErrorCode::Internal => "Internal",
+            ErrorCode::SessionExpired => "SessionExpired",
         }
     }
 
@@ -37,6 +39,7 @@ impl ErrorCode {
             "Ambiguous" => ErrorCode::Ambiguous,
             "NotFound" => ErrorCode::NotFound,
             "Internal" => ErrorCode::Internal,
+            "SessionExpired" => ErrorCode::SessionExpired,
             _ => return None,
         })
     }
@@ -77,6 +80,12 @@ pub enum KvError {
     /// A bug or a storage failure on the server.
     #[error("Internal: {0}")]
     Internal(String),
+    /// The write's client session is unknown to the partition and older than the session
+    /// TTL (it may have expired there): the write certainly did not take effect. Start a
+    /// new session (a new client id) to send it again; the Rust client does that itself
+    /// when no earlier attempt of the write may have applied.
+    #[error("SessionExpired: {0}")]
+    SessionExpired(String),
 }
 
 fn leader_display(id: &Option<NodeId>, addr: &Option<String>) -> String {
@@ -107,6 +116,7 @@ impl KvError {
             ErrorCode::Ambiguous => KvError::Ambiguous(message),
             ErrorCode::NotFound => KvError::NotFound(message),
             ErrorCode::Internal => KvError::Internal(message),
+            ErrorCode::SessionExpired => KvError::SessionExpired(message),
         }
     }
 
@@ -126,6 +136,7 @@ impl KvError {
             KvError::Ambiguous(_) => ErrorCode::Ambiguous,
             KvError::NotFound(_) => ErrorCode::NotFound,
             KvError::Internal(_) => ErrorCode::Internal,
+            KvError::SessionExpired(_) => ErrorCode::SessionExpired,
         }
     }
 
@@ -152,6 +163,7 @@ mod tests {
             ErrorCode::Ambiguous,
             ErrorCode::NotFound,
             ErrorCode::Internal,
+            ErrorCode::SessionExpired,
         ] {
             assert_eq!(ErrorCode::parse(code.as_str()), Some(code));
         }

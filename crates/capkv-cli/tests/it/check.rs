@@ -32,7 +32,12 @@ fn valid_run(name: &str, args: &[&str]) -> (tempfile::TempDir, String, String) {
     all.extend(["--seed", &seed, "--out", &out]);
     let (code, stdout, stderr) = check(&all);
     eprintln!("{stdout}");
-    if code != 0 || !stdout.contains("linearizable: valid (8 keys checked)") {
+    let verdict = if args.contains(&"append-set") {
+        "sets: valid (8 keys"
+    } else {
+        "linearizable: valid (8 keys checked)"
+    };
+    if code != 0 || !stdout.contains(verdict) {
         // Keep the history and the nodes' logs, and say how to replay the run.
         let kept = dir.keep();
         panic!(
@@ -139,4 +144,39 @@ fn check_on_one_node_is_valid() {
         .and_then(|n| n.parse().ok())
         .expect("faults=N in the summary");
     assert!(faults >= 1, "kills and pauses run on one node: {stdout}");
+}
+
+/// The faults of the safety review: restarts inside the lease (half of them as power
+/// losses), clock jumps and rate skew, fsync errors, stalls and power cuts, one-way
+/// partitions. Lease reads must stay linearizable through all of them.
+#[test]
+fn check_under_restarts_clocks_disks_and_oneway_partitions_is_valid() {
+    let (_dir, stdout, _) = valid_run(
+        "check_new_faults",
+        &[
+            "--duration",
+            "30s",
+            "--nemesis",
+            "restart,clock,disk,oneway",
+        ],
+    );
+    let faults: u64 = stdout
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("faults="))
+        .and_then(|n| n.parse().ok())
+        .expect("faults=N in the summary");
+    assert!(
+        faults >= 5,
+        "a 30 s run should inject several faults: {stdout}"
+    );
+}
+
+/// Every fault at once (the default nemesis) against the lost-write checker.
+#[test]
+fn check_append_set_under_every_fault_loses_no_acknowledged_write() {
+    let (_dir, stdout, _) = valid_run(
+        "check_append_set_all",
+        &["--duration", "30s", "--workload", "append-set"],
+    );
+    assert!(stdout.contains("lost acknowledged writes: 0"), "{stdout}");
 }
