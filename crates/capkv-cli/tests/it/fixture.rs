@@ -124,6 +124,14 @@ impl Cluster {
         self.inner.spawn(id).expect("spawn capkv server");
     }
 
+    /// Starts node `id` with `extra` arguments for this start only.
+    pub fn spawn_with(&mut self, id: u64, extra: &[&str]) {
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        self.inner
+            .spawn_with(id, &extra)
+            .expect("spawn capkv server");
+    }
+
     /// SIGKILL: no shutdown, no final sync.
     pub fn kill(&mut self, id: u64) {
         self.inner.kill(id).expect("kill");
