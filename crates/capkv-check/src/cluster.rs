@@ -6,8 +6,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use capkv_client::{fetch_node_status, leaders_of, Client, ClientConfig};
-use capkv_testkit::{set_node_faults, wait_until, ClusterOptions, Faults, LocalCluster};
+use capkv_client::{Client, ClientConfig};
+use capkv_testkit::{
+    leaders_at, set_node_faults, wait_until, ClusterOptions, Faults, LocalCluster,
+};
 
 /// A cluster someone else runs: its nodes' addresses.
 pub struct External {
@@ -270,17 +272,10 @@ impl Cluster {
 
     /// The leader of each partition, from one status call per node that is up.
     pub async fn leaders(&self) -> Vec<Option<u64>> {
-        let mut statuses = Vec::new();
-        for id in self.ids() {
-            if !self.is_up(id) {
-                continue;
-            }
-            let Ok(addr) = self.addr(id) else { continue };
-            if let Ok(s) = fetch_node_status(&addr, Duration::from_millis(1000)).await {
-                statuses.push((id, s));
-            }
+        match self {
+            Cluster::Local(c) => c.leaders().await,
+            Cluster::External(e) => leaders_at(e.partitions, &e.nodes).await,
         }
-        leaders_of(self.partitions(), &statuses)
     }
 
     /// The leader of partition `p`, asked of the nodes that are up.

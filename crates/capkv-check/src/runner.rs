@@ -21,31 +21,7 @@ use crate::nemesis::{self, FaultKind};
 use crate::sets::{check_sets, SetReport};
 use crate::workload::{final_reads, ClientTask, Recorder, WorkloadKind};
 
-/// A bug the servers are started with on purpose (their `--planted-bug`), to show that
-/// the faults and checkers catch it (docs/verification.md).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PlantedBug {
-    /// Linearizable reads from the local replica, without confirming leadership.
-    StaleReads,
-    /// openraft's leader restore: a restarted leader resumes with a stale commit index.
-    LeaderRestore,
-    /// Lease reads trust the whole lease instead of half.
-    FullLease,
-    /// Durability acknowledged before the fsync.
-    AckBeforeFsync,
-}
-
-impl PlantedBug {
-    /// The server's `--planted-bug` name.
-    pub fn name(self) -> &'static str {
-        match self {
-            PlantedBug::StaleReads => "stale-reads",
-            PlantedBug::LeaderRestore => "leader-restore",
-            PlantedBug::FullLease => "full-lease",
-            PlantedBug::AckBeforeFsync => "ack-before-fsync",
-        }
-    }
-}
+pub use capkv_types::PlantedBug;
 
 #[derive(Debug, Clone)]
 pub struct CheckOptions {

@@ -4,30 +4,17 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use capkv_check::nemesis::FaultKind;
-use capkv_check::runner::PlantedBug;
 use capkv_check::workload::WorkloadKind;
 use capkv_check::CheckOptions;
 use capkv_types::ReadConsistency;
 use clap::{Args, ValueEnum};
 
-use crate::server_cmd::ReadPolicyArg;
+use crate::server_cmd::{PlantedBugArg, ReadPolicyArg};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum WorkloadArg {
     Register,
     AppendSet,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum PlantedBugArg {
-    /// Linearizable reads from the local replica (found under partitions).
-    StaleReads,
-    /// openraft's leader restore on (found by the restart nemesis).
-    LeaderRestore,
-    /// Lease reads trust the whole lease, not half (found by clock rate skew).
-    FullLease,
-    /// Durability acknowledged before the fsync (found by the disk nemesis).
-    AckBeforeFsync,
 }
 
 #[derive(Args, Debug)]
@@ -130,12 +117,7 @@ pub async fn run(a: CheckArgs) -> i32 {
             .endpoints
             .as_ref()
             .map(|e| e.split(',').map(|s| s.trim().to_string()).collect()),
-        planted_bug: a.planted_bug.map(|b| match b {
-            PlantedBugArg::StaleReads => PlantedBug::StaleReads,
-            PlantedBugArg::LeaderRestore => PlantedBug::LeaderRestore,
-            PlantedBugArg::FullLease => PlantedBug::FullLease,
-            PlantedBugArg::AckBeforeFsync => PlantedBug::AckBeforeFsync,
-        }),
+        planted_bug: a.planted_bug.map(PlantedBugArg::bug),
         server_args: a
             .read_policy
             .map(|p| {

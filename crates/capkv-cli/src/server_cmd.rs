@@ -87,7 +87,7 @@ pub struct ServerArgs {
     pub planted_bugs: Vec<PlantedBugArg>,
 }
 
-/// `--planted-bug` names (see `capkv_server::PlantedBug`).
+/// `--planted-bug` names (`capkv_types::PlantedBug`; `capkv check --planted-bug` too).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum PlantedBugArg {
     /// Linearizable reads from the local replica, without confirming leadership.
@@ -215,5 +215,19 @@ pub async fn wait_for_stop_signal() {
         Err(_) => {
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn planted_bug_flags_are_the_servers_names() {
+        for arg in PlantedBugArg::value_variants() {
+            let name = arg.to_possible_value().unwrap();
+            assert_eq!(PlantedBug::parse(name.get_name()), Some(arg.bug()));
+        }
+        assert_eq!(PlantedBugArg::value_variants().len(), PlantedBug::ALL.len());
     }
 }

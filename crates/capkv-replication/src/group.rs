@@ -6,7 +6,6 @@ use capkv_storage::StorageEngine;
 use capkv_types::{Hlc, NodeId, PartitionId};
 use openraft::{Config, SnapshotPolicy};
 
-use crate::faults::Faults;
 use crate::log_store::LogStore;
 use crate::network::{NetworkFactory, RaftTransport};
 use crate::state_machine::{AppliedIndex, StateMachine};
@@ -78,7 +77,6 @@ pub async fn open_partition(
     settings: &GroupSettings,
     engine: Arc<dyn StorageEngine>,
     transport: Arc<dyn RaftTransport>,
-    faults: Arc<Faults>,
     hlc: Arc<Hlc>,
 ) -> Result<(PartitionRaft, Arc<AppliedIndex>), anyhow_like::Error> {
     let config = Arc::new(
@@ -93,7 +91,6 @@ pub async fn open_partition(
     let applied = sm.applied_index();
     let network = NetworkFactory {
         transport,
-        faults,
         partition,
         local,
     };

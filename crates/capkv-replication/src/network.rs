@@ -22,7 +22,6 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::codec::{decode, encode};
-use crate::faults::Faults;
 use crate::group::PartitionRaft;
 use crate::types::TypeConfig;
 use crate::vote_hold::VoteHold;
@@ -88,7 +87,6 @@ pub trait RaftTransport: Send + Sync + 'static {
 /// Creates the per-peer network clients of one partition's Raft group.
 pub struct NetworkFactory {
     pub(crate) transport: Arc<dyn RaftTransport>,
-    pub(crate) faults: Arc<Faults>,
     pub(crate) partition: PartitionId,
     pub(crate) local: NodeId,
 }
@@ -99,7 +97,6 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     async fn new_client(&mut self, target: u64, node: &BasicNode) -> Self::Network {
         PeerNetwork {
             transport: self.transport.clone(),
-            faults: self.faults.clone(),
             partition: self.partition,
             local: self.local,
             target: NodeId(target),
@@ -110,7 +107,6 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
 
 pub struct PeerNetwork {
     transport: Arc<dyn RaftTransport>,
-    faults: Arc<Faults>,
     partition: PartitionId,
     local: NodeId,
     target: NodeId,
@@ -124,11 +120,6 @@ impl PeerNetwork {
         req: &Req,
         timeout: Duration,
     ) -> Result<Resp, RPCError<TypeConfig>> {
-        if self.faults.drops_to(self.target) {
-            return Err(RPCError::Unreachable(Unreachable::from_string(
-                "dropped by fault injection",
-            )));
-        }
         let payload = encode(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let envelope = RaftEnvelope {
             partition: self.partition,

@@ -29,41 +29,7 @@ impl ReadPolicyChoice {
     }
 }
 
-/// Bugs a node can be started with on purpose (TESTING ONLY), so that `capkv check` can
-/// show that its faults and checkers catch them (docs/verification.md).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum PlantedBug {
-    /// Linearizable reads from the local replica without confirming leadership.
-    StaleReads,
-    /// openraft's leader restore on: a leader restarted within its lease takes its
-    /// leadership back with a stale commit index (caught by the `restart` nemesis).
-    LeaderRestore,
-    /// A lease read trusts a quorum acknowledgement for the whole lease instead of half,
-    /// while telling peers it trusts half (caught by the `clock` nemesis).
-    FullLease,
-    /// Durability requests are acknowledged before the fsync that covers them (caught by
-    /// the `disk` nemesis's power loss).
-    AckBeforeFsync,
-}
-
-impl PlantedBug {
-    pub const ALL: [PlantedBug; 4] = [
-        PlantedBug::StaleReads,
-        PlantedBug::LeaderRestore,
-        PlantedBug::FullLease,
-        PlantedBug::AckBeforeFsync,
-    ];
-
-    /// The name `--planted-bug` takes.
-    pub fn name(self) -> &'static str {
-        match self {
-            PlantedBug::StaleReads => "stale-reads",
-            PlantedBug::LeaderRestore => "leader-restore",
-            PlantedBug::FullLease => "full-lease",
-            PlantedBug::AckBeforeFsync => "ack-before-fsync",
-        }
-    }
-}
+pub use capkv_types::PlantedBug;
 
 #[derive(Debug, Clone)]
 pub struct NodeConfig {

@@ -11,7 +11,8 @@ use anyhow::{bail, Context as _};
 use capkv_placement::{NodeSpec, PartitionMap};
 use capkv_proto::kv::kv_server::KvServer;
 use capkv_proto::raft::raft_transport_server::RaftTransportServer;
-use capkv_replication::{open_partition, Faults, VoteHold};
+use capkv_replication::faults::FaultyTransport;
+use capkv_replication::{open_partition, Faults, RaftTransport, VoteHold};
 use capkv_storage::{FjallEngine, FjallOptions, StorageEngine, StorageError};
 use capkv_types::{Hlc, NodeId};
 use openraft::async_runtime::WatchReceiver;
@@ -158,9 +159,13 @@ impl Node {
         } else {
             lease_read_ms
         };
-        let transport = Arc::new(GrpcTransport {
-            peers: peers.clone(),
-            lease_read_ms,
+        // Every outgoing Raft message goes through the injected network faults.
+        let transport: Arc<dyn RaftTransport> = Arc::new(FaultyTransport {
+            inner: Arc::new(GrpcTransport {
+                peers: peers.clone(),
+                lease_read_ms,
+            }),
+            faults: faults.clone(),
         });
         let mut replicas = BTreeMap::new();
         for p in map.partitions_of(config.id) {
@@ -170,7 +175,6 @@ impl Node {
                 &config.raft,
                 engine.clone(),
                 transport.clone(),
-                faults.clone(),
                 hlc.clone(),
             )
             .await?;

@@ -107,6 +107,18 @@ pub async fn http_get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
         .with_context(|| format!("GET {addr}{path} timed out"))?
 }
 
+/// The leader of each of `partitions` partitions, from one status call to each of
+/// `nodes` ((id, gRPC address)): the node that says it leads (`None` where none does).
+pub async fn leaders_at(partitions: u32, nodes: &[(u64, String)]) -> Vec<Option<u64>> {
+    let mut statuses = Vec::new();
+    for (id, addr) in nodes {
+        if let Ok(s) = fetch_node_status(addr, Duration::from_millis(1000)).await {
+            statuses.push((*id, s));
+        }
+    }
+    leaders_of(partitions, &statuses)
+}
+
 /// Where the nodes listen.
 #[derive(Debug, Clone, Copy)]
 pub enum Ports {
@@ -496,17 +508,13 @@ impl LocalCluster {
 
     /// The leader of each partition, from one status call per node that is up.
     pub async fn leaders(&self) -> Vec<Option<u64>> {
-        let mut statuses = Vec::new();
-        for id in self.ids() {
-            if !self.is_up(id) {
-                continue;
-            }
-            let addr = &self.node(id).map(|n| n.addr.clone()).unwrap_or_default();
-            if let Ok(s) = fetch_node_status(addr, Duration::from_millis(1000)).await {
-                statuses.push((id, s));
-            }
-        }
-        leaders_of(self.partitions, &statuses)
+        let up: Vec<(u64, String)> = self
+            .nodes
+            .iter()
+            .filter(|n| self.is_up(n.id))
+            .map(|n| (n.id, n.addr.clone()))
+            .collect();
+        leaders_at(self.partitions, &up).await
     }
 
     pub async fn leader_of(&self, p: u32) -> Option<u64> {

@@ -10,6 +10,7 @@ pub mod hash;
 pub mod hlc;
 pub mod ids;
 pub mod limits;
+pub mod planted;
 
 pub use consistency::ReadConsistency;
 pub use error::{ErrorCode, KvError};
@@ -17,3 +18,4 @@ pub use hash::{key_hash, partition_for_key};
 pub use hlc::{Hlc, HlcTimestamp};
 pub use ids::{NodeId, PartitionId, Revision};
 pub use limits::Limits;
+pub use planted::PlantedBug;

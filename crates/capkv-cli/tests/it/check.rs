@@ -22,6 +22,15 @@ fn check(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// The `faults=N` of a check's summary.
+fn faults_in(stdout: &str) -> u64 {
+    stdout
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("faults="))
+        .and_then(|n| n.parse().ok())
+        .expect("faults=N in the summary")
+}
+
 /// Runs a check that must be valid (seed named `name`, with `args`); returns its output
 /// directory, summary and stderr.
 fn valid_run(name: &str, args: &[&str]) -> (tempfile::TempDir, String, String) {
@@ -56,11 +65,7 @@ fn check_under_partitions_and_kills_is_valid() {
         "check_valid",
         &["--duration", "30s", "--nemesis", "partition,kill"],
     );
-    let faults: u64 = stdout
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("faults="))
-        .and_then(|n| n.parse().ok())
-        .expect("faults=N in the summary");
+    let faults = faults_in(&stdout);
     assert!(
         faults >= 3,
         "a 30 s run should inject several faults: {stdout}"
@@ -138,11 +143,7 @@ fn check_on_one_node_is_valid() {
         ),
         "{stderr}"
     );
-    let faults: u64 = stdout
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("faults="))
-        .and_then(|n| n.parse().ok())
-        .expect("faults=N in the summary");
+    let faults = faults_in(&stdout);
     assert!(faults >= 1, "kills and pauses run on one node: {stdout}");
 }
 
@@ -160,11 +161,7 @@ fn check_under_restarts_clocks_disks_and_oneway_partitions_is_valid() {
             "restart,clock,disk,oneway",
         ],
     );
-    let faults: u64 = stdout
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("faults="))
-        .and_then(|n| n.parse().ok())
-        .expect("faults=N in the summary");
+    let faults = faults_in(&stdout);
     assert!(
         faults >= 5,
         "a 30 s run should inject several faults: {stdout}"

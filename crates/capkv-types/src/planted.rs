@@ -1,0 +1,57 @@
+//! Bugs a node can be started with on purpose (TESTING ONLY, `capkv server --planted-bug`),
+//! so that `capkv check` can show its faults and checkers catch them
+//! (docs/verification.md). Shared by the server, which plants them, and the checker, which
+//! asks for them by name.
+
+/// A planted bug.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum PlantedBug {
+    /// Linearizable reads from the local replica without confirming leadership (caught
+    /// under partitions).
+    StaleReads,
+    /// openraft's leader restore on: a leader restarted within its lease takes its
+    /// leadership back with a stale commit index (caught by the `restart` nemesis).
+    LeaderRestore,
+    /// A lease read trusts a quorum acknowledgement for the whole lease instead of half,
+    /// while telling peers it trusts half (the `clock` nemesis's rate skew exposes it).
+    FullLease,
+    /// Durability acknowledged before the fsync that covers it (caught by the `disk`
+    /// nemesis's power cut).
+    AckBeforeFsync,
+}
+
+impl PlantedBug {
+    pub const ALL: [PlantedBug; 4] = [
+        PlantedBug::StaleReads,
+        PlantedBug::LeaderRestore,
+        PlantedBug::FullLease,
+        PlantedBug::AckBeforeFsync,
+    ];
+
+    /// The name `--planted-bug` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            PlantedBug::StaleReads => "stale-reads",
+            PlantedBug::LeaderRestore => "leader-restore",
+            PlantedBug::FullLease => "full-lease",
+            PlantedBug::AckBeforeFsync => "ack-before-fsync",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<PlantedBug> {
+        PlantedBug::ALL.into_iter().find(|b| b.name() == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for b in PlantedBug::ALL {
+            assert_eq!(PlantedBug::parse(b.name()), Some(b));
+        }
+        assert_eq!(PlantedBug::parse("none"), None);
+    }
+}
