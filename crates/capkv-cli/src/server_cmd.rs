@@ -81,8 +81,8 @@ pub struct ServerArgs {
     /// fsync covered, as a power cut would have (after the node was killed).
     #[arg(long)]
     pub unsafe_lose_unsynced_writes: bool,
-    /// TESTING ONLY: start with a bug planted on purpose, for `capkv check` to catch
-    /// (repeatable). The node may lose or misreport data.
+    /// TESTING ONLY (needs --unsafe-fault-injection): start with a bug planted on purpose,
+    /// for `capkv check` to catch (repeatable). The node may lose or misreport data.
     #[arg(long = "planted-bug", value_enum)]
     pub planted_bugs: Vec<PlantedBugArg>,
 }
@@ -165,6 +165,9 @@ pub fn config_from(args: &ServerArgs) -> anyhow::Result<NodeConfig> {
     };
     c.max_connections = args.max_connections;
     c.unsafe_fault_injection = args.unsafe_fault_injection;
+    if !args.planted_bugs.is_empty() && !args.unsafe_fault_injection {
+        anyhow::bail!("--planted-bug is for testing only and needs --unsafe-fault-injection");
+    }
     c.planted_bugs = args.planted_bugs.iter().map(|b| b.bug()).collect();
     c.unsafe_lose_unsynced_writes = args.unsafe_lose_unsynced_writes;
     c.raft.leader_restore = c.planted_bugs.contains(&PlantedBug::LeaderRestore);

@@ -144,14 +144,29 @@ struct Ticket {
     client_id: u64,
     sequence: u64,
     started_ms: u64,
-    /// False for pairs given by the caller (`put_idempotent`): the session does not track
+    /// False for keys given by the caller (`put_idempotent`): the session does not track
     /// them, and they claim no answers (`first_incomplete` 0).
     tracked: bool,
+}
+
+/// An idempotency key the caller keeps and sends again to retry a write
+/// ([`Client::put_idempotent`]): the client id, the cluster time its session started at,
+/// and the sequence. Make one with [`Client::idempotency_key`] and keep all three: the
+/// same key, however late, is applied at most once (a key older than the server's session
+/// TTL is refused, never applied again).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdempotencyKey {
+    pub client_id: u64,
+    pub session_started_ms: u64,
+    pub sequence: u64,
 }
 
 struct Inner {
     config: ClientConfig,
     session: Mutex<Session>,
+    /// Writes of sessions renewed since, still in flight (their retries keep reporting
+    /// the lowest of them as `first_incomplete`).
+    old_sessions: Mutex<HashMap<u64, BTreeSet<u64>>>,
     /// The newest cluster HLC time (ms) a node reported.
     cluster_hlc_ms: AtomicU64,
     channels: Mutex<HashMap<String, Channel>>,
@@ -384,6 +399,7 @@ impl Client {
             inner: Arc::new(Inner {
                 config,
                 session: Mutex::new(Session::new(client_id, 0)),
+                old_sessions: Mutex::new(HashMap::new()),
                 cluster_hlc_ms: AtomicU64::new(0),
                 channels: Mutex::new(HashMap::new()),
                 routing: RwLock::new(Routing::default()),
@@ -430,22 +446,49 @@ impl Client {
         }
     }
 
+    fn old_sessions(&self) -> std::sync::MutexGuard<'_, HashMap<u64, BTreeSet<u64>>> {
+        self.inner
+            .old_sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
     fn end_write(&self, t: Ticket) {
-        let mut s = self.session();
-        if t.tracked && s.client_id == t.client_id {
-            s.in_flight.remove(&t.sequence);
+        if !t.tracked {
+            return;
+        }
+        {
+            let mut s = self.session();
+            if s.client_id == t.client_id {
+                s.in_flight.remove(&t.sequence);
+                return;
+            }
+        }
+        let mut old = self.old_sessions();
+        if let Some(set) = old.get_mut(&t.client_id) {
+            set.remove(&t.sequence);
+            if set.is_empty() {
+                old.remove(&t.client_id);
+            }
         }
     }
 
-    /// The idempotency pair to send now for `t`, with the lowest sequence of the session
+    /// The idempotency pair to send now for `t`, with the lowest sequence of its session
     /// still waiting for its answer (everything below has its answer).
     fn idempotency(&self, t: &Ticket) -> pb::Idempotency {
         let first_incomplete = if t.tracked {
-            let s = self.session();
-            match s.in_flight.first() {
-                Some(first) if s.client_id == t.client_id => (*first).min(t.sequence),
-                _ => t.sequence,
-            }
+            let current = {
+                let s = self.session();
+                (s.client_id == t.client_id).then(|| s.in_flight.first().copied())
+            };
+            let lowest = match current {
+                Some(first) => first,
+                None => self
+                    .old_sessions()
+                    .get(&t.client_id)
+                    .and_then(|set| set.first().copied()),
+            };
+            lowest.map_or(t.sequence, |first| first.min(t.sequence))
         } else {
             0
         };
@@ -463,7 +506,21 @@ impl Client {
         let started = self.cluster_now_ms();
         let mut s = self.session();
         if s.client_id == expired {
-            *s = Session::new(rand::random::<u64>() | 1, started);
+            let old = std::mem::replace(&mut *s, Session::new(rand::random::<u64>() | 1, started));
+            drop(s);
+            if !old.in_flight.is_empty() {
+                self.old_sessions().insert(old.client_id, old.in_flight);
+            }
+        }
+    }
+
+    /// A new idempotency key for [`Client::put_idempotent`]: `client_id` and `sequence` of
+    /// the caller's choosing, started now (cluster time). Keep the whole key to retry.
+    pub fn idempotency_key(&self, client_id: u64, sequence: u64) -> IdempotencyKey {
+        IdempotencyKey {
+            client_id,
+            session_started_ms: self.cluster_now_ms(),
+            sequence,
         }
     }
 
@@ -702,24 +759,23 @@ impl Client {
         Ok(put_result(p, resp))
     }
 
-    /// A put with an explicit idempotency pair: sending the same pair again returns the
-    /// original result without applying the write twice. The pair is outside this
-    /// client's own sequence and reports no answers (`first_incomplete` 0), so the
-    /// server keeps its answer until the session expires.
+    /// A put with an explicit idempotency key: sending the same key again returns the
+    /// original result without applying the write twice. The key is outside this client's
+    /// own sequence and reports no answers (`first_incomplete` 0), so the server keeps its
+    /// answer until the key's session expires (then the key is refused, never applied).
     pub async fn put_idempotent(
         &self,
         key: impl Into<Vec<u8>>,
         value: impl Into<Vec<u8>>,
         condition: Condition,
-        client_id: u64,
-        sequence: u64,
+        idempotency: IdempotencyKey,
     ) -> Result<WriteResult, KvError> {
         let mut request = put_request(key.into(), value.into(), condition);
         let p = self.partition_of(&request.key);
         let ticket = Ticket {
-            client_id,
-            sequence,
-            started_ms: self.session().started_ms,
+            client_id: idempotency.client_id,
+            sequence: idempotency.sequence,
+            started_ms: idempotency.session_started_ms,
             tracked: false,
         };
         request.idempotency = Some(self.idempotency(&ticket));
@@ -863,6 +919,7 @@ mod tests {
             inner: Arc::new(Inner {
                 config,
                 session: Mutex::new(Session::new(7, 0)),
+                old_sessions: Mutex::new(HashMap::new()),
                 cluster_hlc_ms: AtomicU64::new(0),
                 channels: Mutex::new(HashMap::new()),
                 routing: RwLock::new(Routing::default()),

@@ -14,7 +14,10 @@
 //!   network): refused (`StaleSequence`), never applied again;
 //! - from a session the table does not hold although it started more than a TTL ago: the
 //!   session may have expired here, and the table cannot tell a retry from a new write:
-//!   refused (`SessionExpired`), never applied. A client renews its session and resends
+//!   refused (`SessionExpired`), never applied. Sound because a session expires only after
+//!   a TTL of idleness counted from no earlier than its start (`record` keeps
+//!   `last_active_ms >= started_ms`), and a start more than a TTL ahead of the log's time
+//!   is refused (`BadSession`), as is a request whose start differs from the stored one. A client renews its session and resends
 //!   only if no earlier attempt may have applied the write; otherwise it reports
 //!   `Ambiguous`.
 //!
@@ -119,11 +122,18 @@ impl Sessions {
             None => {
                 if id.session_started_ms.saturating_add(self.ttl_ms) < now_ms {
                     Admission::Refused(Rejection::SessionExpired)
+                } else if id.session_started_ms > now_ms.saturating_add(self.ttl_ms) {
+                    // A start stamped by a clock far ahead of this log's: such a session
+                    // would look new for too long after it expired here.
+                    Admission::Refused(Rejection::BadSession)
                 } else {
                     Admission::Apply
                 }
             }
             Some(s) => {
+                if s.started_ms != id.session_started_ms {
+                    return Admission::Refused(Rejection::BadSession);
+                }
                 if id.sequence < s.acked_below {
                     return Admission::Refused(Rejection::StaleSequence);
                 }
@@ -163,7 +173,10 @@ impl Sessions {
                 responses: BTreeMap::new(),
             });
         self.by_activity.remove(&(s.last_active_ms, id.client_id));
-        s.last_active_ms = s.last_active_ms.max(now_ms);
+        // Never before the session's start: a session expires only once it has been idle
+        // for a TTL after its start too, so an unknown session older than a TTL is
+        // certainly not one that is merely new here (see `admit`).
+        s.last_active_ms = s.last_active_ms.max(now_ms).max(id.session_started_ms);
         if id.first_incomplete > s.acked_below {
             s.acked_below = id.first_incomplete;
             s.responses = s.responses.split_off(&s.acked_below);
@@ -296,6 +309,32 @@ mod tests {
         assert_eq!(
             t.admit(&id(9, 10_000, 500, 480), 70_001),
             Admission::Refused(Rejection::SessionExpired)
+        );
+    }
+
+    /// A session started by a clock far ahead: its idleness counts from its start, so a
+    /// retry after the log's clock caught up is still answered from the table, and a
+    /// start more than a TTL ahead of the log is refused.
+    #[test]
+    fn a_session_started_by_a_fast_clock_cannot_expire_early() {
+        let mut t = Sessions::new(TTL);
+        let ahead = 1_000 + 3_600_000;
+        assert_eq!(
+            t.admit(&id(1, ahead, 1, 1), 1_000),
+            Admission::Refused(Rejection::BadSession)
+        );
+        let near = 1_000 + TTL / 2;
+        assert_eq!(run(&mut t, id(1, near, 1, 1), 1_000, 10), Admission::Apply);
+        assert_eq!(t.get(1).unwrap().last_active_ms, near);
+        // The log's clock jumps to just past the TTL after the write: not yet expired,
+        // since idleness counts from the start.
+        assert!(
+            matches!(run(&mut t, id(1, near, 1, 1), 1_000 + TTL + 1, 0), Admission::Answered(r) if r.revision == 10)
+        );
+        // A different start for the same id is refused.
+        assert_eq!(
+            t.admit(&id(1, near + 1, 2, 1), 1_000 + TTL + 2),
+            Admission::Refused(Rejection::BadSession)
         );
     }
 

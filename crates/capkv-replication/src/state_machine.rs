@@ -335,6 +335,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     ),
                 ));
             }
+            // Every session row must decode before the image replaces the partition: a
+            // malformed one would otherwise fail this install and every later start.
+            for (_, bytes) in &image.sessions {
+                decode::<Session>(bytes)?;
+            }
             // Durable on return (the import is one batch, then fsync).
             engine.sm_import(partition, &image)?;
             Ok(image)

@@ -37,6 +37,9 @@ pub enum Rejection {
     TooManyPending,
     /// `first_incomplete` above the request's own sequence.
     BadSequence,
+    /// The session's start time is more than a TTL ahead of the log's clock, or differs
+    /// from the one the table holds for this client id.
+    BadSession,
 }
 
 /// When a write applies.

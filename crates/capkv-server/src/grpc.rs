@@ -299,6 +299,16 @@ impl RaftService {
             core.log_refused_peer(NodeId(m.from_node), &why);
             return Err(Status::failed_precondition(why));
         }
+        if m.session_ttl_ms != core.session_ttl_ms {
+            let why = format!(
+                "node {} expires client sessions after {} ms, node {} after {} ms: their state \
+                 machines would decide differently. Give every node the same \
+                 --client-session-ttl-ms.",
+                m.from_node, m.session_ttl_ms, core.id, core.session_ttl_ms
+            );
+            core.log_refused_peer(NodeId(m.from_node), &why);
+            return Err(Status::failed_precondition(why));
+        }
         let rpc = rpc_of(m.kind).ok_or_else(|| {
             Status::invalid_argument(format!("unknown raft message kind {}", m.kind))
         })?;
@@ -367,8 +377,12 @@ impl RaftTransportService for RaftService {
     ) -> Result<Response<Self::StreamStream>, Status> {
         let mut inbound = request.into_inner();
         let (out_tx, out_rx) = tokio::sync::mpsc::channel::<Result<RaftReplyBatch, Status>>(64);
-        let (item_tx, mut item_rx) =
-            tokio::sync::mpsc::channel::<RaftReplyItem>(STREAM_IN_FLIGHT_MAX);
+        // Each answer carries its message's permit until the writer hands it to the
+        // stream, so handled + queued answers stay within STREAM_IN_FLIGHT_MAX.
+        let (item_tx, mut item_rx) = tokio::sync::mpsc::channel::<(
+            RaftReplyItem,
+            tokio::sync::OwnedSemaphorePermit,
+        )>(STREAM_IN_FLIGHT_MAX);
         let permits = Arc::new(tokio::sync::Semaphore::new(STREAM_IN_FLIGHT_MAX));
         let core = self.core.clone();
         let mut shutdown = self.shutdown.clone();
@@ -427,8 +441,7 @@ impl RaftTransportService for RaftService {
                                 error: s.message().to_string(),
                             },
                         };
-                        let _ = tx.send(item).await;
-                        drop(permit);
+                        let _ = tx.send((item, permit)).await;
                     });
                 }
             }
@@ -443,7 +456,10 @@ impl RaftTransportService for RaftService {
                         Err(_) => break,
                     }
                 }
-                if out_tx.send(Ok(RaftReplyBatch { items })).await.is_err() {
+                let (items, permits): (Vec<RaftReplyItem>, Vec<_>) = items.into_iter().unzip();
+                let sent = out_tx.send(Ok(RaftReplyBatch { items })).await;
+                drop(permits);
+                if sent.is_err() {
                     break;
                 }
             }

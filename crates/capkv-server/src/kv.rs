@@ -103,6 +103,8 @@ pub struct KvCore {
     pub metrics: Arc<Metrics>,
     /// Batched leadership confirmations for ReadIndex reads (all partitions at once).
     pub confirmer: LeaderConfirmer,
+    /// The client-session TTL (a state-machine rule every replica must share).
+    pub session_ttl_ms: u64,
     /// When a refusal of each peer's messages was last logged (at most once a minute).
     pub refusals_logged: std::sync::Mutex<std::collections::HashMap<NodeId, std::time::Instant>>,
 }
@@ -714,6 +716,10 @@ fn rejection_error(p: PartitionId, why: Rejection, id: Option<Idempotency>) -> K
         )),
         Rejection::BadSequence => KvError::InvalidArgument(format!(
             "client {client:#x}: first_incomplete is above the write's own sequence {seq}"
+        )),
+        Rejection::BadSession => KvError::InvalidArgument(format!(
+            "partition {p}: client session {client:#x} has a start time far ahead of this \
+             partition's clock, or another than the one it started with; not applied"
         )),
     }
 }

@@ -164,6 +164,7 @@ impl Node {
             inner: Arc::new(GrpcTransport {
                 peers: peers.clone(),
                 lease_read_ms,
+                session_ttl_ms: config.raft.session_ttl_ms,
             }),
             faults: faults.clone(),
         });
@@ -244,6 +245,7 @@ impl Node {
             metrics,
             confirmer,
             refusals_logged: Default::default(),
+            session_ttl_ms: config.raft.session_ttl_ms,
         });
         for bug in &config.planted_bugs {
             tracing::warn!(bug = bug.name(), "UNSAFE: this node runs with a planted bug (--planted-bug); it may lose or misreport data");

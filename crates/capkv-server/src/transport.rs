@@ -168,16 +168,21 @@ async fn run_mux(channel: Channel, mut rx: mpsc::Receiver<(RaftMessage, Answer)>
                 continue;
             }
         };
+        // A batch collected but not yet handed to the stream. Answers are read while it
+        // waits for room: a sender that stopped reading answers while the peer's queues
+        // were full could stall both nodes' streams for good (each waiting on the other).
+        let mut ready: Option<RaftBatch> = None;
         loop {
             tokio::select! {
-                next = rx.recv() => match next {
+                next = rx.recv(), if ready.is_none() => match next {
                     None => return,
-                    Some(m) => {
-                        let batch = collect(m, &mut rx, &mut pending, &mut next_id);
-                        if req_tx.send(batch).await.is_err() {
-                            fail_all(&mut pending, &mut rx, "stream closed");
-                            break;
-                        }
+                    Some(m) => ready = Some(collect(m, &mut rx, &mut pending, &mut next_id)),
+                },
+                room = req_tx.reserve(), if ready.is_some() => match (room, ready.take()) {
+                    (Ok(slot), Some(batch)) => slot.send(batch),
+                    _ => {
+                        fail_all(&mut pending, &mut rx, "stream closed");
+                        break;
                     }
                 },
                 reply = inbound.message() => match reply {
@@ -208,6 +213,8 @@ pub struct GrpcTransport {
     pub peers: Arc<PeerChannels>,
     /// Sent with every message (see `kv::check_peer_lease`).
     pub lease_read_ms: u64,
+    /// Sent with every message: the client-session TTL (a state-machine rule).
+    pub session_ttl_ms: u64,
 }
 
 fn kind(rpc: RaftRpc) -> RaftKind {
@@ -247,6 +254,7 @@ impl RaftTransport for GrpcTransport {
             kind: kind(env.rpc) as i32,
             payload: env.payload,
             lease_read_ms: self.lease_read_ms,
+            session_ttl_ms: self.session_ttl_ms,
         };
         let peers = self.peers.clone();
         let addr = addr.to_string();
@@ -328,6 +336,7 @@ mod tests {
         let transport = Arc::new(GrpcTransport {
             peers: Arc::new(PeerChannels::default()),
             lease_read_ms: 0,
+            session_ttl_ms: 0,
         });
         let timeout = Duration::from_millis(50);
         let calls = 3 * QUEUE_MAX;

@@ -66,10 +66,16 @@ struct Syncer<F> {
     faults: Arc<SyncFaults>,
     poison: Arc<OnceLock<StorageError>>,
     stats: Arc<GroupCommitStats>,
+    /// One sync at a time, poison check to poison set: otherwise a second fsync racing a
+    /// failed one could succeed (the kernel reports a writeback error once, and may have
+    /// marked the failed pages clean) before the first sets the poison, and its caller
+    /// would be told its writes are durable.
+    exclusive: std::sync::Mutex<()>,
 }
 
 impl<F: Fn() -> Result<(), StorageError>> Syncer<F> {
     fn run(&self) -> Result<(), StorageError> {
+        let _one = self.exclusive.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(e) = self.poison.get() {
             return Err(e.clone());
         }
@@ -135,6 +141,7 @@ impl GroupCommit {
             faults: faults.clone(),
             poison: poison.clone(),
             stats: stats.clone(),
+            exclusive: std::sync::Mutex::new(()),
         });
         let thread_syncer = syncer.clone();
         std::thread::Builder::new()

@@ -29,7 +29,7 @@ const MARKS_FILE: &str = "fault-synced-journal";
 pub struct SyncMarks {
     marks: PathBuf,
     /// Journal id -> fjall's descriptor of it (the one opened for writing).
-    writer_fds: Mutex<HashMap<u64, Option<i32>>>,
+    writer_fds: Mutex<HashMap<u64, i32>>,
 }
 
 impl SyncMarks {
@@ -45,10 +45,16 @@ impl SyncMarks {
     /// `own` is the syncer's own (read-only) descriptor of it, which is skipped.
     pub fn written(&self, id: u64, path: &Path, own: &fs::File) -> Option<u64> {
         let mut fds = self.writer_fds.lock().unwrap_or_else(|e| e.into_inner());
-        let fd = *fds
-            .entry(id)
-            .or_insert_with(|| writer_fd(path, own.as_raw_fd()));
-        let info = fs::read_to_string(format!("/proc/self/fdinfo/{}", fd?)).ok()?;
+        let fd = match fds.get(&id) {
+            Some(fd) => *fd,
+            None => {
+                // Not found is not remembered: the writer may open it a moment later.
+                let fd = writer_fd(path, own.as_raw_fd())?;
+                fds.insert(id, fd);
+                fd
+            }
+        };
+        let info = fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
         info.lines()
             .find_map(|l| l.strip_prefix("pos:"))
             .and_then(|p| p.trim().parse().ok())
@@ -56,7 +62,12 @@ impl SyncMarks {
 
     /// Notes that journal `id` is durable up to `bytes`.
     pub fn record(&self, id: u64, bytes: u64) {
-        let _ = fs::write(&self.marks, format!("{id} {bytes}\n"));
+        // Written aside and renamed over: a kill mid-write leaves the previous mark, never
+        // none.
+        let tmp = self.marks.with_extension("tmp");
+        if fs::write(&tmp, format!("{id} {bytes}\n")).is_ok() {
+            let _ = fs::rename(&tmp, &self.marks);
+        }
     }
 }
 

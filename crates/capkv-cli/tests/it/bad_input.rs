@@ -238,6 +238,7 @@ async fn a_peer_that_never_reads_answers_cannot_make_a_node_buffer_without_bound
                         kind: RaftKind::Append as i32,
                         payload: vec![],
                         lease_read_ms: 0,
+                        session_ttl_ms: 600_000,
                     }),
                 })
                 .collect(),

@@ -10,9 +10,11 @@ async fn retried_write_is_applied_once() {
     let mut cluster = Cluster::start(Opts::default()).await;
     let client = cluster.client().await;
     let client_id = 0xC0FFEE;
+    let key = |seq| client.idempotency_key(client_id, seq);
+    let (k1, k2, k3) = (key(1), key(2), key(3));
 
     let first = client
-        .put_idempotent("counter", "v1", Condition::Always, client_id, 1)
+        .put_idempotent("counter", "v1", Condition::Always, k1)
         .await
         .unwrap();
     assert!(first.succeeded);
@@ -22,7 +24,7 @@ async fn retried_write_is_applied_once() {
 
     // The retry carries a different value on purpose: if it were applied, the value would show.
     let retry = client
-        .put_idempotent("counter", "v1-retry", Condition::Always, client_id, 1)
+        .put_idempotent("counter", "v1-retry", Condition::Always, k1)
         .await
         .unwrap();
     assert_eq!(retry, first, "the retry returns the original result");
@@ -36,7 +38,7 @@ async fn retried_write_is_applied_once() {
     let survivors = cluster.running();
     let client = cluster.client_for(&survivors).await;
     let retry2 = client
-        .put_idempotent("counter", "v1-retry2", Condition::Always, client_id, 1)
+        .put_idempotent("counter", "v1-retry2", Condition::Always, k1)
         .await
         .unwrap();
     assert_eq!(retry2.revision, first.revision);
@@ -47,7 +49,7 @@ async fn retried_write_is_applied_once() {
 
     // A new sequence number is a new write.
     let next = client
-        .put_idempotent("counter", "v2", Condition::Always, client_id, 2)
+        .put_idempotent("counter", "v2", Condition::Always, k2)
         .await
         .unwrap();
     assert!(next.revision > other.revision);
@@ -55,13 +57,13 @@ async fn retried_write_is_applied_once() {
 
     // Conditional writes keep their original answer too: a failed CAS retried stays failed.
     let cas = client
-        .put_idempotent("counter", "v3", Condition::IfRevision(1), client_id, 3)
+        .put_idempotent("counter", "v3", Condition::IfRevision(1), k3)
         .await
         .unwrap();
     assert!(!cas.succeeded);
     client.put("counter", "v4").await.unwrap();
     let cas_retry = client
-        .put_idempotent("counter", "v3", Condition::IfRevision(1), client_id, 3)
+        .put_idempotent("counter", "v3", Condition::IfRevision(1), k3)
         .await
         .unwrap();
     assert_eq!(cas_retry, cas);
@@ -86,12 +88,16 @@ async fn a_retry_after_many_other_writes_is_still_not_applied_again() {
     let cluster = Cluster::start(Opts::default()).await;
     let client = cluster.client().await;
     let retrier = 0x5E55_1011;
+    let (k1, k2) = (
+        client.idempotency_key(retrier, 1),
+        client.idempotency_key(retrier, 2),
+    );
     let first = client
-        .put_idempotent("resurrect", "v1", Condition::Always, retrier, 1)
+        .put_idempotent("resurrect", "v1", Condition::Always, k1)
         .await
         .unwrap();
     let cas = client
-        .put_idempotent("cas-once", "a", Condition::IfAbsent, retrier, 2)
+        .put_idempotent("cas-once", "a", Condition::IfAbsent, k2)
         .await
         .unwrap();
     assert!(first.succeeded && cas.succeeded);
@@ -122,7 +128,7 @@ async fn a_retry_after_many_other_writes_is_still_not_applied_again() {
     }
 
     let replay = client
-        .put_idempotent("resurrect", "v1", Condition::Always, retrier, 1)
+        .put_idempotent("resurrect", "v1", Condition::Always, k1)
         .await
         .unwrap();
     assert_eq!(
@@ -135,7 +141,7 @@ async fn a_retry_after_many_other_writes_is_still_not_applied_again() {
         "the replay was not applied again"
     );
     let cas_replay = client
-        .put_idempotent("cas-once", "a", Condition::IfAbsent, retrier, 2)
+        .put_idempotent("cas-once", "a", Condition::IfAbsent, k2)
         .await
         .unwrap();
     assert!(
