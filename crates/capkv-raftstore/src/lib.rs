@@ -4,7 +4,9 @@
 //! collects every group's `Ready`, writes all their entries and hard states in one batch
 //! to the node's [`storage::Disk`], asks for one sync, sends the messages that may go
 //! before persistence at once, and the rest when the sync completes. The clock (ticks),
-//! the network (`Outbox`) and the disk are the caller's, so the seeded simulation in
-//! `tests/sim.rs` runs many nodes in one thread, with crashes that lose unsynced writes.
+//! the network (`Outbox`) and the disk are the caller's, so the seeded simulation ([`sim`])
+//! runs many nodes in one thread, with crashes that lose unsynced writes.
 
+pub mod driver;
+pub mod sim;
 pub mod storage;

@@ -1,0 +1,534 @@
+//! A seeded simulation of many nodes' drivers in one thread: messages lost, delayed,
+//! reordered and duplicated, partitions, disk syncs that take time, and crashes that lose
+//! whatever no completed sync covered. After every event it checks Raft's safety
+//! properties; a violation stops the run with the seed and the step.
+//!
+//! Properties checked (Raft paper, figure 3):
+//! - election safety: at most one leader per group and term;
+//! - log matching: two logs with an entry of the same index and term agree on every entry
+//!   up to it;
+//! - leader completeness: a leader's log holds every entry committed before its term;
+//! - state machine safety: no two nodes apply different entries at one index.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+
+use raft::eraftpb::Message;
+use raft::StateRole;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::driver::{Driver, DriverConfig, PlantedBugs};
+use crate::storage::{GroupId, MemDisk};
+
+/// What a run does.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    pub seed: u64,
+    pub nodes: u64,
+    pub groups: u32,
+    /// Replicas per group (placed round-robin over the nodes).
+    pub replicas: u64,
+    pub steps: u64,
+    /// Per mille: messages lost, duplicated.
+    pub loss_permille: u32,
+    pub dup_permille: u32,
+    /// Per step, per mille: a node crashes (when fewer than a minority are down).
+    pub crash_permille: u32,
+    /// Per step, per mille: the network splits (or heals).
+    pub partition_permille: u32,
+    pub planted: PlantedBugs,
+}
+
+impl SimConfig {
+    pub fn new(seed: u64) -> Self {
+        SimConfig {
+            seed,
+            nodes: 3,
+            groups: 16,
+            replicas: 3,
+            steps: 5_000,
+            loss_permille: 50,
+            dup_permille: 20,
+            crash_permille: 3,
+            partition_permille: 2,
+            planted: PlantedBugs::default(),
+        }
+    }
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SimReport {
+    pub steps: u64,
+    /// Entries applied, summed over nodes.
+    pub applied: u64,
+    /// Distinct (group, term) leaders seen.
+    pub leaders: u64,
+    pub crashes: u64,
+    pub violation: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Event {
+    Tick(u64),
+    Deliver {
+        from: u64,
+        to: u64,
+        group: GroupId,
+        msg_index: usize,
+    },
+    SyncDone {
+        node: u64,
+        epoch: u64,
+    },
+    Propose {
+        node: u64,
+        group: GroupId,
+    },
+    Restart(u64),
+}
+
+struct SimNode {
+    driver: Option<Driver<MemDisk>>,
+    /// The disk of a crashed node.
+    parked_disk: Option<MemDisk>,
+    /// Bumped on every crash, so events for an earlier life are ignored.
+    epoch: u64,
+    /// Applied entries per group: index -> (term, data).
+    applied: BTreeMap<GroupId, BTreeMap<u64, (u64, Vec<u8>)>>,
+}
+
+pub struct Sim {
+    cfg: SimConfig,
+    driver_cfg: DriverConfig,
+    rng: ChaCha8Rng,
+    now: u64,
+    seq: u64,
+    queue: BinaryHeap<Reverse<(u64, u64, Event)>>,
+    nodes: BTreeMap<u64, SimNode>,
+    /// Messages in flight, by index (events refer to them).
+    messages: Vec<Option<Message>>,
+    /// Node sides of a partition (empty: none).
+    side: BTreeMap<u64, u8>,
+    /// (group, term) -> leader.
+    leaders: BTreeMap<(GroupId, u64), u64>,
+    /// (group, index) -> (term, data) of entries known committed.
+    committed: BTreeMap<(GroupId, u64), (u64, Vec<u8>)>,
+    /// (group, index) -> (term, data) of applied entries, the first node's.
+    applied: BTreeMap<(GroupId, u64), (u64, Vec<u8>)>,
+    /// (node, group) -> committed index already folded into `committed`.
+    checked_commit: BTreeMap<(u64, GroupId), u64>,
+    report: SimReport,
+    next_value: u64,
+}
+
+const TICK: u64 = 10;
+
+impl Sim {
+    pub fn new(cfg: SimConfig) -> Sim {
+        let mut groups: BTreeMap<GroupId, Vec<u64>> = BTreeMap::new();
+        for g in 0..cfg.groups {
+            let voters = (0..cfg.replicas.min(cfg.nodes))
+                .map(|r| 1 + (u64::from(g) + r) % cfg.nodes)
+                .collect::<BTreeSet<u64>>();
+            groups.insert(g, voters.into_iter().collect());
+        }
+        let driver_cfg = DriverConfig {
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+            // raft-rs draws election timeouts from an unseeded generator: one value, and
+            // the simulation jitters the ticks instead.
+            min_election_ticks: 10,
+            max_election_ticks: 11,
+            ..DriverConfig::default()
+        };
+        let mut nodes = BTreeMap::new();
+        for id in 1..=cfg.nodes {
+            let mine: BTreeMap<GroupId, Vec<u64>> = groups
+                .iter()
+                .filter(|(_, v)| v.contains(&id))
+                .map(|(g, v)| (*g, v.clone()))
+                .collect();
+            let driver = Driver::start(id, MemDisk::bootstrap(&mine), &driver_cfg, cfg.planted)
+                .expect("a fresh driver starts");
+            nodes.insert(
+                id,
+                SimNode {
+                    driver: Some(driver),
+                    parked_disk: None,
+                    epoch: 0,
+                    applied: BTreeMap::new(),
+                },
+            );
+        }
+        let rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+        let mut sim = Sim {
+            cfg,
+            driver_cfg,
+            rng,
+            now: 0,
+            seq: 0,
+            queue: BinaryHeap::new(),
+            nodes,
+            messages: Vec::new(),
+            side: BTreeMap::new(),
+            leaders: BTreeMap::new(),
+            committed: BTreeMap::new(),
+            applied: BTreeMap::new(),
+            checked_commit: BTreeMap::new(),
+            report: SimReport {
+                steps: 0,
+                applied: 0,
+                leaders: 0,
+                crashes: 0,
+                violation: None,
+            },
+            next_value: 0,
+        };
+        let ids: Vec<u64> = sim.nodes.keys().copied().collect();
+        for id in ids {
+            let first = sim.rng.random_range(1..TICK);
+            sim.schedule(first, Event::Tick(id));
+        }
+        sim
+    }
+
+    fn schedule(&mut self, after: u64, e: Event) {
+        self.seq += 1;
+        self.queue.push(Reverse((self.now + after, self.seq, e)));
+    }
+
+    fn connected(&self, a: u64, b: u64) -> bool {
+        self.side.get(&a).copied().unwrap_or(0) == self.side.get(&b).copied().unwrap_or(0)
+    }
+
+    /// Runs `cfg`; a panic inside raft-rs (its own assertions, e.g. a commit index past
+    /// the end of a log that lost acknowledged entries) is reported as a violation.
+    pub fn run_seed(cfg: SimConfig) -> SimReport {
+        let seed = cfg.seed;
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Sim::new(cfg).run())) {
+            Ok(r) => r,
+            Err(p) => {
+                let what = p
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                SimReport {
+                    steps: 0,
+                    applied: 0,
+                    leaders: 0,
+                    crashes: 0,
+                    violation: Some(format!("seed {seed}: raft-rs panicked: {what}")),
+                }
+            }
+        }
+    }
+
+    /// Runs until the configured steps or the first violation.
+    pub fn run(mut self) -> SimReport {
+        while self.report.steps < self.cfg.steps && self.report.violation.is_none() {
+            self.report.steps += 1;
+            self.maybe_fault();
+            self.maybe_propose();
+            let Some(Reverse((at, _, event))) = self.queue.pop() else {
+                break;
+            };
+            self.now = at;
+            let touched = self.handle(event);
+            if let Some(id) = touched {
+                self.turn(id);
+            }
+            if let Err(v) = self.check() {
+                self.report.violation = Some(format!(
+                    "seed {} step {} (time {}): {v}",
+                    self.cfg.seed, self.report.steps, self.now
+                ));
+            }
+        }
+        self.report.leaders = self.leaders.len() as u64;
+        self.report
+    }
+
+    fn maybe_fault(&mut self) {
+        if self.rng.random_range(0..1000) < self.cfg.crash_permille {
+            let down = self.nodes.values().filter(|n| n.driver.is_none()).count() as u64;
+            if down < (self.cfg.nodes - 1) / 2 + 1 && down + 1 < self.cfg.nodes {
+                let id = self.rng.random_range(1..=self.cfg.nodes);
+                self.crash(id);
+            }
+        }
+        if self.rng.random_range(0..1000) < self.cfg.partition_permille {
+            if self.side.is_empty() {
+                for id in 1..=self.cfg.nodes {
+                    let s = self.rng.random_range(0..2u8);
+                    self.side.insert(id, s);
+                }
+            } else {
+                self.side.clear();
+            }
+        }
+    }
+
+    fn maybe_propose(&mut self) {
+        if self.rng.random_range(0..100) < 30 {
+            let node = self.rng.random_range(1..=self.cfg.nodes);
+            let group = self.rng.random_range(0..self.cfg.groups);
+            let delay = self.rng.random_range(0..TICK);
+            self.schedule(delay, Event::Propose { node, group });
+        }
+    }
+
+    fn crash(&mut self, id: u64) {
+        let Some(n) = self.nodes.get_mut(&id) else {
+            return;
+        };
+        let Some(driver) = n.driver.take() else {
+            return;
+        };
+        let mut disk = driver.disk().clone();
+        disk.crash();
+        n.parked_disk = Some(disk);
+        n.epoch += 1;
+        n.applied.clear();
+        self.checked_commit.retain(|(node, _), _| *node != id);
+        self.report.crashes += 1;
+        let after = self.rng.random_range(5 * TICK..40 * TICK);
+        self.schedule(after, Event::Restart(id));
+    }
+
+    /// Handles one event; returns the node whose driver should run a turn.
+    fn handle(&mut self, event: Event) -> Option<u64> {
+        match event {
+            Event::Tick(id) => {
+                let jitter = self.rng.random_range(0..=TICK / 2);
+                self.schedule(TICK - TICK / 4 + jitter, Event::Tick(id));
+                let d = self.nodes.get_mut(&id)?.driver.as_mut()?;
+                d.tick();
+                Some(id)
+            }
+            Event::Deliver {
+                from,
+                to,
+                group,
+                msg_index,
+            } => {
+                let msg = self.messages.get_mut(msg_index)?.take()?;
+                if !self.connected(from, to) {
+                    return None;
+                }
+                let d = self.nodes.get_mut(&to)?.driver.as_mut()?;
+                d.step(group, msg);
+                Some(to)
+            }
+            Event::SyncDone { node, epoch } => {
+                let n = self.nodes.get_mut(&node)?;
+                if n.epoch != epoch {
+                    return None;
+                }
+                let d = n.driver.as_mut()?;
+                let id = d.disk_mut().complete_sync()?;
+                d.on_synced(id);
+                Some(node)
+            }
+            Event::Propose { node, group } => {
+                self.next_value += 1;
+                let value = self.next_value.to_be_bytes().to_vec();
+                let d = self.nodes.get_mut(&node)?.driver.as_mut()?;
+                let _ = d.propose(group, value);
+                Some(node)
+            }
+            Event::Restart(id) => {
+                let n = self.nodes.get_mut(&id)?;
+                let disk = n.parked_disk.take()?;
+                let d = Driver::start(id, disk, &self.driver_cfg, self.cfg.planted).ok()?;
+                n.driver = Some(d);
+                Some(id)
+            }
+        }
+    }
+
+    /// Runs `id`'s driver, routes what it sends, schedules its syncs, applies what it
+    /// committed.
+    fn turn(&mut self, id: u64) {
+        let Some(n) = self.nodes.get_mut(&id) else {
+            return;
+        };
+        let epoch = n.epoch;
+        let Some(d) = n.driver.as_mut() else { return };
+        let before = d.disk().next_sync();
+        d.run();
+        let after = d.disk().next_sync();
+        let out = d.take_outbox();
+        let committed = d.take_committed();
+        // A sync requested now (or still waiting): its completion comes after a while.
+        if after.is_some() && (before != after || d.syncing()) {
+            let delay = self.rng.random_range(1..8);
+            self.schedule(delay, Event::SyncDone { node: id, epoch });
+        }
+        let mut applied_to: BTreeMap<GroupId, u64> = BTreeMap::new();
+        for c in committed {
+            let (index, term) = (c.entry.index, c.entry.term);
+            let data = c.entry.data.to_vec();
+            let n = self.nodes.get_mut(&id).expect("node exists");
+            n.applied
+                .entry(c.group)
+                .or_default()
+                .insert(index, (term, data.clone()));
+            self.report.applied += 1;
+            match self.applied.get(&(c.group, index)) {
+                Some(first) if *first != (term, data.clone()) => {
+                    self.report.violation = Some(format!(
+                        "seed {}: state machine safety: node {id} applied {:?} at index {index} of group {}, another node applied {:?}",
+                        self.cfg.seed,
+                        (term, &data),
+                        c.group,
+                        first
+                    ));
+                }
+                Some(_) => {}
+                None => {
+                    self.applied.insert((c.group, index), (term, data));
+                }
+            }
+            applied_to.insert(c.group, index);
+        }
+        if let Some(d) = self.nodes.get_mut(&id).and_then(|n| n.driver.as_mut()) {
+            for (g, i) in applied_to {
+                d.applied(g, i);
+            }
+        }
+        for o in out {
+            if self.rng.random_range(0..1000) < self.cfg.loss_permille {
+                continue;
+            }
+            let copies = if self.rng.random_range(0..1000) < self.cfg.dup_permille {
+                2
+            } else {
+                1
+            };
+            for _ in 0..copies {
+                self.messages.push(Some(o.message.clone()));
+                let msg_index = self.messages.len() - 1;
+                let delay = self.rng.random_range(1..6);
+                self.schedule(
+                    delay,
+                    Event::Deliver {
+                        from: id,
+                        to: o.to,
+                        group: o.group,
+                        msg_index,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Checks the safety properties over every live node.
+    fn check(&mut self) -> Result<(), String> {
+        let live: Vec<u64> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.driver.is_some())
+            .map(|(id, _)| *id)
+            .collect();
+        for g in 0..self.cfg.groups {
+            let mut logs = Vec::new();
+            for id in &live {
+                let d = self.nodes[id].driver.as_ref().expect("live");
+                let Some((role, term, _)) = d.role(g) else {
+                    continue;
+                };
+                let Some((log, commit)) = d.log(g) else {
+                    continue;
+                };
+                // Election safety.
+                if role == StateRole::Leader {
+                    match self.leaders.get(&(g, term)) {
+                        Some(other) if other != id => {
+                            return Err(format!(
+                                "election safety: nodes {other} and {id} both led group {g} in term {term}"
+                            ))
+                        }
+                        Some(_) => {}
+                        None => {
+                            self.leaders.insert((g, term), *id);
+                            // Leader completeness: every entry committed so far is in its log.
+                            for ((cg, index), (cterm, data)) in self.committed.range((g, 0)..(g + 1, 0)) {
+                                debug_assert_eq!(*cg, g);
+                                match log.entry(*index) {
+                                    Some(e) if e.term == *cterm && e.data.as_ref() == data.as_slice() => {}
+                                    _ if *index <= log.snapshot_index => {}
+                                    other => {
+                                        return Err(format!(
+                                            "leader completeness: node {id}, new leader of group {g} in term {term}, lacks committed entry {index} (term {cterm}); it has {:?}",
+                                            other.map(|e| e.term)
+                                        ))
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                // What this node knows committed joins the committed set.
+                let from = self
+                    .checked_commit
+                    .get(&(*id, g))
+                    .map_or(log.first_index(), |c| c + 1)
+                    .max(log.first_index());
+                let upto = commit.min(log.last_index());
+                if upto >= from {
+                    self.checked_commit.insert((*id, g), upto);
+                }
+                for index in from..=upto {
+                    if let Some(e) = log.entry(index) {
+                        let v = (e.term, e.data.to_vec());
+                        match self.committed.get(&(g, index)) {
+                            Some(known) if *known != v => {
+                                return Err(format!(
+                                    "committed entries differ: group {g} index {index}: node {id} holds term {} committed, another term {}",
+                                    v.0, known.0
+                                ))
+                            }
+                            Some(_) => {}
+                            None => {
+                                self.committed.insert((g, index), v);
+                            }
+                        }
+                    }
+                }
+                logs.push((*id, log));
+            }
+            // Log matching.
+            for (i, (a_id, a)) in logs.iter().enumerate() {
+                for (b_id, b) in &logs[i + 1..] {
+                    let last = a.last_index().min(b.last_index());
+                    let first = a.first_index().max(b.first_index());
+                    // The highest index where both agree on the term...
+                    let mut agree = None;
+                    for index in (first..=last).rev() {
+                        if a.entry(index).map(|e| e.term) == b.entry(index).map(|e| e.term) {
+                            agree = Some(index);
+                            break;
+                        }
+                    }
+                    // ...must have every entry up to it identical.
+                    if let Some(top) = agree {
+                        for index in first..=top {
+                            let (x, y) = (a.entry(index), b.entry(index));
+                            if x.map(|e| (e.term, e.data.to_vec()))
+                                != y.map(|e| (e.term, e.data.to_vec()))
+                            {
+                                return Err(format!(
+                                    "log matching: group {g}: nodes {a_id} and {b_id} agree at index {top} but differ at {index}"
+                                ));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
