@@ -5,7 +5,8 @@
 #
 #   bench/verify.sh [--seeds N] [--first-seed S] [--duration 60s] [--only NAME]
 #
-# NAME is one of: valid-register, valid-append-set, stale-reads, leader-restore,
+# NAME is one of: valid-register, valid-append-set, stale-reads, stale-reads-oneway,
+# leader-restore,
 # full-lease, ack-before-fsync. Needs a release build (cargo build --release). The binary
 # is copied first, so rebuilding while this runs does not mix versions.
 set -euo pipefail
@@ -35,6 +36,7 @@ matrix=(
   "valid-register|valid|--nemesis all"
   "valid-append-set|valid|--nemesis all --workload append-set"
   "stale-reads|invalid|--nemesis partition --planted-bug stale-reads"
+  "stale-reads-oneway|invalid|--nemesis oneway --planted-bug stale-reads"
   "leader-restore|invalid|--nemesis restart --planted-bug leader-restore"
   "full-lease|invalid|--nemesis clock,partition --planted-bug full-lease"
   "ack-before-fsync|invalid|--nemesis disk --workload append-set --planted-bug ack-before-fsync"

@@ -7,7 +7,7 @@
 //! | `kill` | SIGKILL a node | a restart 2–6 s later |
 //! | `restart` | SIGKILL a node, preferring the leader of a workload partition, and start it again 0–300 ms later, inside its followers' lease; half the time as a power loss: its fsyncs stall 1.5 s and the power goes 0.5 s later, and it starts without the writes no fsync covered | (restarted at once) |
 //! | `pause` | SIGSTOP a node | SIGCONT |
-//! | `clock` | jumps a node's wall clock (the one its HLC reads) 1–30 s forward or back; or restarts a node with its monotonic clock running at 0.6x–1.5x (libfaketime), which lasts until the run ends | clearing the jump (the rate stays) |
+//! | `clock` | jumps a node's wall clock (the one its HLC reads) 1–30 s forward or back; or restarts a node with its clocks running at 0.6x–1.5x (libfaketime; the rate stays until the run ends), and once it leads again isolates it | clearing the jump or the isolation (the rate stays) |
 //! | `disk` | fsyncs of a node stall 50–500 ms; or its next fsync fails (its storage is then poisoned); or a power cut: with every disk slow (fsyncs stalling 1.5 s, the cut 0.5 s later), every node is killed at once and started again without the writes no fsync covered | clearing the stall; a restart of the poisoned node; (restarted at once) |
 //!
 //! Faults do not overlap, except a clock rate, which stays with its node (as a bad
@@ -261,9 +261,13 @@ pub fn plan(
                 if clock_rates && rng.random_bool(0.5) {
                     // A leader's clock running slow is what threatens a lease: it trusts
                     // its lease longer in real time than its followers hold their votes.
-                    let rate_percent = match node {
-                        Target::LeaderOf(_) => rng.random_range(60..=95),
-                        Target::Node(_) => rng.random_range(60..=150),
+                    // Rates near 1 test nothing: a clock is clearly slow or clearly fast,
+                    // within the 2x the lease assumes (one node off, the others at 1x).
+                    let slow = matches!(node, Target::LeaderOf(_)) || rng.random_bool(0.5);
+                    let rate_percent = if slow {
+                        rng.random_range(60..=75)
+                    } else {
+                        rng.random_range(130..=150)
                     };
                     Fault::ClockRate { node, rate_percent }
                 } else {
@@ -417,7 +421,27 @@ async fn inject(
             };
             c.kill(node)?;
             c.restart_with_clock_rate(node, lib, *rate_percent)?;
-            format!("node {node} restarted with its clocks at {rate_percent} % of real time")
+            // A skewed clock matters to a lease when leadership moves: once the node leads
+            // again (leaders go back to their preferred replicas within seconds), it is
+            // cut off for the rest of the fault, and its peers elect others.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            let mut leads = false;
+            while !leads && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                leads = c.leaders().await.contains(&Some(node));
+            }
+            if leads {
+                c.partition(&[vec![node], others(&ids, node)]).await?;
+                // At least long enough for its peers to elect others and serve writes
+                // (the schedule's hold may have passed while it waited to lead).
+                tokio::time::sleep(Duration::from_secs(3)).await;
+                format!(
+                    "node {node} restarted with its clocks at {rate_percent} % of real time, \
+                     then isolated while leading"
+                )
+            } else {
+                format!("node {node} restarted with its clocks at {rate_percent} % of real time")
+            }
         }
         Fault::FsyncStall { stall_ms, .. } => {
             let f = Faults {
