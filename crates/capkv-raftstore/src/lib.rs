@@ -7,6 +7,7 @@
 //! the network (`Outbox`) and the disk are the caller's, so the seeded simulation ([`sim`])
 //! runs many nodes in one thread, with crashes that lose unsynced writes.
 
+pub mod codec;
 pub mod driver;
 pub mod sim;
 pub mod storage;
