@@ -14,6 +14,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::storage::GroupId;
 
+/// A decoded batch: sender, receiver, and each message with its group.
+pub type Decoded = (u64, u64, Vec<(GroupId, Message)>);
+
 /// Every message one node sends another in one turn, for any number of groups.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PeerBatch {
