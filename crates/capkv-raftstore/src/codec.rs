@@ -196,10 +196,7 @@ impl PeerBatch {
     }
 
     /// Decodes a batch of at most `max_bytes`, checking every enum.
-    pub fn decode(
-        bytes: &[u8],
-        max_bytes: usize,
-    ) -> Result<(u64, u64, Vec<(GroupId, Message)>), DecodeError> {
+    pub fn decode(bytes: &[u8], max_bytes: usize) -> Result<Decoded, DecodeError> {
         if bytes.len() > max_bytes {
             return Err(DecodeError::TooLarge {
                 got: bytes.len(),
