@@ -90,7 +90,7 @@ impl From<&Entry> for WireEntry {
 }
 
 impl WireEntry {
-    fn into_raft(self) -> Result<Entry, DecodeError> {
+    pub fn into_raft(self) -> Result<Entry, DecodeError> {
         Ok(Entry {
             entry_type: EntryType::from_i32(self.entry_type)
                 .ok_or(DecodeError::EntryType(self.entry_type))?,

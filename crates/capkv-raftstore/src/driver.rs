@@ -67,6 +67,18 @@ struct Group {
     storage: GroupStorage,
 }
 
+/// A group as one node sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupStatus {
+    pub role: StateRole,
+    pub term: u64,
+    /// 0: none known.
+    pub leader: u64,
+    pub commit: u64,
+    pub applied: u64,
+    pub last_index: u64,
+}
+
 /// A message for a peer, tagged with its group.
 #[derive(Debug, Clone)]
 pub struct Outgoing {
@@ -82,6 +94,17 @@ pub enum ProposeError {
     NoGroup(GroupId),
     #[error("not the leader of group {group} (leader: {leader:?})")]
     NotLeader { group: GroupId, leader: Option<u64> },
+    /// The proposal's entry was replaced by another leader's: it was not applied and
+    /// never will be (safe to retry).
+    #[error("the proposal was dropped by a leader change; it was not applied")]
+    Dropped,
+    /// The node stopped (or skipped the entry by a snapshot) before learning the
+    /// outcome: the proposal may or may not have been applied.
+    #[error("the outcome of the proposal is unknown")]
+    Stopped,
+    /// The disk failed; the node acknowledges nothing until it restarts.
+    #[error("storage failed: {0}")]
+    Poisoned(String),
 }
 
 /// A sync requested and not completed: its id, the readies it makes durable (group, ready
@@ -99,6 +122,11 @@ pub struct Driver<D: Disk> {
     next_sync: u64,
     committed: Vec<Committed>,
     planted: PlantedBugs,
+    /// Set by the first disk failure: from then on the driver does nothing (no message,
+    /// no acknowledgement, no apply), since what it wrote may not be on disk.
+    poisoned: Option<String>,
+    /// Groups that had a ready since [`Driver::take_touched`] last ran.
+    touched: Vec<GroupId>,
     logger: slog::Logger,
 }
 
@@ -128,11 +156,40 @@ impl<D: Disk> Driver<D> {
         config: &DriverConfig,
         planted: PlantedBugs,
     ) -> Result<Self, raft::Error> {
+        Self::start_applied(id, disk, config, planted, &BTreeMap::new())
+    }
+
+    /// Like [`Driver::start`], for a state machine that kept its own state: committed
+    /// entries of each group are handed out from after `applied[group]` (0 if absent).
+    /// An applied index past the durable commit index (the state machine's write reached
+    /// the disk, the hard state that preceded it in the journal did too, but raft-rs
+    /// had not yet written the later commit) raises the commit: those entries were
+    /// committed, or they could not have been applied.
+    pub fn start_applied(
+        id: u64,
+        disk: D,
+        config: &DriverConfig,
+        planted: PlantedBugs,
+        applied: &BTreeMap<GroupId, u64>,
+    ) -> Result<Self, raft::Error> {
         let logger = slog::Logger::root(slog::Discard, slog::o!());
         let mut groups = BTreeMap::new();
-        for (gid, state) in disk.load() {
+        for (gid, mut state) in disk.load() {
+            let applied = applied.get(&gid).copied().unwrap_or(0);
+            if applied > state.last_index() {
+                return Err(raft::Error::Store(raft::StorageError::Other(
+                    format!(
+                        "group {gid}: state machine applied {applied}, past the log's end {}",
+                        state.last_index()
+                    )
+                    .into(),
+                )));
+            }
+            if applied > state.hard_state.commit {
+                state.hard_state.commit = applied;
+            }
             let storage = GroupStorage::new(state);
-            let node = RawNode::new(&raft_config(id, config, 0), storage.clone(), &logger)?;
+            let node = RawNode::new(&raft_config(id, config, applied), storage.clone(), &logger)?;
             groups.insert(gid, Group { node, storage });
         }
         Ok(Driver {
@@ -144,6 +201,8 @@ impl<D: Disk> Driver<D> {
             next_sync: 1,
             committed: Vec::new(),
             planted,
+            poisoned: None,
+            touched: Vec::new(),
             logger,
         })
     }
@@ -180,7 +239,9 @@ impl<D: Disk> Driver<D> {
     }
 
     /// Proposes `data` in `group`; it is committed later, or dropped if leadership moves.
-    pub fn propose(&mut self, group: GroupId, data: Vec<u8>) -> Result<(), ProposeError> {
+    /// Returns the index and term the entry has in this leader's log: it was applied if
+    /// and only if the entry applied at that index has that term.
+    pub fn propose(&mut self, group: GroupId, data: Vec<u8>) -> Result<(u64, u64), ProposeError> {
         let g = self
             .groups
             .get_mut(&group)
@@ -197,7 +258,8 @@ impl<D: Disk> Driver<D> {
             .map_err(|_| ProposeError::NotLeader {
                 group,
                 leader: None,
-            })
+            })?;
+        Ok((g.node.raft.raft_log.last_index(), g.node.raft.term))
     }
 
     /// Makes this node campaign in `group` (e.g. at bootstrap).
@@ -231,6 +293,26 @@ impl<D: Disk> Driver<D> {
         std::mem::take(&mut self.committed)
     }
 
+    /// Groups that had a ready (role, commit or log may have changed) since last asked.
+    pub fn take_touched(&mut self) -> Vec<GroupId> {
+        std::mem::take(&mut self.touched)
+    }
+
+    /// What the node's status shows of `group`.
+    pub fn status(&self, group: GroupId) -> Option<GroupStatus> {
+        self.groups.get(&group).map(|g| {
+            let r = &g.node.raft;
+            GroupStatus {
+                role: r.state,
+                term: r.term,
+                leader: r.leader_id,
+                commit: r.raft_log.committed,
+                applied: r.raft_log.applied,
+                last_index: r.raft_log.last_index(),
+            }
+        })
+    }
+
     /// Whether a sync is outstanding.
     pub fn syncing(&self) -> bool {
         !self.in_flight.is_empty()
@@ -238,6 +320,9 @@ impl<D: Disk> Driver<D> {
 
     /// One turn: handles every group's ready (see the module comment).
     pub fn run(&mut self) {
+        if self.poisoned.is_some() {
+            return;
+        }
         let mut batch = WriteBatch::default();
         let mut readies: Vec<(GroupId, u64)> = Vec::new();
         let mut after_sync: Vec<Outgoing> = Vec::new();
@@ -285,6 +370,7 @@ impl<D: Disk> Driver<D> {
                 self.committed.push(Committed { group: gid, entry });
             }
             readies.push((gid, rd.number()));
+            self.touched.push(gid);
             g.node.advance_append_async(rd);
         }
         if readies.is_empty() {
@@ -294,7 +380,10 @@ impl<D: Disk> Driver<D> {
         // still waits for the syncs before it, since raft-rs persists readies in order.
         if !batch.is_empty() || !self.in_flight.is_empty() {
             if !batch.is_empty() {
-                self.disk.write(batch);
+                if let Err(e) = self.disk.write(batch) {
+                    self.poison(e);
+                    return;
+                }
             }
             let id = self.next_sync;
             self.next_sync += 1;
@@ -305,8 +394,28 @@ impl<D: Disk> Driver<D> {
         }
     }
 
+    /// The disk failed (a write or a sync): the driver stops for good. Messages waiting
+    /// for a sync are dropped and nothing more is handed out; the node must restart and
+    /// recover from what really is on disk.
+    pub fn poison(&mut self, why: String) {
+        if self.poisoned.is_none() {
+            self.poisoned = Some(why);
+        }
+        self.in_flight.clear();
+        self.outbox.clear();
+        self.committed.clear();
+    }
+
+    /// Why the driver stopped, if it did.
+    pub fn poisoned(&self) -> Option<&str> {
+        self.poisoned.as_deref()
+    }
+
     /// The disk made sync `id` durable (syncs complete in the order requested).
     pub fn on_synced(&mut self, id: u64) {
+        if self.poisoned.is_some() {
+            return;
+        }
         while let Some((front, _, _)) = self.in_flight.front() {
             if *front > id {
                 break;

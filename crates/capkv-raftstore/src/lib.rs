@@ -9,5 +9,7 @@
 
 pub mod codec;
 pub mod driver;
+pub mod engine_disk;
+pub mod node;
 pub mod sim;
 pub mod storage;

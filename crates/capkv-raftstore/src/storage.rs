@@ -171,10 +171,13 @@ impl WriteBatch {
 
 /// Where a node's Raft state becomes durable. `write` hands a batch over (not yet
 /// durable); `sync` asks for everything written before it to become durable, and the
-/// node learns that it is through [`crate::driver::Driver::on_synced`] with the same id.
-/// A crash loses whatever no completed sync covered.
+/// node learns that it is through [`crate::driver::Driver::on_synced`] with the same id
+/// (or, when it failed, [`crate::driver::Driver::poison`]). A crash loses whatever no
+/// completed sync covered.
 pub trait Disk {
-    fn write(&mut self, batch: WriteBatch);
+    /// An error means nothing written since the last completed sync can be trusted: the
+    /// driver stops acknowledging anything (it is poisoned).
+    fn write(&mut self, batch: WriteBatch) -> Result<(), String>;
     fn sync(&mut self, id: u64);
     /// Everything durable, per group (at start).
     fn load(&self) -> BTreeMap<GroupId, LogState>;
@@ -239,8 +242,9 @@ impl MemDisk {
 }
 
 impl Disk for MemDisk {
-    fn write(&mut self, batch: WriteBatch) {
+    fn write(&mut self, batch: WriteBatch) -> Result<(), String> {
         self.pending.push(batch);
+        Ok(())
     }
 
     fn sync(&mut self, id: u64) {
@@ -300,9 +304,9 @@ mod tests {
             );
             b
         };
-        d.write(w(1));
+        d.write(w(1)).unwrap();
         d.sync(10);
-        d.write(w(2));
+        d.write(w(2)).unwrap();
         assert_eq!(d.complete_sync(), Some(10));
         d.sync(11);
         d.crash();

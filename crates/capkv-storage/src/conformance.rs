@@ -7,7 +7,7 @@ use std::path::Path;
 
 use capkv_types::PartitionId;
 
-use crate::engine::{PartitionImage, SmOp, SmWrite, StorageEngine};
+use crate::engine::{PartitionImage, RaftLogWrite, RaftWrite, SmOp, SmWrite, StorageEngine};
 use crate::keys::raft_meta_tag;
 use crate::value::StoredValue;
 
@@ -19,6 +19,7 @@ pub fn run_all<E: StorageEngine>(dir: &Path, open: &dyn Fn(&Path) -> E) {
     log_append_read_and_bounds(&open(&dir.join("log")));
     log_truncate_and_purge_leave_no_holes(&open(&dir.join("trunc")));
     raft_meta_is_per_partition(&open(&dir.join("meta")));
+    raft_write_spans_partitions(&dir.join("raftw"), open);
     state_machine_put_get_delete_scan(&open(&dir.join("sm")));
     export_import_replaces_one_partition(&open(&dir.join("image")));
     synced_writes_survive_reopen(&dir.join("reopen"), open);
@@ -102,6 +103,49 @@ pub fn log_truncate_and_purge_leave_no_holes<E: StorageEngine>(e: &E) {
         None,
         "purging everything empties the log"
     );
+}
+
+/// One [`RaftWrite`] appends to, truncates and sets metadata of several partitions; after
+/// a sync it all survives a reopen; a write that overlaps its own removal is refused.
+pub fn raft_write_spans_partitions<E: StorageEngine>(dir: &Path, open: &dyn Fn(&Path) -> E) {
+    {
+        let e = open(dir);
+        e.log_append(P1, &entries(1..11, "old")).unwrap();
+        let w = RaftWrite {
+            groups: vec![
+                RaftLogWrite {
+                    partition: P1,
+                    entries: entries(4..6, "new"),
+                    remove: Some((6, 10)),
+                    meta: vec![(raft_meta_tag::HARD_STATE, b"hs1".to_vec())],
+                },
+                RaftLogWrite {
+                    partition: P2,
+                    entries: entries(1..3, "b"),
+                    remove: None,
+                    meta: vec![(raft_meta_tag::HARD_STATE, b"hs2".to_vec())],
+                },
+            ],
+        };
+        e.raft_write(&w).unwrap();
+        e.sync().unwrap();
+        let bad = RaftWrite {
+            groups: vec![RaftLogWrite {
+                partition: P2,
+                entries: entries(2..4, "x"),
+                remove: Some((3, 9)),
+                meta: vec![],
+            }],
+        };
+        assert!(e.raft_write(&bad).is_err(), "a write may not remove what it writes");
+    }
+    let e = open(dir);
+    let mut want = entries(1..4, "old");
+    want.extend(entries(4..6, "new"));
+    assert_eq!(e.log_read(P1, 0, u64::MAX, 100).unwrap(), want);
+    assert_eq!(e.log_read(P2, 0, u64::MAX, 100).unwrap(), entries(1..3, "b"));
+    assert_eq!(e.raft_meta_get(P1, raft_meta_tag::HARD_STATE).unwrap(), Some(b"hs1".to_vec()));
+    assert_eq!(e.raft_meta_get(P2, raft_meta_tag::HARD_STATE).unwrap(), Some(b"hs2".to_vec()));
 }
 
 pub fn raft_meta_is_per_partition<E: StorageEngine>(e: &E) {

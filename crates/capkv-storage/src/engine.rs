@@ -75,6 +75,26 @@ pub struct SmWrite {
     pub applied: Option<Vec<u8>>,
 }
 
+/// One partition's part of a [`RaftWrite`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RaftLogWrite {
+    pub partition: PartitionId,
+    /// (index, entry) pairs to write; an existing entry at the same index is replaced.
+    pub entries: Vec<(u64, Vec<u8>)>,
+    /// Log entries to delete, indexes in `[first, last]` (a suffix that conflicted, or a
+    /// prefix a snapshot made unneeded). Must not overlap `entries`.
+    pub remove: Option<(u64, u64)>,
+    /// Raft metadata to set: (tag, value).
+    pub meta: Vec<(u8, Vec<u8>)>,
+}
+
+/// Raft log and metadata changes of any number of partitions, written atomically as one
+/// batch (the node-level engine writes every group's turn with one of these).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RaftWrite {
+    pub groups: Vec<RaftLogWrite>,
+}
+
 /// A whole partition's state machine: what a snapshot carries.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PartitionImage {
@@ -120,6 +140,9 @@ pub trait StorageEngine: Send + Sync + 'static {
     fn log_truncate_from(&self, p: PartitionId, from: u64) -> Result<(), StorageError>;
     /// Deletes entries with index <= `upto`.
     fn log_purge_upto(&self, p: PartitionId, upto: u64) -> Result<(), StorageError>;
+    /// Writes every partition's part of `write` in one atomic batch: after a crash either
+    /// all of it is there or none (when no sync covered it).
+    fn raft_write(&self, write: &RaftWrite) -> Result<(), StorageError>;
     fn raft_meta_get(&self, p: PartitionId, tag: u8) -> Result<Option<Vec<u8>>, StorageError>;
     fn raft_meta_put(&self, p: PartitionId, tag: u8, value: &[u8]) -> Result<(), StorageError>;
 

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use capkv_types::PartitionId;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable};
 
-use crate::engine::{PartitionImage, SmOp, SmWrite, StorageEngine, StorageError};
+use crate::engine::{PartitionImage, RaftWrite, SmOp, SmWrite, StorageEngine, StorageError};
 use crate::group_commit::GroupCommit;
 use crate::keys::{self, raft_meta_tag};
 use crate::power_loss::SyncMarks;
@@ -290,6 +290,37 @@ impl StorageEngine for FjallEngine {
         Ok(())
     }
 
+    fn raft_write(&self, write: &RaftWrite) -> Result<(), StorageError> {
+        let mut batch = self.db.batch();
+        for g in &write.groups {
+            let p = g.partition;
+            if let (Some((first, last)), Some((lo, hi))) = (
+                g.remove,
+                g.entries.first().map(|e| e.0).zip(g.entries.last().map(|e| e.0)),
+            ) {
+                if first <= hi && lo <= last {
+                    return Err(StorageError::Engine(format!(
+                        "raft write of partition {p}: removes [{first}, {last}] and writes [{lo}, {hi}]"
+                    )));
+                }
+            }
+            if let Some((first, last)) = g.remove {
+                // Named, not read: the caller knows which indexes exist.
+                for index in first..=last {
+                    batch.remove(&self.raft_log, keys::log_key(p, index));
+                }
+            }
+            for (index, bytes) in &g.entries {
+                batch.insert(&self.raft_log, keys::log_key(p, *index), bytes.as_slice());
+            }
+            for (tag, value) in &g.meta {
+                batch.insert(&self.raft_meta, keys::tagged_key(p, *tag), value.as_slice());
+            }
+        }
+        batch.commit()?;
+        Ok(())
+    }
+
     fn raft_meta_get(&self, p: PartitionId, tag: u8) -> Result<Option<Vec<u8>>, StorageError> {
         Ok(self
             .raft_meta
@@ -298,10 +329,7 @@ impl StorageEngine for FjallEngine {
     }
 
     fn raft_meta_put(&self, p: PartitionId, tag: u8, value: &[u8]) -> Result<(), StorageError> {
-        debug_assert!(matches!(
-            tag,
-            raft_meta_tag::VOTE | raft_meta_tag::COMMITTED | raft_meta_tag::LAST_PURGED
-        ));
+        debug_assert!((raft_meta_tag::VOTE..=raft_meta_tag::LOG_START).contains(&tag));
         self.raft_meta.insert(keys::tagged_key(p, tag), value)?;
         Ok(())
     }

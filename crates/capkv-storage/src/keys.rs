@@ -73,6 +73,12 @@ pub mod raft_meta_tag {
     pub const VOTE: u8 = 1;
     pub const COMMITTED: u8 = 2;
     pub const LAST_PURGED: u8 = 3;
+    /// The node-level engine's (raft-rs) hard state: term, vote, commit.
+    pub const HARD_STATE: u8 = 4;
+    /// The node-level engine's membership (raft-rs conf state).
+    pub const CONF_STATE: u8 = 5;
+    /// The node-level engine's log start: index and term of the last entry compacted away.
+    pub const LOG_START: u8 = 6;
 }
 
 #[cfg(test)]

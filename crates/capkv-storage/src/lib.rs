@@ -18,7 +18,9 @@ pub mod keys;
 pub mod power_loss;
 mod value;
 
-pub use engine::{PartitionImage, SmOp, SmWrite, StorageEngine, StorageError};
+pub use engine::{
+    PartitionImage, RaftLogWrite, RaftWrite, SmOp, SmWrite, StorageEngine, StorageError,
+};
 pub use fjall_engine::{FjallEngine, FjallOptions};
 pub use group_commit::{FlushCallback, GroupCommit, GroupCommitStats, SyncFaults};
 pub use value::StoredValue;

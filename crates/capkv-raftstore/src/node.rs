@@ -1,0 +1,424 @@
+//! A node's engine on its own thread: the driver's loop over real time, the node's disk,
+//! a transport and the state machine of every group.
+//!
+//! Each turn the loop takes every input that is waiting (proposals, peer batches, sync
+//! completions) without blocking, ticks every group if a tick is due, proposes the
+//! commands each group received this turn as **one** Raft entry, runs the driver (one
+//! disk write and one sync for all groups), sends what it produced as one
+//! [`PeerBatch`] per peer, and applies what committed, answering each proposal with its
+//! command's response. It blocks only when nothing is waiting, until the next tick.
+//!
+//! A proposal's answer is exact: the entry at the index it was given either has its term
+//! (then it was applied, and the state machine's response is returned) or not (then it
+//! never will be: [`ProposeError::Dropped`]). A node that stops with proposals pending
+//! answers them [`ProposeError::Stopped`]: they may still commit.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use raft::eraftpb::{Entry, EntryType, Message};
+use serde::{Deserialize, Serialize};
+
+use crate::codec::{PeerBatch, WireMessage};
+use crate::driver::{Driver, DriverConfig, GroupStatus, PlantedBugs, ProposeError};
+use crate::storage::{Disk, GroupId};
+
+/// Sends a batch to its peer (`batch.to`). Must not block the loop: a transport that
+/// cannot keep up drops (raft-rs resends what matters).
+pub trait Transport: Send + 'static {
+    fn send(&self, batch: PeerBatch);
+}
+
+/// Every group's replicated state machine on this node.
+pub trait StateMachine: Send + 'static {
+    type Response: Send + 'static;
+    /// Applies the commands of the committed entry `index` (of `term`) of `group`, in
+    /// order, returning one response per command. Raft's own entries (a new leader's
+    /// empty entry) come with no commands. Called in log order per group.
+    fn apply(
+        &mut self,
+        group: GroupId,
+        index: u64,
+        term: u64,
+        commands: Vec<Vec<u8>>,
+    ) -> Vec<Self::Response>;
+}
+
+/// The answer to one proposal.
+pub type Reply<R> = Box<dyn FnOnce(Result<R, ProposeError>) + Send>;
+
+/// What one Raft entry carries: the commands proposed to its group in one turn.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct EntryCommands(Vec<Vec<u8>>);
+
+pub enum Input<R> {
+    Propose {
+        group: GroupId,
+        command: Vec<u8>,
+        reply: Reply<R>,
+    },
+    /// Messages from a peer, decoded.
+    Peer(Vec<(GroupId, Message)>),
+    Synced {
+        id: u64,
+        result: Result<(), String>,
+    },
+    Campaign(GroupId),
+    Stop,
+}
+
+/// Settings of a node's engine.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub id: u64,
+    pub tick: Duration,
+    pub driver: DriverConfig,
+    /// At most this many inputs are taken in one turn (keeps turns short under load).
+    pub max_inputs_per_turn: usize,
+    pub planted: PlantedBugs,
+}
+
+impl NodeConfig {
+    pub fn new(id: u64) -> Self {
+        NodeConfig {
+            id,
+            tick: Duration::from_millis(50),
+            driver: DriverConfig::default(),
+            max_inputs_per_turn: 4096,
+            planted: PlantedBugs::default(),
+        }
+    }
+}
+
+/// Counters, for metrics and benchmarks.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct NodeStats {
+    pub turns: u64,
+    pub proposals: u64,
+    /// Raft entries proposed (each carries every proposal of its group's turn).
+    pub entries_proposed: u64,
+    pub batches_sent: u64,
+    pub messages_sent: u64,
+}
+
+/// What other threads can read of a running node.
+#[derive(Debug, Default)]
+pub struct Shared {
+    pub groups: BTreeMap<GroupId, GroupStatus>,
+    pub stats: NodeStats,
+    pub poisoned: Option<String>,
+}
+
+/// A handle on a running node's engine.
+pub struct RaftNode<R> {
+    tx: mpsc::Sender<Input<R>>,
+    shared: Arc<RwLock<Shared>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl<R: Send + 'static> RaftNode<R> {
+    /// Starts the engine thread. `applied` is what the state machine already holds per
+    /// group; `inputs` must be the receiving end of [`RaftNode::sender`]'s channel (the
+    /// disk's sync notifications go to it too, so it is made before the disk).
+    pub fn start<D, T, S>(
+        config: NodeConfig,
+        disk: D,
+        applied: &BTreeMap<GroupId, u64>,
+        transport: T,
+        sm: S,
+        inputs: (mpsc::Sender<Input<R>>, mpsc::Receiver<Input<R>>),
+    ) -> Result<Self, raft::Error>
+    where
+        D: Disk + Send + 'static,
+        T: Transport,
+        S: StateMachine<Response = R>,
+    {
+        let driver = Driver::start_applied(config.id, disk, &config.driver, config.planted, applied)?;
+        let shared = Arc::new(RwLock::new(Shared::default()));
+        let (tx, rx) = inputs;
+        let mut lp = Loop {
+            driver,
+            config,
+            rx,
+            transport,
+            sm,
+            shared: shared.clone(),
+            pending: BTreeMap::new(),
+            queued: BTreeMap::new(),
+            stats: NodeStats::default(),
+        };
+        lp.publish(lp.driver.groups().collect());
+        let thread = std::thread::Builder::new()
+            .name("capkv-raft".into())
+            .spawn(move || lp.run())
+            .map_err(|e| raft::Error::Io(std::io::Error::other(e.to_string())))?;
+        Ok(RaftNode {
+            tx,
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// Where inputs go (proposals, peer messages, sync completions).
+    pub fn sender(&self) -> mpsc::Sender<Input<R>> {
+        self.tx.clone()
+    }
+
+    pub fn propose(&self, group: GroupId, command: Vec<u8>, reply: Reply<R>) {
+        if let Err(mpsc::SendError(Input::Propose { reply, .. })) = self.tx.send(Input::Propose {
+            group,
+            command,
+            reply,
+        }) {
+            reply(Err(ProposeError::Stopped));
+        }
+    }
+
+    /// Hands a batch received from a peer to the engine (decoded; see [`PeerBatch::decode`]).
+    pub fn receive(&self, messages: Vec<(GroupId, Message)>) {
+        let _ = self.tx.send(Input::Peer(messages));
+    }
+
+    pub fn campaign(&self, group: GroupId) {
+        let _ = self.tx.send(Input::Campaign(group));
+    }
+
+    pub fn status(&self, group: GroupId) -> Option<GroupStatus> {
+        self.shared
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .groups
+            .get(&group)
+            .copied()
+    }
+
+    pub fn stats(&self) -> NodeStats {
+        self.shared.read().unwrap_or_else(|e| e.into_inner()).stats
+    }
+
+    pub fn poisoned(&self) -> Option<String> {
+        self.shared
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .poisoned
+            .clone()
+    }
+
+    /// Stops the loop and waits for it. Pending proposals are answered `Stopped`.
+    pub fn stop(mut self) {
+        self.stop_inner();
+    }
+
+    fn stop_inner(&mut self) {
+        let _ = self.tx.send(Input::Stop);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl<R> Drop for RaftNode<R> {
+    fn drop(&mut self) {
+        let _ = self.tx.send(Input::Stop);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A proposal waiting for its entry: index, term, and the replies of its commands.
+type Pending<R> = (u64, u64, Vec<Reply<R>>);
+
+struct Loop<D: Disk, T, S: StateMachine> {
+    driver: Driver<D>,
+    config: NodeConfig,
+    rx: mpsc::Receiver<Input<S::Response>>,
+    transport: T,
+    sm: S,
+    shared: Arc<RwLock<Shared>>,
+    pending: BTreeMap<GroupId, VecDeque<Pending<S::Response>>>,
+    /// Commands received this turn, per group, with their replies.
+    queued: BTreeMap<GroupId, (Vec<Vec<u8>>, Vec<Reply<S::Response>>)>,
+    stats: NodeStats,
+}
+
+impl<D: Disk, T: Transport, S: StateMachine> Loop<D, T, S> {
+    fn run(mut self) {
+        let mut next_tick = Instant::now() + self.config.tick;
+        'outer: loop {
+            let wait = next_tick.saturating_duration_since(Instant::now());
+            let first = match self.rx.recv_timeout(wait) {
+                Ok(i) => Some(i),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => break,
+            };
+            let mut taken = 0;
+            let mut next = first;
+            while let Some(input) = next {
+                if !self.handle(input) {
+                    break 'outer;
+                }
+                taken += 1;
+                if taken >= self.config.max_inputs_per_turn {
+                    break;
+                }
+                next = self.rx.try_recv().ok();
+            }
+            let now = Instant::now();
+            if now >= next_tick {
+                self.driver.tick();
+                next_tick = now + self.config.tick;
+            }
+            self.turn();
+        }
+        // Stopping: what is pending may still commit elsewhere.
+        for (_, q) in std::mem::take(&mut self.pending) {
+            for (_, _, replies) in q {
+                for r in replies {
+                    r(Err(ProposeError::Stopped));
+                }
+            }
+        }
+        for (_, (_, replies)) in std::mem::take(&mut self.queued) {
+            for r in replies {
+                r(Err(ProposeError::Stopped));
+            }
+        }
+    }
+
+    /// Takes one input; false to stop.
+    fn handle(&mut self, input: Input<S::Response>) -> bool {
+        match input {
+            Input::Propose {
+                group,
+                command,
+                reply,
+            } => {
+                let q = self.queued.entry(group).or_default();
+                q.0.push(command);
+                q.1.push(reply);
+            }
+            Input::Peer(msgs) => {
+                for (g, m) in msgs {
+                    self.driver.step(g, m);
+                }
+            }
+            Input::Synced { id, result } => match result {
+                Ok(()) => self.driver.on_synced(id),
+                Err(e) => self.driver.poison(e),
+            },
+            Input::Campaign(g) => self.driver.campaign(g),
+            Input::Stop => return false,
+        }
+        true
+    }
+
+    fn turn(&mut self) {
+        self.stats.turns += 1;
+        // Every group's commands of this turn become one entry.
+        for (group, (commands, replies)) in std::mem::take(&mut self.queued) {
+            self.stats.proposals += commands.len() as u64;
+            let data = postcard::to_stdvec(&EntryCommands(commands)).unwrap_or_default();
+            match self.driver.propose(group, data) {
+                Ok((index, term)) => {
+                    self.stats.entries_proposed += 1;
+                    self.pending
+                        .entry(group)
+                        .or_default()
+                        .push_back((index, term, replies));
+                }
+                Err(e) => {
+                    for r in replies {
+                        r(Err(e.clone()));
+                    }
+                }
+            }
+        }
+        self.driver.run();
+        let out = self.driver.take_outbox();
+        if !out.is_empty() {
+            let mut per_peer: BTreeMap<u64, Vec<(GroupId, WireMessage)>> = BTreeMap::new();
+            for o in out {
+                per_peer
+                    .entry(o.to)
+                    .or_default()
+                    .push((o.group, WireMessage::from(&o.message)));
+            }
+            for (to, messages) in per_peer {
+                self.stats.batches_sent += 1;
+                self.stats.messages_sent += messages.len() as u64;
+                self.transport.send(PeerBatch {
+                    from: self.config.id,
+                    to,
+                    messages,
+                });
+            }
+        }
+        for c in self.driver.take_committed() {
+            self.apply(c.group, c.entry);
+        }
+        let touched = self.driver.take_touched();
+        self.publish(touched);
+    }
+
+    fn apply(&mut self, group: GroupId, entry: Entry) {
+        let (index, term) = (entry.index, entry.term);
+        let commands = if entry.entry_type == EntryType::EntryNormal && !entry.data.is_empty() {
+            match postcard::from_bytes::<EntryCommands>(&entry.data) {
+                Ok(c) => c.0,
+                // Written by this engine and agreed by a quorum: unreadable means the
+                // node must not go on guessing.
+                Err(e) => {
+                    self.driver
+                        .poison(format!("committed entry {index} of group {group} is unreadable: {e}"));
+                    return;
+                }
+            }
+        } else {
+            Vec::new()
+        };
+        let mut responses = self.sm.apply(group, index, term, commands).into_iter();
+        self.driver.applied(group, index);
+        let Some(q) = self.pending.get_mut(&group) else {
+            return;
+        };
+        while q.front().is_some_and(|(pi, _, _)| *pi <= index) {
+            let (pi, pt, replies) = q.pop_front().expect("front exists");
+            if pi == index && pt == term {
+                for r in replies {
+                    match responses.next() {
+                        Some(resp) => r(Ok(resp)),
+                        None => r(Err(ProposeError::Dropped)),
+                    }
+                }
+            } else if pi == index {
+                // Another leader's entry took the index: this one never commits.
+                for r in replies {
+                    r(Err(ProposeError::Dropped));
+                }
+            } else {
+                // An index passed without being applied here (a snapshot covered it):
+                // whether it was applied is not known.
+                for r in replies {
+                    r(Err(ProposeError::Stopped));
+                }
+            }
+        }
+    }
+
+    fn publish(&mut self, groups: Vec<GroupId>) {
+        let mut s = self.shared.write().unwrap_or_else(|e| e.into_inner());
+        for g in groups {
+            if let Some(st) = self.driver.status(g) {
+                s.groups.insert(g, st);
+            }
+        }
+        s.stats = self.stats;
+        if s.poisoned.is_none() {
+            s.poisoned = self.driver.poisoned().map(str::to_string);
+        }
+    }
+}
