@@ -14,7 +14,7 @@
 //! completions and the disk come from the caller, which is what lets one thread simulate
 //! many nodes from a seed.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use raft::eraftpb::{Entry, Message, MessageType};
 use raft::{Config, RawNode, StateRole};
@@ -33,6 +33,9 @@ pub struct DriverConfig {
     pub max_election_ticks: usize,
     pub max_size_per_msg: u64,
     pub max_inflight_msgs: usize,
+    /// A leader whose group has been idle (everything committed, applied and replicated
+    /// to every follower, nothing pending) this many ticks puts it to sleep; 0: never.
+    pub quiesce_after_ticks: usize,
 }
 
 impl Default for DriverConfig {
@@ -44,6 +47,7 @@ impl Default for DriverConfig {
             max_election_ticks: 20,
             max_size_per_msg: 1024 * 1024,
             max_inflight_msgs: 256,
+            quiesce_after_ticks: 6,
         }
     }
 }
@@ -65,6 +69,23 @@ pub struct Committed {
 struct Group {
     node: RawNode<GroupStorage>,
     storage: GroupStorage,
+    /// Asleep: not ticked, sends nothing, until something wakes it (see `tick`).
+    quiet: bool,
+    /// Ticks the leader has seen the group idle.
+    idle_ticks: usize,
+    /// The other voters (for liveness wake-ups and quiesce messages).
+    peers: Vec<u64>,
+}
+
+/// The context of the heartbeat a leader sends to put a follower's group to sleep. Its
+/// response carries the same context and does not wake the leader.
+pub const QUIESCE_CONTEXT: &[u8] = b"capkv:quiesce";
+
+/// Node-level liveness of one peer: ticks since anything arrived from it.
+#[derive(Debug, Clone, Copy, Default)]
+struct PeerLiveness {
+    silent_ticks: usize,
+    down: bool,
 }
 
 /// A group as one node sees it.
@@ -77,6 +98,8 @@ pub struct GroupStatus {
     pub commit: u64,
     pub applied: u64,
     pub last_index: u64,
+    /// Asleep (quiesced) on this node.
+    pub quiet: bool,
 }
 
 /// A message for a peer, tagged with its group.
@@ -127,7 +150,28 @@ pub struct Driver<D: Disk> {
     poisoned: Option<String>,
     /// Groups that had a ready since [`Driver::take_touched`] last ran.
     touched: Vec<GroupId>,
+    /// Groups that may have a ready (stepped, ticked, proposed to, persisted, applied):
+    /// a turn looks at these only, so idle groups cost nothing per turn.
+    dirty: BTreeSet<GroupId>,
+    liveness: BTreeMap<u64, PeerLiveness>,
+    pings: Vec<u64>,
+    ticks: u64,
+    config: DriverConfig,
+    stats: DriverStats,
     logger: slog::Logger,
+}
+
+/// Counters of the driver, for metrics.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DriverStats {
+    /// Groups put to sleep / woken, in total.
+    pub quiesced: u64,
+    pub woken: u64,
+    /// Disk writes and syncs requested.
+    pub writes: u64,
+    pub syncs: u64,
+    /// Entries written to the log.
+    pub entries_written: u64,
 }
 
 fn raft_config(id: u64, c: &DriverConfig, applied: u64) -> Config {
@@ -174,6 +218,8 @@ impl<D: Disk> Driver<D> {
     ) -> Result<Self, raft::Error> {
         let logger = slog::Logger::root(slog::Discard, slog::o!());
         let mut groups = BTreeMap::new();
+        let mut liveness = BTreeMap::new();
+        let mut dirty = BTreeSet::new();
         for (gid, mut state) in disk.load() {
             let applied = applied.get(&gid).copied().unwrap_or(0);
             if applied > state.last_index() {
@@ -188,9 +234,30 @@ impl<D: Disk> Driver<D> {
             if applied > state.hard_state.commit {
                 state.hard_state.commit = applied;
             }
+            let peers: Vec<u64> = state
+                .conf_state
+                .voters
+                .iter()
+                .chain(state.conf_state.learners.iter())
+                .copied()
+                .filter(|p| *p != id)
+                .collect();
+            for p in &peers {
+                liveness.entry(*p).or_insert_with(PeerLiveness::default);
+            }
             let storage = GroupStorage::new(state);
             let node = RawNode::new(&raft_config(id, config, applied), storage.clone(), &logger)?;
-            groups.insert(gid, Group { node, storage });
+            dirty.insert(gid);
+            groups.insert(
+                gid,
+                Group {
+                    node,
+                    storage,
+                    quiet: false,
+                    idle_ticks: 0,
+                    peers,
+                },
+            );
         }
         Ok(Driver {
             id,
@@ -203,6 +270,12 @@ impl<D: Disk> Driver<D> {
             planted,
             poisoned: None,
             touched: Vec::new(),
+            dirty,
+            liveness,
+            pings: Vec::new(),
+            ticks: 0,
+            config: config.clone(),
+            stats: DriverStats::default(),
             logger,
         })
     }
@@ -224,17 +297,188 @@ impl<D: Disk> Driver<D> {
     }
 
     /// One tick of the logical clock for every group.
+    /// One tick of the logical clock: every awake group ticks, leaders of idle groups put
+    /// them to sleep, and peers silent for an election timeout count as down, which
+    /// wakes every group they share with this node.
     pub fn tick(&mut self) {
-        for g in self.groups.values_mut() {
-            g.node.tick();
+        self.ticks += 1;
+        if self.ticks % self.config.heartbeat_ticks.max(1) as u64 == 0 {
+            self.pings = self.liveness.keys().copied().collect();
+        }
+        let election = self.config.election_ticks;
+        let mut newly_down = Vec::new();
+        for (p, l) in self.liveness.iter_mut() {
+            l.silent_ticks += 1;
+            if l.silent_ticks >= election && !l.down {
+                l.down = true;
+                newly_down.push(*p);
+            }
+        }
+        for p in newly_down {
+            self.wake_groups_of(p);
+        }
+        let any_down = self.liveness.values().any(|l| l.down);
+        let quiesce_after = self.config.quiesce_after_ticks;
+        for (&gid, g) in self.groups.iter_mut() {
+            if g.quiet {
+                continue;
+            }
+            // Idle is judged before the tick: a tick makes heartbeats (a ready) even in a
+            // group with nothing to do.
+            let idle = quiesce_after > 0
+                && idle_leader(&g.node)
+                && (!any_down
+                    || g.peers.iter().all(|p| self.liveness.get(p).is_none_or(|l| !l.down)));
+            if idle {
+                g.idle_ticks += 1;
+            } else {
+                g.idle_ticks = 0;
+            }
+            if quiesce_after == 0 || g.idle_ticks < quiesce_after {
+                g.node.tick();
+                self.dirty.insert(gid);
+            } else {
+                // Instead of this tick (whose heartbeat could overtake the quiesce
+                // message and wake the follower again):
+                // Tell every follower to sleep (a heartbeat it answers as usual), then
+                // sleep. A follower that misses it times out, campaigns, and its pre-vote
+                // wakes the group: no harm, just a wake-up.
+                let r = &g.node.raft;
+                for &p in &g.peers {
+                    let matched = r.prs().get(p).map_or(0, |pr| pr.matched);
+                    let mut m = Message::default();
+                    m.set_msg_type(MessageType::MsgHeartbeat);
+                    m.to = p;
+                    m.from = self.id;
+                    m.term = r.term;
+                    m.commit = matched.min(r.raft_log.committed);
+                    m.context = QUIESCE_CONTEXT.to_vec().into();
+                    self.outbox.push(Outgoing {
+                        to: p,
+                        group: gid,
+                        message: m,
+                    });
+                }
+                g.quiet = true;
+                g.idle_ticks = 0;
+                self.stats.quiesced += 1;
+                self.touched.push(gid);
+            }
         }
     }
 
-    /// A message from a peer. Messages for unknown groups are dropped.
-    pub fn step(&mut self, group: GroupId, message: Message) {
+    /// Anything arrived from `peer` (a message of any group, or the node-level ping).
+    pub fn heard_from(&mut self, peer: u64) {
+        if let Some(l) = self.liveness.get_mut(&peer) {
+            l.silent_ticks = 0;
+            l.down = false;
+        }
+    }
+
+    /// Peers to ping now (node-level liveness: once per heartbeat interval, whether or not
+    /// any group has something to say to them). Drained.
+    pub fn take_pings(&mut self) -> Vec<u64> {
+        std::mem::take(&mut self.pings)
+    }
+
+    /// Whether this node counts `peer` as down.
+    pub fn peer_down(&self, peer: u64) -> bool {
+        self.liveness.get(&peer).is_some_and(|l| l.down)
+    }
+
+    fn wake_groups_of(&mut self, peer: u64) {
+        for (&gid, g) in self.groups.iter_mut() {
+            if g.quiet && g.peers.contains(&peer) {
+                g.quiet = false;
+                g.idle_ticks = 0;
+                self.stats.woken += 1;
+                self.dirty.insert(gid);
+                self.touched.push(gid);
+            }
+        }
+    }
+
+    fn wake(&mut self, group: GroupId) {
         if let Some(g) = self.groups.get_mut(&group) {
-            // An error here is a message raft-rs refuses (e.g. from a removed peer).
-            let _ = g.node.step(message);
+            if g.quiet {
+                g.quiet = false;
+                self.stats.woken += 1;
+                self.touched.push(group);
+            }
+            g.idle_ticks = 0;
+        }
+    }
+
+    /// Whether `group` is asleep here.
+    pub fn is_quiet(&self, group: GroupId) -> bool {
+        self.groups.get(&group).is_some_and(|g| g.quiet)
+    }
+
+    /// Groups asleep here.
+    pub fn quiet_count(&self) -> usize {
+        self.groups.values().filter(|g| g.quiet).count()
+    }
+
+    pub fn stats(&self) -> DriverStats {
+        self.stats
+    }
+
+    /// A message from a peer. Messages for unknown groups are dropped.
+    ///
+    /// Any message wakes a sleeping group, except the two halves of putting it to sleep:
+    /// the leader's quiesce heartbeat (which puts this follower to sleep if it is fully
+    /// caught up with that leader) and the follower's answer to it.
+    pub fn step(&mut self, group: GroupId, message: Message) {
+        let Some(g) = self.groups.get_mut(&group) else {
+            return;
+        };
+        let quiesce = message.context.as_ref() == QUIESCE_CONTEXT;
+        let is_hb = message.msg_type == MessageType::MsgHeartbeat;
+        let from = message.from;
+        let term = message.term;
+        // Heartbeats (and their answers) that say nothing new do not wake a sleeping
+        // group: ones sent just before the leader fell asleep can arrive after its quiesce
+        // message.
+        let idle_chatter = g.quiet && {
+            let r = &g.node.raft;
+            let last = r.raft_log.last_index();
+            r.term == term
+                && match message.msg_type {
+                    MessageType::MsgHeartbeat => {
+                        r.state == StateRole::Follower
+                            && r.leader_id == from
+                            && message.commit <= r.raft_log.committed
+                            && r.raft_log.committed == last
+                    }
+                    MessageType::MsgHeartbeatResponse => {
+                        r.state == StateRole::Leader
+                            && message.context.is_empty()
+                            && r.prs().get(from).is_some_and(|p| p.matched == last)
+                    }
+                    _ => false,
+                }
+        };
+        if !quiesce && !idle_chatter && g.quiet {
+            g.quiet = false;
+            g.idle_ticks = 0;
+            self.stats.woken += 1;
+            self.touched.push(group);
+        }
+        // An error here is a message raft-rs refuses (e.g. from a removed peer).
+        let _ = g.node.step(message);
+        self.dirty.insert(group);
+        if quiesce && is_hb {
+            let r = &g.node.raft;
+            let caught_up = r.state == StateRole::Follower
+                && r.term == term
+                && r.leader_id == from
+                && r.raft_log.committed == r.raft_log.last_index()
+                && r.raft_log.persisted == r.raft_log.last_index();
+            if caught_up && !g.quiet {
+                g.quiet = true;
+                self.stats.quiesced += 1;
+                self.touched.push(group);
+            }
         }
     }
 
@@ -242,6 +486,11 @@ impl<D: Disk> Driver<D> {
     /// Returns the index and term the entry has in this leader's log: it was applied if
     /// and only if the entry applied at that index has that term.
     pub fn propose(&mut self, group: GroupId, data: Vec<u8>) -> Result<(u64, u64), ProposeError> {
+        if let Some(why) = &self.poisoned {
+            return Err(ProposeError::Poisoned(why.clone()));
+        }
+        self.wake(group);
+        self.dirty.insert(group);
         let g = self
             .groups
             .get_mut(&group)
@@ -264,6 +513,8 @@ impl<D: Disk> Driver<D> {
 
     /// Makes this node campaign in `group` (e.g. at bootstrap).
     pub fn campaign(&mut self, group: GroupId) {
+        self.wake(group);
+        self.dirty.insert(group);
         if let Some(g) = self.groups.get_mut(&group) {
             let _ = g.node.campaign();
         }
@@ -277,10 +528,10 @@ impl<D: Disk> Driver<D> {
     }
 
     /// The group's log as this node holds it now (durable or not) and its commit index.
-    pub fn log(&self, group: GroupId) -> Option<(LogState, u64)> {
+    pub fn log(&self, group: GroupId) -> Option<(std::sync::RwLockReadGuard<'_, LogState>, u64)> {
         self.groups
             .get(&group)
-            .map(|g| (g.storage.read().clone(), g.node.raft.raft_log.committed))
+            .map(|g| (g.storage.read(), g.node.raft.raft_log.committed))
     }
 
     /// Messages to send now.
@@ -309,6 +560,7 @@ impl<D: Disk> Driver<D> {
                 commit: r.raft_log.committed,
                 applied: r.raft_log.applied,
                 last_index: r.raft_log.last_index(),
+                quiet: g.quiet,
             }
         })
     }
@@ -326,7 +578,11 @@ impl<D: Disk> Driver<D> {
         let mut batch = WriteBatch::default();
         let mut readies: Vec<(GroupId, u64)> = Vec::new();
         let mut after_sync: Vec<Outgoing> = Vec::new();
-        for (&gid, g) in self.groups.iter_mut() {
+        let dirty = std::mem::take(&mut self.dirty);
+        for gid in dirty {
+            let Some(g) = self.groups.get_mut(&gid) else {
+                continue;
+            };
             if !g.node.has_ready() {
                 continue;
             }
@@ -380,6 +636,12 @@ impl<D: Disk> Driver<D> {
         // still waits for the syncs before it, since raft-rs persists readies in order.
         if !batch.is_empty() || !self.in_flight.is_empty() {
             if !batch.is_empty() {
+                self.stats.writes += 1;
+                self.stats.entries_written += batch
+                    .groups
+                    .values()
+                    .map(|w| w.entries.len() as u64)
+                    .sum::<u64>();
                 if let Err(e) = self.disk.write(batch) {
                     self.poison(e);
                     return;
@@ -388,6 +650,7 @@ impl<D: Disk> Driver<D> {
             let id = self.next_sync;
             self.next_sync += 1;
             self.disk.sync(id);
+            self.stats.syncs += 1;
             self.in_flight.push_back((id, readies, after_sync));
         } else {
             self.persisted(readies, after_sync);
@@ -429,6 +692,7 @@ impl<D: Disk> Driver<D> {
         for (gid, number) in readies {
             if let Some(g) = self.groups.get_mut(&gid) {
                 g.node.on_persist_ready(number);
+                self.dirty.insert(gid);
             }
         }
         self.outbox.extend(msgs);
@@ -438,6 +702,7 @@ impl<D: Disk> Driver<D> {
     pub fn applied(&mut self, group: GroupId, index: u64) {
         if let Some(g) = self.groups.get_mut(&group) {
             g.node.advance_apply_to(index);
+            self.dirty.insert(group);
         }
     }
 
@@ -445,4 +710,23 @@ impl<D: Disk> Driver<D> {
     pub fn logger(&self) -> &slog::Logger {
         &self.logger
     }
+}
+
+/// Whether a leader's group has nothing in flight: everything proposed is persisted,
+/// committed and applied here and matched by every follower, no read, no leadership
+/// transfer and no membership change is pending.
+fn idle_leader(node: &RawNode<GroupStorage>) -> bool {
+    let r = &node.raft;
+    if r.state != StateRole::Leader || r.lead_transferee.is_some() {
+        return false;
+    }
+    let last = r.raft_log.last_index();
+    r.raft_log.committed == last
+        && r.raft_log.persisted == last
+        && r.raft_log.applied == last
+        && r.pending_conf_index <= r.raft_log.applied
+        && r.pending_read_count() == 0
+        && r.ready_read_count() == 0
+        && r.prs().iter().all(|(id, pr)| *id == r.id || pr.matched == last)
+        && !node.has_ready()
 }

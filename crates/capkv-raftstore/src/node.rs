@@ -60,8 +60,11 @@ pub enum Input<R> {
         command: Vec<u8>,
         reply: Reply<R>,
     },
-    /// Messages from a peer, decoded.
-    Peer(Vec<(GroupId, Message)>),
+    /// A batch from a peer, decoded (an empty one is the node-level ping).
+    Peer {
+        from: u64,
+        messages: Vec<(GroupId, Message)>,
+    },
     Synced {
         id: u64,
         result: Result<(), String>,
@@ -102,6 +105,7 @@ pub struct NodeStats {
     pub entries_proposed: u64,
     pub batches_sent: u64,
     pub messages_sent: u64,
+    pub driver: crate::driver::DriverStats,
 }
 
 /// What other threads can read of a running node.
@@ -177,9 +181,9 @@ impl<R: Send + 'static> RaftNode<R> {
         }
     }
 
-    /// Hands a batch received from a peer to the engine (decoded; see [`PeerBatch::decode`]).
-    pub fn receive(&self, messages: Vec<(GroupId, Message)>) {
-        let _ = self.tx.send(Input::Peer(messages));
+    /// Hands a batch received from `from` to the engine (decoded; see [`PeerBatch::decode`]).
+    pub fn receive(&self, from: u64, messages: Vec<(GroupId, Message)>) {
+        let _ = self.tx.send(Input::Peer { from, messages });
     }
 
     pub fn campaign(&self, group: GroupId) {
@@ -301,8 +305,9 @@ impl<D: Disk, T: Transport, S: StateMachine> Loop<D, T, S> {
                 q.0.push(command);
                 q.1.push(reply);
             }
-            Input::Peer(msgs) => {
-                for (g, m) in msgs {
+            Input::Peer { from, messages } => {
+                self.driver.heard_from(from);
+                for (g, m) in messages {
                     self.driver.step(g, m);
                 }
             }
@@ -339,13 +344,18 @@ impl<D: Disk, T: Transport, S: StateMachine> Loop<D, T, S> {
         }
         self.driver.run();
         let out = self.driver.take_outbox();
-        if !out.is_empty() {
+        let pings = self.driver.take_pings();
+        if !out.is_empty() || !pings.is_empty() {
             let mut per_peer: BTreeMap<u64, Vec<(GroupId, WireMessage)>> = BTreeMap::new();
             for o in out {
                 per_peer
                     .entry(o.to)
                     .or_default()
                     .push((o.group, WireMessage::from(&o.message)));
+            }
+            // A peer that gets nothing else this turn gets an empty batch: the ping.
+            for p in pings {
+                per_peer.entry(p).or_default();
             }
             for (to, messages) in per_peer {
                 self.stats.batches_sent += 1;
@@ -416,6 +426,7 @@ impl<D: Disk, T: Transport, S: StateMachine> Loop<D, T, S> {
                 s.groups.insert(g, st);
             }
         }
+        self.stats.driver = self.driver.stats();
         s.stats = self.stats;
         if s.poisoned.is_none() {
             s.poisoned = self.driver.poisoned().map(str::to_string);

@@ -38,6 +38,13 @@ pub struct SimConfig {
     /// Per step, per mille: the network splits (or heals).
     pub partition_permille: u32,
     pub planted: PlantedBugs,
+    /// After `steps`, the faults stop (the network heals, crashed nodes restart) and
+    /// every group must commit a new proposal within this many ticks of simulated time
+    /// (liveness, with groups asleep and woken); 0 skips it.
+    pub heal_ticks: u64,
+    /// Then nothing is proposed and nothing lost for this many ticks: every group must
+    /// fall asleep on every replica; 0 skips it.
+    pub idle_ticks: u64,
 }
 
 impl SimConfig {
@@ -53,6 +60,8 @@ impl SimConfig {
             crash_permille: 3,
             partition_permille: 2,
             planted: PlantedBugs::default(),
+            heal_ticks: 300,
+            idle_ticks: 100,
         }
     }
 }
@@ -66,6 +75,11 @@ pub struct SimReport {
     /// Distinct (group, term) leaders seen.
     pub leaders: u64,
     pub crashes: u64,
+    /// Groups put to sleep and woken, summed over nodes.
+    pub quiesced: u64,
+    pub woken: u64,
+    /// (group, replica) pairs asleep at the end of the idle phase.
+    pub asleep_at_end: u64,
     pub violation: Option<String>,
 }
 
@@ -87,6 +101,11 @@ enum Event {
         group: GroupId,
     },
     Restart(u64),
+    Ping {
+        from: u64,
+        to: u64,
+    },
+    Client,
 }
 
 struct SimNode {
@@ -121,6 +140,13 @@ pub struct Sim {
     checked_commit: BTreeMap<(u64, GroupId), u64>,
     report: SimReport,
     next_value: u64,
+    /// Healing or idle: no new faults; `quiet_net`: no loss either.
+    calm: bool,
+    quiet_net: bool,
+    /// Idle phase: no proposals.
+    idle: bool,
+    /// Heal phase: proposals go to each group's leader.
+    to_leaders: bool,
 }
 
 const TICK: u64 = 10;
@@ -182,15 +208,23 @@ impl Sim {
                 applied: 0,
                 leaders: 0,
                 crashes: 0,
+                quiesced: 0,
+                woken: 0,
+                asleep_at_end: 0,
                 violation: None,
             },
             next_value: 0,
+            calm: false,
+            quiet_net: false,
+            idle: false,
+            to_leaders: false,
         };
         let ids: Vec<u64> = sim.nodes.keys().copied().collect();
         for id in ids {
             let first = sim.rng.random_range(1..TICK);
             sim.schedule(first, Event::Tick(id));
         }
+        sim.schedule(1, Event::Client);
         sim
     }
 
@@ -220,18 +254,67 @@ impl Sim {
                     applied: 0,
                     leaders: 0,
                     crashes: 0,
+                    quiesced: 0,
+                    woken: 0,
+                    asleep_at_end: 0,
                     violation: Some(format!("seed {seed}: raft-rs panicked: {what}")),
                 }
             }
         }
     }
 
-    /// Runs until the configured steps or the first violation.
+    /// Runs until the configured steps or the first violation, then the heal and idle
+    /// phases.
     pub fn run(mut self) -> SimReport {
-        while self.report.steps < self.cfg.steps && self.report.violation.is_none() {
+        self.steps(self.cfg.steps, u64::MAX);
+        if self.cfg.heal_ticks > 0 && self.report.violation.is_none() {
+            self.heal();
+        }
+        if self.cfg.idle_ticks > 0 && self.report.violation.is_none() {
+            self.idle = true;
+            self.quiet_net = true;
+            self.steps(u64::MAX, self.now + self.cfg.idle_ticks * TICK);
+            let mut asleep = 0;
+            let mut awake = Vec::new();
+            for (id, n) in &self.nodes {
+                let Some(d) = n.driver.as_ref() else { continue };
+                for g in 0..self.cfg.groups {
+                    if d.role(g).is_none() {
+                        continue;
+                    }
+                    if d.is_quiet(g) {
+                        asleep += 1;
+                    } else {
+                        awake.push((*id, g));
+                    }
+                }
+            }
+            self.report.asleep_at_end = asleep;
+            if !awake.is_empty() && self.report.violation.is_none() {
+                self.report.violation = Some(format!(
+                    "seed {}: after {} idle ticks, (node, group) still awake: {awake:?}",
+                    self.cfg.seed, self.cfg.idle_ticks
+                ));
+            }
+        }
+        for n in self.nodes.values() {
+            if let Some(d) = n.driver.as_ref() {
+                self.report.quiesced += d.stats().quiesced;
+                self.report.woken += d.stats().woken;
+            }
+        }
+        self.report.leaders = self.leaders.len() as u64;
+        self.report
+    }
+
+    /// Runs `n` more steps, or until simulated time `until`.
+    fn steps(&mut self, n: u64, until: u64) {
+        let end = self.report.steps.saturating_add(n);
+        while self.report.steps < end && self.now < until && self.report.violation.is_none() {
             self.report.steps += 1;
-            self.maybe_fault();
-            self.maybe_propose();
+            if !self.calm {
+                self.maybe_fault();
+            }
             let Some(Reverse((at, _, event))) = self.queue.pop() else {
                 break;
             };
@@ -240,15 +323,84 @@ impl Sim {
             if let Some(id) = touched {
                 self.turn(id);
             }
-            if let Err(v) = self.check() {
+            // The log-matching scan reads whole logs: every 64 steps (a mismatch persists).
+            let full = self.report.steps % 64 == 0;
+            if let Err(v) = self.check(full) {
                 self.report.violation = Some(format!(
                     "seed {} step {} (time {}): {v}",
                     self.cfg.seed, self.report.steps, self.now
                 ));
             }
         }
-        self.report.leaders = self.leaders.len() as u64;
-        self.report
+    }
+
+    /// Faults stop: every group must then commit something new (an entry with data) in
+    /// `heal_steps`.
+    fn heal(&mut self) {
+        self.calm = true;
+        self.to_leaders = true;
+        self.side.clear();
+        let down: Vec<u64> = self
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.driver.is_none())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in down {
+            self.schedule(1, Event::Restart(id));
+        }
+        let mark: BTreeMap<GroupId, u64> = (0..self.cfg.groups)
+            .map(|g| {
+                let top = self
+                    .committed
+                    .range((g, 0)..(g + 1, 0))
+                    .next_back()
+                    .map_or(0, |((_, i), _)| *i);
+                (g, top)
+            })
+            .collect();
+        self.steps(u64::MAX, self.now + self.cfg.heal_ticks * TICK);
+        if self.report.violation.is_some() {
+            return;
+        }
+        let stuck: Vec<GroupId> = (0..self.cfg.groups)
+            .filter(|g| {
+                !self
+                    .committed
+                    .range((*g, mark[g] + 1)..(*g + 1, 0))
+                    .any(|(_, (_, data))| !data.is_empty())
+            })
+            .collect();
+        if !stuck.is_empty() {
+            let views: Vec<String> = stuck
+                .iter()
+                .take(2)
+                .map(|g| {
+                    let per_node: Vec<String> = self
+                        .nodes
+                        .iter()
+                        .filter_map(|(id, n)| {
+                            let d = n.driver.as_ref()?;
+                            let st = d.status(*g)?;
+                            Some(format!(
+                                "n{id}:{:?} t{} l{} c{} last{}{}",
+                                st.role,
+                                st.term,
+                                st.leader,
+                                st.commit,
+                                st.last_index,
+                                if d.is_quiet(*g) { " quiet" } else { "" }
+                            ))
+                        })
+                        .collect();
+                    format!("group {g}: {}", per_node.join(", "))
+                })
+                .collect();
+            self.report.violation = Some(format!(
+                "seed {}: liveness: groups {stuck:?} committed nothing new in {} ticks (time {}) after the faults stopped; {}",
+                self.cfg.seed, self.cfg.heal_ticks, self.now, views.join("; ")
+            ));
+        }
     }
 
     fn maybe_fault(&mut self) {
@@ -271,10 +423,25 @@ impl Sim {
         }
     }
 
-    fn maybe_propose(&mut self) {
-        if self.rng.random_range(0..100) < 30 {
-            let node = self.rng.random_range(1..=self.cfg.nodes);
+    /// The clients: a proposal every few time units (not per step, so the load does not
+    /// grow with the number of events), to a random node or, once healing, the leader.
+    fn client(&mut self) {
+        let delay = self.rng.random_range(1..5);
+        self.schedule(delay, Event::Client);
+        if !self.idle {
+            let mut node = self.rng.random_range(1..=self.cfg.nodes);
             let group = self.rng.random_range(0..self.cfg.groups);
+            if self.to_leaders {
+                if let Some(l) = self.nodes.iter().find_map(|(id, n)| {
+                    n.driver
+                        .as_ref()
+                        .and_then(|d| d.role(group))
+                        .filter(|r| r.0 == StateRole::Leader)
+                        .map(|_| *id)
+                }) {
+                    node = l;
+                }
+            }
             let delay = self.rng.random_range(0..TICK);
             self.schedule(delay, Event::Propose { node, group });
         }
@@ -319,6 +486,7 @@ impl Sim {
                     return None;
                 }
                 let d = self.nodes.get_mut(&to)?.driver.as_mut()?;
+                d.heard_from(from);
                 d.step(group, msg);
                 Some(to)
             }
@@ -339,6 +507,18 @@ impl Sim {
                 let _ = d.propose(group, value);
                 Some(node)
             }
+            Event::Client => {
+                self.client();
+                None
+            }
+            Event::Ping { from, to } => {
+                if !self.connected(from, to) {
+                    return None;
+                }
+                let d = self.nodes.get_mut(&to)?.driver.as_mut()?;
+                d.heard_from(from);
+                None
+            }
             Event::Restart(id) => {
                 let n = self.nodes.get_mut(&id)?;
                 let disk = n.parked_disk.take()?;
@@ -357,13 +537,15 @@ impl Sim {
         };
         let epoch = n.epoch;
         let Some(d) = n.driver.as_mut() else { return };
-        let before = d.disk().next_sync();
+        let syncs_before = d.stats().syncs;
         d.run();
-        let after = d.disk().next_sync();
+        let requested = d.stats().syncs - syncs_before;
         let out = d.take_outbox();
+        let pings = d.take_pings();
         let committed = d.take_committed();
-        // A sync requested now (or still waiting): its completion comes after a while.
-        if after.is_some() && (before != after || d.syncing()) {
+        // Each sync requested completes after a while (in order: each completion event
+        // completes the oldest).
+        for _ in 0..requested {
             let delay = self.rng.random_range(1..8);
             self.schedule(delay, Event::SyncDone { node: id, epoch });
         }
@@ -399,11 +581,19 @@ impl Sim {
                 d.applied(g, i);
             }
         }
-        for o in out {
-            if self.rng.random_range(0..1000) < self.cfg.loss_permille {
+        let loss = if self.quiet_net { 0 } else { self.cfg.loss_permille };
+        for to in pings {
+            if self.rng.random_range(0..1000) < loss {
                 continue;
             }
-            let copies = if self.rng.random_range(0..1000) < self.cfg.dup_permille {
+            let delay = self.rng.random_range(1..6);
+            self.schedule(delay, Event::Ping { from: id, to });
+        }
+        for o in out {
+            if self.rng.random_range(0..1000) < loss {
+                continue;
+            }
+            let copies = if !self.quiet_net && self.rng.random_range(0..1000) < self.cfg.dup_permille {
                 2
             } else {
                 1
@@ -426,7 +616,7 @@ impl Sim {
     }
 
     /// Checks the safety properties over every live node.
-    fn check(&mut self) -> Result<(), String> {
+    fn check(&mut self, full: bool) -> Result<(), String> {
         let live: Vec<u64> = self
             .nodes
             .iter()
@@ -498,7 +688,9 @@ impl Sim {
                         }
                     }
                 }
-                logs.push((*id, log));
+                if full {
+                    logs.push((*id, log));
+                }
             }
             // Log matching.
             for (i, (a_id, a)) in logs.iter().enumerate() {

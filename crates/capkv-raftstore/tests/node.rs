@@ -49,9 +49,9 @@ struct LoopbackTransport(Senders);
 impl Transport for LoopbackTransport {
     fn send(&self, batch: PeerBatch) {
         let bytes = batch.encode();
-        let (_, to, messages) = PeerBatch::decode(&bytes, 64 << 20).expect("own batch decodes");
+        let (from, to, messages) = PeerBatch::decode(&bytes, 64 << 20).expect("own batch decodes");
         if let Some(tx) = self.0.read().unwrap().get(&to) {
-            let _ = tx.send(Input::Peer(messages));
+            let _ = tx.send(Input::Peer { from, messages });
         }
     }
 }
@@ -183,6 +183,32 @@ fn proposals_commit_apply_everywhere_and_survive_a_restart() {
         let g = i % GROUPS;
         let carried: Vec<_> = first[&g].iter().filter(|(ix, _)| ix == index).collect();
         assert_eq!(carried[*pos].1, format!("cmd-{i}").into_bytes());
+    }
+
+    // Left alone, every group falls asleep on every node; a proposal wakes its group.
+    wait_until("every group asleep on every node", || {
+        nodes
+            .values()
+            .all(|n| (0..GROUPS).all(|g| n.status(g).is_some_and(|s| s.quiet)))
+    });
+    let sleeping = nodes.values().map(|n| n.stats().driver.quiesced).sum::<u64>();
+    assert!(sleeping >= u64::from(GROUPS) * 3);
+    let g = 3;
+    let l = leader(&nodes, g).expect("a sleeping group keeps its leader");
+    let (wtx, wrx) = mpsc::channel();
+    nodes[&l].propose(
+        g,
+        b"wake-up".to_vec(),
+        Box::new(move |r| {
+            let _ = wtx.send(r);
+        }),
+    );
+    let r = wrx.recv_timeout(Duration::from_secs(30)).expect("answered");
+    assert!(r.is_ok(), "the woken group commits: {r:?}");
+    for n in nodes.values() {
+        wait_until("the write reaches every replica", || {
+            n.status(g).is_some_and(|s| s.commit >= r.as_ref().unwrap().0)
+        });
     }
 
     // Stop everything; reopen from disk with empty state machines: the logs replay the
