@@ -102,6 +102,15 @@ pub struct GroupStatus {
     pub quiet: bool,
 }
 
+/// A confirmed ReadIndex: once `group` has applied `index`, a read that asked with
+/// `context` may be served from the state machine.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadReady {
+    pub group: GroupId,
+    pub index: u64,
+    pub context: Vec<u8>,
+}
+
 /// A message for a peer, tagged with its group.
 #[derive(Debug, Clone)]
 pub struct Outgoing {
@@ -125,6 +134,10 @@ pub enum ProposeError {
     /// outcome: the proposal may or may not have been applied.
     #[error("the outcome of the proposal is unknown")]
     Stopped,
+    /// A read's leadership confirmation did not come in time (leadership lost, or the
+    /// leader has not committed in its term yet): retry, perhaps elsewhere.
+    #[error("the read could not be confirmed by a quorum in time")]
+    ReadTimedOut,
     /// The disk failed; the node acknowledges nothing until it restarts.
     #[error("storage failed: {0}")]
     Poisoned(String),
@@ -155,6 +168,7 @@ pub struct Driver<D: Disk> {
     dirty: BTreeSet<GroupId>,
     liveness: BTreeMap<u64, PeerLiveness>,
     pings: Vec<u64>,
+    read_states: Vec<ReadReady>,
     ticks: u64,
     config: DriverConfig,
     stats: DriverStats,
@@ -273,6 +287,7 @@ impl<D: Disk> Driver<D> {
             dirty,
             liveness,
             pings: Vec::new(),
+            read_states: Vec::new(),
             ticks: 0,
             config: config.clone(),
             stats: DriverStats::default(),
@@ -511,6 +526,36 @@ impl<D: Disk> Driver<D> {
         Ok((g.node.raft.raft_log.last_index(), g.node.raft.term))
     }
 
+    /// Asks the leader of `group` (this node) to confirm its leadership with a quorum for a
+    /// read; the answer comes as a [`ReadReady`] with `context` ([`Driver::take_read_states`]),
+    /// or never (leadership lost, or nothing committed yet in this leader's term): the
+    /// caller times out.
+    pub fn read_index(&mut self, group: GroupId, context: Vec<u8>) -> Result<(), ProposeError> {
+        if let Some(why) = &self.poisoned {
+            return Err(ProposeError::Poisoned(why.clone()));
+        }
+        self.wake(group);
+        self.dirty.insert(group);
+        let g = self
+            .groups
+            .get_mut(&group)
+            .ok_or(ProposeError::NoGroup(group))?;
+        if g.node.raft.state != StateRole::Leader {
+            let leader = g.node.raft.leader_id;
+            return Err(ProposeError::NotLeader {
+                group,
+                leader: (leader != 0).then_some(leader),
+            });
+        }
+        g.node.read_index(context);
+        Ok(())
+    }
+
+    /// Confirmed reads (see [`Driver::read_index`]).
+    pub fn take_read_states(&mut self) -> Vec<ReadReady> {
+        std::mem::take(&mut self.read_states)
+    }
+
     /// Makes this node campaign in `group` (e.g. at bootstrap).
     pub fn campaign(&mut self, group: GroupId) {
         self.wake(group);
@@ -622,6 +667,13 @@ impl<D: Disk> Driver<D> {
                     after_sync.push(out);
                 }
             }
+            for rs in rd.take_read_states() {
+                self.read_states.push(ReadReady {
+                    group: gid,
+                    index: rs.index,
+                    context: rs.request_ctx,
+                });
+            }
             for entry in rd.take_committed_entries() {
                 self.committed.push(Committed { group: gid, entry });
             }
@@ -667,6 +719,7 @@ impl<D: Disk> Driver<D> {
         self.in_flight.clear();
         self.outbox.clear();
         self.committed.clear();
+        self.read_states.clear();
     }
 
     /// Why the driver stopped, if it did.

@@ -50,6 +50,10 @@ pub trait StateMachine: Send + 'static {
 /// The answer to one proposal.
 pub type Reply<R> = Box<dyn FnOnce(Result<R, ProposeError>) + Send>;
 
+/// The answer to a linearizable read: the read index, which the state machine has
+/// applied by the time this is called, so a read of it now is linearizable.
+pub type ReadReply = Box<dyn FnOnce(Result<u64, ProposeError>) + Send>;
+
 /// What one Raft entry carries: the commands proposed to its group in one turn.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct EntryCommands(Vec<Vec<u8>>);
@@ -68,6 +72,11 @@ pub enum Input<R> {
     Synced {
         id: u64,
         result: Result<(), String>,
+    },
+    /// A linearizable read of `group` (ReadIndex through its leader, this node).
+    Read {
+        group: GroupId,
+        reply: ReadReply,
     },
     Campaign(GroupId),
     Stop,
@@ -116,6 +125,15 @@ pub struct Shared {
     pub poisoned: Option<String>,
 }
 
+/// Why a node's engine did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Storage(#[from] capkv_storage::StorageError),
+    #[error("raft: {0}")]
+    Raft(#[from] raft::Error),
+}
+
 /// A handle on a running node's engine.
 pub struct RaftNode<R> {
     tx: mpsc::Sender<Input<R>>,
@@ -152,6 +170,10 @@ impl<R: Send + 'static> RaftNode<R> {
             shared: shared.clone(),
             pending: BTreeMap::new(),
             queued: BTreeMap::new(),
+            queued_reads: BTreeMap::new(),
+            reads_confirming: BTreeMap::new(),
+            reads_applying: BTreeMap::new(),
+            next_read: 1,
             stats: NodeStats::default(),
         };
         lp.publish(lp.driver.groups().collect());
@@ -164,6 +186,34 @@ impl<R: Send + 'static> RaftNode<R> {
             shared,
             thread: Some(thread),
         })
+    }
+
+    /// Starts the engine over the node's storage engine: every group of `groups` (with
+    /// its voters, used when the group is new on this disk), each disk turn one atomic
+    /// write and one group-commit fsync.
+    pub fn start_on_engine<T, S>(
+        config: NodeConfig,
+        engine: Arc<dyn capkv_storage::StorageEngine>,
+        groups: &BTreeMap<GroupId, Vec<u64>>,
+        applied: &BTreeMap<GroupId, u64>,
+        transport: T,
+        sm: S,
+    ) -> Result<Self, StartError>
+    where
+        T: Transport,
+        S: StateMachine<Response = R>,
+    {
+        let (tx, rx) = mpsc::channel();
+        let sync_tx = std::sync::Mutex::new(tx.clone());
+        let notify: crate::engine_disk::SyncNotify = Arc::new(move |id, result| {
+            let sync_tx = sync_tx.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = sync_tx.send(Input::Synced {
+                id,
+                result: result.map_err(|e| e.to_string()),
+            });
+        });
+        let disk = crate::engine_disk::EngineDisk::open(engine, groups, notify)?;
+        Ok(Self::start(config, disk, applied, transport, sm, (tx, rx))?)
     }
 
     /// Where inputs go (proposals, peer messages, sync completions).
@@ -184,6 +234,17 @@ impl<R: Send + 'static> RaftNode<R> {
     /// Hands a batch received from `from` to the engine (decoded; see [`PeerBatch::decode`]).
     pub fn receive(&self, from: u64, messages: Vec<(GroupId, Message)>) {
         let _ = self.tx.send(Input::Peer { from, messages });
+    }
+
+    /// Confirms with a quorum that this node leads `group`, waits until the state machine
+    /// applied the read index, then calls `reply` with it. Every read of a group in one
+    /// turn shares one confirmation round.
+    pub fn read(&self, group: GroupId, reply: ReadReply) {
+        if let Err(mpsc::SendError(Input::Read { reply, .. })) =
+            self.tx.send(Input::Read { group, reply })
+        {
+            reply(Err(ProposeError::Stopped));
+        }
     }
 
     pub fn campaign(&self, group: GroupId) {
@@ -246,6 +307,13 @@ struct Loop<D: Disk, T, S: StateMachine> {
     pending: BTreeMap<GroupId, VecDeque<Pending<S::Response>>>,
     /// Commands received this turn, per group, with their replies.
     queued: BTreeMap<GroupId, (Vec<Vec<u8>>, Vec<Reply<S::Response>>)>,
+    /// Reads received this turn, per group.
+    queued_reads: BTreeMap<GroupId, Vec<ReadReply>>,
+    /// Reads whose confirmation is under way, by context: group, when asked, replies.
+    reads_confirming: BTreeMap<u64, (GroupId, Instant, Vec<ReadReply>)>,
+    /// Confirmed reads waiting for the state machine to apply their index.
+    reads_applying: BTreeMap<GroupId, Vec<(u64, Vec<ReadReply>)>>,
+    next_read: u64,
     stats: NodeStats,
 }
 
@@ -291,6 +359,23 @@ impl<D: Disk, T: Transport, S: StateMachine> Loop<D, T, S> {
                 r(Err(ProposeError::Stopped));
             }
         }
+        let reads = std::mem::take(&mut self.queued_reads)
+            .into_values()
+            .flatten()
+            .chain(
+                std::mem::take(&mut self.reads_confirming)
+                    .into_values()
+                    .flat_map(|(_, _, r)| r),
+            )
+            .chain(
+                std::mem::take(&mut self.reads_applying)
+                    .into_values()
+                    .flatten()
+                    .flat_map(|(_, r)| r),
+            );
+        for r in reads {
+            r(Err(ProposeError::Stopped));
+        }
     }
 
     /// Takes one input; false to stop.
@@ -315,6 +400,7 @@ impl<D: Disk, T: Transport, S: StateMachine> Loop<D, T, S> {
                 Ok(()) => self.driver.on_synced(id),
                 Err(e) => self.driver.poison(e),
             },
+            Input::Read { group, reply } => self.queued_reads.entry(group).or_default().push(reply),
             Input::Campaign(g) => self.driver.campaign(g),
             Input::Stop => return false,
         }
@@ -334,6 +420,22 @@ impl<D: Disk, T: Transport, S: StateMachine> Loop<D, T, S> {
                         .entry(group)
                         .or_default()
                         .push_back((index, term, replies));
+                }
+                Err(e) => {
+                    for r in replies {
+                        r(Err(e.clone()));
+                    }
+                }
+            }
+        }
+        // Every group's reads of this turn share one confirmation.
+        for (group, replies) in std::mem::take(&mut self.queued_reads) {
+            let ctx = self.next_read;
+            self.next_read += 1;
+            match self.driver.read_index(group, ctx.to_be_bytes().to_vec()) {
+                Ok(()) => {
+                    self.reads_confirming
+                        .insert(ctx, (group, Instant::now(), replies));
                 }
                 Err(e) => {
                     for r in replies {
@@ -370,6 +472,7 @@ impl<D: Disk, T: Transport, S: StateMachine> Loop<D, T, S> {
         for c in self.driver.take_committed() {
             self.apply(c.group, c.entry);
         }
+        self.finish_reads();
         let touched = self.driver.take_touched();
         self.publish(touched);
     }
@@ -414,6 +517,55 @@ impl<D: Disk, T: Transport, S: StateMachine> Loop<D, T, S> {
                 // whether it was applied is not known.
                 for r in replies {
                     r(Err(ProposeError::Stopped));
+                }
+            }
+        }
+    }
+
+    /// Moves confirmed reads on to waiting for their index, answers those whose index is
+    /// applied, and gives up on confirmations that took longer than two election
+    /// timeouts (raft-rs drops a ReadIndex silently when leadership is lost).
+    fn finish_reads(&mut self) {
+        for rs in self.driver.take_read_states() {
+            let Ok(ctx) = <[u8; 8]>::try_from(rs.context.as_slice()) else {
+                continue;
+            };
+            if let Some((group, _, replies)) = self.reads_confirming.remove(&u64::from_be_bytes(ctx)) {
+                debug_assert_eq!(group, rs.group);
+                self.reads_applying
+                    .entry(group)
+                    .or_default()
+                    .push((rs.index, replies));
+            }
+        }
+        let driver = &self.driver;
+        self.reads_applying.retain(|group, waiting| {
+            let applied = driver.status(*group).map_or(0, |s| s.applied);
+            waiting.retain_mut(|(index, replies)| {
+                if *index > applied {
+                    return true;
+                }
+                for r in replies.drain(..) {
+                    r(Ok(*index));
+                }
+                false
+            });
+            !waiting.is_empty()
+        });
+        if !self.reads_confirming.is_empty() {
+            let limit = self.config.tick * (2 * self.config.driver.election_ticks as u32);
+            let now = Instant::now();
+            let expired: Vec<u64> = self
+                .reads_confirming
+                .iter()
+                .filter(|(_, (_, at, _))| now.duration_since(*at) > limit)
+                .map(|(ctx, _)| *ctx)
+                .collect();
+            for ctx in expired {
+                if let Some((_, _, replies)) = self.reads_confirming.remove(&ctx) {
+                    for r in replies {
+                        r(Err(ProposeError::ReadTimedOut));
+                    }
                 }
             }
         }

@@ -5,13 +5,12 @@
 
 use std::collections::BTreeMap;
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use capkv_raftstore::codec::PeerBatch;
 use capkv_raftstore::driver::ProposeError;
-use capkv_raftstore::engine_disk::{EngineDisk, SyncNotify};
-use capkv_raftstore::node::{Input, NodeConfig, RaftNode, StateMachine, Transport};
+use capkv_raftstore::loopback::Loopback;
+use capkv_raftstore::node::{NodeConfig, RaftNode, StateMachine};
 use capkv_raftstore::storage::GroupId;
 use capkv_storage::{FjallEngine, FjallOptions, StorageEngine};
 use raft::StateRole;
@@ -42,19 +41,7 @@ impl StateMachine for RecordingSm {
     }
 }
 
-type Senders = Arc<RwLock<BTreeMap<u64, mpsc::Sender<Input<(u64, usize)>>>>>;
-
-struct LoopbackTransport(Senders);
-
-impl Transport for LoopbackTransport {
-    fn send(&self, batch: PeerBatch) {
-        let bytes = batch.encode();
-        let (from, to, messages) = PeerBatch::decode(&bytes, 64 << 20).expect("own batch decodes");
-        if let Some(tx) = self.0.read().unwrap().get(&to) {
-            let _ = tx.send(Input::Peer { from, messages });
-        }
-    }
-}
+type Senders = Loopback<(u64, usize)>;
 
 const GROUPS: u32 = 8;
 
@@ -66,28 +53,20 @@ fn start(
 ) -> RaftNode<(u64, usize)> {
     let engine: Arc<dyn StorageEngine> =
         Arc::new(FjallEngine::open(dir, FjallOptions::default()).unwrap());
-    let (tx, rx) = mpsc::channel();
-    let sync_tx = Mutex::new(tx.clone());
-    let notify: SyncNotify = Arc::new(move |sid, r| {
-        let _ = sync_tx.lock().unwrap().send(Input::Synced {
-            id: sid,
-            result: r.map_err(|e| e.to_string()),
-        });
-    });
     let groups: BTreeMap<GroupId, Vec<u64>> = (0..GROUPS).map(|g| (g, vec![1, 2, 3])).collect();
-    let disk = EngineDisk::open(engine, &groups, notify).unwrap();
-    senders.write().unwrap().insert(id, tx.clone());
     let mut cfg = NodeConfig::new(id);
     cfg.tick = Duration::from_millis(20);
-    RaftNode::start(
+    let node = RaftNode::start_on_engine(
         cfg,
-        disk,
+        engine,
+        &groups,
         &BTreeMap::new(),
-        LoopbackTransport(senders.clone()),
+        senders.clone(),
         RecordingSm(applied),
-        (tx, rx),
     )
-    .unwrap()
+    .unwrap();
+    senders.register(id, node.sender());
+    node
 }
 
 fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
@@ -108,7 +87,7 @@ fn leader(nodes: &BTreeMap<u64, RaftNode<(u64, usize)>>, g: GroupId) -> Option<u
 #[test]
 fn proposals_commit_apply_everywhere_and_survive_a_restart() {
     let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let senders: Senders = Arc::default();
+    let senders: Senders = Loopback::default();
     let applied: BTreeMap<u64, Applied> = (1..=3).map(|id| (id, Applied::default())).collect();
     let mut nodes: BTreeMap<u64, RaftNode<(u64, usize)>> = (1..=3)
         .map(|id| {
@@ -185,6 +164,39 @@ fn proposals_commit_apply_everywhere_and_survive_a_restart() {
         assert_eq!(carried[*pos].1, format!("cmd-{i}").into_bytes());
     }
 
+    // A read at the leader sees every acknowledged write: its index is at least the
+    // index of every write answered before it began, and that much is applied here.
+    let read = |node: &RaftNode<(u64, usize)>, g: GroupId| {
+        let (tx, rx) = mpsc::channel();
+        node.read(
+            g,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        );
+        rx.recv_timeout(Duration::from_secs(30)).expect("read answered")
+    };
+    for g in 0..GROUPS {
+        let l = leader(&nodes, g).expect("leader");
+        let acked = done
+            .iter()
+            .filter(|(i, _)| *i % GROUPS == g)
+            .map(|(_, (index, _))| *index)
+            .max()
+            .unwrap_or(0);
+        let index = read(&nodes[&l], g).expect("the leader confirms a read");
+        assert!(index >= acked, "group {g}: read index {index} below acknowledged {acked}");
+        let applied_here = snapshot(&applied[&l]);
+        let seen = applied_here[&g].iter().filter(|(ix, _)| *ix <= index).count();
+        let want = done.keys().filter(|i| *i % GROUPS == g).count();
+        assert!(seen >= want, "group {g}: the read sees {seen} of {want} acknowledged writes");
+        let follower = (1..=3).find(|id| *id != l).unwrap();
+        assert!(
+            matches!(read(&nodes[&follower], g), Err(ProposeError::NotLeader { .. })),
+            "a follower does not serve linearizable reads by itself"
+        );
+    }
+
     // Left alone, every group falls asleep on every node; a proposal wakes its group.
     wait_until("every group asleep on every node", || {
         nodes
@@ -205,6 +217,13 @@ fn proposals_commit_apply_everywhere_and_survive_a_restart() {
     );
     let r = wrx.recv_timeout(Duration::from_secs(30)).expect("answered");
     assert!(r.is_ok(), "the woken group commits: {r:?}");
+    // A read of a sleeping group is confirmed too.
+    let asleep = (0..GROUPS).find(|g| *g != 3).unwrap();
+    wait_until("a group asleep at its leader", || {
+        nodes.values().any(|n| n.status(asleep).is_some_and(|s| s.quiet && s.role == StateRole::Leader))
+    });
+    let l = leader(&nodes, asleep).unwrap();
+    assert!(read(&nodes[&l], asleep).is_ok());
     for n in nodes.values() {
         wait_until("the write reaches every replica", || {
             n.status(g).is_some_and(|s| s.commit >= r.as_ref().unwrap().0)
@@ -216,7 +235,7 @@ fn proposals_commit_apply_everywhere_and_survive_a_restart() {
     for (_, n) in std::mem::take(&mut nodes) {
         n.stop();
     }
-    senders.write().unwrap().clear();
+    senders.clear();
     let replay: BTreeMap<u64, Applied> = (1..=3).map(|id| (id, Applied::default())).collect();
     let nodes: BTreeMap<u64, RaftNode<(u64, usize)>> = (1..=3)
         .map(|id| {
