@@ -8,6 +8,7 @@
 //! the fsyncs, disk writes, Raft entries and message batches.
 //!
 //!   cargo run --release -p capkv-raftstore --example engine_bench -- --groups 1024
+//!   (--idle-secs 10 --write-secs 10 --clients 64 --quiesce-after 6; 0 never sleeps)
 //!
 //! CPU is read from /proc/self/stat (clock ticks of 10 ms), so it is Linux only.
 
@@ -83,6 +84,8 @@ fn main() {
     let idle_secs = arg("--idle-secs", 10);
     let write_secs = arg("--write-secs", 10);
     let clients = arg("--clients", 64);
+    // `--quiesce-after 0` keeps idle groups awake (to see what sleeping saves).
+    let quiesce_after = arg("--quiesce-after", 6) as usize;
     let dir = tempfile::tempdir().expect("temp dir");
     let net: Loopback<()> = Loopback::default();
     let members: BTreeMap<GroupId, Vec<u64>> = (0..groups).map(|g| (g, vec![1, 2, 3])).collect();
@@ -94,8 +97,10 @@ fn main() {
             FjallEngine::open(&dir.path().join(format!("n{id}")), FjallOptions::default())
                 .expect("open fjall"),
         );
+        let mut config = NodeConfig::new(id);
+        config.driver.quiesce_after_ticks = quiesce_after;
         let node = RaftNode::start_on_engine(
-            NodeConfig::new(id),
+            config,
             engine.clone(),
             &members,
             &BTreeMap::new(),
@@ -125,9 +130,10 @@ fn main() {
     wait("leaders", &|| (0..groups).all(|g| leader(&nodes, g).is_some()));
     let formed = started.elapsed();
     wait("asleep", &|| {
-        nodes
-            .iter()
-            .all(|n| (0..groups).all(|g| n.status(g).is_some_and(|s| s.quiet)))
+        quiesce_after == 0
+            || nodes
+                .iter()
+                .all(|n| (0..groups).all(|g| n.status(g).is_some_and(|s| s.quiet)))
     });
     let asleep = started.elapsed();
 
