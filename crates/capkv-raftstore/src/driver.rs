@@ -19,7 +19,9 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use raft::eraftpb::{Entry, Message, MessageType};
 use raft::{Config, RawNode, StateRole};
 
-use crate::storage::{Disk, GroupId, GroupStorage, GroupWrite, LogState, WriteBatch};
+use crate::storage::{
+    Disk, GroupId, GroupStorage, GroupWrite, LogState, SnapshotRecord, WriteBatch,
+};
 
 /// Raft settings of every group on a node.
 #[derive(Debug, Clone)]
@@ -111,6 +113,15 @@ pub struct ReadReady {
     pub context: Vec<u8>,
 }
 
+/// A snapshot installed from the leader: the caller's state machine must become `data`
+/// (the image at `index`) before it applies anything after `index`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Restored {
+    pub group: GroupId,
+    pub index: u64,
+    pub data: Vec<u8>,
+}
+
 /// A message for a peer, tagged with its group.
 #[derive(Debug, Clone)]
 pub struct Outgoing {
@@ -145,7 +156,11 @@ pub enum ProposeError {
 
 /// A sync requested and not completed: its id, the readies it makes durable (group, ready
 /// number), and the messages that wait for it.
-type PendingSync = (u64, Vec<(GroupId, u64)>, Vec<Outgoing>);
+type PendingSync = (u64, Vec<PendingReady>, Vec<Outgoing>);
+
+/// A ready waiting for its sync: group, ready number, and the index of the snapshot it
+/// installs (the state machine then counts as applied up to it).
+type PendingReady = (GroupId, u64, Option<u64>);
 
 pub struct Driver<D: Disk> {
     id: u64,
@@ -169,6 +184,10 @@ pub struct Driver<D: Disk> {
     liveness: BTreeMap<u64, PeerLiveness>,
     pings: Vec<u64>,
     read_states: Vec<ReadReady>,
+    /// Snapshots installed this turn, for the caller's state machine.
+    restored: Vec<Restored>,
+    /// Log compactions asked for since the last turn, written with its batch.
+    compactions: BTreeMap<GroupId, SnapshotRecord>,
     ticks: u64,
     config: DriverConfig,
     stats: DriverStats,
@@ -288,6 +307,8 @@ impl<D: Disk> Driver<D> {
             liveness,
             pings: Vec::new(),
             read_states: Vec::new(),
+            restored: Vec::new(),
+            compactions: BTreeMap::new(),
             ticks: 0,
             config: config.clone(),
             stats: DriverStats::default(),
@@ -551,6 +572,45 @@ impl<D: Disk> Driver<D> {
         Ok(())
     }
 
+    /// Snapshots installed since last asked (see [`Restored`]).
+    pub fn take_restored(&mut self) -> Vec<Restored> {
+        std::mem::take(&mut self.restored)
+    }
+
+    /// Drops `group`'s log up to `index` (applied here), whose effect the state machine's
+    /// image `data` holds; a follower that needs entries before it gets that image as a
+    /// snapshot. Does nothing if the log starts after `index` already.
+    pub fn compact(&mut self, group: GroupId, index: u64, data: Vec<u8>) -> Result<(), String> {
+        let g = self
+            .groups
+            .get_mut(&group)
+            .ok_or_else(|| format!("no group {group}"))?;
+        let applied = g.node.raft.raft_log.applied;
+        if index > applied {
+            return Err(format!(
+                "group {group}: compaction to {index} past the applied index {applied}"
+            ));
+        }
+        let mut st = g.storage.write();
+        if index <= st.snapshot_index {
+            return Ok(());
+        }
+        let term = st
+            .entry(index)
+            .map(|e| e.term)
+            .ok_or_else(|| format!("group {group}: no entry {index} to compact to"))?;
+        let record = SnapshotRecord {
+            index,
+            term,
+            conf_state: st.conf_state.clone(),
+            data,
+        };
+        st.compact(&record);
+        drop(st);
+        self.compactions.insert(group, record);
+        Ok(())
+    }
+
     /// Confirmed reads (see [`Driver::read_index`]).
     pub fn take_read_states(&mut self) -> Vec<ReadReady> {
         std::mem::take(&mut self.read_states)
@@ -621,7 +681,8 @@ impl<D: Disk> Driver<D> {
             return;
         }
         let mut batch = WriteBatch::default();
-        let mut readies: Vec<(GroupId, u64)> = Vec::new();
+        let mut readies: Vec<PendingReady> = Vec::new();
+        let compactions = std::mem::take(&mut self.compactions);
         let mut after_sync: Vec<Outgoing> = Vec::new();
         let dirty = std::mem::take(&mut self.dirty);
         for gid in dirty {
@@ -632,12 +693,37 @@ impl<D: Disk> Driver<D> {
                 continue;
             }
             let mut rd = g.node.ready();
+            let mut snapshots_sent = Vec::new();
             for m in rd.take_messages() {
+                if m.msg_type == MessageType::MsgSnapshot {
+                    snapshots_sent.push(m.to);
+                }
                 self.outbox.push(Outgoing {
                     to: m.to,
                     group: gid,
                     message: m,
                 });
+            }
+            // A snapshot from the leader replaces the log; the caller installs its data in
+            // the state machine (`take_restored`), written with this turn's batch.
+            let mut installs = None;
+            if !rd.snapshot().is_empty() {
+                let snap = rd.snapshot();
+                let meta = snap.get_metadata();
+                let record = SnapshotRecord {
+                    index: meta.index,
+                    term: meta.term,
+                    conf_state: meta.get_conf_state().clone(),
+                    data: snap.data.to_vec(),
+                };
+                g.storage.write().restore(&record);
+                installs = Some(record.index);
+                self.restored.push(Restored {
+                    group: gid,
+                    index: record.index,
+                    data: record.data.clone(),
+                });
+                batch.groups.entry(gid).or_default().restore = Some(record);
             }
             let entries = rd.take_entries();
             let hard_state = rd.hs().cloned();
@@ -677,11 +763,29 @@ impl<D: Disk> Driver<D> {
             for entry in rd.take_committed_entries() {
                 self.committed.push(Committed { group: gid, entry });
             }
-            readies.push((gid, rd.number()));
+            readies.push((gid, rd.number(), installs));
             self.touched.push(gid);
             g.node.advance_append_async(rd);
+            // The transport does not say whether a snapshot arrived: count it sent. If it
+            // was lost, the follower rejects the next append and gets another.
+            for to in snapshots_sent {
+                g.node.report_snapshot(to, raft::SnapshotStatus::Finish);
+                self.dirty.insert(gid);
+            }
+        }
+        // Compactions go to disk with the turn's batch (durable with its sync, or a later
+        // one: until then the disk just keeps entries it no longer needs).
+        let compacting = !compactions.is_empty();
+        for (gid, record) in compactions {
+            batch.groups.entry(gid).or_default().compact = Some(record);
         }
         if readies.is_empty() {
+            if compacting {
+                self.stats.writes += 1;
+                if let Err(e) = self.disk.write(batch) {
+                    self.poison(e);
+                }
+            }
             return;
         }
         // One write and one sync for every group of the turn. A turn that wrote nothing
@@ -720,6 +824,7 @@ impl<D: Disk> Driver<D> {
         self.outbox.clear();
         self.committed.clear();
         self.read_states.clear();
+        self.restored.clear();
     }
 
     /// Why the driver stopped, if it did.
@@ -741,10 +846,13 @@ impl<D: Disk> Driver<D> {
         }
     }
 
-    fn persisted(&mut self, readies: Vec<(GroupId, u64)>, msgs: Vec<Outgoing>) {
-        for (gid, number) in readies {
+    fn persisted(&mut self, readies: Vec<PendingReady>, msgs: Vec<Outgoing>) {
+        for (gid, number, installed) in readies {
             if let Some(g) = self.groups.get_mut(&gid) {
                 g.node.on_persist_ready(number);
+                if let Some(index) = installed {
+                    g.node.advance_apply_to(index);
+                }
                 self.dirty.insert(gid);
             }
         }

@@ -19,7 +19,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::driver::{Driver, DriverConfig, PlantedBugs};
-use crate::storage::{GroupId, MemDisk};
+use crate::storage::{Disk, GroupId, MemDisk};
 
 /// What a run does.
 #[derive(Debug, Clone)]
@@ -54,7 +54,7 @@ impl SimConfig {
             nodes: 3,
             groups: 16,
             replicas: 3,
-            steps: 5_000,
+            steps: 20_000,
             loss_permille: 50,
             dup_permille: 20,
             crash_permille: 3,
@@ -80,6 +80,8 @@ pub struct SimReport {
     pub woken: u64,
     /// (group, replica) pairs asleep at the end of the idle phase.
     pub asleep_at_end: u64,
+    /// Snapshots installed by followers that fell behind a compacted log.
+    pub snapshots_installed: u64,
     pub violation: Option<String>,
 }
 
@@ -150,6 +152,10 @@ pub struct Sim {
 }
 
 const TICK: u64 = 10;
+/// A node compacts a group's log once it applied this many entries past the log's start,
+/// keeping the last `COMPACT_KEEP`.
+const COMPACT_AFTER: u64 = 12;
+const COMPACT_KEEP: u64 = 2;
 
 impl Sim {
     pub fn new(cfg: SimConfig) -> Sim {
@@ -211,6 +217,7 @@ impl Sim {
                 quiesced: 0,
                 woken: 0,
                 asleep_at_end: 0,
+                snapshots_installed: 0,
                 violation: None,
             },
             next_value: 0,
@@ -257,6 +264,7 @@ impl Sim {
                     quiesced: 0,
                     woken: 0,
                     asleep_at_end: 0,
+                    snapshots_installed: 0,
                     violation: Some(format!("seed {seed}: raft-rs panicked: {what}")),
                 }
             }
@@ -431,7 +439,7 @@ impl Sim {
         if !self.idle {
             let mut node = self.rng.random_range(1..=self.cfg.nodes);
             let group = self.rng.random_range(0..self.cfg.groups);
-            if self.to_leaders {
+            if self.to_leaders || self.rng.random_range(0..2) == 0 {
                 if let Some(l) = self.nodes.iter().find_map(|(id, n)| {
                     n.driver
                         .as_ref()
@@ -522,7 +530,21 @@ impl Sim {
             Event::Restart(id) => {
                 let n = self.nodes.get_mut(&id)?;
                 let disk = n.parked_disk.take()?;
-                let d = Driver::start(id, disk, &self.driver_cfg, self.cfg.planted).ok()?;
+                // The state machine comes back from the snapshot on disk; the log after it
+                // is applied again as raft-rs hands it out.
+                let mut applied = BTreeMap::new();
+                for (g, st) in disk.load() {
+                    if st.snapshot_index == 0 {
+                        continue;
+                    }
+                    let image: Vec<(u64, u64, Vec<u8>)> =
+                        postcard::from_bytes(&st.snapshot_data).unwrap_or_default();
+                    n.applied
+                        .insert(g, image.into_iter().map(|(i, t, d)| (i, (t, d))).collect());
+                    applied.insert(g, st.snapshot_index);
+                }
+                let d = Driver::start_applied(id, disk, &self.driver_cfg, self.cfg.planted, &applied)
+                    .ok()?;
                 n.driver = Some(d);
                 Some(id)
             }
@@ -542,12 +564,37 @@ impl Sim {
         let requested = d.stats().syncs - syncs_before;
         let out = d.take_outbox();
         let pings = d.take_pings();
+        let restored = d.take_restored();
         let committed = d.take_committed();
         // Each sync requested completes after a while (in order: each completion event
         // completes the oldest).
         for _ in 0..requested {
             let delay = self.rng.random_range(1..8);
             self.schedule(delay, Event::SyncDone { node: id, epoch });
+        }
+        // A snapshot from the leader: this node's state machine becomes its image, which
+        // must agree with what every node applied.
+        for r in restored {
+            let image: Vec<(u64, u64, Vec<u8>)> = match postcard::from_bytes(&r.data) {
+                Ok(i) => i,
+                Err(e) => {
+                    self.report.violation = Some(format!(
+                        "seed {}: node {id} got an unreadable snapshot of group {}: {e}",
+                        self.cfg.seed, r.group
+                    ));
+                    return;
+                }
+            };
+            if let Err(v) = self.agree(id, r.group, &image) {
+                self.report.violation = Some(v);
+                return;
+            }
+            self.report.snapshots_installed += 1;
+            let n = self.nodes.get_mut(&id).expect("node exists");
+            n.applied.insert(
+                r.group,
+                image.into_iter().map(|(i, t, d)| (i, (t, d))).collect(),
+            );
         }
         let mut applied_to: BTreeMap<GroupId, u64> = BTreeMap::new();
         for c in committed {
@@ -576,9 +623,31 @@ impl Sim {
             }
             applied_to.insert(c.group, index);
         }
-        if let Some(d) = self.nodes.get_mut(&id).and_then(|n| n.driver.as_mut()) {
-            for (g, i) in applied_to {
-                d.applied(g, i);
+        if let Some(n) = self.nodes.get_mut(&id) {
+            if let Some(d) = n.driver.as_mut() {
+                for (g, i) in applied_to {
+                    d.applied(g, i);
+                    // Keep logs short, so that followers that fall behind need snapshots.
+                    let first = d.log(g).map_or(1, |(l, _)| l.first_index());
+                    if i >= first + COMPACT_AFTER {
+                        let upto = i - COMPACT_KEEP;
+                        let image: Vec<(u64, u64, Vec<u8>)> = n
+                            .applied
+                            .get(&g)
+                            .map(|m| {
+                                m.range(..=upto)
+                                    .map(|(i, (t, d))| (*i, *t, d.clone()))
+                                    .collect()
+                            })
+                            .unwrap_or_default();
+                        let data = postcard::to_stdvec(&image).unwrap_or_default();
+                        if let Err(e) = d.compact(g, upto, data) {
+                            self.report.violation =
+                                Some(format!("seed {}: node {id}: {e}", self.cfg.seed));
+                            return;
+                        }
+                    }
+                }
             }
         }
         let loss = if self.quiet_net { 0 } else { self.cfg.loss_permille };
@@ -613,6 +682,26 @@ impl Sim {
                 );
             }
         }
+    }
+
+    /// State machine safety for an image: every entry in it agrees with what any node
+    /// applied at that index.
+    fn agree(&mut self, id: u64, group: GroupId, image: &[(u64, u64, Vec<u8>)]) -> Result<(), String> {
+        for (index, term, data) in image {
+            match self.applied.get(&(group, *index)) {
+                Some(known) if *known != (*term, data.clone()) => {
+                    return Err(format!(
+                        "seed {}: state machine safety: node {id} installed a snapshot of group {group} with index {index} = term {term}, another node applied term {}",
+                        self.cfg.seed, known.0
+                    ))
+                }
+                Some(_) => {}
+                None => {
+                    self.applied.insert((group, *index), (*term, data.clone()));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Checks the safety properties over every live node.

@@ -24,6 +24,10 @@ pub struct LogState {
     pub snapshot_term: u64,
     /// Entries from `snapshot_index + 1`, contiguous.
     pub entries: Vec<Entry>,
+    /// The state machine's image at `snapshot_index`, when the disk keeps one with the
+    /// log (the simulation's state machine); empty for a node whose state machine keeps
+    /// its own state on disk.
+    pub snapshot_data: Vec<u8>,
 }
 
 impl LogState {
@@ -42,6 +46,31 @@ impl LogState {
         let keep = first.index.saturating_sub(self.first_index()) as usize;
         self.entries.truncate(keep);
         self.entries.extend_from_slice(entries);
+    }
+
+    /// Drops the entries up to `index` (which must be in the log), whose effect `data`
+    /// holds.
+    pub fn compact(&mut self, record: &SnapshotRecord) {
+        if record.index <= self.snapshot_index {
+            return;
+        }
+        let drop = (record.index - self.snapshot_index).min(self.entries.len() as u64) as usize;
+        self.entries.drain(..drop);
+        self.snapshot_index = record.index;
+        self.snapshot_term = record.term;
+        self.snapshot_data = record.data.clone();
+    }
+
+    /// Replaces the whole log by a snapshot received from the leader.
+    pub fn restore(&mut self, record: &SnapshotRecord) {
+        self.entries.clear();
+        self.snapshot_index = record.index;
+        self.snapshot_term = record.term;
+        self.snapshot_data = record.data.clone();
+        self.conf_state = record.conf_state.clone();
+        if self.hard_state.commit < record.index {
+            self.hard_state.commit = record.index;
+        }
     }
 
     pub fn entry(&self, index: u64) -> Option<&Entry> {
@@ -132,20 +161,25 @@ impl raft::Storage for GroupStorage {
         Ok(self.read().last_index())
     }
 
+    /// The snapshot at the log's compaction point: a follower that needs entries before
+    /// the log's start gets the state machine's image there.
     fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        // Snapshots of the state machine are not built yet: with logs never compacted, a
-        // follower always catches up from the log.
         let s = self.read();
-        let mut snap = Snapshot::default();
+        if request_index > s.snapshot_index {
+            return Err(raft::Error::Store(
+                StorageError::SnapshotTemporarilyUnavailable,
+            ));
+        }
         let mut meta = SnapshotMetadata::default();
         meta.set_conf_state(s.conf_state.clone());
-        meta.index = s.snapshot_index.max(request_index.min(s.snapshot_index));
+        meta.index = s.snapshot_index;
         meta.term = s.snapshot_term;
+        let mut snap = Snapshot {
+            data: s.snapshot_data.clone().into(),
+            ..Default::default()
+        };
         snap.set_metadata(meta);
-        Err(raft::Error::Store(
-            StorageError::SnapshotTemporarilyUnavailable,
-        ))
-        .or(Ok(snap))
+        Ok(snap)
     }
 }
 
@@ -159,8 +193,21 @@ pub struct WriteBatch {
 
 #[derive(Debug, Default, Clone)]
 pub struct GroupWrite {
+    /// A snapshot from the leader replacing the log (applied first).
+    pub restore: Option<SnapshotRecord>,
     pub entries: Vec<Entry>,
     pub hard_state: Option<HardState>,
+    /// Entries up to this record's index are no longer needed (applied last).
+    pub compact: Option<SnapshotRecord>,
+}
+
+/// A point of the log that a state-machine image stands for.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct SnapshotRecord {
+    pub index: u64,
+    pub term: u64,
+    pub conf_state: ConfState,
+    pub data: Vec<u8>,
 }
 
 impl WriteBatch {
@@ -222,9 +269,15 @@ impl MemDisk {
         for batch in self.pending.drain(..covered) {
             for (g, w) in batch.groups {
                 let st = self.durable.entry(g).or_default();
+                if let Some(r) = &w.restore {
+                    st.restore(r);
+                }
                 st.append(&w.entries);
                 if let Some(hs) = w.hard_state {
                     st.hard_state = hs;
+                }
+                if let Some(c) = &w.compact {
+                    st.compact(c);
                 }
             }
         }
@@ -299,7 +352,7 @@ mod tests {
                 7,
                 GroupWrite {
                     entries: vec![entry(i, 1, b"v")],
-                    hard_state: None,
+                    ..Default::default()
                 },
             );
             b

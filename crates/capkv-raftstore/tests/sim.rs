@@ -1,6 +1,7 @@
 //! The seeded simulation of the driver (see `capkv_raftstore::sim`): Raft's safety
 //! properties hold under loss, duplication, reordering, partitions and crashes that lose
-//! unsynced writes; once the faults stop every group makes progress again (groups asleep
+//! unsynced writes, with logs compacted so that lagging followers install snapshots;
+//! once the faults stop every group makes progress again (groups asleep
 //! are woken) and, left idle, every group falls asleep; a planted bug (votes sent before
 //! they are durable) is caught.
 //! `CAPKV_SIM_SEEDS=N` runs more seeds; every failure names its seed.
@@ -23,6 +24,7 @@ fn seeds(default: u64) -> Vec<u64> {
 #[test]
 fn raft_safety_holds_under_faults() {
     let mut total_applied = 0;
+    let mut snapshots = 0;
     for seed in seeds(4) {
         let mut cfg = SimConfig::new(seed);
         cfg.nodes = if seed % 2 == 0 { 3 } else { 5 };
@@ -41,7 +43,12 @@ fn raft_safety_holds_under_faults() {
         assert!(report.quiesced > 0 && report.woken > 0, "seed {seed}: {report:?}");
         assert_eq!(report.asleep_at_end, 16 * 3, "seed {seed}");
         total_applied += report.applied;
+        snapshots += report.snapshots_installed;
     }
+    assert!(
+        snapshots > 0,
+        "followers behind a compacted log caught up by snapshot"
+    );
     assert!(
         total_applied > 1000,
         "entries were committed and applied: {total_applied}"
