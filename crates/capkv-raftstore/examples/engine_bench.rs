@@ -49,7 +49,11 @@ fn cpu() -> Duration {
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
     // Fields from the state (field 3) on; utime and stime are fields 14 and 15.
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let field = |n: usize| f.get(n - 3).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+    let field = |n: usize| {
+        f.get(n - 3)
+            .and_then(|x| x.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
     let ticks = field(14) + field(15);
     Duration::from_millis(ticks * 10)
 }
@@ -127,7 +131,9 @@ fn main() {
             std::thread::sleep(Duration::from_millis(20));
         }
     };
-    wait("leaders", &|| (0..groups).all(|g| leader(&nodes, g).is_some()));
+    wait("leaders", &|| {
+        (0..groups).all(|g| leader(&nodes, g).is_some())
+    });
     let formed = started.elapsed();
     wait("asleep", &|| {
         quiesce_after == 0

@@ -338,7 +338,10 @@ impl<D: Disk> Driver<D> {
     /// wakes every group they share with this node.
     pub fn tick(&mut self) {
         self.ticks += 1;
-        if self.ticks % self.config.heartbeat_ticks.max(1) as u64 == 0 {
+        if self
+            .ticks
+            .is_multiple_of(self.config.heartbeat_ticks.max(1) as u64)
+        {
             self.pings = self.liveness.keys().copied().collect();
         }
         let election = self.config.election_ticks;
@@ -364,7 +367,9 @@ impl<D: Disk> Driver<D> {
             let idle = quiesce_after > 0
                 && idle_leader(&g.node)
                 && (!any_down
-                    || g.peers.iter().all(|p| self.liveness.get(p).is_none_or(|l| !l.down)));
+                    || g.peers
+                        .iter()
+                        .all(|p| self.liveness.get(p).is_none_or(|l| !l.down)));
             if idle {
                 g.idle_ticks += 1;
             } else {
@@ -518,10 +523,8 @@ impl<D: Disk> Driver<D> {
         }
     }
 
-    /// Proposes `data` in `group`; it is committed later, or dropped if leadership moves.
-    /// Returns the index and term the entry has in this leader's log: it was applied if
-    /// and only if the entry applied at that index has that term.
-    pub fn propose(&mut self, group: GroupId, data: Vec<u8>) -> Result<(u64, u64), ProposeError> {
+    /// `group`, woken, if this node leads it (and the driver is not poisoned).
+    fn leading(&mut self, group: GroupId) -> Result<&mut Group, ProposeError> {
         if let Some(why) = &self.poisoned {
             return Err(ProposeError::Poisoned(why.clone()));
         }
@@ -538,6 +541,14 @@ impl<D: Disk> Driver<D> {
                 leader: (leader != 0).then_some(leader),
             });
         }
+        Ok(g)
+    }
+
+    /// Proposes `data` in `group`; it is committed later, or dropped if leadership moves.
+    /// Returns the index and term the entry has in this leader's log: it was applied if
+    /// and only if the entry applied at that index has that term.
+    pub fn propose(&mut self, group: GroupId, data: Vec<u8>) -> Result<(u64, u64), ProposeError> {
+        let g = self.leading(group)?;
         g.node
             .propose(vec![], data)
             .map_err(|_| ProposeError::NotLeader {
@@ -552,22 +563,7 @@ impl<D: Disk> Driver<D> {
     /// or never (leadership lost, or nothing committed yet in this leader's term): the
     /// caller times out.
     pub fn read_index(&mut self, group: GroupId, context: Vec<u8>) -> Result<(), ProposeError> {
-        if let Some(why) = &self.poisoned {
-            return Err(ProposeError::Poisoned(why.clone()));
-        }
-        self.wake(group);
-        self.dirty.insert(group);
-        let g = self
-            .groups
-            .get_mut(&group)
-            .ok_or(ProposeError::NoGroup(group))?;
-        if g.node.raft.state != StateRole::Leader {
-            let leader = g.node.raft.leader_id;
-            return Err(ProposeError::NotLeader {
-                group,
-                leader: (leader != 0).then_some(leader),
-            });
-        }
+        let g = self.leading(group)?;
         g.node.read_index(context);
         Ok(())
     }
@@ -888,6 +884,8 @@ fn idle_leader(node: &RawNode<GroupStorage>) -> bool {
         && r.pending_conf_index <= r.raft_log.applied
         && r.pending_read_count() == 0
         && r.ready_read_count() == 0
-        && r.prs().iter().all(|(id, pr)| *id == r.id || pr.matched == last)
+        && r.prs()
+            .iter()
+            .all(|(id, pr)| *id == r.id || pr.matched == last)
         && !node.has_ready()
 }

@@ -118,12 +118,12 @@ impl EngineDisk {
                 entries: Vec::new(),
                 snapshot_data: Vec::new(),
             };
-            let mut expect = start.index + 1;
-            for (index, bytes) in engine.log_read(p, expect, u64::MAX, usize::MAX)? {
+            let stored = engine.log_read(p, start.index + 1, u64::MAX, usize::MAX)?;
+            for (expect, (index, bytes)) in (start.index + 1..).zip(stored) {
                 let wire: WireEntry = decode("log entry", p, &bytes)?;
-                let entry = wire
-                    .into_raft()
-                    .map_err(|e| StorageError::Corrupt(format!("log entry {index} of partition {p}: {e}")))?;
+                let entry = wire.into_raft().map_err(|e| {
+                    StorageError::Corrupt(format!("log entry {index} of partition {p}: {e}"))
+                })?;
                 if index != expect || entry.index != index {
                     return Err(StorageError::Corrupt(format!(
                         "log of partition {p}: expected entry {expect}, found key {index} holding entry {}",
@@ -131,7 +131,6 @@ impl EngineDisk {
                     )));
                 }
                 st.entries.push(entry);
-                expect += 1;
             }
             if st.hard_state.commit > st.last_index() {
                 return Err(StorageError::Corrupt(format!(
@@ -297,10 +296,16 @@ mod tests {
         let g1 = &st[&1];
         assert_eq!(g1.last_index(), 3, "entries 4 and 5 were replaced");
         assert_eq!(
-            g1.entries.iter().map(|e| (e.index, e.term)).collect::<Vec<_>>(),
+            g1.entries
+                .iter()
+                .map(|e| (e.index, e.term))
+                .collect::<Vec<_>>(),
             vec![(1, 1), (2, 1), (3, 2)]
         );
-        assert_eq!((g1.hard_state.term, g1.hard_state.vote, g1.hard_state.commit), (2, 3, 3));
+        assert_eq!(
+            (g1.hard_state.term, g1.hard_state.vote, g1.hard_state.commit),
+            (2, 3, 3)
+        );
         assert_eq!(st[&2].entries[0].data.as_ref(), b"e1t3");
         assert_eq!(st[&2].conf_state.voters, vec![2, 3, 4]);
     }

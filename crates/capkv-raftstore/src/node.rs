@@ -158,7 +158,8 @@ impl<R: Send + 'static> RaftNode<R> {
         T: Transport,
         S: StateMachine<Response = R>,
     {
-        let driver = Driver::start_applied(config.id, disk, &config.driver, config.planted, applied)?;
+        let driver =
+            Driver::start_applied(config.id, disk, &config.driver, config.planted, applied)?;
         let shared = Arc::new(RwLock::new(Shared::default()));
         let (tx, rx) = inputs;
         let mut lp = Loop {
@@ -294,6 +295,9 @@ impl<R> Drop for RaftNode<R> {
     }
 }
 
+/// A group's commands received in one turn, with their replies.
+type Queued<R> = (Vec<Vec<u8>>, Vec<Reply<R>>);
+
 /// A proposal waiting for its entry: index, term, and the replies of its commands.
 type Pending<R> = (u64, u64, Vec<Reply<R>>);
 
@@ -306,7 +310,7 @@ struct Loop<D: Disk, T, S: StateMachine> {
     shared: Arc<RwLock<Shared>>,
     pending: BTreeMap<GroupId, VecDeque<Pending<S::Response>>>,
     /// Commands received this turn, per group, with their replies.
-    queued: BTreeMap<GroupId, (Vec<Vec<u8>>, Vec<Reply<S::Response>>)>,
+    queued: BTreeMap<GroupId, Queued<S::Response>>,
     /// Reads received this turn, per group.
     queued_reads: BTreeMap<GroupId, Vec<ReadReply>>,
     /// Reads whose confirmation is under way, by context: group, when asked, replies.
@@ -485,8 +489,9 @@ impl<D: Disk, T: Transport, S: StateMachine> Loop<D, T, S> {
                 // Written by this engine and agreed by a quorum: unreadable means the
                 // node must not go on guessing.
                 Err(e) => {
-                    self.driver
-                        .poison(format!("committed entry {index} of group {group} is unreadable: {e}"));
+                    self.driver.poison(format!(
+                        "committed entry {index} of group {group} is unreadable: {e}"
+                    ));
                     return;
                 }
             }
@@ -530,7 +535,9 @@ impl<D: Disk, T: Transport, S: StateMachine> Loop<D, T, S> {
             let Ok(ctx) = <[u8; 8]>::try_from(rs.context.as_slice()) else {
                 continue;
             };
-            if let Some((group, _, replies)) = self.reads_confirming.remove(&u64::from_be_bytes(ctx)) {
+            if let Some((group, _, replies)) =
+                self.reads_confirming.remove(&u64::from_be_bytes(ctx))
+            {
                 debug_assert_eq!(group, rs.group);
                 self.reads_applying
                     .entry(group)

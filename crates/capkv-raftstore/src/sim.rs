@@ -332,7 +332,7 @@ impl Sim {
                 self.turn(id);
             }
             // The log-matching scan reads whole logs: every 64 steps (a mismatch persists).
-            let full = self.report.steps % 64 == 0;
+            let full = self.report.steps.is_multiple_of(64);
             if let Err(v) = self.check(full) {
                 self.report.violation = Some(format!(
                     "seed {} step {} (time {}): {v}",
@@ -543,8 +543,9 @@ impl Sim {
                         .insert(g, image.into_iter().map(|(i, t, d)| (i, (t, d))).collect());
                     applied.insert(g, st.snapshot_index);
                 }
-                let d = Driver::start_applied(id, disk, &self.driver_cfg, self.cfg.planted, &applied)
-                    .ok()?;
+                let d =
+                    Driver::start_applied(id, disk, &self.driver_cfg, self.cfg.planted, &applied)
+                        .ok()?;
                 n.driver = Some(d);
                 Some(id)
             }
@@ -650,7 +651,11 @@ impl Sim {
                 }
             }
         }
-        let loss = if self.quiet_net { 0 } else { self.cfg.loss_permille };
+        let loss = if self.quiet_net {
+            0
+        } else {
+            self.cfg.loss_permille
+        };
         for to in pings {
             if self.rng.random_range(0..1000) < loss {
                 continue;
@@ -662,11 +667,12 @@ impl Sim {
             if self.rng.random_range(0..1000) < loss {
                 continue;
             }
-            let copies = if !self.quiet_net && self.rng.random_range(0..1000) < self.cfg.dup_permille {
-                2
-            } else {
-                1
-            };
+            let copies =
+                if !self.quiet_net && self.rng.random_range(0..1000) < self.cfg.dup_permille {
+                    2
+                } else {
+                    1
+                };
             for _ in 0..copies {
                 self.messages.push(Some(o.message.clone()));
                 let msg_index = self.messages.len() - 1;
@@ -686,7 +692,12 @@ impl Sim {
 
     /// State machine safety for an image: every entry in it agrees with what any node
     /// applied at that index.
-    fn agree(&mut self, id: u64, group: GroupId, image: &[(u64, u64, Vec<u8>)]) -> Result<(), String> {
+    fn agree(
+        &mut self,
+        id: u64,
+        group: GroupId,
+        image: &[(u64, u64, Vec<u8>)],
+    ) -> Result<(), String> {
         for (index, term, data) in image {
             match self.applied.get(&(group, *index)) {
                 Some(known) if *known != (*term, data.clone()) => {

@@ -93,7 +93,12 @@ fn proposals_commit_apply_everywhere_and_survive_a_restart() {
         .map(|id| {
             (
                 id,
-                start(id, dirs[id as usize - 1].path(), &senders, applied[&id].clone()),
+                start(
+                    id,
+                    dirs[id as usize - 1].path(),
+                    &senders,
+                    applied[&id].clone(),
+                ),
             )
         })
         .collect();
@@ -143,9 +148,9 @@ fn proposals_commit_apply_everywhere_and_survive_a_restart() {
     // Every replica applies the same commands in the same order, each once.
     let snapshot = |a: &Applied| a.lock().unwrap().clone();
     wait_until("every replica applied every command", || {
-        applied.values().all(|a| {
-            snapshot(a).values().map(Vec::len).sum::<usize>() >= 400
-        })
+        applied
+            .values()
+            .all(|a| snapshot(a).values().map(Vec::len).sum::<usize>() >= 400)
     });
     let first = snapshot(&applied[&1]);
     for id in 2..=3 {
@@ -174,7 +179,8 @@ fn proposals_commit_apply_everywhere_and_survive_a_restart() {
                 let _ = tx.send(r);
             }),
         );
-        rx.recv_timeout(Duration::from_secs(30)).expect("read answered")
+        rx.recv_timeout(Duration::from_secs(30))
+            .expect("read answered")
     };
     for g in 0..GROUPS {
         let l = leader(&nodes, g).expect("leader");
@@ -185,14 +191,26 @@ fn proposals_commit_apply_everywhere_and_survive_a_restart() {
             .max()
             .unwrap_or(0);
         let index = read(&nodes[&l], g).expect("the leader confirms a read");
-        assert!(index >= acked, "group {g}: read index {index} below acknowledged {acked}");
+        assert!(
+            index >= acked,
+            "group {g}: read index {index} below acknowledged {acked}"
+        );
         let applied_here = snapshot(&applied[&l]);
-        let seen = applied_here[&g].iter().filter(|(ix, _)| *ix <= index).count();
+        let seen = applied_here[&g]
+            .iter()
+            .filter(|(ix, _)| *ix <= index)
+            .count();
         let want = done.keys().filter(|i| *i % GROUPS == g).count();
-        assert!(seen >= want, "group {g}: the read sees {seen} of {want} acknowledged writes");
+        assert!(
+            seen >= want,
+            "group {g}: the read sees {seen} of {want} acknowledged writes"
+        );
         let follower = (1..=3).find(|id| *id != l).unwrap();
         assert!(
-            matches!(read(&nodes[&follower], g), Err(ProposeError::NotLeader { .. })),
+            matches!(
+                read(&nodes[&follower], g),
+                Err(ProposeError::NotLeader { .. })
+            ),
             "a follower does not serve linearizable reads by itself"
         );
     }
@@ -203,7 +221,10 @@ fn proposals_commit_apply_everywhere_and_survive_a_restart() {
             .values()
             .all(|n| (0..GROUPS).all(|g| n.status(g).is_some_and(|s| s.quiet)))
     });
-    let sleeping = nodes.values().map(|n| n.stats().driver.quiesced).sum::<u64>();
+    let sleeping = nodes
+        .values()
+        .map(|n| n.stats().driver.quiesced)
+        .sum::<u64>();
     assert!(sleeping >= u64::from(GROUPS) * 3);
     let g = 3;
     let l = leader(&nodes, g).expect("a sleeping group keeps its leader");
@@ -220,13 +241,17 @@ fn proposals_commit_apply_everywhere_and_survive_a_restart() {
     // A read of a sleeping group is confirmed too.
     let asleep = (0..GROUPS).find(|g| *g != 3).unwrap();
     wait_until("a group asleep at its leader", || {
-        nodes.values().any(|n| n.status(asleep).is_some_and(|s| s.quiet && s.role == StateRole::Leader))
+        nodes.values().any(|n| {
+            n.status(asleep)
+                .is_some_and(|s| s.quiet && s.role == StateRole::Leader)
+        })
     });
     let l = leader(&nodes, asleep).unwrap();
     assert!(read(&nodes[&l], asleep).is_ok());
     for n in nodes.values() {
         wait_until("the write reaches every replica", || {
-            n.status(g).is_some_and(|s| s.commit >= r.as_ref().unwrap().0)
+            n.status(g)
+                .is_some_and(|s| s.commit >= r.as_ref().unwrap().0)
         });
     }
 
@@ -241,7 +266,12 @@ fn proposals_commit_apply_everywhere_and_survive_a_restart() {
         .map(|id| {
             (
                 id,
-                start(id, dirs[id as usize - 1].path(), &senders, replay[&id].clone()),
+                start(
+                    id,
+                    dirs[id as usize - 1].path(),
+                    &senders,
+                    replay[&id].clone(),
+                ),
             )
         })
         .collect();
@@ -251,7 +281,9 @@ fn proposals_commit_apply_everywhere_and_survive_a_restart() {
     for id in 1..=3 {
         wait_until("the restarted replica replays the history", || {
             let got = snapshot(&replay[&id]);
-            first.iter().all(|(g, log)| got.get(g).is_some_and(|l| l.starts_with(log)))
+            first
+                .iter()
+                .all(|(g, log)| got.get(g).is_some_and(|l| l.starts_with(log)))
         });
     }
 }

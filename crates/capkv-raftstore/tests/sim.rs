@@ -40,7 +40,10 @@ fn raft_safety_holds_under_faults() {
         assert!(report.leaders > 0, "seed {seed}: groups elected leaders");
         // Idle groups fell asleep, faults and proposals woke them, and at the end of the
         // idle phase every replica of every group sleeps.
-        assert!(report.quiesced > 0 && report.woken > 0, "seed {seed}: {report:?}");
+        assert!(
+            report.quiesced > 0 && report.woken > 0,
+            "seed {seed}: {report:?}"
+        );
         assert_eq!(report.asleep_at_end, 16 * 3, "seed {seed}");
         total_applied += report.applied;
         snapshots += report.snapshots_installed;

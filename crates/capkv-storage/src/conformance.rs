@@ -137,15 +137,27 @@ pub fn raft_write_spans_partitions<E: StorageEngine>(dir: &Path, open: &dyn Fn(&
                 meta: vec![],
             }],
         };
-        assert!(e.raft_write(&bad).is_err(), "a write may not remove what it writes");
+        assert!(
+            e.raft_write(&bad).is_err(),
+            "a write may not remove what it writes"
+        );
     }
     let e = open(dir);
     let mut want = entries(1..4, "old");
     want.extend(entries(4..6, "new"));
     assert_eq!(e.log_read(P1, 0, u64::MAX, 100).unwrap(), want);
-    assert_eq!(e.log_read(P2, 0, u64::MAX, 100).unwrap(), entries(1..3, "b"));
-    assert_eq!(e.raft_meta_get(P1, raft_meta_tag::HARD_STATE).unwrap(), Some(b"hs1".to_vec()));
-    assert_eq!(e.raft_meta_get(P2, raft_meta_tag::HARD_STATE).unwrap(), Some(b"hs2".to_vec()));
+    assert_eq!(
+        e.log_read(P2, 0, u64::MAX, 100).unwrap(),
+        entries(1..3, "b")
+    );
+    assert_eq!(
+        e.raft_meta_get(P1, raft_meta_tag::HARD_STATE).unwrap(),
+        Some(b"hs1".to_vec())
+    );
+    assert_eq!(
+        e.raft_meta_get(P2, raft_meta_tag::HARD_STATE).unwrap(),
+        Some(b"hs2".to_vec())
+    );
 }
 
 pub fn raft_meta_is_per_partition<E: StorageEngine>(e: &E) {

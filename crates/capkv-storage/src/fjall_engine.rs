@@ -296,7 +296,10 @@ impl StorageEngine for FjallEngine {
             let p = g.partition;
             if let (Some((first, last)), Some((lo, hi))) = (
                 g.remove,
-                g.entries.first().map(|e| e.0).zip(g.entries.last().map(|e| e.0)),
+                g.entries
+                    .first()
+                    .map(|e| e.0)
+                    .zip(g.entries.last().map(|e| e.0)),
             ) {
                 if first <= hi && lo <= last {
                     return Err(StorageError::Engine(format!(
