@@ -337,6 +337,11 @@ impl<D: Disk> Driver<D> {
     /// them to sleep, and peers silent for an election timeout count as down, which
     /// wakes every group they share with this node.
     pub fn tick(&mut self) {
+        // A stopped driver falls silent, pings included, so that its peers count it down
+        // and elect other leaders for the groups it led (asleep or not).
+        if self.poisoned.is_some() {
+            return;
+        }
         self.ticks += 1;
         if self
             .ticks
@@ -821,6 +826,7 @@ impl<D: Disk> Driver<D> {
         self.committed.clear();
         self.read_states.clear();
         self.restored.clear();
+        self.pings.clear();
     }
 
     /// Why the driver stopped, if it did.
@@ -888,4 +894,34 @@ fn idle_leader(node: &RawNode<GroupStorage>) -> bool {
             .iter()
             .all(|(id, pr)| *id == r.id || pr.matched == last)
         && !node.has_ready()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::MemDisk;
+
+    /// A driver whose disk failed must fall silent, node-level pings included: its peers
+    /// then count it down and wake the groups it led, even sleeping ones.
+    #[test]
+    fn a_poisoned_driver_stops_pinging() {
+        let disk = MemDisk::bootstrap(&[(0, vec![1, 2, 3])].into());
+        let config = DriverConfig::default();
+        let mut d = Driver::start(1, disk, &config, PlantedBugs::default()).unwrap();
+        for _ in 0..config.heartbeat_ticks {
+            d.tick();
+        }
+        assert_eq!(d.take_pings(), vec![2, 3], "a healthy node pings its peers");
+        d.poison("fsync failed".into());
+        for _ in 0..config.heartbeat_ticks * 3 {
+            d.tick();
+            d.run();
+        }
+        assert!(d.take_pings().is_empty());
+        assert!(d.take_outbox().is_empty());
+        assert!(matches!(
+            d.propose(0, b"x".to_vec()),
+            Err(ProposeError::Poisoned(_))
+        ));
+    }
 }

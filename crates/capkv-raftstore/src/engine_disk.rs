@@ -177,8 +177,13 @@ impl Disk for EngineDisk {
                 if last.index < old_last {
                     lw.remove = Some((last.index + 1, old_last));
                 }
+                if first.index > old_last + 1 {
+                    return Err(format!(
+                        "group {gid}: append at {} leaves a gap after {old_last}",
+                        first.index
+                    ));
+                }
                 self.last.insert(gid, last.index);
-                debug_assert!(first.index <= old_last + 1, "appends are contiguous");
                 lw.entries = g
                     .entries
                     .iter()

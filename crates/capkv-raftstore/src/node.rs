@@ -295,6 +295,33 @@ impl<R> Drop for RaftNode<R> {
     }
 }
 
+/// What the entry applied at an index says of a proposal waiting for its entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// The proposal's own entry: applied.
+    Applied,
+    /// Another entry took its index, or an entry of a later term was applied before its
+    /// index (terms never decrease along a log): it never commits.
+    Dropped,
+    /// Its index passed without being applied here (a snapshot covered it).
+    Unknown,
+    Wait,
+}
+
+/// `pending` and `applied` are (index, term).
+fn outcome(pending: (u64, u64), applied: (u64, u64)) -> Outcome {
+    let ((pi, pt), (index, term)) = (pending, applied);
+    if pi == index && pt == term {
+        Outcome::Applied
+    } else if pi == index || (pi > index && pt < term) {
+        Outcome::Dropped
+    } else if pi < index {
+        Outcome::Unknown
+    } else {
+        Outcome::Wait
+    }
+}
+
 /// A group's commands received in one turn, with their replies.
 type Queued<R> = (Vec<Vec<u8>>, Vec<Reply<R>>);
 
@@ -351,16 +378,22 @@ impl<D: Disk, T: Transport, S: StateMachine> Loop<D, T, S> {
             self.turn();
         }
         // Stopping: what is pending may still commit elsewhere.
+        self.fail_all(|| ProposeError::Stopped);
+    }
+
+    /// Answers everything waiting with `err`: proposals (they may still commit
+    /// elsewhere) and reads.
+    fn fail_all(&mut self, err: impl Fn() -> ProposeError) {
         for (_, q) in std::mem::take(&mut self.pending) {
             for (_, _, replies) in q {
                 for r in replies {
-                    r(Err(ProposeError::Stopped));
+                    r(Err(err()));
                 }
             }
         }
         for (_, (_, replies)) in std::mem::take(&mut self.queued) {
             for r in replies {
-                r(Err(ProposeError::Stopped));
+                r(Err(err()));
             }
         }
         let reads = std::mem::take(&mut self.queued_reads)
@@ -378,7 +411,7 @@ impl<D: Disk, T: Transport, S: StateMachine> Loop<D, T, S> {
                     .flat_map(|(_, r)| r),
             );
         for r in reads {
-            r(Err(ProposeError::Stopped));
+            r(Err(err()));
         }
     }
 
@@ -474,9 +507,22 @@ impl<D: Disk, T: Transport, S: StateMachine> Loop<D, T, S> {
             }
         }
         for c in self.driver.take_committed() {
+            if self.driver.poisoned().is_some() {
+                break;
+            }
             self.apply(c.group, c.entry);
         }
+        // Installing a snapshot's data into the state machine is not built yet (the fjall
+        // disk refuses snapshot records): a disk that installs one must not let the state
+        // machine go on without it.
+        if !self.driver.take_restored().is_empty() {
+            self.driver
+                .poison("a snapshot arrived, and this engine cannot install one yet".into());
+        }
         self.finish_reads();
+        if self.driver.poisoned().is_some() {
+            self.fail_all(|| ProposeError::Stopped);
+        }
         let touched = self.driver.take_touched();
         self.publish(touched);
     }
@@ -503,28 +549,33 @@ impl<D: Disk, T: Transport, S: StateMachine> Loop<D, T, S> {
         let Some(q) = self.pending.get_mut(&group) else {
             return;
         };
-        while q.front().is_some_and(|(pi, _, _)| *pi <= index) {
-            let (pi, pt, replies) = q.pop_front().expect("front exists");
-            if pi == index && pt == term {
-                for r in replies {
-                    match responses.next() {
-                        Some(resp) => r(Ok(resp)),
-                        None => r(Err(ProposeError::Dropped)),
+        // Not sorted by index: a leader that lost its log's tail and was elected again
+        // proposes at indexes it had used before. So every waiting proposal is looked at.
+        let mut keep = VecDeque::with_capacity(q.len());
+        for (pi, pt, replies) in q.drain(..) {
+            let err = match outcome((pi, pt), (index, term)) {
+                Outcome::Applied => {
+                    for r in replies {
+                        match responses.next() {
+                            Some(resp) => r(Ok(resp)),
+                            // The state machine answered fewer commands than it got.
+                            None => r(Err(ProposeError::Stopped)),
+                        }
                     }
+                    continue;
                 }
-            } else if pi == index {
-                // Another leader's entry took the index: this one never commits.
-                for r in replies {
-                    r(Err(ProposeError::Dropped));
+                Outcome::Wait => {
+                    keep.push_back((pi, pt, replies));
+                    continue;
                 }
-            } else {
-                // An index passed without being applied here (a snapshot covered it):
-                // whether it was applied is not known.
-                for r in replies {
-                    r(Err(ProposeError::Stopped));
-                }
+                Outcome::Dropped => ProposeError::Dropped,
+                Outcome::Unknown => ProposeError::Stopped,
+            };
+            for r in replies {
+                r(Err(err.clone()));
             }
         }
+        *q = keep;
     }
 
     /// Moves confirmed reads on to waiting for their index, answers those whose index is
@@ -590,5 +641,25 @@ impl<D: Disk, T: Transport, S: StateMachine> Loop<D, T, S> {
         if s.poisoned.is_none() {
             s.poisoned = self.driver.poisoned().map(str::to_string);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{outcome, Outcome};
+
+    #[test]
+    fn a_proposal_learns_its_fate_from_the_entries_applied() {
+        // Own entry, another leader's entry at its index, not there yet.
+        assert_eq!(outcome((13, 5), (13, 5)), Outcome::Applied);
+        assert_eq!(outcome((13, 2), (13, 5)), Outcome::Dropped);
+        assert_eq!(outcome((14, 5), (13, 5)), Outcome::Wait);
+        // A leader of term 2 proposed 11..=15, lost its tail back to 11, was elected again
+        // in term 5 and proposed at 13: once (13, 5) is applied, (14, 2) and (15, 2) can
+        // never commit (a log's terms never decrease), while (14, 5) may.
+        assert_eq!(outcome((14, 2), (13, 5)), Outcome::Dropped);
+        assert_eq!(outcome((15, 2), (13, 5)), Outcome::Dropped);
+        // Skipped by a snapshot: unknown.
+        assert_eq!(outcome((10, 5), (13, 5)), Outcome::Unknown);
     }
 }

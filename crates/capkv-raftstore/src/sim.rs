@@ -543,11 +543,20 @@ impl Sim {
                         .insert(g, image.into_iter().map(|(i, t, d)| (i, (t, d))).collect());
                     applied.insert(g, st.snapshot_index);
                 }
-                let d =
-                    Driver::start_applied(id, disk, &self.driver_cfg, self.cfg.planted, &applied)
-                        .ok()?;
-                n.driver = Some(d);
-                Some(id)
+                match Driver::start_applied(id, disk, &self.driver_cfg, self.cfg.planted, &applied)
+                {
+                    Ok(d) => {
+                        n.driver = Some(d);
+                        Some(id)
+                    }
+                    Err(e) => {
+                        self.report.violation = Some(format!(
+                            "seed {}: node {id} cannot restart from its disk: {e}",
+                            self.cfg.seed
+                        ));
+                        None
+                    }
+                }
             }
         }
     }
@@ -602,10 +611,17 @@ impl Sim {
             let (index, term) = (c.entry.index, c.entry.term);
             let data = c.entry.data.to_vec();
             let n = self.nodes.get_mut(&id).expect("node exists");
-            n.applied
-                .entry(c.group)
-                .or_default()
-                .insert(index, (term, data.clone()));
+            let log = n.applied.entry(c.group).or_default();
+            // Each node applies every index once, in order.
+            let prev = log.keys().next_back().copied().unwrap_or(0);
+            if index != prev + 1 {
+                self.report.violation = Some(format!(
+                    "seed {}: node {id} applied index {index} of group {} after {prev}",
+                    self.cfg.seed, c.group
+                ));
+                return;
+            }
+            log.insert(index, (term, data.clone()));
             self.report.applied += 1;
             match self.applied.get(&(c.group, index)) {
                 Some(first) if *first != (term, data.clone()) => {
