@@ -162,8 +162,10 @@ fn check_under_restarts_clocks_disks_and_oneway_partitions_is_valid() {
         ],
     );
     let faults = faults_in(&stdout);
+    // The schedule plans ~5-8 faults in 30 s; on a loaded machine some take long enough
+    // (a restart, a leader lookup) that fewer are injected, so only "several" is asked.
     assert!(
-        faults >= 5,
+        faults >= 3,
         "a 30 s run should inject several faults: {stdout}"
     );
 }

@@ -37,7 +37,12 @@ async fn a_failed_fsync_poisons_the_node_until_it_restarts_and_loses_nothing() {
             }
         }));
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_until(
+        Duration::from_secs(20),
+        "the writers get acknowledgements",
+        || async { !acked.lock().unwrap().is_empty() },
+    )
+    .await;
     let sick = 2;
     cluster
         .set_faults(

@@ -3,7 +3,7 @@
 
 use capkv_client::Condition;
 
-use crate::fixture::{Cluster, Opts};
+use crate::fixture::{wait_until, Cluster, Opts};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retried_write_is_applied_once() {
@@ -189,6 +189,7 @@ async fn stale_and_expired_session_writes_are_refused_not_applied() {
     };
     raw.put(put("one", 1, 1)).await.unwrap();
     raw.put(put("two", 2, 2)).await.unwrap();
+    let last_seen = cluster.status(leader).await.unwrap().hlc_now_ms;
     // Sequence 1 again, after the client said it had its answer.
     let stale = raw.put(put("one", 1, 1)).await.unwrap_err();
     let err = from_status(&stale);
@@ -198,7 +199,25 @@ async fn stale_and_expired_session_writes_are_refused_not_applied() {
 
     // The session idles past its TTL while others write to the partition.
     let other = keys_in_partition(p, cluster.partitions, 1, "other").remove(0);
-    tokio::time::sleep(Duration::from_millis(TTL_MS + 500)).await;
+    // Expiry is judged by the log's HLC stamps: wait until the leader's clock is past the
+    // session's last write by more than the TTL.
+    let past_ttl = |since: u64| {
+        let cluster = &cluster;
+        async move {
+            wait_until(
+                Duration::from_secs(30),
+                "the HLC passes the session TTL",
+                || async {
+                    cluster
+                        .status(leader)
+                        .await
+                        .is_some_and(|s| s.hlc_now_ms > since + TTL_MS + 50)
+                },
+            )
+            .await
+        }
+    };
+    past_ttl(last_seen).await;
     client
         .put(other.clone(), "moves the log's clock")
         .await
@@ -215,7 +234,8 @@ async fn stale_and_expired_session_writes_are_refused_not_applied() {
     // The Rust client's own session expired meanwhile too: it renews it and the write goes
     // through, once.
     let id_before = client.client_id();
-    tokio::time::sleep(Duration::from_millis(TTL_MS + 500)).await;
+    let client_last_seen = cluster.status(leader).await.unwrap().hlc_now_ms;
+    past_ttl(client_last_seen).await;
     client.put(other, "again").await.unwrap();
     let w = client.put(key, "renewed").await.unwrap();
     assert!(w.succeeded);

@@ -108,6 +108,8 @@ pub async fn leader_restarts_keep_every_acknowledged_write(
         }));
     }
 
+    // Acknowledged progress: the sum of the highest acknowledged value per key.
+    let progress = || acked.lock().unwrap().values().sum::<u64>();
     for round in 0..6 {
         tokio::time::sleep(Duration::from_millis(rng.random_range(800..1500))).await;
         let Some(leader) = cluster.leader_of(p).await else {
@@ -125,7 +127,15 @@ pub async fn leader_restarts_keep_every_acknowledged_write(
                 },
             )
             .await;
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // Writes acknowledged from now on sit unsynced on the leader (its fsync stalls
+        // while its followers commit them).
+        let before = progress();
+        wait_until(
+            Duration::from_secs(20),
+            "writes acknowledged during the stall",
+            || async { progress() >= before + 3 },
+        )
+        .await;
         let delay = Duration::from_millis(rng.random_range(0..=300));
         cluster.kill(leader);
         tokio::time::sleep(delay).await;
@@ -135,7 +145,14 @@ pub async fn leader_restarts_keep_every_acknowledged_write(
             delay.as_millis()
         );
     }
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The partition takes writes again after the last restart.
+    let before = progress();
+    wait_until(
+        Duration::from_secs(30),
+        "writes acknowledged after the last restart",
+        || async { progress() >= before + 20 },
+    )
+    .await;
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
         let _ = tokio::time::timeout(Duration::from_secs(30), t).await;
