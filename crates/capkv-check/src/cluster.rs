@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use capkv_client::{Client, ClientConfig};
 use capkv_testkit::{
-    leaders_at, set_node_faults, wait_until, ClusterOptions, Faults, LocalCluster,
+    leaders_at, partition_cuts, set_node_faults, wait_until, ClusterOptions, Faults, LocalCluster,
 };
 
 /// A cluster someone else runs: its nodes' addresses.
@@ -211,20 +211,8 @@ impl Cluster {
 
     /// Makes each node drop Raft traffic both ways with nodes outside its group.
     pub async fn partition(&self, groups: &[Vec<u64>]) -> anyhow::Result<()> {
-        for g in groups {
-            let others: Vec<u64> = self
-                .ids()
-                .into_iter()
-                .filter(|id| !g.contains(id))
-                .collect();
-            for id in g {
-                let cut = Faults {
-                    drop_to: others.clone(),
-                    drop_from: others.clone(),
-                    ..Faults::default()
-                };
-                self.set_faults(*id, cut).await?;
-            }
+        for (id, cut) in partition_cuts(&self.ids(), groups) {
+            self.set_faults(id, cut).await?;
         }
         Ok(())
     }

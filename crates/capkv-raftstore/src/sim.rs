@@ -67,7 +67,7 @@ impl SimConfig {
 }
 
 /// How a run ended.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct SimReport {
     pub steps: u64,
     /// Entries applied, summed over nodes.
@@ -209,17 +209,7 @@ impl Sim {
             committed: BTreeMap::new(),
             applied: BTreeMap::new(),
             checked_commit: BTreeMap::new(),
-            report: SimReport {
-                steps: 0,
-                applied: 0,
-                leaders: 0,
-                crashes: 0,
-                quiesced: 0,
-                woken: 0,
-                asleep_at_end: 0,
-                snapshots_installed: 0,
-                violation: None,
-            },
+            report: SimReport::default(),
             next_value: 0,
             calm: false,
             quiet_net: false,
@@ -257,15 +247,8 @@ impl Sim {
                     .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
                     .unwrap_or_default();
                 SimReport {
-                    steps: 0,
-                    applied: 0,
-                    leaders: 0,
-                    crashes: 0,
-                    quiesced: 0,
-                    woken: 0,
-                    asleep_at_end: 0,
-                    snapshots_installed: 0,
                     violation: Some(format!("seed {seed}: raft-rs panicked: {what}")),
+                    ..SimReport::default()
                 }
             }
         }

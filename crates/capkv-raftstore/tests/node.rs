@@ -69,6 +69,24 @@ fn start(
     node
 }
 
+/// Starts nodes 1..=3 on `dirs` and has each group's first replica campaign.
+fn start_all(
+    dirs: &[tempfile::TempDir],
+    senders: &Senders,
+    applied: &BTreeMap<u64, Applied>,
+) -> BTreeMap<u64, RaftNode<(u64, usize)>> {
+    let nodes: BTreeMap<u64, RaftNode<(u64, usize)>> = (1..=3)
+        .map(|id| {
+            let dir = dirs[id as usize - 1].path();
+            (id, start(id, dir, senders, applied[&id].clone()))
+        })
+        .collect();
+    for g in 0..GROUPS {
+        nodes[&(1 + u64::from(g) % 3)].campaign(g);
+    }
+    nodes
+}
+
 fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !f() {
@@ -89,22 +107,7 @@ fn proposals_commit_apply_everywhere_and_survive_a_restart() {
     let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     let senders: Senders = Loopback::default();
     let applied: BTreeMap<u64, Applied> = (1..=3).map(|id| (id, Applied::default())).collect();
-    let mut nodes: BTreeMap<u64, RaftNode<(u64, usize)>> = (1..=3)
-        .map(|id| {
-            (
-                id,
-                start(
-                    id,
-                    dirs[id as usize - 1].path(),
-                    &senders,
-                    applied[&id].clone(),
-                ),
-            )
-        })
-        .collect();
-    for g in 0..GROUPS {
-        nodes[&(1 + u64::from(g) % 3)].campaign(g);
-    }
+    let mut nodes = start_all(&dirs, &senders, &applied);
     wait_until("a leader in every group", || {
         (0..GROUPS).all(|g| leader(&nodes, g).is_some())
     });
@@ -262,22 +265,8 @@ fn proposals_commit_apply_everywhere_and_survive_a_restart() {
     }
     senders.clear();
     let replay: BTreeMap<u64, Applied> = (1..=3).map(|id| (id, Applied::default())).collect();
-    let nodes: BTreeMap<u64, RaftNode<(u64, usize)>> = (1..=3)
-        .map(|id| {
-            (
-                id,
-                start(
-                    id,
-                    dirs[id as usize - 1].path(),
-                    &senders,
-                    replay[&id].clone(),
-                ),
-            )
-        })
-        .collect();
-    for g in 0..GROUPS {
-        nodes[&(1 + u64::from(g) % 3)].campaign(g);
-    }
+    // Held (not dropped) while they replay.
+    let _nodes = start_all(&dirs, &senders, &replay);
     for id in 1..=3 {
         wait_until("the restarted replica replays the history", || {
             let got = snapshot(&replay[&id]);

@@ -47,6 +47,26 @@ pub fn free_port() -> anyhow::Result<u16> {
 }
 
 /// Polls `cond` every 50 ms until it is true; fails with `what` after `limit`.
+/// The faults that cut `nodes` into `groups`: each node of a group drops Raft traffic
+/// both ways with every node outside it.
+pub fn partition_cuts(nodes: &[u64], groups: &[Vec<u64>]) -> Vec<(u64, Faults)> {
+    let mut out = Vec::new();
+    for g in groups {
+        let others: Vec<u64> = nodes.iter().copied().filter(|id| !g.contains(id)).collect();
+        for id in g {
+            out.push((
+                *id,
+                Faults {
+                    drop_to: others.clone(),
+                    drop_from: others.clone(),
+                    ..Faults::default()
+                },
+            ));
+        }
+    }
+    out
+}
+
 pub async fn wait_until<F, Fut>(limit: Duration, what: &str, mut cond: F) -> anyhow::Result<()>
 where
     F: FnMut() -> Fut,
@@ -466,24 +486,9 @@ impl LocalCluster {
     /// Cuts the running nodes into `groups`: each node drops Raft traffic both ways with
     /// every node outside its group.
     pub async fn partition(&self, groups: &[Vec<u64>]) -> anyhow::Result<()> {
-        for g in groups {
-            let others: Vec<u64> = self
-                .ids()
-                .into_iter()
-                .filter(|id| !g.contains(id))
-                .collect();
-            for id in g {
-                if self.is_up(*id) {
-                    self.set_faults(
-                        *id,
-                        Faults {
-                            drop_to: others.clone(),
-                            drop_from: others.clone(),
-                            ..Faults::default()
-                        },
-                    )
-                    .await?;
-                }
+        for (id, cut) in partition_cuts(&self.ids(), groups) {
+            if self.is_up(id) {
+                self.set_faults(id, cut).await?;
             }
         }
         Ok(())
@@ -631,5 +636,17 @@ mod tests {
         o.ports = Ports::Base(64_535);
         assert!(LocalCluster::new(Path::new("/bin/false"), &dir, o).is_err());
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_partition_cuts_each_group_from_the_rest_both_ways() {
+        let cuts = partition_cuts(&[1, 2, 3], &[vec![1], vec![2, 3]]);
+        let by_node: std::collections::BTreeMap<u64, (Vec<u64>, Vec<u64>)> = cuts
+            .into_iter()
+            .map(|(id, f)| (id, (f.drop_to, f.drop_from)))
+            .collect();
+        assert_eq!(by_node[&1], (vec![2, 3], vec![2, 3]));
+        assert_eq!(by_node[&2], (vec![1], vec![1]));
+        assert_eq!(by_node[&3], (vec![1], vec![1]));
     }
 }
