@@ -56,6 +56,9 @@ pub struct CheckArgs {
     /// default when omitted).
     #[arg(long, value_enum)]
     pub read_policy: Option<ReadPolicyArg>,
+    /// The replication engine of the started servers (the server's default when omitted).
+    #[arg(long, value_enum)]
+    pub engine: Option<crate::server_cmd::EngineArg>,
     /// Time the linearizability search may spend per key.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub check_time_per_key: Duration,
@@ -118,13 +121,18 @@ pub async fn run(a: CheckArgs) -> i32 {
             .as_ref()
             .map(|e| e.split(',').map(|s| s.trim().to_string()).collect()),
         planted_bug: a.planted_bug.map(PlantedBugArg::bug),
-        server_args: a
-            .read_policy
-            .map(|p| {
+        server_args: {
+            let mut args = Vec::new();
+            if let Some(p) = a.read_policy {
                 let name = p.to_possible_value().map(|v| v.get_name().to_string());
-                vec!["--read-policy".to_string(), name.unwrap_or_default()]
-            })
-            .unwrap_or_default(),
+                args.extend(["--read-policy".to_string(), name.unwrap_or_default()]);
+            }
+            if let Some(e) = a.engine {
+                let name = e.to_possible_value().map(|v| v.get_name().to_string());
+                args.extend(["--engine".to_string(), name.unwrap_or_default()]);
+            }
+            args
+        },
         server_exe: std::env::current_exe().ok(),
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
         check_time_per_key: a.check_time_per_key,

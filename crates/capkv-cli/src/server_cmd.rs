@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use capkv_server::config::default_http_addr;
+use capkv_server::config::EngineChoice;
 use capkv_server::{Node, NodeConfig, PlantedBug, ReadPolicyChoice};
 use capkv_types::NodeId;
 use clap::{Args, ValueEnum};
@@ -17,6 +18,26 @@ pub enum ReadPolicyArg {
     /// Trust the leader lease (default): no round-trip while a quorum acknowledged the
     /// leader within half the lease. Assumes monotonic clocks that keep running.
     Lease,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum EngineArg {
+    /// One openraft instance per partition (default while the raftstore engine matures).
+    Openraft,
+    /// One node-level engine drives every partition's raft-rs group: batched log writes,
+    /// one fsync and one message batch per peer per turn, idle partitions asleep.
+    /// Linearizable reads use ReadIndex on it (no leader lease yet). Every node of a
+    /// cluster must run the same engine; a data dir keeps the engine it was made with.
+    Raftstore,
+}
+
+impl EngineArg {
+    pub fn choice(self) -> EngineChoice {
+        match self {
+            EngineArg::Openraft => EngineChoice::Openraft,
+            EngineArg::Raftstore => EngineChoice::Raftstore,
+        }
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -64,6 +85,9 @@ pub struct ServerArgs {
     pub read_timeout_ms: u64,
     #[arg(long, value_enum, default_value_t = ReadPolicyArg::Lease)]
     pub read_policy: ReadPolicyArg,
+    /// The replication engine.
+    #[arg(long, value_enum, default_value_t = EngineArg::Openraft)]
+    pub engine: EngineArg,
     /// Raft heartbeat interval.
     #[arg(long, default_value_t = 100)]
     pub heartbeat_ms: u64,
@@ -163,6 +187,7 @@ pub fn config_from(args: &ServerArgs) -> anyhow::Result<NodeConfig> {
         ReadPolicyArg::ReadIndex => ReadPolicyChoice::ReadIndex,
         ReadPolicyArg::Lease => ReadPolicyChoice::Lease,
     };
+    c.engine = args.engine.choice();
     c.max_connections = args.max_connections;
     c.unsafe_fault_injection = args.unsafe_fault_injection;
     if !args.planted_bugs.is_empty() && !args.unsafe_fault_injection {

@@ -28,8 +28,14 @@ struct CountingSm;
 
 impl StateMachine for CountingSm {
     type Response = ();
-    fn apply(&mut self, _: GroupId, _: u64, _: u64, commands: Vec<Vec<u8>>) -> Vec<()> {
-        vec![(); commands.len()]
+    fn apply(
+        &mut self,
+        _: GroupId,
+        _: u64,
+        _: u64,
+        commands: Vec<Vec<u8>>,
+    ) -> Result<Vec<()>, String> {
+        Ok(vec![(); commands.len()])
     }
 }
 

@@ -91,7 +91,7 @@ struct PeerLiveness {
 }
 
 /// A group as one node sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct GroupStatus {
     pub role: StateRole,
     pub term: u64,

@@ -14,3 +14,6 @@ pub mod loopback;
 pub mod node;
 pub mod sim;
 pub mod storage;
+
+/// The role of a replica in its group (raft-rs).
+pub use raft::StateRole;

@@ -37,14 +37,16 @@ pub trait StateMachine: Send + 'static {
     type Response: Send + 'static;
     /// Applies the commands of the committed entry `index` (of `term`) of `group`, in
     /// order, returning one response per command. Raft's own entries (a new leader's
-    /// empty entry) come with no commands. Called in log order per group.
+    /// empty entry) come with no commands. Called in log order per group. An error (the
+    /// state machine's storage failed) stops the engine: it acknowledges nothing more
+    /// until restarted.
     fn apply(
         &mut self,
         group: GroupId,
         index: u64,
         term: u64,
         commands: Vec<Vec<u8>>,
-    ) -> Vec<Self::Response>;
+    ) -> Result<Vec<Self::Response>, String>;
 }
 
 /// The answer to one proposal.
@@ -138,7 +140,7 @@ pub enum StartError {
 pub struct RaftNode<R> {
     tx: mpsc::Sender<Input<R>>,
     shared: Arc<RwLock<Shared>>,
-    thread: Option<JoinHandle<()>>,
+    thread: std::sync::Mutex<Option<JoinHandle<()>>>,
 }
 
 impl<R: Send + 'static> RaftNode<R> {
@@ -185,7 +187,7 @@ impl<R: Send + 'static> RaftNode<R> {
         Ok(RaftNode {
             tx,
             shared,
-            thread: Some(thread),
+            thread: std::sync::Mutex::new(Some(thread)),
         })
     }
 
@@ -273,14 +275,12 @@ impl<R: Send + 'static> RaftNode<R> {
             .clone()
     }
 
-    /// Stops the loop and waits for it. Pending proposals are answered `Stopped`.
-    pub fn stop(mut self) {
-        self.stop_inner();
-    }
-
-    fn stop_inner(&mut self) {
+    /// Stops the loop and waits for it. Pending proposals are answered `Stopped`; later
+    /// ones too. Stopping twice is fine.
+    pub fn stop(&self) {
         let _ = self.tx.send(Input::Stop);
-        if let Some(t) = self.thread.take() {
+        let thread = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(t) = thread {
             let _ = t.join();
         }
     }
@@ -289,7 +289,12 @@ impl<R: Send + 'static> RaftNode<R> {
 impl<R> Drop for RaftNode<R> {
     fn drop(&mut self) {
         let _ = self.tx.send(Input::Stop);
-        if let Some(t) = self.thread.take() {
+        let thread = self
+            .thread
+            .get_mut()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(t) = thread {
             let _ = t.join();
         }
     }
@@ -544,7 +549,15 @@ impl<D: Disk, T: Transport, S: StateMachine> Loop<D, T, S> {
         } else {
             Vec::new()
         };
-        let mut responses = self.sm.apply(group, index, term, commands).into_iter();
+        let mut responses = match self.sm.apply(group, index, term, commands) {
+            Ok(r) => r.into_iter(),
+            Err(e) => {
+                self.driver.poison(format!(
+                    "applying entry {index} of group {group} failed: {e}"
+                ));
+                return;
+            }
+        };
         self.driver.applied(group, index);
         let Some(q) = self.pending.get_mut(&group) else {
             return;

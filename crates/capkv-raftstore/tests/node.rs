@@ -30,14 +30,14 @@ impl StateMachine for RecordingSm {
         index: u64,
         _term: u64,
         commands: Vec<Vec<u8>>,
-    ) -> Vec<(u64, usize)> {
+    ) -> Result<Vec<(u64, usize)>, String> {
         let mut a = self.0.lock().unwrap();
         let log = a.entry(group).or_default();
         let n = commands.len();
         for c in commands {
             log.push((index, c));
         }
-        (0..n).map(|i| (index, i)).collect()
+        Ok((0..n).map(|i| (index, i)).collect())
     }
 }
 

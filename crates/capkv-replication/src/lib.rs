@@ -3,6 +3,8 @@
 //! - [`types`]: the type config and the replicated commands.
 //! - [`log_store`]: `RaftLogStorage` over a [`StorageEngine`](capkv_storage::StorageEngine),
 //!   with appends made durable by the node's shared group-commit flusher.
+//! - [`apply`]: executes commands (conditions, MVCC revisions, HLC stamps, client
+//!   sessions); shared with the raftstore engine.
 //! - [`state_machine`]: applies commands (MVCC revisions, HLC stamps, idempotency table)
 //!   and builds/installs snapshots.
 //! - [`network`]: `RaftNetworkV2` over the narrow [`RaftTransport`] trait, and the
@@ -12,6 +14,7 @@
 //!   reads stay linearizable across crashes.
 //! - [`faults`]: the test-only fault injector (drop traffic to/from chosen peers).
 
+pub mod apply;
 pub mod codec;
 pub mod faults;
 pub mod group;

@@ -4,22 +4,22 @@
 //! idempotency-table change and the new applied state, so after a crash the state machine
 //! is exactly the effect of some prefix of the log.
 
-use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use capkv_storage::{PartitionImage, SmOp, SmWrite, StorageEngine, StoredValue};
-use capkv_types::{Hlc, HlcTimestamp, PartitionId};
+use capkv_storage::{PartitionImage, StorageEngine};
+use capkv_types::{Hlc, PartitionId};
 use futures::{Stream, TryStreamExt};
 use openraft::alias::{LogIdOf, SnapshotMetaOf, SnapshotOf, StoredMembershipOf};
 use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, OptionalSend, RaftSnapshotBuilder, StoredMembership};
 use serde::{Deserialize, Serialize};
 
+use crate::apply::Applier;
 use crate::codec::{decode, encode};
-use crate::sessions::{Admission, Session, SessionChange, Sessions};
-use crate::types::{Command, CommandResponse, Condition, Op, TypeConfig};
+use crate::sessions::Session;
+use crate::types::{CommandResponse, TypeConfig};
 
 /// What the state machine persists besides data: where it is in the log.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -39,7 +39,7 @@ impl AppliedIndex {
         self.0.load(Ordering::Acquire)
     }
 
-    fn set(&self, v: u64) {
+    pub fn set(&self, v: u64) {
         self.0.store(v, Ordering::Release)
     }
 }
@@ -47,26 +47,10 @@ impl AppliedIndex {
 pub struct StateMachine {
     engine: Arc<dyn StorageEngine>,
     partition: PartitionId,
-    hlc: Arc<Hlc>,
     applied: AppliedState,
     applied_index: Arc<AppliedIndex>,
-    sessions: Sessions,
-    session_ttl_ms: u64,
-    /// Session changes of the batch being applied, one per client (written at its flush).
-    sessions_dirty: BTreeMap<u64, Option<Session>>,
-}
-
-/// The partition's client sessions as stored.
-fn load_sessions(
-    engine: &dyn StorageEngine,
-    partition: PartitionId,
-    ttl_ms: u64,
-) -> io::Result<Sessions> {
-    let mut rows = Vec::new();
-    for (client, bytes) in engine.sm_sessions_all(partition)? {
-        rows.push((client, decode::<Session>(&bytes)?));
-    }
-    Ok(Sessions::load(ttl_ms, rows))
+    /// Executes commands and keeps the client sessions (shared with the raftstore engine).
+    applier: Applier,
 }
 
 impl StateMachine {
@@ -80,136 +64,26 @@ impl StateMachine {
             Some(bytes) => decode(&bytes)?,
             None => AppliedState::default(),
         };
-        let sessions = load_sessions(&*engine, partition, session_ttl_ms)?;
-        hlc.observe(HlcTimestamp(applied.last_hlc));
+        let applier = Applier::open(
+            engine.clone(),
+            partition,
+            hlc,
+            session_ttl_ms,
+            applied.last_hlc,
+        )?;
         let applied_index = Arc::new(AppliedIndex::default());
         applied_index.set(applied.last_applied.as_ref().map(|l| l.index).unwrap_or(0));
         Ok(StateMachine {
             engine,
             partition,
-            hlc,
             applied,
             applied_index,
-            sessions,
-            session_ttl_ms,
-            sessions_dirty: BTreeMap::new(),
+            applier,
         })
     }
 
     pub fn applied_index(&self) -> Arc<AppliedIndex> {
         self.applied_index.clone()
-    }
-
-    /// The key's value as of the entries applied so far, including those of the current
-    /// batch not yet written (`overlay`).
-    fn current(
-        &self,
-        key: &[u8],
-        overlay: &HashMap<Vec<u8>, Option<StoredValue>>,
-    ) -> io::Result<Option<StoredValue>> {
-        match overlay.get(key) {
-            Some(v) => Ok(v.clone()),
-            None => Ok(self.engine.sm_get(self.partition, key)?),
-        }
-    }
-
-    /// Evaluates one command at log index `index`, adding its storage changes to `ops` and
-    /// its effect on keys to `overlay`.
-    fn execute(
-        &mut self,
-        index: u64,
-        cmd: Command,
-        ops: &mut Vec<SmOp>,
-        overlay: &mut HashMap<Vec<u8>, Option<StoredValue>>,
-    ) -> io::Result<CommandResponse> {
-        let hlc = cmd.hlc.max(self.applied.last_hlc.saturating_add(1));
-        self.applied.last_hlc = hlc;
-        self.hlc.observe(HlcTimestamp(hlc));
-        // Session decisions use the log's own clock (this entry's HLC stamp), so every
-        // replica decides alike.
-        let now_ms = HlcTimestamp(hlc).physical_ms();
-        let mut changes = Vec::new();
-        self.sessions.expire(now_ms, &mut changes);
-        let idempotency = cmd.idempotency.filter(|i| i.client_id != 0);
-        if let Some(id) = &idempotency {
-            match self.sessions.admit(id, now_ms) {
-                Admission::Apply => {}
-                Admission::Answered(previous) => {
-                    self.note_sessions(changes);
-                    return Ok(previous);
-                }
-                Admission::Refused(why) => {
-                    self.note_sessions(changes);
-                    return Ok(CommandResponse {
-                        revision: index,
-                        hlc,
-                        rejected: Some(why),
-                        ..Default::default()
-                    });
-                }
-            }
-        }
-
-        let (key, condition) = match &cmd.op {
-            Op::Put { key, condition, .. } | Op::Delete { key, condition } => (key, *condition),
-        };
-        let current = self.current(key, overlay)?;
-        let current_revision = current.as_ref().map(|c| c.mod_revision).unwrap_or(0);
-        let holds = match condition {
-            Condition::Always => true,
-            Condition::IfRevision(r) => current_revision == r,
-            Condition::IfAbsent => current.is_none(),
-        };
-        let succeeded = match cmd.op {
-            Op::Put { key, value, .. } => {
-                if holds {
-                    let create_revision =
-                        current.as_ref().map(|c| c.create_revision).unwrap_or(index);
-                    let stored = StoredValue {
-                        mod_revision: index,
-                        create_revision,
-                        hlc,
-                        value,
-                    };
-                    overlay.insert(key.clone(), Some(stored.clone()));
-                    ops.push(SmOp::Put { key, value: stored });
-                }
-                holds
-            }
-            Op::Delete { key, .. } => {
-                let deleted = holds && current.is_some();
-                if deleted {
-                    overlay.insert(key.clone(), None);
-                    ops.push(SmOp::Delete { key });
-                }
-                deleted
-            }
-        };
-        let response = CommandResponse {
-            revision: index,
-            hlc,
-            succeeded,
-            current_revision,
-            deduplicated: false,
-            rejected: None,
-        };
-        if let Some(id) = &idempotency {
-            self.sessions
-                .record(id, now_ms, response.clone(), &mut changes);
-        }
-        self.note_sessions(changes);
-        Ok(response)
-    }
-
-    fn note_sessions(&mut self, changes: Vec<SessionChange>) {
-        for c in changes {
-            match c {
-                SessionChange::Put(client, session) => {
-                    self.sessions_dirty.insert(client, Some(session))
-                }
-                SessionChange::Delete(client) => self.sessions_dirty.insert(client, None),
-            };
-        }
     }
 }
 
@@ -220,8 +94,6 @@ impl StateMachine {
     /// Writes the pending changes and applied state, then answers the waiting clients.
     fn flush_applied(
         &mut self,
-        ops: &mut Vec<SmOp>,
-        overlay: &mut HashMap<Vec<u8>, Option<StoredValue>>,
         responses: &mut Vec<(
             openraft::storage::ApplyResponder<TypeConfig>,
             CommandResponse,
@@ -231,23 +103,8 @@ impl StateMachine {
         let Some(index) = last_index.take() else {
             return Ok(());
         };
-        for (client_id, session) in std::mem::take(&mut self.sessions_dirty) {
-            ops.push(match session {
-                Some(s) => SmOp::SessionPut {
-                    client_id,
-                    session: encode(&s)?,
-                },
-                None => SmOp::SessionDelete { client_id },
-            });
-        }
-        self.engine.sm_write(
-            self.partition,
-            SmWrite {
-                ops: std::mem::take(ops),
-                applied: Some(encode(&self.applied)?),
-            },
-        )?;
-        overlay.clear();
+        self.applied.last_hlc = self.applier.last_hlc();
+        self.applier.flush(encode(&self.applied)?)?;
         self.applied_index.set(index);
         for (responder, response) in responses.drain(..) {
             responder.send(response);
@@ -273,8 +130,6 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // The entries of one call are written as one atomic batch (with the applied state
         // of the last one); responses go out only after the batch is written, so a reader
         // who sees a response also sees its effect.
-        let mut ops = Vec::new();
-        let mut overlay: HashMap<Vec<u8>, Option<StoredValue>> = HashMap::new();
         let mut responses = Vec::new();
         let mut last_index = None;
         while let Some((entry, responder)) = entries.try_next().await? {
@@ -291,18 +146,18 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         ..Default::default()
                     }
                 }
-                EntryPayload::Normal(cmd) => self.execute(index, cmd, &mut ops, &mut overlay)?,
+                EntryPayload::Normal(cmd) => self.applier.execute(index, cmd)?,
             };
             self.applied.last_applied = Some(entry.log_id);
             last_index = Some(index);
             if let Some(responder) = responder {
                 responses.push((responder, response));
             }
-            if responses.len() >= APPLY_BATCH_MAX || ops.len() >= APPLY_BATCH_MAX {
-                self.flush_applied(&mut ops, &mut overlay, &mut responses, &mut last_index)?;
+            if responses.len() >= APPLY_BATCH_MAX || self.applier.pending() >= APPLY_BATCH_MAX {
+                self.flush_applied(&mut responses, &mut last_index)?;
             }
         }
-        self.flush_applied(&mut ops, &mut overlay, &mut responses, &mut last_index)
+        self.flush_applied(&mut responses, &mut last_index)
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
@@ -350,9 +205,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             Some(b) => decode(b)?,
             None => AppliedState::default(),
         };
-        self.hlc.observe(HlcTimestamp(self.applied.last_hlc));
-        self.sessions = load_sessions(&*self.engine, self.partition, self.session_ttl_ms)?;
-        self.sessions_dirty.clear();
+        self.applier.reload(self.applied.last_hlc)?;
         self.applied_index.set(
             self.applied
                 .last_applied

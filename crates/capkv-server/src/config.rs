@@ -29,6 +29,28 @@ impl ReadPolicyChoice {
     }
 }
 
+/// Which replication engine runs the node's Raft groups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EngineChoice {
+    /// One openraft instance per partition (each with its own tasks, log writes and
+    /// messages).
+    #[default]
+    Openraft,
+    /// One raftstore engine per node drives every partition's raft-rs group: batched log
+    /// writes, one fsync and one message batch per peer per turn, idle groups asleep.
+    Raftstore,
+}
+
+impl EngineChoice {
+    /// The name `--engine` takes, also recorded in the data dir.
+    pub fn name(self) -> &'static str {
+        match self {
+            EngineChoice::Openraft => "openraft",
+            EngineChoice::Raftstore => "raftstore",
+        }
+    }
+}
+
 pub use capkv_types::PlantedBug;
 
 #[derive(Debug, Clone)]
@@ -49,6 +71,7 @@ pub struct NodeConfig {
     /// A linearizable read that cannot confirm leadership within this time is `Unavailable`.
     pub read_timeout: Duration,
     pub read_policy: ReadPolicyChoice,
+    pub engine: EngineChoice,
     /// Test-only: the `Admin` gRPC service may inject faults into this node.
     pub unsafe_fault_injection: bool,
     /// Test-only (with fault injection): before opening storage, drop what no fsync
@@ -80,6 +103,7 @@ impl NodeConfig {
             write_timeout: Duration::from_secs(5),
             read_timeout: Duration::from_secs(5),
             read_policy: ReadPolicyChoice::Lease,
+            engine: EngineChoice::default(),
             unsafe_fault_injection: false,
             planted_bugs: Default::default(),
             unsafe_lose_unsynced_writes: false,

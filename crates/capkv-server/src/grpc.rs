@@ -7,8 +7,8 @@ use std::time::Instant;
 
 use capkv_proto::kv::{self as pb, kv_server::Kv};
 use capkv_proto::raft::{
-    raft_transport_server::RaftTransport as RaftTransportService, RaftBatch, RaftMessage,
-    RaftReply, RaftReplyBatch, RaftReplyItem, RaftReplyStatus,
+    raft_transport_server::RaftTransport as RaftTransportService, EngineClosed, EngineFrame,
+    RaftBatch, RaftMessage, RaftReply, RaftReplyBatch, RaftReplyItem, RaftReplyStatus,
 };
 use capkv_proto::status::to_status;
 use capkv_replication::codec::{decode, encode};
@@ -343,7 +343,14 @@ impl RaftService {
                     core.id, m.partition_id
                 ))
             })?;
-        dispatch(&replica.raft, rpc, &m.payload, &core.vote_hold)
+        let raft = replica.openraft().ok_or_else(|| {
+            Status::failed_precondition(format!(
+                "node {} runs the raftstore engine; an openraft message cannot reach it \
+                 (every node of a cluster must run the same --engine)",
+                core.id
+            ))
+        })?;
+        dispatch(raft, rpc, &m.payload, &core.vote_hold)
             .await
             .map_err(|e| match e {
                 DispatchError::Malformed(_) => Status::invalid_argument(e.to_string()),
@@ -370,6 +377,65 @@ impl RaftTransportService for RaftService {
     }
 
     type StreamStream = tokio_stream::wrappers::ReceiverStream<Result<RaftReplyBatch, Status>>;
+
+    /// A peer's raftstore engine traffic: frames in, nothing back until the stream ends.
+    /// A malformed or misaddressed frame ends the stream (the peer reconnects); frames
+    /// from a peer this node drops by fault injection are ignored.
+    async fn engine(
+        &self,
+        request: Request<tonic::Streaming<EngineFrame>>,
+    ) -> Result<Response<EngineClosed>, Status> {
+        let core = self.core.clone();
+        let Some(engine) = core.raft_engine.clone() else {
+            return Err(Status::failed_precondition(format!(
+                "node {} runs openraft, not the raftstore engine (every node of a cluster \
+                 must run the same --engine)",
+                core.id
+            )));
+        };
+        let mut inbound = request.into_inner();
+        let mut shutdown = self.shutdown.clone();
+        loop {
+            let frame = tokio::select! {
+                m = inbound.message() => match m {
+                    Ok(Some(f)) => f,
+                    Ok(None) => return Ok(Response::new(EngineClosed { reason: "end of stream".into() })),
+                    Err(e) => return Err(e),
+                },
+                _ = shutdown.wait_for(|stop| *stop) => {
+                    return Ok(Response::new(EngineClosed { reason: "node stopping".into() }));
+                }
+            };
+            let from = NodeId(frame.from_node);
+            if frame.to_node != core.id.0 {
+                return Err(Status::failed_precondition(format!(
+                    "frame for node {} reached node {}",
+                    frame.to_node, core.id
+                )));
+            }
+            if frame.session_ttl_ms != core.session_ttl_ms {
+                let why = format!(
+                    "node {} expires client sessions after {} ms, node {} after {} ms: their \
+                     state machines would decide differently. Give every node the same \
+                     --client-session-ttl-ms.",
+                    frame.from_node, frame.session_ttl_ms, core.id, core.session_ttl_ms
+                );
+                core.log_refused_peer(from, &why);
+                return Err(Status::failed_precondition(why));
+            }
+            if core.faults.drops_from(from) {
+                continue;
+            }
+            core.metrics
+                .raft_messages
+                .with_label_values(&["engine_batch"])
+                .inc();
+            if let Err(why) = engine.deliver(frame.from_node, &frame.batch) {
+                tracing::warn!(peer = frame.from_node, "{why}; closing the stream");
+                return Err(Status::invalid_argument(why));
+            }
+        }
+    }
 
     async fn stream(
         &self,

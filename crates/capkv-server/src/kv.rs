@@ -20,16 +20,68 @@ use openraft::error::{ClientWriteError, ForwardToLeader, LinearizableReadError, 
 use openraft::raft::linearizable_read::LinearizerOption;
 use openraft::{Instant as _, ReadPolicy, ServerState};
 
+use capkv_raftstore::driver::ProposeError;
+use capkv_raftstore::StateRole;
+
 use crate::config::ReadPolicyChoice;
 use crate::confirm::LeaderConfirmer;
+use crate::engine::EngineNode;
 use crate::metrics::Metrics;
 use crate::transport::PeerChannels;
 
 /// One partition replica hosted by this node.
 pub struct Replica {
     pub partition: PartitionId,
-    pub raft: PartitionRaft,
+    pub group: Group,
     pub applied: Arc<AppliedIndex>,
+}
+
+/// The replica's Raft group, on the replication engine the node runs.
+pub enum Group {
+    /// A group of its own (openraft: its own tasks, log writes and messages).
+    Openraft(PartitionRaft),
+    /// A group of the node's raftstore engine (`--engine raftstore`).
+    Engine(Arc<EngineNode>),
+}
+
+/// A replica's role as this node sees it now.
+#[derive(Debug, Clone, Copy)]
+struct RoleView {
+    leader: bool,
+    known_leader: Option<NodeId>,
+    term: u64,
+}
+
+impl Replica {
+    /// The openraft group, when the node runs openraft.
+    pub fn openraft(&self) -> Option<&PartitionRaft> {
+        match &self.group {
+            Group::Openraft(r) => Some(r),
+            Group::Engine(_) => None,
+        }
+    }
+
+    fn role(&self) -> RoleView {
+        match &self.group {
+            Group::Openraft(raft) => {
+                let rx = raft.metrics();
+                let m = rx.borrow_watched();
+                RoleView {
+                    leader: m.state == ServerState::Leader,
+                    known_leader: m.current_leader.map(NodeId),
+                    term: m.current_term,
+                }
+            }
+            Group::Engine(e) => {
+                let s = e.status(self.partition).unwrap_or_default();
+                RoleView {
+                    leader: s.role == StateRole::Leader,
+                    known_leader: (s.leader != 0).then_some(NodeId(s.leader)),
+                    term: s.term,
+                }
+            }
+        }
+    }
 }
 
 /// Where a response was served from (for the response header).
@@ -83,6 +135,8 @@ pub struct KvCore {
     pub id: NodeId,
     pub map: PartitionMap,
     pub replicas: BTreeMap<PartitionId, Replica>,
+    /// The node's raftstore engine, when it runs one (`--engine raftstore`).
+    pub raft_engine: Option<Arc<EngineNode>>,
     pub engine: Arc<dyn StorageEngine>,
     pub hlc: Arc<Hlc>,
     pub limits: Limits,
@@ -112,7 +166,11 @@ pub struct KvCore {
 impl KvCore {
     /// Why this node's storage is poisoned (a failed fsync), if it is.
     pub fn storage_error(&self) -> Option<String> {
-        self.engine.group_commit().poisoned().map(|e| e.to_string())
+        self.engine
+            .group_commit()
+            .poisoned()
+            .map(|e| e.to_string())
+            .or_else(|| self.raft_engine.as_ref().and_then(|e| e.poisoned()))
     }
 
     /// Refuses service once storage is poisoned: nothing this node wrote since the failed
@@ -215,11 +273,37 @@ impl KvCore {
     }
 
     fn served(&self, r: &Replica) -> Served {
-        let term = r.raft.metrics().borrow_watched().current_term;
         Served {
             partition: r.partition,
-            term,
+            term: r.role().term,
             applied_index: r.applied.get(),
+        }
+    }
+
+    /// The error for a proposal or read the engine did not carry out.
+    fn engine_error(&self, p: PartitionId, e: ProposeError) -> KvError {
+        match e {
+            ProposeError::NotLeader { leader, .. } => match leader {
+                Some(l) if l != 0 && NodeId(l) != self.id => self.not_leader(p, Some(NodeId(l))),
+                _ => KvError::Unavailable(format!(
+                    "partition {p} has no leader that node {} knows of (election in progress or quorum lost)",
+                    self.id
+                )),
+            },
+            ProposeError::NoGroup(_) => self.not_leader(p, self.map.replicas(p).first().copied()),
+            ProposeError::Dropped => KvError::Unavailable(format!(
+                "partition {p}: leadership changed before the write committed; it was not applied"
+            )),
+            ProposeError::Stopped => KvError::Ambiguous(format!(
+                "partition {p}: the replica stopped while writing; retry with the same \
+                 (client_id, sequence) to learn its outcome"
+            )),
+            ProposeError::ReadTimedOut => KvError::Unavailable(format!(
+                "partition {p}: could not confirm leadership with a quorum"
+            )),
+            ProposeError::Poisoned(why) => {
+                KvError::Unavailable(format!("node {}: storage failed: {why}", self.id))
+            }
         }
     }
 
@@ -271,14 +355,30 @@ impl KvCore {
             idempotency: idempotency.filter(|i| i.client_id != 0),
             op,
         };
-        let result = tokio::time::timeout(self.write_timeout, replica.raft.client_write(cmd)).await;
-        match result {
-            Err(_elapsed) => Err(KvError::Ambiguous(format!(
+        let ambiguous = || {
+            KvError::Ambiguous(format!(
                 "partition {p}: the write was proposed but not committed within {} ms; retry with the same \
                  (client_id, sequence) to learn its outcome",
                 self.write_timeout.as_millis()
-            ))),
-            Ok(Ok(resp)) => match resp.data.rejected {
+            ))
+        };
+        let raft = match &replica.group {
+            Group::Openraft(raft) => raft,
+            Group::Engine(engine) => {
+                let result = tokio::time::timeout(self.write_timeout, engine.write(p, &cmd)).await;
+                return match result {
+                    Err(_elapsed) => Err(ambiguous()),
+                    Ok(Ok(resp)) => match resp.rejected {
+                        None => Ok((self.served(replica), resp)),
+                        Some(why) => Err(rejection_error(p, why, idempotency)),
+                    },
+                    Ok(Err(e)) => Err(self.engine_error(p, e)),
+                };
+            }
+        };
+        let result = tokio::time::timeout(self.write_timeout, raft.client_write(cmd)).await;
+        match result {
+            Err(_elapsed) => Err(ambiguous()),            Ok(Ok(resp)) => match resp.data.rejected {
                 None => Ok((self.served(replica), resp.data)),
                 Some(why) => Err(rejection_error(p, why, idempotency)),
             },
@@ -304,6 +404,30 @@ impl KvCore {
         if level == ReadConsistency::Prefix || self.unsafe_local_reads {
             return Ok(replica);
         }
+        let raft = match &replica.group {
+            Group::Openraft(raft) => raft,
+            Group::Engine(engine) => {
+                // Fail fast where the answer is known: a follower names its leader.
+                let role = replica.role();
+                if !role.leader {
+                    return Err(self.engine_error(
+                        p,
+                        ProposeError::NotLeader {
+                            group: p.0,
+                            leader: role.known_leader.map(|n| n.0),
+                        },
+                    ));
+                }
+                return match tokio::time::timeout(self.read_timeout, engine.read_index(p)).await {
+                    Err(_elapsed) => Err(KvError::Unavailable(format!(
+                        "partition {p}: could not confirm leadership with a quorum within {} ms",
+                        self.read_timeout.as_millis()
+                    ))),
+                    Ok(Ok(_index)) => Ok(replica),
+                    Ok(Err(e)) => Err(self.engine_error(p, e)),
+                };
+            }
+        };
         let deadline = tokio::time::Instant::now() + self.read_timeout;
         let read_point: Option<(u64, u64)>;
         {
@@ -312,7 +436,7 @@ impl KvCore {
             // silent for a whole lease cannot confirm leadership now.
             // Copy out the three fields needed; cloning all metrics per read is wasteful.
             let (state, leader, quorum_silent) = {
-                let rx = replica.raft.metrics();
+                let rx = raft.metrics();
                 let m = rx.borrow_watched();
                 // A leader that is its group's only voter is a quorum by itself: it needs
                 // no peer's acknowledgement (openraft never refreshes `last_quorum_acked`
@@ -358,8 +482,7 @@ impl KvCore {
             let fast = async {
                 self.confirmer.confirm(p, term).await
                     && (replica.applied.get() >= read_index
-                        || replica
-                            .raft
+                        || raft
                             .wait(Some(self.read_timeout))
                             .applied_index_at_least(Some(read_index), "linearizable read")
                             .await
@@ -377,10 +500,10 @@ impl KvCore {
                 .with_wait_timeout(deadline.saturating_duration_since(tokio::time::Instant::now())),
         };
         let confirmed = async {
-            match replica.raft.get_read_linearizer(policy).await {
+            match raft.get_read_linearizer(policy).await {
                 Err(e) => Err(e),
                 Ok(linearizer) => linearizer
-                    .await_ready(&replica.raft)
+                    .await_ready(&raft)
                     .await
                     .map(|_| ())
                     .map_err(RaftError::Fatal),
@@ -463,15 +586,11 @@ impl KvCore {
         let p = scan.partition;
         let mut target: Option<NodeId> = None;
         if let Some(r) = self.replicas.get(&p) {
-            let (state, leader) = {
-                let rx = r.raft.metrics();
-                let m = rx.borrow_watched();
-                (m.state, m.current_leader)
-            };
-            if scan.level == ReadConsistency::Prefix || state == ServerState::Leader {
+            let role = r.role();
+            if scan.level == ReadConsistency::Prefix || role.leader {
                 return self.scan_partition_local(scan).await;
             }
-            target = leader.map(NodeId);
+            target = role.known_leader;
         }
         let mut target = target.or_else(|| self.map.replicas(p).first().copied());
         // Follow at most two leader hints.
@@ -682,16 +801,29 @@ impl KvCore {
                     replicas: self.map.replicas(p).to_vec(),
                     ..Default::default()
                 };
-                if let Some(r) = self.replicas.get(&p) {
-                    let m = r.raft.metrics().borrow_watched().clone();
-                    v.role = format!("{:?}", m.state);
-                    v.leader = m.current_leader.map(NodeId);
-                    v.term = m.current_term;
-                    v.last_log_index = m.last_log_index.unwrap_or(0);
-                    v.commit_index = m.local_committed.map(|l| l.index).unwrap_or(0);
-                    v.applied_index = m.last_applied.map(|l| l.index).unwrap_or(0);
-                    v.snapshot_index = m.snapshot.map(|l| l.index).unwrap_or(0);
-                    v.purged_index = m.purged.map(|l| l.index).unwrap_or(0);
+                match self.replicas.get(&p).map(|r| &r.group) {
+                    None => {}
+                    Some(Group::Openraft(raft)) => {
+                        let m = raft.metrics().borrow_watched().clone();
+                        v.role = format!("{:?}", m.state);
+                        v.leader = m.current_leader.map(NodeId);
+                        v.term = m.current_term;
+                        v.last_log_index = m.last_log_index.unwrap_or(0);
+                        v.commit_index = m.local_committed.map(|l| l.index).unwrap_or(0);
+                        v.applied_index = m.last_applied.map(|l| l.index).unwrap_or(0);
+                        v.snapshot_index = m.snapshot.map(|l| l.index).unwrap_or(0);
+                        v.purged_index = m.purged.map(|l| l.index).unwrap_or(0);
+                    }
+                    Some(Group::Engine(engine)) => {
+                        let s = engine.status(p).unwrap_or_default();
+                        v.role = format!("{:?}", s.role);
+                        v.leader = (s.leader != 0).then_some(NodeId(s.leader));
+                        v.term = s.term;
+                        v.last_log_index = s.last_index;
+                        v.commit_index = s.commit;
+                        v.applied_index = s.applied;
+                        v.asleep = s.quiet;
+                    }
                 }
                 v
             })
@@ -747,6 +879,8 @@ pub struct PartitionView {
     pub applied_index: u64,
     pub snapshot_index: u64,
     pub purged_index: u64,
+    /// Quiesced on this node (raftstore engine): no ticks or heartbeats until woken.
+    pub asleep: bool,
 }
 
 /// How long a leader on this node trusts a quorum acknowledgement for lease reads, in ms:

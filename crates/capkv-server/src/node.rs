@@ -25,10 +25,11 @@ use tokio::task::JoinHandle;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
 use crate::admin::AdminService;
-use crate::config::{NodeConfig, PlantedBug};
+use crate::config::{EngineChoice, NodeConfig, PlantedBug};
 use crate::confirm::LeaderConfirmer;
+use crate::engine::{engine_config, CapkvMachine, EngineNode, EngineTransport};
 use crate::grpc::{KvService, RaftService};
-use crate::kv::{KvCore, Replica};
+use crate::kv::{Group, KvCore, Replica};
 use crate::metrics::Metrics;
 use crate::transport::{GrpcTransport, PeerChannels, RAFT_MESSAGE_BYTES_MAX};
 
@@ -42,6 +43,14 @@ struct ClusterIdentity {
     initial_cluster: Vec<NodeSpec>,
     /// A rule of the state machine: every replica must expire client sessions alike.
     session_ttl_ms: u64,
+    /// The replication engine whose log and state this dir holds.
+    #[serde(default = "openraft_name")]
+    engine: String,
+}
+
+/// Data dirs made before `--engine` existed are openraft's.
+fn openraft_name() -> String {
+    EngineChoice::Openraft.name().to_string()
 }
 
 const IDENTITY_KEY: &str = "cluster_identity";
@@ -99,6 +108,7 @@ impl Node {
             replication_factor: config.replication_factor,
             initial_cluster: config.initial_cluster.clone(),
             session_ttl_ms: config.raft.session_ttl_ms,
+            engine: config.engine.name().to_string(),
         };
         let fresh = match engine.node_meta_get(IDENTITY_KEY)? {
             None => true,
@@ -168,48 +178,109 @@ impl Node {
             }),
             faults: faults.clone(),
         });
+        let (shutdown, shutdown_rx) = watch::channel(false);
         let mut replicas = BTreeMap::new();
-        for p in map.partitions_of(config.id) {
-            let (raft, applied) = open_partition(
-                config.id,
-                p,
-                &config.raft,
-                engine.clone(),
-                transport.clone(),
-                hlc.clone(),
-            )
-            .await?;
-            vote_hold.hold_elections(&raft);
-            replicas.insert(
-                p,
-                Replica {
-                    partition: p,
-                    raft,
-                    applied,
-                },
-            );
-        }
-        // Bootstrap. Initializing a group with the same membership on several nodes is safe
-        // (openraft), but done by every replica at once it makes each one a candidate in
-        // term 1, and most groups then need a second election a timeout later. So a
-        // partition's first replica initializes at once, and the others only if the group
-        // has not reached them within one election timeout (the first replica is down or
-        // slow). A node restarting on existing data never initializes at once: it may have
-        // granted a vote, and its vote hold must run out first.
         let mut late_inits = Vec::new();
-        for (p, r) in &replicas {
-            if r.raft.is_initialized().await.unwrap_or(true) {
-                continue;
+        let mut raft_engine = None;
+        match config.engine {
+            EngineChoice::Openraft => {
+                for p in map.partitions_of(config.id) {
+                    let (raft, applied) = open_partition(
+                        config.id,
+                        p,
+                        &config.raft,
+                        engine.clone(),
+                        transport.clone(),
+                        hlc.clone(),
+                    )
+                    .await?;
+                    vote_hold.hold_elections(&raft);
+                    replicas.insert(
+                        p,
+                        Replica {
+                            partition: p,
+                            group: Group::Openraft(raft),
+                            applied,
+                        },
+                    );
+                }
+                // Bootstrap. Initializing a group with the same membership on several nodes
+                // is safe (openraft), but done by every replica at once it makes each one a
+                // candidate in term 1, and most groups then need a second election a
+                // timeout later. So a partition's first replica initializes at once, and
+                // the others only if the group has not reached them within one election
+                // timeout (the first replica is down or slow). A node restarting on
+                // existing data never initializes at once: it may have granted a vote, and
+                // its vote hold must run out first.
+                for (p, r) in &replicas {
+                    let Some(raft) = r.openraft() else { continue };
+                    if raft.is_initialized().await.unwrap_or(true) {
+                        continue;
+                    }
+                    let replicas_of_p = map.replicas(*p);
+                    let members: BTreeMap<u64, BasicNode> = replicas_of_p
+                        .iter()
+                        .map(|n| (n.0, BasicNode::new(map.addr_of(*n).unwrap_or_default())))
+                        .collect();
+                    if fresh && replicas_of_p.first() == Some(&config.id) {
+                        initialize_group(*p, raft, members).await;
+                    } else {
+                        late_inits.push((*p, raft.clone(), members));
+                    }
+                }
             }
-            let replicas_of_p = map.replicas(*p);
-            let members: BTreeMap<u64, BasicNode> = replicas_of_p
-                .iter()
-                .map(|n| (n.0, BasicNode::new(map.addr_of(*n).unwrap_or_default())))
-                .collect();
-            if fresh && replicas_of_p.first() == Some(&config.id) {
-                initialize_group(*p, &r.raft, members).await;
-            } else {
-                late_inits.push((*p, r.raft.clone(), members));
+            EngineChoice::Raftstore => {
+                let parts: Vec<_> = map.partitions_of(config.id);
+                let (machine, applied, indexes) =
+                    CapkvMachine::open(&engine, &parts, &hlc, config.raft.session_ttl_ms)
+                        .context("open the partitions' state machines")?;
+                // Every group starts with its partition's replicas as voters (used when the
+                // group is new on this disk).
+                let groups: BTreeMap<u32, Vec<u64>> = parts
+                    .iter()
+                    .map(|p| (p.0, map.replicas(*p).iter().map(|n| n.0).collect()))
+                    .collect();
+                let others: Vec<(NodeId, String)> = map
+                    .nodes
+                    .iter()
+                    .filter(|(id, _)| **id != config.id)
+                    .map(|(id, addr)| (*id, addr.clone()))
+                    .collect();
+                let engine_transport = EngineTransport::start(
+                    config.id,
+                    config.raft.session_ttl_ms,
+                    faults.clone(),
+                    &peers,
+                    &others,
+                    shutdown_rx.clone(),
+                );
+                let node = capkv_raftstore::node::RaftNode::start_on_engine(
+                    engine_config(config.id, &config.raft),
+                    engine.clone(),
+                    &groups,
+                    &applied,
+                    engine_transport,
+                    machine,
+                )
+                .context("start the raftstore engine")?;
+                let node = Arc::new(EngineNode::new(config.id, node));
+                for p in parts {
+                    let applied = indexes.get(&p).cloned().unwrap_or_default();
+                    // A new cluster's first replica of each partition campaigns at once, so
+                    // leaders spread over the nodes as the partition map orders them.
+                    if fresh && map.replicas(p).first() == Some(&config.id) {
+                        node.campaign(p);
+                    }
+                    replicas.insert(
+                        p,
+                        Replica {
+                            partition: p,
+                            group: Group::Engine(node.clone()),
+                            applied,
+                        },
+                    );
+                }
+                raft_engine = Some(node);
             }
         }
         if fresh {
@@ -230,6 +301,7 @@ impl Node {
             id: config.id,
             map,
             replicas,
+            raft_engine,
             engine,
             hlc,
             limits: config.limits,
@@ -254,7 +326,6 @@ impl Node {
             tracing::warn!("UNSAFE: --unsafe-fault-injection lets any gRPC client cut this node off, fail its fsyncs and move its clock");
         }
 
-        let (shutdown, shutdown_rx) = watch::channel(false);
         let mut tasks = Vec::new();
         if !late_inits.is_empty() {
             let wait = Duration::from_millis(config.raft.election_timeout_max_ms);
@@ -355,9 +426,14 @@ impl Node {
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         for r in self.core.replicas.values() {
-            if let Err(e) = r.raft.shutdown().await {
-                tracing::warn!(partition = r.partition.0, error = %e, "raft shutdown");
+            if let Some(raft) = r.openraft() {
+                if let Err(e) = raft.shutdown().await {
+                    tracing::warn!(partition = r.partition.0, error = %e, "raft shutdown");
+                }
             }
+        }
+        if let Some(engine) = self.core.raft_engine.clone() {
+            let _ = tokio::task::spawn_blocking(move || engine.stop()).await;
         }
         for t in self.tasks {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(5), t).await;
@@ -375,12 +451,12 @@ async fn watch_leader(
     p: capkv_types::PartitionId,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let Some(replica) = core.replicas.get(&p) else {
+    let Some(raft) = core.replicas.get(&p).and_then(|r| r.openraft()) else {
         return;
     };
     // Server metrics change only with the vote, role, leader or membership; the full
     // metrics change on every commit and would wake this task once per write.
-    let mut rx = replica.raft.server_metrics();
+    let mut rx = raft.server_metrics();
     let mut last_leader: Option<u64> = None;
     let label = p.0.to_string();
     loop {
@@ -421,13 +497,14 @@ async fn balance_leaders(core: Arc<KvCore>, mut shutdown: watch::Receiver<bool>)
             _ = shutdown.wait_for(|s| *s) => return,
         }
         for r in core.replicas.values() {
+            let Some(raft) = r.openraft() else { continue };
             let Some(preferred) = core.map.replicas(r.partition).first().copied() else {
                 continue;
             };
             if preferred == core.id {
                 continue;
             }
-            let m = r.raft.metrics().borrow_watched().clone();
+            let m = raft.metrics().borrow_watched().clone();
             if m.state != openraft::ServerState::Leader {
                 continue;
             }
@@ -447,7 +524,7 @@ async fn balance_leaders(core: Arc<KvCore>, mut shutdown: watch::Receiver<bool>)
                 to = preferred.0,
                 "transferring leadership to the preferred replica"
             );
-            if let Err(e) = r.raft.trigger().transfer_leader(preferred.0).await {
+            if let Err(e) = raft.trigger().transfer_leader(preferred.0).await {
                 tracing::warn!(partition = r.partition.0, error = %e, "leader transfer failed");
             }
         }
