@@ -4,6 +4,7 @@
 # Prints one RESULT line per run and a summary table.
 #
 #   bench/verify.sh [--seeds N] [--first-seed S] [--duration 60s] [--only NAME]
+#                   [--engine openraft|raftstore]
 #
 # NAME is one of: valid-register, valid-append-set, stale-reads, stale-reads-oneway,
 # leader-restore,
@@ -16,12 +17,14 @@ seeds=10
 first=1000
 duration=60s
 only=""
+engine=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --seeds) seeds=$2; shift 2 ;;
     --first-seed) first=$2; shift 2 ;;
     --duration) duration=$2; shift 2 ;;
     --only) only=$2; shift 2 ;;
+    --engine) engine=(--engine "$2"); shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -52,7 +55,7 @@ for row in "${matrix[@]}"; do
     out="$work/$name-$seed"
     set +e
     # shellcheck disable=SC2086
-    "$work/capkv" check --duration "$duration" --seed "$seed" --out "$out" $args >"$out.log" 2>&1
+    "$work/capkv" check --duration "$duration" --seed "$seed" --out "$out" "${engine[@]}" $args >"$out.log" 2>&1
     code=$?
     set -e
     # Node data is ~1 GB per run; the history, report and node logs are what a replay needs.

@@ -14,6 +14,8 @@
 //! answers them [`ProposeError::Stopped`]: they may still commit.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
@@ -55,6 +57,10 @@ pub type Reply<R> = Box<dyn FnOnce(Result<R, ProposeError>) + Send>;
 /// The answer to a linearizable read: the read index, which the state machine has
 /// applied by the time this is called, so a read of it now is linearizable.
 pub type ReadReply = Box<dyn FnOnce(Result<u64, ProposeError>) + Send>;
+
+/// Commands of one turn go into one entry up to this many bytes (a single larger command
+/// gets an entry of its own).
+const ENTRY_BYTES_MAX: usize = 4 << 20;
 
 /// What one Raft entry carries: the commands proposed to its group in one turn.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -140,6 +146,8 @@ pub enum StartError {
 pub struct RaftNode<R> {
     tx: mpsc::Sender<Input<R>>,
     shared: Arc<RwLock<Shared>>,
+    /// Peer batches handed to the engine and not yet taken by its loop.
+    peer_backlog: Arc<AtomicUsize>,
     thread: std::sync::Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -163,8 +171,10 @@ impl<R: Send + 'static> RaftNode<R> {
         let driver =
             Driver::start_applied(config.id, disk, &config.driver, config.planted, applied)?;
         let shared = Arc::new(RwLock::new(Shared::default()));
+        let peer_backlog = Arc::new(AtomicUsize::new(0));
         let (tx, rx) = inputs;
         let mut lp = Loop {
+            peer_backlog: peer_backlog.clone(),
             driver,
             config,
             rx,
@@ -180,13 +190,29 @@ impl<R: Send + 'static> RaftNode<R> {
             stats: NodeStats::default(),
         };
         lp.publish(lp.driver.groups().collect());
+        let on_panic = shared.clone();
         let thread = std::thread::Builder::new()
             .name("capkv-raft".into())
-            .spawn(move || lp.run())
+            .spawn(move || {
+                // raft-rs stops on what it holds impossible (e.g. a peer's message that
+                // contradicts this node's log). Whatever the cause, the node must not look
+                // healthy while nothing drives its groups: it counts as poisoned, and
+                // everything waiting is answered (its replies are dropped: `Stopped`).
+                if let Err(panic) = std::panic::catch_unwind(AssertUnwindSafe(move || lp.run())) {
+                    let why = panic
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_else(|| "unknown panic".into());
+                    let mut s = on_panic.write().unwrap_or_else(|e| e.into_inner());
+                    s.poisoned = Some(format!("the Raft engine stopped: {why}"));
+                }
+            })
             .map_err(|e| raft::Error::Io(std::io::Error::other(e.to_string())))?;
         Ok(RaftNode {
             tx,
             shared,
+            peer_backlog,
             thread: std::sync::Mutex::new(Some(thread)),
         })
     }
@@ -236,7 +262,16 @@ impl<R: Send + 'static> RaftNode<R> {
 
     /// Hands a batch received from `from` to the engine (decoded; see [`PeerBatch::decode`]).
     pub fn receive(&self, from: u64, messages: Vec<(GroupId, Message)>) {
-        let _ = self.tx.send(Input::Peer { from, messages });
+        self.peer_backlog.fetch_add(1, Ordering::Relaxed);
+        if self.tx.send(Input::Peer { from, messages }).is_err() {
+            self.peer_backlog.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Peer batches received and not yet taken by the engine's loop: a receiver should
+    /// stop reading from the network while this is high, so peers cannot fill memory.
+    pub fn peer_backlog(&self) -> usize {
+        self.peer_backlog.load(Ordering::Relaxed)
     }
 
     /// Confirms with a quorum that this node leads `group`, waits until the state machine
@@ -340,6 +375,7 @@ struct Loop<D: Disk, T, S: StateMachine> {
     transport: T,
     sm: S,
     shared: Arc<RwLock<Shared>>,
+    peer_backlog: Arc<AtomicUsize>,
     pending: BTreeMap<GroupId, VecDeque<Pending<S::Response>>>,
     /// Commands received this turn, per group, with their replies.
     queued: BTreeMap<GroupId, Queued<S::Response>>,
@@ -433,6 +469,7 @@ impl<D: Disk, T: Transport, S: StateMachine> Loop<D, T, S> {
                 q.1.push(reply);
             }
             Input::Peer { from, messages } => {
+                self.peer_backlog.fetch_sub(1, Ordering::Relaxed);
                 self.driver.heard_from(from);
                 for (g, m) in messages {
                     self.driver.step(g, m);
@@ -451,23 +488,27 @@ impl<D: Disk, T: Transport, S: StateMachine> Loop<D, T, S> {
 
     fn turn(&mut self) {
         self.stats.turns += 1;
-        // Every group's commands of this turn become one entry.
+        // Every group's commands of this turn become one entry (more than one only past
+        // ENTRY_BYTES_MAX: raft-rs sends at least a whole entry per message, so an entry
+        // must stay well under what a peer accepts).
         for (group, (commands, replies)) in std::mem::take(&mut self.queued) {
             self.stats.proposals += commands.len() as u64;
-            let data = postcard::to_stdvec(&EntryCommands(commands)).unwrap_or_default();
-            match self.driver.propose(group, data) {
-                Ok((index, term)) => {
-                    self.stats.entries_proposed += 1;
-                    self.pending
-                        .entry(group)
-                        .or_default()
-                        .push_back((index, term, replies));
-                }
-                Err(e) => {
-                    for r in replies {
-                        r(Err(e.clone()));
+            let mut items = commands.into_iter().zip(replies).peekable();
+            while items.peek().is_some() {
+                let mut chunk = Vec::new();
+                let mut chunk_replies = Vec::new();
+                let mut bytes = 0usize;
+                while let Some((c, _)) = items.peek() {
+                    if !chunk.is_empty() && bytes + c.len() > ENTRY_BYTES_MAX {
+                        break;
+                    }
+                    bytes += c.len();
+                    if let Some((c, r)) = items.next() {
+                        chunk.push(c);
+                        chunk_replies.push(r);
                     }
                 }
+                self.propose_entry(group, chunk, chunk_replies);
             }
         }
         // Every group's reads of this turn share one confirmation.
@@ -530,6 +571,30 @@ impl<D: Disk, T: Transport, S: StateMachine> Loop<D, T, S> {
         }
         let touched = self.driver.take_touched();
         self.publish(touched);
+    }
+
+    /// Proposes `commands` as one entry of `group`; their replies wait for its outcome.
+    fn propose_entry(
+        &mut self,
+        group: GroupId,
+        commands: Vec<Vec<u8>>,
+        replies: Vec<Reply<S::Response>>,
+    ) {
+        let data = postcard::to_stdvec(&EntryCommands(commands)).unwrap_or_default();
+        match self.driver.propose(group, data) {
+            Ok((index, term)) => {
+                self.stats.entries_proposed += 1;
+                self.pending
+                    .entry(group)
+                    .or_default()
+                    .push_back((index, term, replies));
+            }
+            Err(e) => {
+                for r in replies {
+                    r(Err(e.clone()));
+                }
+            }
+        }
     }
 
     fn apply(&mut self, group: GroupId, entry: Entry) {

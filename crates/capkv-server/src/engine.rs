@@ -240,8 +240,22 @@ impl EngineNode {
                 self.id
             ));
         }
+        if let Some((g, m)) = messages
+            .iter()
+            .find(|(_, m)| m.from != from || m.to != self.id.0)
+        {
+            return Err(format!(
+                "a message of partition {g} from node {} to node {} came in node {from}'s batch to node {}",
+                m.from, m.to, self.id
+            ));
+        }
         self.node.receive(from, messages);
         Ok(())
+    }
+
+    /// Peer batches waiting for the engine's loop.
+    pub fn peer_backlog(&self) -> usize {
+        self.node.peer_backlog()
     }
 }
 

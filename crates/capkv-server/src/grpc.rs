@@ -362,6 +362,9 @@ impl RaftService {
     }
 }
 
+/// Peer batches the raftstore engine may have waiting before receivers stop reading.
+const ENGINE_BACKLOG_MAX: usize = 1024;
+
 /// Answers on one peer stream are gathered into batches of at most this many.
 const REPLY_BATCH_MAX: usize = 256;
 /// Messages of one peer stream being handled or answered but not yet sent, at most.
@@ -425,6 +428,12 @@ impl RaftTransportService for RaftService {
             }
             if core.faults.drops_from(from) {
                 continue;
+            }
+            // Backpressure: while the engine has many batches to take, stop reading; HTTP/2
+            // flow control then stops the peer, so no peer can make this node buffer
+            // without bound.
+            while engine.peer_backlog() >= ENGINE_BACKLOG_MAX {
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
             }
             core.metrics
                 .raft_messages

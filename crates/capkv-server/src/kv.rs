@@ -424,6 +424,10 @@ impl KvCore {
                         self.read_timeout.as_millis()
                     ))),
                     Ok(Ok(_index)) => Ok(replica),
+                    // A read has no outcome to be unsure of.
+                    Ok(Err(ProposeError::Stopped)) => Err(KvError::Unavailable(format!(
+                        "partition {p}: the replica stopped"
+                    ))),
                     Ok(Err(e)) => Err(self.engine_error(p, e)),
                 };
             }

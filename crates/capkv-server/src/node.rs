@@ -161,8 +161,21 @@ impl Node {
         let hlc = Arc::new(Hlc::new());
         let faults = Arc::new(Faults::new(config.unsafe_fault_injection));
         let peers = Arc::new(PeerChannels::default());
+        // The raftstore engine has no leader lease yet: its linearizable reads use ReadIndex
+        // whatever --read-policy says, and `capkv status` shows that.
+        let read_policy = match config.engine {
+            EngineChoice::Openraft => config.read_policy,
+            EngineChoice::Raftstore => {
+                if config.read_policy != crate::config::ReadPolicyChoice::ReadIndex {
+                    tracing::info!(
+                        "the raftstore engine reads with ReadIndex (no leader lease yet)"
+                    );
+                }
+                crate::config::ReadPolicyChoice::ReadIndex
+            }
+        };
         let lease_read_ms =
-            crate::kv::lease_read_ms(config.read_policy, config.raft.election_timeout_max_ms);
+            crate::kv::lease_read_ms(read_policy, config.raft.election_timeout_max_ms);
         // Planted bug `full-lease`: trust the whole lease, while telling peers half.
         let lease_trusted_ms = if config.planted_bugs.contains(&PlantedBug::FullLease) {
             lease_read_ms * 2
@@ -307,7 +320,7 @@ impl Node {
             limits: config.limits,
             write_timeout: config.write_timeout,
             read_timeout: config.read_timeout,
-            read_policy: config.read_policy,
+            read_policy,
             unsafe_local_reads: config.planted_bugs.contains(&PlantedBug::StaleReads),
             quorum_lease_ms: config.raft.election_timeout_max_ms,
             lease_read: Duration::from_millis(lease_trusted_ms),

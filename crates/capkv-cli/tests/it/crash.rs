@@ -11,14 +11,29 @@ const WRITERS: usize = 8;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_writes_survive_killing_every_node() {
-    let mut rng = seed("crash") | 1;
+    kill_every_node_under_load(Opts::default(), "crash").await;
+}
+
+/// The same on the raftstore engine (one engine per node, entries of many partitions in
+/// one log write and one fsync).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_writes_survive_killing_every_node_on_the_raftstore_engine() {
+    let opts = Opts {
+        extra_args: vec!["--engine".into(), "raftstore".into()],
+        ..Opts::default()
+    };
+    kill_every_node_under_load(opts, "crash-raftstore").await;
+}
+
+async fn kill_every_node_under_load(opts: Opts, seed_name: &str) {
+    let mut rng = seed(seed_name) | 1;
     let mut next = move || {
         rng ^= rng << 13;
         rng ^= rng >> 7;
         rng ^= rng << 17;
         rng
     };
-    let mut cluster = Cluster::start(Opts::default()).await;
+    let mut cluster = Cluster::start(opts).await;
     for round in 0..2 {
         let client = cluster.client().await;
         let acked: Arc<Mutex<Vec<(String, String)>>> = Arc::default();

@@ -89,6 +89,11 @@ impl Cluster {
         options.extra_args = ["--heartbeat-ms", "100", "--election-timeout-ms", "600"]
             .map(String::from)
             .to_vec();
+        // `CAPKV_TEST_ENGINE=raftstore` runs every cluster test on that engine (a test that
+        // names its engine keeps it: the last `--engine` wins).
+        if let Ok(engine) = std::env::var("CAPKV_TEST_ENGINE") {
+            options.extra_args.extend(["--engine".to_string(), engine]);
+        }
         options.extra_args.extend(opts.extra_args);
         let mut inner =
             LocalCluster::new(BIN.as_ref(), dir.path(), options).expect("lay out the cluster");
