@@ -264,6 +264,17 @@ impl<D: Disk> Driver<D> {
                     .into(),
                 )));
             }
+            if applied < state.snapshot_index {
+                // The log before its start is gone; only the state machine held it.
+                return Err(raft::Error::Store(raft::StorageError::Other(
+                    format!(
+                        "group {gid}: state machine applied {applied}, before the log's start {}: \
+                         the entries between are gone",
+                        state.snapshot_index + 1
+                    )
+                    .into(),
+                )));
+            }
             if applied > state.hard_state.commit {
                 state.hard_state.commit = applied;
             }
@@ -859,6 +870,24 @@ impl<D: Disk> Driver<D> {
             }
         }
         self.outbox.extend(msgs);
+    }
+
+    /// For a leader: its log's start and the highest index every voter holds and this
+    /// node applied (a log compacted up to it never needs to send a voter a snapshot).
+    /// `None` on a follower.
+    pub fn compaction_point(&self, group: GroupId) -> Option<(u64, u64)> {
+        let g = self.groups.get(&group)?;
+        let r = &g.node.raft;
+        if r.state != StateRole::Leader {
+            return None;
+        }
+        let all_hold = r
+            .prs()
+            .iter()
+            .map(|(id, pr)| if *id == r.id { r.raft_log.persisted } else { pr.matched })
+            .min()?;
+        let start = g.storage.read().snapshot_index;
+        Some((start, all_hold.min(r.raft_log.applied)))
     }
 
     /// Tells raft-rs the caller applied `group` up to `index`.

@@ -61,6 +61,8 @@ pub struct EngineDisk {
     engine: Arc<dyn StorageEngine>,
     /// Per group, the last log index written (durable or not).
     last: BTreeMap<GroupId, u64>,
+    /// Per group, the index the log starts after (its last compaction).
+    start: BTreeMap<GroupId, u64>,
     loaded: BTreeMap<GroupId, LogState>,
     notify: SyncNotify,
 }
@@ -75,6 +77,7 @@ impl EngineDisk {
     ) -> Result<Self, StorageError> {
         let mut loaded = BTreeMap::new();
         let mut last = BTreeMap::new();
+        let mut start_of = BTreeMap::new();
         let mut bootstrapped = false;
         for (&gid, voters) in groups {
             let p = PartitionId(gid);
@@ -140,6 +143,7 @@ impl EngineDisk {
                 )));
             }
             last.insert(gid, st.last_index());
+            start_of.insert(gid, st.snapshot_index);
             loaded.insert(gid, st);
         }
         if bootstrapped {
@@ -148,6 +152,7 @@ impl EngineDisk {
         Ok(EngineDisk {
             engine,
             last,
+            start: start_of,
             loaded,
             notify,
         })
@@ -163,12 +168,13 @@ impl Disk for EngineDisk {
                 partition: p,
                 ..Default::default()
             };
-            if g.restore.is_some() || g.compact.is_some() {
-                // Snapshots are not built or installed on this disk yet (the state
-                // machine's image must be written in the same batch): nothing proposes
-                // a compaction on it, so this is a bug, and the node stops.
+            if g.restore.is_some() {
+                // Installing a leader's snapshot is not built on this disk yet (the state
+                // machine's image must be written in the same batch); compaction keeps
+                // every voter's log past it, so only a replica that lost its data gets
+                // here, and the node stops rather than go on without the image.
                 return Err(format!(
-                    "group {gid}: snapshots are not supported on the fjall disk yet"
+                    "group {gid}: installing a snapshot is not supported on the fjall disk yet"
                 ));
             }
             let old_last = self.last.get(&gid).copied().unwrap_or(0);
@@ -199,6 +205,27 @@ impl Disk for EngineDisk {
                 lw.meta.push((raft_meta_tag::HARD_STATE, encode(&stored)));
             }
             w.groups.push(lw);
+            if let Some(c) = &g.compact {
+                // The log's new start. Its image is the state machine itself, whose writes
+                // precede this one in the journal. (A second write of the partition in the
+                // same atomic batch: the first may remove a conflicting suffix.)
+                let start = self.start.get(&gid).copied().unwrap_or(0);
+                if c.index > start {
+                    w.groups.push(RaftLogWrite {
+                        partition: p,
+                        entries: Vec::new(),
+                        remove: Some((start + 1, c.index)),
+                        meta: vec![(
+                            raft_meta_tag::LOG_START,
+                            encode(&LogStart {
+                                index: c.index,
+                                term: c.term,
+                            }),
+                        )],
+                    });
+                    self.start.insert(gid, c.index);
+                }
+            }
         }
         self.engine.raft_write(&w).map_err(|e| e.to_string())
     }

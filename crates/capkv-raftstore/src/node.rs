@@ -13,7 +13,7 @@
 //! never will be: [`ProposeError::Dropped`]). A node that stops with proposals pending
 //! answers them [`ProposeError::Stopped`]: they may still commit.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -62,9 +62,21 @@ pub type ReadReply = Box<dyn FnOnce(Result<u64, ProposeError>) + Send>;
 /// gets an entry of its own).
 const ENTRY_BYTES_MAX: usize = 4 << 20;
 
-/// What one Raft entry carries: the commands proposed to its group in one turn.
+/// A leader proposes compacting its group's log once every voter holds this many entries
+/// past its start.
+pub const COMPACT_AFTER_ENTRIES: u64 = 1024;
+
+/// What one Raft entry carries.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-struct EntryCommands(Vec<Vec<u8>>);
+enum EntryPayload {
+    /// The commands proposed to its group in one turn.
+    Commands(Vec<Vec<u8>>),
+    /// Every replica drops its log up to `upto` when it applies this entry. The leader
+    /// proposes it only when every voter holds `upto`, so no voter ever needs a snapshot
+    /// for it; the state machine is durable past `upto` by then (its writes precede the
+    /// compaction in the one journal the node writes).
+    CompactLog { upto: u64 },
+}
 
 pub enum Input<R> {
     Propose {
@@ -122,6 +134,8 @@ pub struct NodeStats {
     pub entries_proposed: u64,
     pub batches_sent: u64,
     pub messages_sent: u64,
+    /// Log compactions applied.
+    pub compactions: u64,
     pub driver: crate::driver::DriverStats,
 }
 
@@ -175,6 +189,7 @@ impl<R: Send + 'static> RaftNode<R> {
         let (tx, rx) = inputs;
         let mut lp = Loop {
             peer_backlog: peer_backlog.clone(),
+            compacting: BTreeMap::new(),
             driver,
             config,
             rx,
@@ -376,6 +391,8 @@ struct Loop<D: Disk, T, S: StateMachine> {
     sm: S,
     shared: Arc<RwLock<Shared>>,
     peer_backlog: Arc<AtomicUsize>,
+    /// Per group, the compaction point proposed and not yet applied here.
+    compacting: BTreeMap<GroupId, u64>,
     pending: BTreeMap<GroupId, VecDeque<Pending<S::Response>>>,
     /// Commands received this turn, per group, with their replies.
     queued: BTreeMap<GroupId, Queued<S::Response>>,
@@ -552,11 +569,16 @@ impl<D: Disk, T: Transport, S: StateMachine> Loop<D, T, S> {
                 });
             }
         }
+        let mut applied_groups = BTreeSet::new();
         for c in self.driver.take_committed() {
             if self.driver.poisoned().is_some() {
                 break;
             }
+            applied_groups.insert(c.group);
             self.apply(c.group, c.entry);
+        }
+        for g in applied_groups {
+            self.maybe_compact(g);
         }
         // Installing a snapshot's data into the state machine is not built yet (the fjall
         // disk refuses snapshot records): a disk that installs one must not let the state
@@ -573,6 +595,23 @@ impl<D: Disk, T: Transport, S: StateMachine> Loop<D, T, S> {
         self.publish(touched);
     }
 
+    /// On a leader, proposes compacting `group`'s log once every voter holds
+    /// [`COMPACT_AFTER_ENTRIES`] entries past its start (one proposal in flight at a time).
+    fn maybe_compact(&mut self, group: GroupId) {
+        let Some((start, upto)) = self.driver.compaction_point(group) else {
+            return;
+        };
+        if upto < start + COMPACT_AFTER_ENTRIES
+            || self.compacting.get(&group).is_some_and(|&p| p >= upto)
+        {
+            return;
+        }
+        let data = postcard::to_stdvec(&EntryPayload::CompactLog { upto }).unwrap_or_default();
+        if self.driver.propose(group, data).is_ok() {
+            self.compacting.insert(group, upto);
+        }
+    }
+
     /// Proposes `commands` as one entry of `group`; their replies wait for its outcome.
     fn propose_entry(
         &mut self,
@@ -580,7 +619,7 @@ impl<D: Disk, T: Transport, S: StateMachine> Loop<D, T, S> {
         commands: Vec<Vec<u8>>,
         replies: Vec<Reply<S::Response>>,
     ) {
-        let data = postcard::to_stdvec(&EntryCommands(commands)).unwrap_or_default();
+        let data = postcard::to_stdvec(&EntryPayload::Commands(commands)).unwrap_or_default();
         match self.driver.propose(group, data) {
             Ok((index, term)) => {
                 self.stats.entries_proposed += 1;
@@ -599,9 +638,14 @@ impl<D: Disk, T: Transport, S: StateMachine> Loop<D, T, S> {
 
     fn apply(&mut self, group: GroupId, entry: Entry) {
         let (index, term) = (entry.index, entry.term);
+        let mut compact_to = None;
         let commands = if entry.entry_type == EntryType::EntryNormal && !entry.data.is_empty() {
-            match postcard::from_bytes::<EntryCommands>(&entry.data) {
-                Ok(c) => c.0,
+            match postcard::from_bytes::<EntryPayload>(&entry.data) {
+                Ok(EntryPayload::Commands(c)) => c,
+                Ok(EntryPayload::CompactLog { upto }) => {
+                    compact_to = Some(upto.min(index));
+                    Vec::new()
+                }
                 // Written by this engine and agreed by a quorum: unreadable means the
                 // node must not go on guessing.
                 Err(e) => {
@@ -624,6 +668,16 @@ impl<D: Disk, T: Transport, S: StateMachine> Loop<D, T, S> {
             }
         };
         self.driver.applied(group, index);
+        if let Some(upto) = compact_to {
+            // The log's image at `upto` is the state machine itself (in the node's
+            // storage), so the compaction carries no copy of it.
+            if let Err(e) = self.driver.compact(group, upto, Vec::new()) {
+                self.driver.poison(format!("compacting group {group}'s log: {e}"));
+                return;
+            }
+            self.compacting.remove(&group);
+            self.stats.compactions += 1;
+        }
         let Some(q) = self.pending.get_mut(&group) else {
             return;
         };

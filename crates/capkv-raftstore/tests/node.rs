@@ -51,6 +51,16 @@ fn start(
     senders: &Senders,
     applied: Applied,
 ) -> RaftNode<(u64, usize)> {
+    try_start(id, dir, senders, applied, &BTreeMap::new()).unwrap()
+}
+
+fn try_start(
+    id: u64,
+    dir: &std::path::Path,
+    senders: &Senders,
+    applied: Applied,
+    applied_index: &BTreeMap<GroupId, u64>,
+) -> Result<RaftNode<(u64, usize)>, String> {
     let engine: Arc<dyn StorageEngine> =
         Arc::new(FjallEngine::open(dir, FjallOptions::default()).unwrap());
     let groups: BTreeMap<GroupId, Vec<u64>> = (0..GROUPS).map(|g| (g, vec![1, 2, 3])).collect();
@@ -60,13 +70,13 @@ fn start(
         cfg,
         engine,
         &groups,
-        &BTreeMap::new(),
+        applied_index,
         senders.clone(),
         RecordingSm(applied),
     )
-    .unwrap();
+    .map_err(|e| e.to_string())?;
     senders.register(id, node.sender());
-    node
+    Ok(node)
 }
 
 /// Starts nodes 1..=3 on `dirs` and has each group's first replica campaign.
@@ -275,4 +285,105 @@ fn proposals_commit_apply_everywhere_and_survive_a_restart() {
                 .all(|(g, log)| got.get(g).is_some_and(|l| l.starts_with(log)))
         });
     }
+}
+
+#[test]
+fn a_compacted_log_restarts_from_the_state_machine() {
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let senders: Senders = Loopback::default();
+    let applied: BTreeMap<u64, Applied> = (1..=3).map(|id| (id, Applied::default())).collect();
+    let mut nodes = start_all(&dirs, &senders, &applied);
+    let g: GroupId = 0;
+    wait_until("a leader", || leader(&nodes, g).is_some());
+    // One command per entry, each answered before the next: enough entries for the
+    // leader to compact every replica's log at least once.
+    let total = 2 * raft_store_compact_after() + 200;
+    let mut i = 0;
+    while i < total {
+        let to = leader(&nodes, g).unwrap_or(1);
+        let (tx, rx) = mpsc::channel();
+        nodes[&to].propose(
+            g,
+            format!("c{i}").into_bytes(),
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        );
+        match rx.recv_timeout(Duration::from_secs(30)).expect("answered") {
+            Ok(_) => i += 1,
+            Err(ProposeError::NotLeader { .. }) | Err(ProposeError::Dropped) => {}
+            Err(e) => panic!("proposal {i}: {e}"),
+        }
+    }
+    wait_until("every replica compacted its log", || {
+        nodes.values().all(|n| n.stats().compactions >= 1)
+    });
+    let snapshot = |a: &Applied| a.lock().unwrap().clone();
+    wait_until("every replica applied every command", || {
+        applied
+            .values()
+            .all(|a| snapshot(a).get(&g).map_or(0, Vec::len) >= total as usize)
+    });
+    // What each state machine applied, as it would have recorded it (the last index
+    // applied per group; a group with no command yet counts its leader's empty entry).
+    let applied_index: BTreeMap<u64, BTreeMap<GroupId, u64>> = nodes
+        .iter()
+        .map(|(id, n)| {
+            let per_group = (0..GROUPS)
+                .map(|gr| (gr, n.status(gr).map_or(0, |s| s.applied)))
+                .collect();
+            (*id, per_group)
+        })
+        .collect();
+    for (_, n) in std::mem::take(&mut nodes) {
+        n.stop();
+    }
+    senders.clear();
+    // A state machine that lost what it applied cannot restart on a compacted log.
+    let err = try_start(1, dirs[0].path(), &senders, Applied::default(), &BTreeMap::new())
+        .err()
+        .expect("refused");
+    assert!(err.contains("before the log's start"), "{err}");
+    senders.clear();
+    // With what they applied, the replicas start, replay nothing they applied, and commit.
+    let replay: BTreeMap<u64, Applied> = (1..=3).map(|id| (id, Applied::default())).collect();
+    let nodes: BTreeMap<u64, RaftNode<(u64, usize)>> = (1..=3)
+        .map(|id| {
+            let node = try_start(
+                id,
+                dirs[id as usize - 1].path(),
+                &senders,
+                replay[&id].clone(),
+                &applied_index[&id],
+            )
+            .unwrap();
+            (id, node)
+        })
+        .collect();
+    nodes[&1].campaign(g);
+    wait_until("a leader after the restart", || leader(&nodes, g).is_some());
+    let (tx, rx) = mpsc::channel();
+    let l = leader(&nodes, g).unwrap();
+    nodes[&l].propose(
+        g,
+        b"after".to_vec(),
+        Box::new(move |r| {
+            let _ = tx.send(r);
+        }),
+    );
+    let r = rx.recv_timeout(Duration::from_secs(30)).expect("answered");
+    assert!(r.is_ok(), "{r:?}");
+    for id in 1..=3 {
+        wait_until("the new command reaches every replica", || {
+            snapshot(&replay[&id])
+                .get(&g)
+                .is_some_and(|l| l.iter().any(|(_, c)| c == b"after"))
+        });
+        let replayed = snapshot(&replay[&id]).get(&g).map_or(0, Vec::len);
+        assert_eq!(replayed, 1, "node {id} applied again what it had applied");
+    }
+}
+
+fn raft_store_compact_after() -> u64 {
+    capkv_raftstore::node::COMPACT_AFTER_ENTRIES
 }

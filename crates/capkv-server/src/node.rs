@@ -137,7 +137,8 @@ impl Node {
             }
         };
         // A restarted node holds its vote for one leader lease (see `VoteHold`).
-        let vote_hold = if fresh {
+        // (The raftstore engine serves no lease reads, so it needs no hold.)
+        let vote_hold = if fresh || config.engine == EngineChoice::Raftstore {
             VoteHold::none()
         } else {
             VoteHold::for_lease(Duration::from_millis(config.raft.election_timeout_max_ms))

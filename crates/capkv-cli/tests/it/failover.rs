@@ -71,6 +71,12 @@ async fn killing_a_leader_elects_a_new_one() {
 /// spawn recorded here, and a leader is observed after it is elected.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_node_holds_its_vote_for_a_lease() {
+    if crate::fixture::openraft_only(
+        "vote hold",
+        "it has no leader lease (ReadIndex reads), so no vote hold after a restart",
+    ) {
+        return;
+    }
     const HOLD: Duration = Duration::from_millis(1200);
     let mut cluster = Cluster::start(Opts::default()).await;
     let client = cluster.client().await;
@@ -187,6 +193,12 @@ async fn a_cluster_forms_without_a_node_at_bootstrap() {
         !orphaned.is_empty(),
         "node {absent} is the first replica of no partition; the test tests nothing"
     );
+    // On openraft a group's first replica initializes it; the others do, late, when it
+    // is absent. The raftstore engine needs no initialization (every replica starts with
+    // the voters), so forming without node 1 is all there is to see.
+    if crate::fixture::engine_under_test() == "raftstore" {
+        return;
+    }
     let late = [2, 3]
         .iter()
         .map(|id| {

@@ -92,7 +92,9 @@ impl Cluster {
         // `CAPKV_TEST_ENGINE=raftstore` runs every cluster test on that engine (a test that
         // names its engine keeps it: the last `--engine` wins).
         if let Ok(engine) = std::env::var("CAPKV_TEST_ENGINE") {
-            options.extra_args.extend(["--engine".to_string(), engine]);
+            if !opts.extra_args.iter().any(|a| a == "--engine") {
+                options.extra_args.extend(["--engine".to_string(), engine]);
+            }
         }
         options.extra_args.extend(opts.extra_args);
         let mut inner =
@@ -287,6 +289,22 @@ pub fn cli(args: &[&str], endpoints: &str) -> (i32, String, String) {
 }
 
 /// A seed from CAPKV_TEST_SEED or the clock, printed so a failure can be replayed.
+/// The replication engine the cluster tests run on (`CAPKV_TEST_ENGINE`, else the server's
+/// default).
+pub fn engine_under_test() -> String {
+    std::env::var("CAPKV_TEST_ENGINE").unwrap_or_else(|_| "openraft".into())
+}
+
+/// True (and says why) when the test is about an openraft mechanism the raftstore engine
+/// does not have, and the tests run on the raftstore engine.
+pub fn openraft_only(test: &str, why: &str) -> bool {
+    let skip = engine_under_test() == "raftstore";
+    if skip {
+        eprintln!("{test}: not run on the raftstore engine: {why}");
+    }
+    skip
+}
+
 pub fn seed(test: &str) -> u64 {
     let seed = std::env::var("CAPKV_TEST_SEED")
         .ok()
