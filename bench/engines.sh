@@ -3,6 +3,7 @@
 # client (`capkv bench`), one engine's cluster at a time. Prints a markdown table.
 #
 #   bench/engines.sh [--duration 20s] [--partitions 8] [--engines "openraft raftstore"]
+#                    [--cells "put 16,put 64,get 16"]
 #
 # Durable as always (fsync before every acknowledgement). Needs a release build.
 set -euo pipefail
@@ -17,12 +18,14 @@ while [ $# -gt 0 ]; do
     --duration) DURATION=$2; shift 2 ;;
     --partitions) PARTITIONS=$2; shift 2 ;;
     --engines) ENGINES=$2; shift 2 ;;
+    --cells) IFS=',' read -ra CELLS <<<"$2"; shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
 
 BIN=$(mktemp -t capkv-engines-bin.XXXXXX)
 cp target/release/capkv "$BIN"
+chmod +x "$BIN"
 WORK=$(mktemp -d /var/tmp/capkv-engines.XXXXXX)
 PIDS=()
 cleanup() {
