@@ -637,6 +637,34 @@ impl<D: Disk> Driver<D> {
         }
     }
 
+    /// On a leader, hands `group`'s leadership to `to` if `to` holds the whole log (raft-rs
+    /// sends it `TimeoutNow`; a transfer that does not finish within an election timeout
+    /// is dropped). Returns whether a transfer started.
+    pub fn transfer_leader(&mut self, group: GroupId, to: u64) -> bool {
+        let ready = self.groups.get(&group).is_some_and(|g| {
+            let r = &g.node.raft;
+            r.state == StateRole::Leader
+                && r.id != to
+                && r.lead_transferee.is_none()
+                && self
+                    .liveness
+                    .get(&to)
+                    .is_some_and(|l| !l.down && l.silent_ticks <= 2 * self.config.heartbeat_ticks)
+                && r.prs()
+                    .get(to)
+                    .is_some_and(|pr| pr.matched == r.raft_log.last_index())
+        });
+        if !ready {
+            return false;
+        }
+        self.wake(group);
+        self.dirty.insert(group);
+        if let Some(g) = self.groups.get_mut(&group) {
+            g.node.transfer_leader(to);
+        }
+        true
+    }
+
     /// The role, term and leader this node sees in `group`.
     pub fn role(&self, group: GroupId) -> Option<(StateRole, u64, u64)> {
         self.groups
@@ -884,7 +912,13 @@ impl<D: Disk> Driver<D> {
         let all_hold = r
             .prs()
             .iter()
-            .map(|(id, pr)| if *id == r.id { r.raft_log.persisted } else { pr.matched })
+            .map(|(id, pr)| {
+                if *id == r.id {
+                    r.raft_log.persisted
+                } else {
+                    pr.matched
+                }
+            })
             .min()?;
         let start = g.storage.read().snapshot_index;
         Some((start, all_hold.min(r.raft_log.applied)))

@@ -99,6 +99,9 @@ pub enum Input<R> {
         reply: ReadReply,
     },
     Campaign(GroupId),
+    /// Hand the group's leadership to this node, if this node leads it and the other
+    /// holds the whole log.
+    TransferLeader(GroupId, u64),
     Stop,
 }
 
@@ -136,6 +139,8 @@ pub struct NodeStats {
     pub messages_sent: u64,
     /// Log compactions applied.
     pub compactions: u64,
+    /// Leadership transfers started.
+    pub leader_transfers: u64,
     pub driver: crate::driver::DriverStats,
 }
 
@@ -302,6 +307,12 @@ impl<R: Send + 'static> RaftNode<R> {
 
     pub fn campaign(&self, group: GroupId) {
         let _ = self.tx.send(Input::Campaign(group));
+    }
+
+    /// Hands `group`'s leadership to node `to` if this node leads it and `to` holds the
+    /// whole log; otherwise does nothing.
+    pub fn transfer_leader(&self, group: GroupId, to: u64) {
+        let _ = self.tx.send(Input::TransferLeader(group, to));
     }
 
     pub fn status(&self, group: GroupId) -> Option<GroupStatus> {
@@ -498,6 +509,11 @@ impl<D: Disk, T: Transport, S: StateMachine> Loop<D, T, S> {
             },
             Input::Read { group, reply } => self.queued_reads.entry(group).or_default().push(reply),
             Input::Campaign(g) => self.driver.campaign(g),
+            Input::TransferLeader(g, to) => {
+                if self.driver.transfer_leader(g, to) {
+                    self.stats.leader_transfers += 1;
+                }
+            }
             Input::Stop => return false,
         }
         true
@@ -672,7 +688,8 @@ impl<D: Disk, T: Transport, S: StateMachine> Loop<D, T, S> {
             // The log's image at `upto` is the state machine itself (in the node's
             // storage), so the compaction carries no copy of it.
             if let Err(e) = self.driver.compact(group, upto, Vec::new()) {
-                self.driver.poison(format!("compacting group {group}'s log: {e}"));
+                self.driver
+                    .poison(format!("compacting group {group}'s log: {e}"));
                 return;
             }
             self.compacting.remove(&group);

@@ -340,9 +340,15 @@ fn a_compacted_log_restarts_from_the_state_machine() {
     }
     senders.clear();
     // A state machine that lost what it applied cannot restart on a compacted log.
-    let err = try_start(1, dirs[0].path(), &senders, Applied::default(), &BTreeMap::new())
-        .err()
-        .expect("refused");
+    let err = try_start(
+        1,
+        dirs[0].path(),
+        &senders,
+        Applied::default(),
+        &BTreeMap::new(),
+    )
+    .err()
+    .expect("refused");
     assert!(err.contains("before the log's start"), "{err}");
     senders.clear();
     // With what they applied, the replicas start, replay nothing they applied, and commit.

@@ -230,6 +230,11 @@ impl EngineNode {
         self.node.campaign(p.0)
     }
 
+    /// Hands `p`'s leadership to `to` if this node leads it and `to` is caught up.
+    pub fn transfer_leader(&self, p: PartitionId, to: NodeId) {
+        self.node.transfer_leader(p.0, to.0)
+    }
+
     /// Decodes a batch that peer `from` sent and hands it to the engine.
     pub fn deliver(&self, from: u64, bytes: &[u8]) -> Result<(), String> {
         let (sender, to, messages) = PeerBatch::decode(bytes, RAFT_MESSAGE_BYTES_MAX)

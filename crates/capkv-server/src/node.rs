@@ -498,6 +498,9 @@ async fn watch_leader(
     }
 }
 
+/// A raftstore leader tries to hand a partition to its preferred replica at most this often.
+const ENGINE_TRANSFER_RETRY: Duration = Duration::from_secs(30);
+
 /// Moves leadership of each partition to its preferred replica (the first in the
 /// partition map), so leaders, and with them the write load, spread over the nodes.
 ///
@@ -505,19 +508,43 @@ async fn watch_leader(
 /// a replica that is down or behind is left alone. One attempt per partition per interval.
 async fn balance_leaders(core: Arc<KvCore>, mut shutdown: watch::Receiver<bool>) {
     let interval = std::time::Duration::from_secs(3);
+    let mut engine_attempts: std::collections::HashMap<
+        capkv_types::PartitionId,
+        std::time::Instant,
+    > = Default::default();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
             _ = shutdown.wait_for(|s| *s) => return,
         }
         for r in core.replicas.values() {
-            let Some(raft) = r.openraft() else { continue };
             let Some(preferred) = core.map.replicas(r.partition).first().copied() else {
                 continue;
             };
             if preferred == core.id {
                 continue;
             }
+            let raft = match &r.group {
+                Group::Openraft(raft) => raft,
+                // The engine checks leadership, the replica's log and its liveness itself. A
+                // leader refuses writes while it transfers (up to an election timeout), so a
+                // transfer that did not happen (the replica is cut off one way) is retried
+                // only after a while.
+                Group::Engine(engine) => {
+                    let leading = engine
+                        .status(r.partition)
+                        .is_some_and(|s| s.role == capkv_raftstore::StateRole::Leader);
+                    let now = std::time::Instant::now();
+                    let recent = engine_attempts
+                        .get(&r.partition)
+                        .is_some_and(|t| now.duration_since(*t) < ENGINE_TRANSFER_RETRY);
+                    if leading && !recent {
+                        engine_attempts.insert(r.partition, now);
+                        engine.transfer_leader(r.partition, preferred);
+                    }
+                    continue;
+                }
+            };
             let m = raft.metrics().borrow_watched().clone();
             if m.state != openraft::ServerState::Leader {
                 continue;

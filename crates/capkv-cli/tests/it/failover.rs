@@ -246,3 +246,82 @@ async fn a_cluster_forms_without_a_node_at_bootstrap() {
         Some(b"v".to_vec())
     );
 }
+
+/// Partitions whose preferred replica (the first in the partition map) is `node`, and how
+/// many of them `node` leads now, by its own status.
+async fn preferred_led(cluster: &Cluster, node: u64) -> Option<(usize, usize)> {
+    let s = cluster.status(node).await?;
+    let preferred: Vec<_> = s
+        .partitions
+        .iter()
+        .filter(|p| p.replicas.first() == Some(&node))
+        .collect();
+    let led = preferred.iter().filter(|p| p.leader_id == node).count();
+    Some((preferred.len(), led))
+}
+
+/// After a node comes back, the partitions it is the preferred replica of move back to it,
+/// so leaders (and the write load) spread over the nodes again.
+async fn leaders_return_to_their_preferred_replica(opts: Opts) {
+    let mut cluster = Cluster::start(opts).await;
+    let node = 1;
+    let client = cluster.client().await;
+    client.put("balance-before", "x").await.unwrap();
+    cluster.kill(node);
+    let survivors = cluster.running();
+    let what = format!("every partition led by a node other than {node}");
+    wait_until(Duration::from_secs(60), &what, || async {
+        let mut all = true;
+        for id in &survivors {
+            match cluster.status(*id).await {
+                Some(s) => {
+                    all &= s
+                        .partitions
+                        .iter()
+                        .all(|p| p.leader_id != 0 && p.leader_id != node)
+                }
+                None => all = false,
+            }
+        }
+        all
+    })
+    .await;
+    let (preferred, led) = preferred_led(&cluster, survivors[0])
+        .await
+        .unwrap_or((0, 0));
+    eprintln!(
+        "balance: node {} prefers {preferred}, leads {led} of them",
+        survivors[0]
+    );
+    cluster.spawn(node);
+    let started = Instant::now();
+    let what = format!("node {node} leads every partition it is the preferred replica of");
+    wait_until(Duration::from_secs(90), &what, || async {
+        matches!(preferred_led(&cluster, node).await, Some((n, led)) if n > 0 && led == n)
+    })
+    .await;
+    eprintln!(
+        "balance: node {node} led its preferred partitions again {} ms after its restart",
+        started.elapsed().as_millis()
+    );
+    let client = cluster.client().await;
+    client.put("balance-after", "y").await.unwrap();
+    assert_eq!(
+        client.get("balance-before").await.unwrap().unwrap().value,
+        b"x"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaders_return_to_their_preferred_replica_after_a_restart() {
+    leaders_return_to_their_preferred_replica(Opts::default()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaders_return_to_their_preferred_replica_on_the_raftstore_engine() {
+    leaders_return_to_their_preferred_replica(Opts {
+        extra_args: vec!["--engine".into(), "raftstore".into()],
+        ..Opts::default()
+    })
+    .await;
+}
