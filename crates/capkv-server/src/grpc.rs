@@ -299,14 +299,7 @@ impl RaftService {
             core.log_refused_peer(NodeId(m.from_node), &why);
             return Err(Status::failed_precondition(why));
         }
-        if m.session_ttl_ms != core.session_ttl_ms {
-            let why = format!(
-                "node {} expires client sessions after {} ms, node {} after {} ms: their state \
-                 machines would decide differently. Give every node the same \
-                 --client-session-ttl-ms.",
-                m.from_node, m.session_ttl_ms, core.id, core.session_ttl_ms
-            );
-            core.log_refused_peer(NodeId(m.from_node), &why);
+        if let Some(why) = session_ttl_mismatch(core, m.from_node, m.session_ttl_ms) {
             return Err(Status::failed_precondition(why));
         }
         let rpc = rpc_of(m.kind).ok_or_else(|| {
@@ -360,6 +353,21 @@ impl RaftService {
                 }
             })
     }
+}
+
+/// Why this node refuses a peer whose client-session TTL differs (a rule of every
+/// partition's state machine: replicas would decide differently), logged once a minute.
+fn session_ttl_mismatch(core: &KvCore, from: u64, ttl_ms: u64) -> Option<String> {
+    if ttl_ms == core.session_ttl_ms {
+        return None;
+    }
+    let why = format!(
+        "node {from} expires client sessions after {ttl_ms} ms, node {} after {} ms: their state \
+         machines would decide differently. Give every node the same --client-session-ttl-ms.",
+        core.id, core.session_ttl_ms
+    );
+    core.log_refused_peer(NodeId(from), &why);
+    Some(why)
 }
 
 /// Peer batches the raftstore engine may have waiting before receivers stop reading.
@@ -416,14 +424,7 @@ impl RaftTransportService for RaftService {
                     frame.to_node, core.id
                 )));
             }
-            if frame.session_ttl_ms != core.session_ttl_ms {
-                let why = format!(
-                    "node {} expires client sessions after {} ms, node {} after {} ms: their \
-                     state machines would decide differently. Give every node the same \
-                     --client-session-ttl-ms.",
-                    frame.from_node, frame.session_ttl_ms, core.id, core.session_ttl_ms
-                );
-                core.log_refused_peer(from, &why);
+            if let Some(why) = session_ttl_mismatch(&core, frame.from_node, frame.session_ttl_ms) {
                 return Err(Status::failed_precondition(why));
             }
             if core.faults.drops_from(from) {

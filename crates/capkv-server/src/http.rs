@@ -32,7 +32,33 @@ async fn metrics(State(core): State<Arc<KvCore>>) -> impl IntoResponse {
     core.metrics
         .storage_poisoned
         .set(i64::from(core.storage_error().is_some()));
-    for v in core.partition_status() {
+    if let Some(engine) = &core.raft_engine {
+        let s = engine.stats();
+        for (event, value) in [
+            ("turns", s.turns),
+            ("proposals", s.proposals),
+            ("entries_proposed", s.entries_proposed),
+            ("entries_written", s.driver.entries_written),
+            ("disk_writes", s.driver.writes),
+            ("fsyncs", s.driver.syncs),
+            ("peer_batches_sent", s.batches_sent),
+            ("messages_sent", s.messages_sent),
+            ("compactions", s.compactions),
+            ("leader_transfers", s.leader_transfers),
+            ("groups_quiesced", s.driver.quiesced),
+            ("groups_woken", s.driver.woken),
+        ] {
+            core.metrics
+                .engine_events
+                .with_label_values(&[event])
+                .set(value as i64);
+        }
+    }
+    let views = core.partition_status();
+    core.metrics
+        .engine_groups_asleep
+        .set(views.iter().filter(|v| v.asleep).count() as i64);
+    for v in views {
         if v.role.is_empty() {
             continue;
         }

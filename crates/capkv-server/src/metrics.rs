@@ -24,6 +24,10 @@ pub struct Metrics {
     pub storage_fsync_requests: IntGauge,
     /// 1 once a failed fsync poisoned the node's storage.
     pub storage_poisoned: IntGauge,
+    /// The raftstore engine's counters since start, by event (see `engine_events`).
+    pub engine_events: IntGaugeVec,
+    /// Partitions asleep (quiesced) on this node's raftstore engine.
+    pub engine_groups_asleep: IntGauge,
 }
 
 impl Metrics {
@@ -97,6 +101,21 @@ impl Metrics {
             "1 once a failed fsync poisoned this node's storage (restart the node)",
         )?;
         registry.register(Box::new(storage_poisoned.clone()))?;
+        let engine_events = IntGaugeVec::new(
+            Opts::new(
+                "engine_events",
+                "raftstore engine counters since start: turns, proposals, entries_proposed, \
+                 entries_written, disk_writes, fsyncs, peer_batches_sent, messages_sent, \
+                 compactions, leader_transfers, groups_quiesced, groups_woken",
+            ),
+            &["event"],
+        )?;
+        registry.register(Box::new(engine_events.clone()))?;
+        let engine_groups_asleep = IntGauge::new(
+            "engine_groups_asleep",
+            "Partitions asleep (quiesced) on this node's raftstore engine",
+        )?;
+        registry.register(Box::new(engine_groups_asleep.clone()))?;
         Ok(Metrics {
             registry,
             requests,
@@ -112,6 +131,8 @@ impl Metrics {
             storage_fsyncs,
             storage_fsync_requests,
             storage_poisoned,
+            engine_events,
+            engine_groups_asleep,
         })
     }
 

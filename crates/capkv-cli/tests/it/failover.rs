@@ -263,6 +263,8 @@ async fn preferred_led(cluster: &Cluster, node: u64) -> Option<(usize, usize)> {
 /// After a node comes back, the partitions it is the preferred replica of move back to it,
 /// so leaders (and the write load) spread over the nodes again.
 async fn leaders_return_to_their_preferred_replica(opts: Opts) {
+    let raftstore = opts.extra_args.iter().any(|a| a == "raftstore")
+        || crate::fixture::engine_under_test() == "raftstore";
     let mut cluster = Cluster::start(opts).await;
     let node = 1;
     let client = cluster.client().await;
@@ -310,6 +312,34 @@ async fn leaders_return_to_their_preferred_replica(opts: Opts) {
         client.get("balance-before").await.unwrap().unwrap().value,
         b"x"
     );
+    if raftstore {
+        // The engine's counters are on /metrics: the survivors handed leadership back.
+        let mut transfers = 0;
+        for id in &survivors {
+            let (code, metrics) = cluster.http_get(*id, "/metrics").await;
+            assert_eq!(code, 200);
+            assert!(metrics.contains("capkv_engine_groups_asleep"), "{metrics}");
+            transfers += metric(
+                &metrics,
+                "capkv_engine_events",
+                "event=\"leader_transfers\"",
+            );
+            assert!(
+                metric(&metrics, "capkv_engine_events", "event=\"disk_writes\"") >= 1,
+                "node {id} wrote nothing? {metrics}"
+            );
+        }
+        assert!(transfers >= 1, "no leader transfer counted");
+    }
+}
+
+/// The value of the sample of `name` whose labels contain `label` (0 if none).
+fn metric(text: &str, name: &str, label: &str) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
