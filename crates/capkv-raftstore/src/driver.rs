@@ -217,6 +217,9 @@ fn raft_config(id: u64, c: &DriverConfig, applied: u64) -> Config {
         max_size_per_msg: c.max_size_per_msg,
         max_inflight_msgs: c.max_inflight_msgs,
         applied,
+        // Bounds what one turn applies (and the state machine's batch for it) when a
+        // replica catches up on a long log.
+        max_committed_size_per_ready: 16 << 20,
         pre_vote: true,
         check_quorum: true,
         ..Default::default()

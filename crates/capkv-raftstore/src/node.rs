@@ -49,6 +49,14 @@ pub trait StateMachine: Send + 'static {
         term: u64,
         commands: Vec<Vec<u8>>,
     ) -> Result<Vec<Self::Response>, String>;
+
+    /// Makes everything applied since the last call visible to readers (e.g. one storage
+    /// write for every group a turn applied to). The engine answers the turn's proposals
+    /// and reads only after this returns; an error stops the engine like one from
+    /// `apply`.
+    fn commit(&mut self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// The answer to one proposal.
@@ -195,6 +203,7 @@ impl<R: Send + 'static> RaftNode<R> {
         let mut lp = Loop {
             peer_backlog: peer_backlog.clone(),
             compacting: BTreeMap::new(),
+            answers: Vec::new(),
             driver,
             config,
             rx,
@@ -404,6 +413,8 @@ struct Loop<D: Disk, T, S: StateMachine> {
     peer_backlog: Arc<AtomicUsize>,
     /// Per group, the compaction point proposed and not yet applied here.
     compacting: BTreeMap<GroupId, u64>,
+    /// Answers of proposals applied this turn, sent once the state machine committed.
+    answers: Vec<(Reply<S::Response>, Result<S::Response, ProposeError>)>,
     pending: BTreeMap<GroupId, VecDeque<Pending<S::Response>>>,
     /// Commands received this turn, per group, with their replies.
     queued: BTreeMap<GroupId, Queued<S::Response>>,
@@ -593,6 +604,24 @@ impl<D: Disk, T: Transport, S: StateMachine> Loop<D, T, S> {
             applied_groups.insert(c.group);
             self.apply(c.group, c.entry);
         }
+        if self.driver.poisoned().is_none() {
+            if let Err(e) = self.sm.commit() {
+                self.driver.poison(format!(
+                    "writing what the state machine applied failed: {e}"
+                ));
+            }
+        }
+        if self.driver.poisoned().is_some() {
+            // Not visible to readers: these may not be acknowledged as applied (they are
+            // committed in the log, so they may still be: unknown).
+            for (r, _) in self.answers.drain(..) {
+                r(Err(ProposeError::Stopped));
+            }
+        } else {
+            for (r, answer) in self.answers.drain(..) {
+                r(answer);
+            }
+        }
         for g in applied_groups {
             self.maybe_compact(g);
         }
@@ -704,11 +733,12 @@ impl<D: Disk, T: Transport, S: StateMachine> Loop<D, T, S> {
         for (pi, pt, replies) in q.drain(..) {
             let err = match outcome((pi, pt), (index, term)) {
                 Outcome::Applied => {
+                    // Answered once the state machine committed the turn.
                     for r in replies {
                         match responses.next() {
-                            Some(resp) => r(Ok(resp)),
+                            Some(resp) => self.answers.push((r, Ok(resp))),
                             // The state machine answered fewer commands than it got.
-                            None => r(Err(ProposeError::Stopped)),
+                            None => self.answers.push((r, Err(ProposeError::Stopped))),
                         }
                     }
                     continue;

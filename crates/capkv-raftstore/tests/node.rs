@@ -393,3 +393,74 @@ fn a_compacted_log_restarts_from_the_state_machine() {
 fn raft_store_compact_after() -> u64 {
     capkv_raftstore::node::COMPACT_AFTER_ENTRIES
 }
+
+/// Commits only while `ok` holds; counts what it applied.
+struct CommitSm {
+    ok: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl StateMachine for CommitSm {
+    type Response = u64;
+
+    fn apply(
+        &mut self,
+        _: GroupId,
+        index: u64,
+        _: u64,
+        c: Vec<Vec<u8>>,
+    ) -> Result<Vec<u64>, String> {
+        Ok(vec![index; c.len()])
+    }
+
+    fn commit(&mut self) -> Result<(), String> {
+        if self.ok.load(std::sync::atomic::Ordering::SeqCst) {
+            Ok(())
+        } else {
+            Err("disk gone".into())
+        }
+    }
+}
+
+#[test]
+fn a_proposal_is_answered_only_once_the_state_machine_committed_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine: Arc<dyn StorageEngine> =
+        Arc::new(FjallEngine::open(dir.path(), FjallOptions::default()).unwrap());
+    let groups: BTreeMap<GroupId, Vec<u64>> = BTreeMap::from([(0, vec![1])]);
+    let ok = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let mut cfg = NodeConfig::new(1);
+    cfg.tick = Duration::from_millis(20);
+    let senders: Loopback<u64> = Loopback::default();
+    let node = RaftNode::start_on_engine(
+        cfg,
+        engine,
+        &groups,
+        &BTreeMap::new(),
+        senders.clone(),
+        CommitSm { ok: ok.clone() },
+    )
+    .unwrap();
+    node.campaign(0);
+    wait_until("a leader", || {
+        node.status(0).is_some_and(|s| s.role == StateRole::Leader)
+    });
+    let propose = |cmd: &[u8]| {
+        let (tx, rx) = mpsc::channel();
+        node.propose(
+            0,
+            cmd.to_vec(),
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        );
+        rx.recv_timeout(Duration::from_secs(30)).expect("answered")
+    };
+    assert!(propose(b"one").is_ok());
+    // The state machine cannot make the next one visible: it is not acknowledged, and the
+    // node stops acknowledging anything.
+    ok.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert!(matches!(propose(b"two"), Err(ProposeError::Stopped)));
+    let why = node.poisoned().expect("poisoned");
+    assert!(why.contains("disk gone"), "{why}");
+    assert!(propose(b"three").is_err());
+}

@@ -196,6 +196,16 @@ impl Applier {
     /// Writes the batch's changes with `applied` (the caller's encoded applied state) as
     /// one atomic storage write (not synced: the log is the durable record).
     pub fn flush(&mut self, applied: Vec<u8>) -> io::Result<()> {
+        let write = self.take_write(applied)?;
+        self.engine.sm_write(self.partition, write)?;
+        self.written();
+        Ok(())
+    }
+
+    /// The batch's changes with `applied`, for the caller to write (with other
+    /// partitions' in one batch); call [`Applier::written`] once it is written. Until
+    /// then, commands executed later still see the batch's changes.
+    pub fn take_write(&mut self, applied: Vec<u8>) -> io::Result<SmWrite> {
         let mut ops = std::mem::take(&mut self.ops);
         for (client_id, session) in std::mem::take(&mut self.sessions_dirty) {
             ops.push(match session {
@@ -206,14 +216,14 @@ impl Applier {
                 None => SmOp::SessionDelete { client_id },
             });
         }
-        self.engine.sm_write(
-            self.partition,
-            SmWrite {
-                ops,
-                applied: Some(applied),
-            },
-        )?;
+        Ok(SmWrite {
+            ops,
+            applied: Some(applied),
+        })
+    }
+
+    /// The write from [`Applier::take_write`] is in storage: reads go there again.
+    pub fn written(&mut self) {
         self.overlay.clear();
-        Ok(())
     }
 }

@@ -50,9 +50,13 @@ struct PartitionMachine {
     applied_index: Arc<AppliedIndex>,
 }
 
-/// Every hosted partition's state machine.
+/// Every hosted partition's state machine. What a turn applies is written by
+/// [`StateMachine::commit`] as one batch for all partitions.
 pub struct CapkvMachine {
+    engine: Arc<dyn StorageEngine>,
     partitions: BTreeMap<GroupId, PartitionMachine>,
+    /// Partitions applied to since the last commit.
+    dirty: std::collections::BTreeSet<GroupId>,
 }
 
 impl CapkvMachine {
@@ -99,7 +103,9 @@ impl CapkvMachine {
         }
         Ok((
             CapkvMachine {
+                engine: engine.clone(),
                 partitions: machines,
+                dirty: Default::default(),
             },
             applied,
             indexes,
@@ -137,10 +143,35 @@ impl StateMachine for CapkvMachine {
         m.state.index = index;
         m.state.term = term;
         m.state.last_hlc = m.applier.last_hlc();
-        let state = encode(&m.state).map_err(|e| e.to_string())?;
-        m.applier.flush(state).map_err(|e| e.to_string())?;
-        m.applied_index.set(index);
+        self.dirty.insert(group);
         Ok(responses)
+    }
+
+    /// Writes what every partition applied since the last commit as one storage batch,
+    /// then publishes the applied indexes (a reader who sees one sees its writes).
+    fn commit(&mut self) -> Result<(), String> {
+        if self.dirty.is_empty() {
+            return Ok(());
+        }
+        let mut writes = Vec::with_capacity(self.dirty.len());
+        for g in &self.dirty {
+            let Some(m) = self.partitions.get_mut(g) else {
+                continue;
+            };
+            let state = encode(&m.state).map_err(|e| e.to_string())?;
+            let write = m.applier.take_write(state).map_err(|e| e.to_string())?;
+            writes.push((PartitionId(*g), write));
+        }
+        self.engine
+            .sm_write_many(writes)
+            .map_err(|e| e.to_string())?;
+        for g in std::mem::take(&mut self.dirty) {
+            if let Some(m) = self.partitions.get_mut(&g) {
+                m.applier.written();
+                m.applied_index.set(m.state.index);
+            }
+        }
+        Ok(())
     }
 }
 

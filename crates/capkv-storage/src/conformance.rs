@@ -205,9 +205,49 @@ pub fn state_machine_put_get_delete_scan<E: StorageEngine>(e: &E) {
     .unwrap();
     assert_eq!(e.sm_get(P1, b"a").unwrap(), Some(sv(2, "a")));
     assert_eq!(e.sm_get(P2, b"a").unwrap(), Some(sv(1, "other")));
+    // Several partitions in one write, each with its own applied state.
+    e.sm_write_many(vec![
+        (
+            P1,
+            SmWrite {
+                ops: vec![SmOp::Put {
+                    key: b"many".to_vec(),
+                    value: sv(6, "m1"),
+                }],
+                applied: Some(b"applied-6".to_vec()),
+            },
+        ),
+        (
+            P2,
+            SmWrite {
+                ops: vec![SmOp::Put {
+                    key: b"many".to_vec(),
+                    value: sv(2, "m2"),
+                }],
+                applied: Some(b"applied-p2".to_vec()),
+            },
+        ),
+    ])
+    .unwrap();
+    assert_eq!(e.sm_get(P1, b"many").unwrap(), Some(sv(6, "m1")));
+    assert_eq!(e.sm_get(P2, b"many").unwrap(), Some(sv(2, "m2")));
+    assert_eq!(e.sm_applied(P2).unwrap(), Some(b"applied-p2".to_vec()));
+    for p in [P1, P2] {
+        e.sm_write(
+            p,
+            SmWrite {
+                ops: vec![SmOp::Delete {
+                    key: b"many".to_vec(),
+                }],
+                applied: None,
+            },
+        )
+        .unwrap();
+    }
+
     assert_eq!(e.sm_get(P1, b"zz").unwrap(), None);
-    assert_eq!(e.sm_applied(P1).unwrap(), Some(b"applied-5".to_vec()));
-    assert_eq!(e.sm_applied(P2).unwrap(), None);
+    assert_eq!(e.sm_applied(P1).unwrap(), Some(b"applied-6".to_vec()));
+    assert_eq!(e.sm_applied(P2).unwrap(), Some(b"applied-p2".to_vec()));
 
     let keys = |v: Vec<(Vec<u8>, StoredValue)>| {
         v.into_iter()

@@ -148,6 +148,9 @@ pub trait StorageEngine: Send + Sync + 'static {
 
     // ---- State machine ----
     fn sm_write(&self, p: PartitionId, write: SmWrite) -> Result<(), StorageError>;
+    /// Several partitions' state-machine writes as one atomic batch (the raftstore
+    /// engine writes everything a turn applied with one of these).
+    fn sm_write_many(&self, writes: Vec<(PartitionId, SmWrite)>) -> Result<(), StorageError>;
     fn sm_get(&self, p: PartitionId, key: &[u8]) -> Result<Option<StoredValue>, StorageError>;
     /// Keys in `[start, end)` (`end = None`: to the partition's end), in order, at most
     /// `limit` of them, stopping early once `bytes_max` bytes of keys and values are taken

@@ -338,23 +338,29 @@ impl StorageEngine for FjallEngine {
     }
 
     fn sm_write(&self, p: PartitionId, write: SmWrite) -> Result<(), StorageError> {
+        self.sm_write_many(vec![(p, write)])
+    }
+
+    fn sm_write_many(&self, writes: Vec<(PartitionId, SmWrite)>) -> Result<(), StorageError> {
         let mut batch = self.db.batch();
-        for op in write.ops {
-            match op {
-                SmOp::Put { key, value } => {
-                    batch.insert(&self.sm_data, keys::data_key(p, &key), value.encode())
-                }
-                SmOp::Delete { key } => batch.remove(&self.sm_data, keys::data_key(p, &key)),
-                SmOp::SessionPut { client_id, session } => {
-                    batch.insert(&self.sm_session, keys::session_key(p, client_id), session)
-                }
-                SmOp::SessionDelete { client_id } => {
-                    batch.remove(&self.sm_session, keys::session_key(p, client_id))
+        for (p, write) in writes {
+            for op in write.ops {
+                match op {
+                    SmOp::Put { key, value } => {
+                        batch.insert(&self.sm_data, keys::data_key(p, &key), value.encode())
+                    }
+                    SmOp::Delete { key } => batch.remove(&self.sm_data, keys::data_key(p, &key)),
+                    SmOp::SessionPut { client_id, session } => {
+                        batch.insert(&self.sm_session, keys::session_key(p, client_id), session)
+                    }
+                    SmOp::SessionDelete { client_id } => {
+                        batch.remove(&self.sm_session, keys::session_key(p, client_id))
+                    }
                 }
             }
-        }
-        if let Some(applied) = write.applied {
-            batch.insert(&self.sm_meta, keys::tagged_key(p, SM_META_APPLIED), applied);
+            if let Some(applied) = write.applied {
+                batch.insert(&self.sm_meta, keys::tagged_key(p, SM_META_APPLIED), applied);
+            }
         }
         batch.commit()?;
         Ok(())
