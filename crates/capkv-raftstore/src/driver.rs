@@ -90,6 +90,9 @@ struct PeerLiveness {
     down: bool,
 }
 
+/// A leader hands its group to a replica at most this many entries behind.
+pub const TRANSFER_LAG_MAX: u64 = 64;
+
 /// A group as one node sees it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct GroupStatus {
@@ -640,9 +643,10 @@ impl<D: Disk> Driver<D> {
         }
     }
 
-    /// On a leader, hands `group`'s leadership to `to` if `to` holds the whole log (raft-rs
-    /// sends it `TimeoutNow`; a transfer that does not finish within an election timeout
-    /// is dropped). Returns whether a transfer started.
+    /// On a leader, hands `group`'s leadership to `to` if `to` is live and holds the log but
+    /// for at most [`TRANSFER_LAG_MAX`] entries (raft-rs sends it the rest, then
+    /// `TimeoutNow`; a transfer that does not finish within an election timeout is
+    /// dropped). Returns whether a transfer started.
     pub fn transfer_leader(&mut self, group: GroupId, to: u64) -> bool {
         let ready = self.groups.get(&group).is_some_and(|g| {
             let r = &g.node.raft;
@@ -653,9 +657,12 @@ impl<D: Disk> Driver<D> {
                     .liveness
                     .get(&to)
                     .is_some_and(|l| !l.down && l.silent_ticks <= 2 * self.config.heartbeat_ticks)
+                // Caught up but for the last few entries (under steady writes it is never
+                // exactly caught up); raft-rs sends it the rest before `TimeoutNow`, and
+                // proposals wait meanwhile.
                 && r.prs()
                     .get(to)
-                    .is_some_and(|pr| pr.matched == r.raft_log.last_index())
+                    .is_some_and(|pr| pr.matched + TRANSFER_LAG_MAX >= r.raft_log.last_index())
         });
         if !ready {
             return false;

@@ -632,9 +632,12 @@ impl<D: Disk, T: Transport, S: StateMachine> Loop<D, T, S> {
             self.driver
                 .poison("a snapshot arrived, and this engine cannot install one yet".into());
         }
-        self.finish_reads();
+        // A poisoned engine answers no read: its applied index may count entries the state
+        // machine could not write, so a read "at" it could miss them.
         if self.driver.poisoned().is_some() {
             self.fail_all(|| ProposeError::Stopped);
+        } else {
+            self.finish_reads();
         }
         let touched = self.driver.take_touched();
         self.publish(touched);
