@@ -103,6 +103,8 @@ pub struct GroupStatus {
     pub commit: u64,
     pub applied: u64,
     pub last_index: u64,
+    /// The log holds entries after this index (its last compaction).
+    pub log_start: u64,
     /// Asleep (quiesced) on this node.
     pub quiet: bool,
 }
@@ -715,6 +717,7 @@ impl<D: Disk> Driver<D> {
                 commit: r.raft_log.committed,
                 applied: r.raft_log.applied,
                 last_index: r.raft_log.last_index(),
+                log_start: g.storage.read().snapshot_index,
                 quiet: g.quiet,
             }
         })

@@ -318,6 +318,13 @@ fn a_compacted_log_restarts_from_the_state_machine() {
     wait_until("every replica compacted its log", || {
         nodes.values().all(|n| n.stats().compactions >= 1)
     });
+    for n in nodes.values() {
+        let start = n.status(g).map_or(0, |s| s.log_start);
+        assert!(
+            start >= raft_store_compact_after(),
+            "the log starts after {start}"
+        );
+    }
     let snapshot = |a: &Applied| a.lock().unwrap().clone();
     wait_until("every replica applied every command", || {
         applied

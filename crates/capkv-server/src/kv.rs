@@ -826,6 +826,9 @@ impl KvCore {
                         v.last_log_index = s.last_index;
                         v.commit_index = s.commit;
                         v.applied_index = s.applied;
+                        // The state machine is the snapshot: the log is purged up to it.
+                        v.snapshot_index = s.log_start;
+                        v.purged_index = s.log_start;
                         v.asleep = s.quiet;
                     }
                 }
