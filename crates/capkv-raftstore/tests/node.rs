@@ -333,6 +333,20 @@ fn a_compacted_log_restarts_from_the_state_machine() {
     });
     // What each state machine applied, as it would have recorded it (the last index
     // applied per group; a group with no command yet counts its leader's empty entry).
+    // The status is published at the end of the engine's turn, after the recording
+    // state machine saw the entries: wait until it covers them.
+    for (id, n) in &nodes {
+        let recorded = snapshot(&applied[id]);
+        wait_until(
+            "the published applied index covers what was recorded",
+            || {
+                recorded.iter().all(|(gr, log)| {
+                    let last = log.last().map_or(0, |(ix, _)| *ix);
+                    n.status(*gr).is_some_and(|s| s.applied >= last)
+                })
+            },
+        );
+    }
     let applied_index: BTreeMap<u64, BTreeMap<GroupId, u64>> = nodes
         .iter()
         .map(|(id, n)| {
@@ -467,7 +481,11 @@ fn a_proposal_is_answered_only_once_the_state_machine_committed_it() {
     // node stops acknowledging anything.
     ok.store(false, std::sync::atomic::Ordering::SeqCst);
     assert!(matches!(propose(b"two"), Err(ProposeError::Stopped)));
-    let why = node.poisoned().expect("poisoned");
+    // Published at the end of the engine's turn, just after the answers.
+    wait_until("the node reports why it stopped", || {
+        node.poisoned().is_some()
+    });
+    let why = node.poisoned().unwrap_or_default();
     assert!(why.contains("disk gone"), "{why}");
     assert!(propose(b"three").is_err());
 }
