@@ -86,16 +86,8 @@ wait_ready() {
 wait_ready
 sleep 4 # let capkv's leader balancing settle
 
-CLK_TCK=$(getconf CLK_TCK)
-cpu_ticks() { # total user+system ticks of the given pids
-  local sum=0
-  for p in "$@"; do
-    local s
-    s=$(cut -d' ' -f14,15 "/proc/$p/stat" 2>/dev/null || echo "0 0")
-    sum=$((sum + ${s% *} + ${s#* }))
-  done
-  echo $sum
-}
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
 
 run_one() { # system workload clients level -> "ops ops_per_sec p50 p99 cpu_per_1k"
   local system=$1 workload=$2 clients=$3 level=$4 endpoints pids

@@ -37,16 +37,8 @@ trap cleanup EXIT
 
 CLUSTER="1=127.0.0.1:17479,2=127.0.0.1:17480,3=127.0.0.1:17481"
 ENDPOINTS="127.0.0.1:17479,127.0.0.1:17480,127.0.0.1:17481"
-CLK_TCK=$(getconf CLK_TCK)
-cpu_ticks() {
-  local sum=0
-  for p in "$@"; do
-    local s
-    s=$(cut -d' ' -f14,15 "/proc/$p/stat" 2>/dev/null || echo "0 0")
-    sum=$((sum + ${s% *} + ${s#* }))
-  done
-  echo $sum
-}
+# shellcheck source=bench/lib.sh
+source bench/lib.sh
 
 echo "| engine | partitions | workload | clients | ops/s | p50 / p99 ms | server CPU ms / op |"
 echo "|---|---|---|---|---|---|---|"

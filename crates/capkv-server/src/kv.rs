@@ -263,8 +263,14 @@ impl KvCore {
     }
 
     fn forward_error(&self, p: PartitionId, f: &ForwardToLeader<TypeConfig>) -> KvError {
-        match f.leader_id {
-            Some(l) if NodeId(l) != self.id => self.not_leader(p, Some(NodeId(l))),
+        self.leader_elsewhere(p, f.leader_id)
+    }
+
+    /// This node does not lead `p`: `NotLeader` naming the leader it knows (0 or itself:
+    /// none), else `Unavailable`.
+    fn leader_elsewhere(&self, p: PartitionId, leader: Option<u64>) -> KvError {
+        match leader {
+            Some(l) if l != 0 && NodeId(l) != self.id => self.not_leader(p, Some(NodeId(l))),
             _ => KvError::Unavailable(format!(
                 "partition {p} has no leader that node {} can reach (election in progress or quorum lost)",
                 self.id
@@ -283,13 +289,7 @@ impl KvCore {
     /// The error for a proposal or read the engine did not carry out.
     fn engine_error(&self, p: PartitionId, e: ProposeError) -> KvError {
         match e {
-            ProposeError::NotLeader { leader, .. } => match leader {
-                Some(l) if l != 0 && NodeId(l) != self.id => self.not_leader(p, Some(NodeId(l))),
-                _ => KvError::Unavailable(format!(
-                    "partition {p} has no leader that node {} knows of (election in progress or quorum lost)",
-                    self.id
-                )),
-            },
+            ProposeError::NotLeader { leader, .. } => self.leader_elsewhere(p, leader),
             ProposeError::NoGroup(_) => self.not_leader(p, self.map.replicas(p).first().copied()),
             ProposeError::Dropped => KvError::Unavailable(format!(
                 "partition {p}: leadership changed before the write committed; it was not applied"
@@ -410,13 +410,7 @@ impl KvCore {
                 // Fail fast where the answer is known: a follower names its leader.
                 let role = replica.role();
                 if !role.leader {
-                    return Err(self.engine_error(
-                        p,
-                        ProposeError::NotLeader {
-                            group: p.0,
-                            leader: role.known_leader.map(|n| n.0),
-                        },
-                    ));
+                    return Err(self.leader_elsewhere(p, role.known_leader.map(|n| n.0)));
                 }
                 return match tokio::time::timeout(self.read_timeout, engine.read_index(p)).await {
                     Err(_elapsed) => Err(KvError::Unavailable(format!(

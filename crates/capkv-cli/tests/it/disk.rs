@@ -65,10 +65,9 @@ async fn a_failed_fsync_poisons_the_node_until_it_restarts_and_loses_nothing() {
     assert_eq!(code, 503, "{health}");
     assert!(health.contains("storage-poisoned"), "{health}");
     let (_, metrics) = cluster.http_get(sick, "/metrics").await;
-    assert!(
-        metrics
-            .lines()
-            .any(|l| l.starts_with("capkv_storage_poisoned") && l.ends_with(" 1")),
+    assert_eq!(
+        crate::fixture::metric(&metrics, "capkv_storage_poisoned", ""),
+        1,
         "{metrics}"
     );
     assert!(

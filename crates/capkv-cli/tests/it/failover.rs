@@ -134,12 +134,7 @@ async fn a_restarted_node_holds_its_vote_for_a_lease() {
     let (up_at, hold_left) = up.unwrap();
     let first = first_leader.unwrap();
     let (_, metrics) = cluster.http_get(restarted, "/metrics").await;
-    let held: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("capkv_raft_votes_held_total"))
-        .and_then(|rest| rest.split_whitespace().last())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0);
+    let held = crate::fixture::metric(&metrics, "capkv_raft_votes_held_total", "");
     eprintln!(
         "vote hold: node {restarted} up {} ms after its spawn with {} ms of hold left; first new \
          leader {} ms after it was up; {held} votes refused",
@@ -319,27 +314,19 @@ async fn leaders_return_to_their_preferred_replica(opts: Opts) {
             let (code, metrics) = cluster.http_get(*id, "/metrics").await;
             assert_eq!(code, 200);
             assert!(metrics.contains("capkv_engine_groups_asleep"), "{metrics}");
-            transfers += metric(
+            transfers += crate::fixture::metric(
                 &metrics,
                 "capkv_engine_events",
                 "event=\"leader_transfers\"",
             );
             assert!(
-                metric(&metrics, "capkv_engine_events", "event=\"disk_writes\"") >= 1,
+                crate::fixture::metric(&metrics, "capkv_engine_events", "event=\"disk_writes\"")
+                    >= 1,
                 "node {id} wrote nothing? {metrics}"
             );
         }
         assert!(transfers >= 1, "no leader transfer counted");
     }
-}
-
-/// The value of the sample of `name` whose labels contain `label` (0 if none).
-fn metric(text: &str, name: &str, label: &str) -> u64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && l.contains(label))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .map(|v| v as u64)
-        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

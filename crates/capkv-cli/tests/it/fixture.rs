@@ -289,6 +289,20 @@ pub fn cli(args: &[&str], endpoints: &str) -> (i32, String, String) {
 }
 
 /// A seed from CAPKV_TEST_SEED or the clock, printed so a failure can be replayed.
+/// The sum of the samples of metric `name` in Prometheus text whose line contains `label`
+/// (`""`: any), as an integer (0 if none).
+pub fn metric(text: &str, name: &str, label: &str) -> u64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(['{', ' ']))
+                && l.contains(label)
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
+}
+
 /// The replication engine the cluster tests run on (`CAPKV_TEST_ENGINE`, else the server's
 /// default).
 pub fn engine_under_test() -> String {
