@@ -38,6 +38,12 @@ pub struct DriverConfig {
     /// A leader whose group has been idle (everything committed, applied and replicated
     /// to every follower, nothing pending) this many ticks puts it to sleep; 0: never.
     pub quiesce_after_ticks: usize,
+    /// How long a leader trusts a quorum's acknowledgement for lease reads, in the units
+    /// of the caller's clock ([`Driver::set_time`]); 0: no lease reads, and no vote hold
+    /// after a restart. Safe only while it is less than the time followers refuse votes
+    /// after hearing from a leader, `election_ticks - 1` ticks, by the margin clock rates
+    /// need (see [`Driver::lease_read`]).
+    pub lease: u64,
 }
 
 impl Default for DriverConfig {
@@ -50,6 +56,7 @@ impl Default for DriverConfig {
             max_size_per_msg: 1024 * 1024,
             max_inflight_msgs: 256,
             quiesce_after_ticks: 6,
+            lease: 0,
         }
     }
 }
@@ -77,6 +84,48 @@ struct Group {
     idle_ticks: usize,
     /// The other voters (for liveness wake-ups and quiesce messages).
     peers: Vec<u64>,
+    lease: Lease,
+    /// Restarted with a term: refuses votes for the first election timeout (see
+    /// [`Driver::step`]).
+    hold_votes: bool,
+}
+
+/// A leader's lease on its group: what was sent when, and what a quorum acknowledged.
+///
+/// A follower that accepts a leader's append or heartbeat resets its election timer and,
+/// with raft-rs's `check_quorum`, ignores vote and pre-vote requests of later terms until
+/// `election_ticks` of its ticks have passed (a transfer's forced campaign aside). So once a
+/// quorum acknowledged something this leader sent at time `at` (an entry it proposed then
+/// committed, a ReadIndex heartbeat it confirmed), no other leader can be elected before
+/// `at` plus those ticks, and the leader reads locally until `at + lease`.
+#[derive(Default)]
+struct Lease {
+    term: u64,
+    /// Exclusive, in the caller's clock.
+    until: u64,
+    /// A leadership transfer started in this term: the transferee's campaign is forced
+    /// through the followers' refusal, so no lease in this term any more.
+    barred_term: u64,
+    /// This term's leader has applied its log up to a commit index that covered its first
+    /// entry (every write of earlier terms): lease reads may start.
+    ready_term: u64,
+    /// Entries proposed in this term and not yet committed: (index, term, time sent).
+    proposed: VecDeque<(u64, u64, u64)>,
+    /// ReadIndex requests not yet confirmed: (context, term, time asked).
+    reads: VecDeque<(Vec<u8>, u64, u64)>,
+}
+
+/// At most this many proposals and reads are remembered per group for renewing its lease
+/// (the oldest are forgotten: a renewal missed, never an unsafe one).
+const LEASE_PENDING_MAX: usize = 4096;
+
+/// A lease read the leader may serve now: from its state machine once it has applied
+/// `index` (the commit index).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseRead {
+    pub index: u64,
+    /// When the lease ends, in the caller's clock.
+    pub until: u64,
 }
 
 /// The context of the heartbeat a leader sends to put a follower's group to sleep. Its
@@ -107,6 +156,9 @@ pub struct GroupStatus {
     pub log_start: u64,
     /// Asleep (quiesced) on this node.
     pub quiet: bool,
+    /// This leader may serve lease reads until then (the caller's clock, see
+    /// [`Driver::lease_read`]); 0: no lease.
+    pub lease_until: u64,
 }
 
 /// A confirmed ReadIndex: once `group` has applied `index`, a read that asked with
@@ -194,6 +246,8 @@ pub struct Driver<D: Disk> {
     /// Log compactions asked for since the last turn, written with its batch.
     compactions: BTreeMap<GroupId, SnapshotRecord>,
     ticks: u64,
+    /// The caller's clock (see [`Driver::set_time`]).
+    now: u64,
     config: DriverConfig,
     stats: DriverStats,
     logger: slog::Logger,
@@ -210,6 +264,8 @@ pub struct DriverStats {
     pub syncs: u64,
     /// Entries written to the log.
     pub entries_written: u64,
+    /// Vote and pre-vote requests ignored while restarting (see [`Driver::step`]).
+    pub votes_held: u64,
 }
 
 fn raft_config(id: u64, c: &DriverConfig, applied: u64) -> Config {
@@ -297,6 +353,9 @@ impl<D: Disk> Driver<D> {
             for p in &peers {
                 liveness.entry(*p).or_insert_with(PeerLiveness::default);
             }
+            // This node may have acknowledged a leader of that term shortly before it
+            // stopped, and forgot when: it holds its vote for an election timeout.
+            let hold_votes = config.lease > 0 && state.hard_state.term > 0;
             let storage = GroupStorage::new(state);
             let node = RawNode::new(&raft_config(id, config, applied), storage.clone(), &logger)?;
             dirty.insert(gid);
@@ -308,6 +367,8 @@ impl<D: Disk> Driver<D> {
                     quiet: false,
                     idle_ticks: 0,
                     peers,
+                    lease: Lease::default(),
+                    hold_votes,
                 },
             );
         }
@@ -329,6 +390,7 @@ impl<D: Disk> Driver<D> {
             restored: Vec::new(),
             compactions: BTreeMap::new(),
             ticks: 0,
+            now: 0,
             config: config.clone(),
             stats: DriverStats::default(),
             logger,
@@ -474,6 +536,16 @@ impl<D: Disk> Driver<D> {
         }
     }
 
+    /// Ticks left of the vote hold after this node's restart (see [`Driver::step`]); 0 if
+    /// it ended or none of its groups holds.
+    pub fn vote_hold_ticks(&self) -> u64 {
+        let e = self.config.election_ticks as u64;
+        if self.ticks >= e || !self.groups.values().any(|g| g.hold_votes) {
+            return 0;
+        }
+        e - self.ticks
+    }
+
     /// Whether `group` is asleep here.
     pub fn is_quiet(&self, group: GroupId) -> bool {
         self.groups.get(&group).is_some_and(|g| g.quiet)
@@ -497,6 +569,23 @@ impl<D: Disk> Driver<D> {
         let Some(g) = self.groups.get_mut(&group) else {
             return;
         };
+        // A node that restarted may have acknowledged a leader just before, promising (by
+        // resetting its election timer) to vote for no one else for an election timeout;
+        // that timer is gone, so it refuses votes of later terms for one timeout from its
+        // start. A transfer's forced campaign passes: its leader gave up its lease.
+        if g.hold_votes {
+            if self.ticks >= self.config.election_ticks as u64 {
+                g.hold_votes = false;
+            } else if matches!(
+                message.msg_type,
+                MessageType::MsgRequestVote | MessageType::MsgRequestPreVote
+            ) && message.term > g.node.raft.term
+                && message.context.as_ref() != raft::CAMPAIGN_TRANSFER
+            {
+                self.stats.votes_held += 1;
+                return;
+            }
+        }
         let quiesce = message.context.as_ref() == QUIESCE_CONTEXT;
         let is_hb = message.msg_type == MessageType::MsgHeartbeat;
         let from = message.from;
@@ -572,6 +661,7 @@ impl<D: Disk> Driver<D> {
     /// Returns the index and term the entry has in this leader's log: it was applied if
     /// and only if the entry applied at that index has that term.
     pub fn propose(&mut self, group: GroupId, data: Vec<u8>) -> Result<(u64, u64), ProposeError> {
+        let (now, lease) = (self.now, self.config.lease);
         let g = self.leading(group)?;
         g.node
             .propose(vec![], data)
@@ -579,7 +669,100 @@ impl<D: Disk> Driver<D> {
                 group,
                 leader: None,
             })?;
-        Ok((g.node.raft.raft_log.last_index(), g.node.raft.term))
+        let (index, term) = (g.node.raft.raft_log.last_index(), g.node.raft.term);
+        if lease > 0 {
+            push_bounded(&mut g.lease.proposed, (index, term, now));
+        }
+        Ok((index, term))
+    }
+
+    /// Sets the caller's clock: a monotonic time, in the unit of [`DriverConfig::lease`],
+    /// read before the turn that sends what is proposed or asked after it.
+    pub fn set_time(&mut self, now: u64) {
+        self.now = self.now.max(now);
+    }
+
+    /// A linearizable read `group`'s leader (this node) may serve without asking a quorum:
+    /// its lease holds now, it has committed an entry of its term and applied what that
+    /// covered, and it is not handing its leadership over. `None`: ask with
+    /// [`Driver::read_index`].
+    ///
+    /// Safe as long as no follower's clock runs so much faster than this node's that its
+    /// `election_ticks - 1` ticks take less than the lease; the caller chooses the lease
+    /// with a margin for that.
+    pub fn lease_read(&self, group: GroupId) -> Option<LeaseRead> {
+        let until = self.lease_until(group)?;
+        (self.now < until).then(|| LeaseRead {
+            index: self.groups[&group].node.raft.raft_log.committed,
+            until,
+        })
+    }
+
+    /// The end of `group`'s lease, if this node may serve lease reads in it until then
+    /// (see [`Driver::lease_read`]); the time is not compared with now.
+    fn lease_until(&self, group: GroupId) -> Option<u64> {
+        if self.config.lease == 0 || self.poisoned.is_some() {
+            return None;
+        }
+        let g = self.groups.get(&group)?;
+        let r = &g.node.raft;
+        let l = &g.lease;
+        (r.state == StateRole::Leader
+            && l.term == r.term
+            && l.ready_term == r.term
+            && l.barred_term != r.term
+            && r.lead_transferee.is_none())
+        .then_some(l.until)
+    }
+
+    /// Renews `group`'s lease from what a quorum acknowledged: proposals of this term now
+    /// committed, and ReadIndex requests in `confirmed` (their contexts).
+    fn renew_lease(&mut self, group: GroupId, confirmed: &[Vec<u8>]) {
+        let lease = self.config.lease;
+        if lease == 0 {
+            return;
+        }
+        let Some(g) = self.groups.get_mut(&group) else {
+            return;
+        };
+        let r = &g.node.raft;
+        let l = &mut g.lease;
+        if r.state != StateRole::Leader {
+            l.proposed.clear();
+            l.reads.clear();
+            return;
+        }
+        let (term, committed) = (r.term, r.raft_log.committed);
+        let mut sent = None;
+        while let Some(&(index, t, at)) = l.proposed.front() {
+            if t == term && index > committed {
+                break;
+            }
+            l.proposed.pop_front();
+            if t == term {
+                sent = sent.max(Some(at));
+            }
+        }
+        for ctx in confirmed {
+            // Confirmed in order: every request up to this one is confirmed too.
+            if let Some(pos) = l.reads.iter().position(|(c, _, _)| c == ctx) {
+                for (_, t, at) in l.reads.drain(..=pos) {
+                    if t == term {
+                        sent = sent.max(Some(at));
+                    }
+                }
+            }
+        }
+        if let Some(at) = sent {
+            if l.term != term {
+                l.term = term;
+                l.until = 0;
+            }
+            l.until = l.until.max(at.saturating_add(lease));
+        }
+        if l.ready_term != term && r.commit_to_current_term() && r.raft_log.applied >= committed {
+            l.ready_term = term;
+        }
     }
 
     /// Asks the leader of `group` (this node) to confirm its leadership with a quorum for a
@@ -587,7 +770,13 @@ impl<D: Disk> Driver<D> {
     /// or never (leadership lost, or nothing committed yet in this leader's term): the
     /// caller times out.
     pub fn read_index(&mut self, group: GroupId, context: Vec<u8>) -> Result<(), ProposeError> {
+        let now = self.now;
+        let lease = self.config.lease;
         let g = self.leading(group)?;
+        if lease > 0 {
+            let term = g.node.raft.term;
+            push_bounded(&mut g.lease.reads, (context.clone(), term, now));
+        }
         g.node.read_index(context);
         Ok(())
     }
@@ -638,6 +827,14 @@ impl<D: Disk> Driver<D> {
 
     /// Makes this node campaign in `group` (e.g. at bootstrap).
     pub fn campaign(&mut self, group: GroupId) {
+        // Voting for itself is a vote too (see the hold in `step`).
+        if self
+            .groups
+            .get(&group)
+            .is_some_and(|g| g.hold_votes && self.ticks < self.config.election_ticks as u64)
+        {
+            return;
+        }
         self.wake(group);
         self.dirty.insert(group);
         if let Some(g) = self.groups.get_mut(&group) {
@@ -672,6 +869,9 @@ impl<D: Disk> Driver<D> {
         self.wake(group);
         self.dirty.insert(group);
         if let Some(g) = self.groups.get_mut(&group) {
+            // The transferee's campaign is forced past the followers' refusal to vote: no
+            // lease reads in this term from now on (even if the transfer fails).
+            g.lease.barred_term = g.node.raft.term;
             g.node.transfer_leader(to);
         }
         true
@@ -719,6 +919,7 @@ impl<D: Disk> Driver<D> {
                 last_index: r.raft_log.last_index(),
                 log_start: g.storage.read().snapshot_index,
                 quiet: g.quiet,
+                lease_until: self.lease_until(group).unwrap_or(0),
             }
         })
     }
@@ -739,6 +940,8 @@ impl<D: Disk> Driver<D> {
         let mut after_sync: Vec<Outgoing> = Vec::new();
         let dirty = std::mem::take(&mut self.dirty);
         for gid in dirty {
+            // Stepped, applied or persisted: the commit index may have moved.
+            self.renew_lease(gid, &[]);
             let Some(g) = self.groups.get_mut(&gid) else {
                 continue;
             };
@@ -806,7 +1009,11 @@ impl<D: Disk> Driver<D> {
                     after_sync.push(out);
                 }
             }
+            let mut confirmed = Vec::new();
             for rs in rd.take_read_states() {
+                if self.config.lease > 0 {
+                    confirmed.push(rs.request_ctx.clone());
+                }
                 self.read_states.push(ReadReady {
                     group: gid,
                     index: rs.index,
@@ -819,6 +1026,12 @@ impl<D: Disk> Driver<D> {
             readies.push((gid, rd.number(), installs));
             self.touched.push(gid);
             g.node.advance_append_async(rd);
+            if !confirmed.is_empty() {
+                self.renew_lease(gid, &confirmed);
+            }
+            let Some(g) = self.groups.get_mut(&gid) else {
+                continue;
+            };
             // The transport does not say whether a snapshot arrived: count it sent. If it
             // was lost, the follower rejects the next append and gets another.
             for to in snapshots_sent {
@@ -951,6 +1164,13 @@ impl<D: Disk> Driver<D> {
     }
 }
 
+fn push_bounded<T>(q: &mut VecDeque<T>, item: T) {
+    if q.len() >= LEASE_PENDING_MAX {
+        q.pop_front();
+    }
+    q.push_back(item);
+}
+
 /// Whether a leader's group has nothing in flight: everything proposed is persisted,
 /// committed and applied here and matched by every follower, no read, no leadership
 /// transfer and no membership change is pending.
@@ -976,6 +1196,84 @@ fn idle_leader(node: &RawNode<GroupStorage>) -> bool {
 mod tests {
     use super::*;
     use crate::storage::MemDisk;
+    use raft::eraftpb::HardState;
+
+    /// Runs turns and completes every sync until the driver has nothing more to do;
+    /// returns what it sent.
+    fn settle(d: &mut Driver<MemDisk>) -> Vec<Outgoing> {
+        let mut out = Vec::new();
+        for _ in 0..8 {
+            d.run();
+            while let Some(id) = d.disk_mut().complete_sync() {
+                d.on_synced(id);
+            }
+            out.extend(d.take_outbox());
+        }
+        out
+    }
+
+    fn granted(out: &[Outgoing]) -> bool {
+        out.iter()
+            .any(|o| o.message.msg_type == MessageType::MsgRequestVoteResponse && !o.message.reject)
+    }
+
+    /// A node restarting with a term may have acknowledged a leader just before it stopped
+    /// (and a lease counts on its refusal to vote): it ignores vote requests of later terms
+    /// for an election timeout, except a transfer's forced campaign. Without a lease it
+    /// votes at once, as raft-rs does.
+    #[test]
+    fn a_restarted_node_holds_its_vote_for_an_election_timeout() {
+        let mut disk = MemDisk::bootstrap(&[(0, vec![1, 2, 3])].into());
+        let mut batch = WriteBatch::default();
+        batch.groups.entry(0).or_default().hard_state = Some(HardState {
+            term: 3,
+            vote: 2,
+            commit: 0,
+            ..Default::default()
+        });
+        disk.write(batch).unwrap();
+        disk.sync(1);
+        disk.complete_sync();
+        let vote = |term: u64, forced: bool| {
+            let mut m = Message::default();
+            m.set_msg_type(MessageType::MsgRequestVote);
+            m.from = 3;
+            m.to = 1;
+            m.term = term;
+            if forced {
+                m.context = raft::CAMPAIGN_TRANSFER.to_vec().into();
+            }
+            m
+        };
+        let leased = DriverConfig {
+            lease: 100,
+            ..DriverConfig::default()
+        };
+        let mut d = Driver::start(1, disk.clone(), &leased, PlantedBugs::default()).unwrap();
+        d.step(0, vote(4, false));
+        assert!(!granted(&settle(&mut d)), "no vote right after a restart");
+        assert_eq!(d.stats().votes_held, 1);
+        for _ in 0..leased.election_ticks - 1 {
+            d.tick();
+        }
+        d.step(0, vote(4, false));
+        assert!(!granted(&settle(&mut d)), "still held before the timeout");
+        d.tick();
+        d.step(0, vote(5, false));
+        assert!(granted(&settle(&mut d)), "votes once the timeout passed");
+
+        let mut d = Driver::start(1, disk.clone(), &leased, PlantedBugs::default()).unwrap();
+        d.step(0, vote(4, true));
+        assert!(
+            granted(&settle(&mut d)),
+            "a transfer's campaign passes the hold"
+        );
+
+        let mut d =
+            Driver::start(1, disk, &DriverConfig::default(), PlantedBugs::default()).unwrap();
+        d.step(0, vote(4, false));
+        assert!(granted(&settle(&mut d)), "no lease, no hold");
+    }
 
     /// A driver whose disk failed must fall silent, node-level pings included: its peers
     /// then count it down and wake the groups it led, even sleeping ones.

@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
@@ -110,6 +110,9 @@ pub enum Input<R> {
     /// Hand the group's leadership to this node, if this node leads it and the other
     /// holds the whole log.
     TransferLeader(GroupId, u64),
+    /// Lease reads of the group are being served outside the loop and its lease is past
+    /// half: renew it (one ReadIndex round) before it runs out.
+    RenewLease(GroupId),
     Stop,
 }
 
@@ -118,6 +121,7 @@ pub enum Input<R> {
 pub struct NodeConfig {
     pub id: u64,
     pub tick: Duration,
+    /// `driver.lease` is in microseconds of this node's monotonic clock.
     pub driver: DriverConfig,
     /// At most this many inputs are taken in one turn (keeps turns short under load).
     pub max_inputs_per_turn: usize,
@@ -149,6 +153,13 @@ pub struct NodeStats {
     pub compactions: u64,
     /// Leadership transfers started.
     pub leader_transfers: u64,
+    /// Linearizable reads served under the leader's lease: by the loop, and by callers'
+    /// threads ([`RaftNode::lease_read_now`]); reads that took a ReadIndex round; rounds
+    /// asked only to renew a lease.
+    pub lease_reads: u64,
+    pub lease_reads_outside: u64,
+    pub read_index_reads: u64,
+    pub lease_renewals: u64,
     pub driver: crate::driver::DriverStats,
 }
 
@@ -158,6 +169,8 @@ pub struct Shared {
     pub groups: BTreeMap<GroupId, GroupStatus>,
     pub stats: NodeStats,
     pub poisoned: Option<String>,
+    /// Ticks left of the vote hold after a restart.
+    pub vote_hold_ticks: u64,
 }
 
 /// Why a node's engine did not start.
@@ -176,6 +189,13 @@ pub struct RaftNode<R> {
     /// Peer batches handed to the engine and not yet taken by its loop.
     peer_backlog: Arc<AtomicUsize>,
     thread: std::sync::Mutex<Option<JoinHandle<()>>>,
+    /// The zero of the engine's clock (leases are in microseconds since).
+    epoch: Instant,
+    lease_us: u64,
+    /// Per group, when a caller last asked the loop to renew its lease.
+    renew_asked: Arc<BTreeMap<GroupId, AtomicU64>>,
+    lease_reads_outside: AtomicU64,
+    tick: Duration,
 }
 
 impl<R: Send + 'static> RaftNode<R> {
@@ -200,7 +220,14 @@ impl<R: Send + 'static> RaftNode<R> {
         let shared = Arc::new(RwLock::new(Shared::default()));
         let peer_backlog = Arc::new(AtomicUsize::new(0));
         let (tx, rx) = inputs;
+        let epoch = Instant::now();
+        let lease_us = config.driver.lease;
+        let tick = config.tick;
+        let renew_asked: Arc<BTreeMap<GroupId, AtomicU64>> =
+            Arc::new(driver.groups().map(|g| (g, AtomicU64::new(0))).collect());
         let mut lp = Loop {
+            epoch,
+            renewing: BTreeMap::new(),
             peer_backlog: peer_backlog.clone(),
             compacting: BTreeMap::new(),
             answers: Vec::new(),
@@ -243,6 +270,11 @@ impl<R: Send + 'static> RaftNode<R> {
             shared,
             peer_backlog,
             thread: std::sync::Mutex::new(Some(thread)),
+            epoch,
+            lease_us,
+            renew_asked,
+            lease_reads_outside: AtomicU64::new(0),
+            tick,
         })
     }
 
@@ -314,6 +346,40 @@ impl<R: Send + 'static> RaftNode<R> {
         }
     }
 
+    /// Whether a linearizable read of `group` may be served on the caller's thread now,
+    /// from the state machine as it is (without the loop): this node leads the group with a
+    /// lease that holds now, and its state machine holds every write of earlier terms
+    /// (and, as the loop writes it before answering, every write it acknowledged). Stale by
+    /// at most one engine turn, which is safe: the lease is a fact about the other nodes
+    /// (none can be elected before it ends) and a transfer, which ends it early, is
+    /// published before it starts. Past half the lease, asks the loop to renew it.
+    pub fn lease_read_now(&self, group: GroupId) -> bool {
+        if self.lease_us == 0 {
+            return false;
+        }
+        let until = {
+            let s = self.shared.read().unwrap_or_else(|e| e.into_inner());
+            if s.poisoned.is_some() {
+                return false;
+            }
+            s.groups.get(&group).map_or(0, |g| g.lease_until)
+        };
+        let now = self.epoch.elapsed().as_micros() as u64;
+        if now >= until {
+            return false;
+        }
+        if until - now < self.lease_us / 2 {
+            if let Some(asked) = self.renew_asked.get(&group) {
+                if now.saturating_sub(asked.load(Ordering::Relaxed)) >= self.lease_us / 4 {
+                    asked.store(now, Ordering::Relaxed);
+                    let _ = self.tx.send(Input::RenewLease(group));
+                }
+            }
+        }
+        self.lease_reads_outside.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
     pub fn campaign(&self, group: GroupId) {
         let _ = self.tx.send(Input::Campaign(group));
     }
@@ -334,7 +400,20 @@ impl<R: Send + 'static> RaftNode<R> {
     }
 
     pub fn stats(&self) -> NodeStats {
-        self.shared.read().unwrap_or_else(|e| e.into_inner()).stats
+        let mut stats = self.shared.read().unwrap_or_else(|e| e.into_inner()).stats;
+        stats.lease_reads_outside = self.lease_reads_outside.load(Ordering::Relaxed);
+        stats
+    }
+
+    /// Time left of the vote hold after this node's restart (at least: ticks may come
+    /// late, never early).
+    pub fn vote_hold_remaining(&self) -> Duration {
+        let ticks = self
+            .shared
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .vote_hold_ticks;
+        self.tick * ticks as u32
     }
 
     pub fn poisoned(&self) -> Option<String> {
@@ -426,6 +505,10 @@ struct Loop<D: Disk, T, S: StateMachine> {
     reads_applying: BTreeMap<GroupId, Vec<(u64, Vec<ReadReply>)>>,
     next_read: u64,
     stats: NodeStats,
+    /// The zero of the driver's clock.
+    epoch: Instant,
+    /// Per group, the context of the ReadIndex round asked only to renew its lease.
+    renewing: BTreeMap<GroupId, u64>,
 }
 
 impl<D: Disk, T: Transport, S: StateMachine> Loop<D, T, S> {
@@ -523,15 +606,52 @@ impl<D: Disk, T: Transport, S: StateMachine> Loop<D, T, S> {
             Input::TransferLeader(g, to) => {
                 if self.driver.transfer_leader(g, to) {
                     self.stats.leader_transfers += 1;
+                    // The lease ends now, before the transferee can be told to campaign:
+                    // lease reads outside the loop must see that first.
+                    self.publish(vec![g]);
                 }
             }
+            Input::RenewLease(g) => self.renew_lease(g),
             Input::Stop => return false,
         }
         true
     }
 
+    /// The driver's clock: microseconds since the loop started.
+    fn clock(&self) -> u64 {
+        self.epoch.elapsed().as_micros() as u64
+    }
+
+    /// Asks a ReadIndex round for `group` with no read waiting, to renew its lease, if it
+    /// is past half and no renewal is under way.
+    fn renew_lease(&mut self, group: GroupId) {
+        let Some(lease) = self.driver.lease_read(group) else {
+            return;
+        };
+        let now = self.clock();
+        if lease.until.saturating_sub(now) >= self.config.driver.lease / 2
+            || self.renewing.contains_key(&group)
+        {
+            return;
+        }
+        let ctx = self.next_read;
+        self.next_read += 1;
+        if self
+            .driver
+            .read_index(group, ctx.to_be_bytes().to_vec())
+            .is_ok()
+        {
+            self.stats.lease_renewals += 1;
+            self.renewing.insert(group, ctx);
+            self.reads_confirming
+                .insert(ctx, (group, Instant::now(), Vec::new()));
+        }
+    }
+
     fn turn(&mut self) {
         self.stats.turns += 1;
+        // Everything proposed or asked from here is sent after this time.
+        self.driver.set_time(self.clock());
         // Every group's commands of this turn become one entry (more than one only past
         // ENTRY_BYTES_MAX: raft-rs sends at least a whole entry per message, so an entry
         // must stay well under what a peer accepts).
@@ -555,8 +675,18 @@ impl<D: Disk, T: Transport, S: StateMachine> Loop<D, T, S> {
                 self.propose_entry(group, chunk, chunk_replies);
             }
         }
-        // Every group's reads of this turn share one confirmation.
+        // Every group's reads of this turn share one confirmation, or the leader's lease.
         for (group, replies) in std::mem::take(&mut self.queued_reads) {
+            if let Some(lease) = self.driver.lease_read(group) {
+                self.stats.lease_reads += replies.len() as u64;
+                self.reads_applying
+                    .entry(group)
+                    .or_default()
+                    .push((lease.index, replies));
+                self.renew_lease(group);
+                continue;
+            }
+            self.stats.read_index_reads += replies.len() as u64;
             let ctx = self.next_read;
             self.next_read += 1;
             match self.driver.read_index(group, ctx.to_be_bytes().to_vec()) {
@@ -768,9 +898,11 @@ impl<D: Disk, T: Transport, S: StateMachine> Loop<D, T, S> {
             let Ok(ctx) = <[u8; 8]>::try_from(rs.context.as_slice()) else {
                 continue;
             };
-            if let Some((group, _, replies)) =
-                self.reads_confirming.remove(&u64::from_be_bytes(ctx))
-            {
+            let ctx = u64::from_be_bytes(ctx);
+            if self.renewing.get(&rs.group) == Some(&ctx) {
+                self.renewing.remove(&rs.group);
+            }
+            if let Some((group, _, replies)) = self.reads_confirming.remove(&ctx) {
                 debug_assert_eq!(group, rs.group);
                 self.reads_applying
                     .entry(group)
@@ -802,7 +934,10 @@ impl<D: Disk, T: Transport, S: StateMachine> Loop<D, T, S> {
                 .map(|(ctx, _)| *ctx)
                 .collect();
             for ctx in expired {
-                if let Some((_, _, replies)) = self.reads_confirming.remove(&ctx) {
+                if let Some((group, _, replies)) = self.reads_confirming.remove(&ctx) {
+                    if self.renewing.get(&group) == Some(&ctx) {
+                        self.renewing.remove(&group);
+                    }
                     for r in replies {
                         r(Err(ProposeError::ReadTimedOut));
                     }
@@ -820,6 +955,7 @@ impl<D: Disk, T: Transport, S: StateMachine> Loop<D, T, S> {
         }
         self.stats.driver = self.driver.stats();
         s.stats = self.stats;
+        s.vote_hold_ticks = self.driver.vote_hold_ticks();
         if s.poisoned.is_none() {
             s.poisoned = self.driver.poisoned().map(str::to_string);
         }

@@ -35,8 +35,12 @@ pub struct SimConfig {
     pub dup_permille: u32,
     /// Per step, per mille: a node crashes (when fewer than a minority are down).
     pub crash_permille: u32,
-    /// Per step, per mille: the network splits (or heals).
+    /// Per step, per mille: the network splits in two, or one link fails one way, for 5
+    /// to 50 ticks.
     pub partition_permille: u32,
+    /// Per step, per mille: a node pauses (handles nothing, while its clock runs on) for 3
+    /// to 30 ticks, as a process stopped by the OS or a long GC pause.
+    pub pause_permille: u32,
     pub planted: PlantedBugs,
     /// After `steps`, the faults stop (the network heals, crashed nodes restart) and
     /// every group must commit a new proposal within this many ticks of simulated time
@@ -45,7 +49,15 @@ pub struct SimConfig {
     /// Then nothing is proposed and nothing lost for this many ticks: every group must
     /// fall asleep on every replica; 0 skips it.
     pub idle_ticks: u64,
+    /// The leaders' lease, in simulated time ([`DriverConfig::lease`]); 0: none. Ticks
+    /// come every 7.5 to 12.5 units, so followers refuse votes for at least 67.5 units
+    /// after hearing from a leader: a lease longer than that is unsafe.
+    pub lease: u64,
 }
+
+/// The lease the simulation runs with by default: half of the nominal time followers
+/// refuse votes ((election ticks - 1) x 10), as the server sets it.
+pub const SIM_LEASE: u64 = 45;
 
 impl SimConfig {
     pub fn new(seed: u64) -> Self {
@@ -59,9 +71,11 @@ impl SimConfig {
             dup_permille: 20,
             crash_permille: 3,
             partition_permille: 2,
+            pause_permille: 1,
             planted: PlantedBugs::default(),
             heal_ticks: 300,
             idle_ticks: 100,
+            lease: SIM_LEASE,
         }
     }
 }
@@ -82,6 +96,10 @@ pub struct SimReport {
     pub asleep_at_end: u64,
     /// Snapshots installed by followers that fell behind a compacted log.
     pub snapshots_installed: u64,
+    /// Checks (after an event) that found a leader holding a lease, summed over groups.
+    pub leases_seen: u64,
+    /// Vote requests that restarted nodes held back.
+    pub votes_held: u64,
     pub violation: Option<String>,
 }
 
@@ -99,6 +117,11 @@ enum Event {
         epoch: u64,
     },
     Propose {
+        node: u64,
+        group: GroupId,
+    },
+    /// A linearizable read through ReadIndex (which renews the leader's lease).
+    Read {
         node: u64,
         group: GroupId,
     },
@@ -130,8 +153,13 @@ pub struct Sim {
     nodes: BTreeMap<u64, SimNode>,
     /// Messages in flight, by index (events refer to them).
     messages: Vec<Option<Message>>,
-    /// Node sides of a partition (empty: none).
+    /// Node sides of a partition (empty: none), a link failing one way (from, to), and
+    /// until when.
     side: BTreeMap<u64, u8>,
+    cut: Option<(u64, u64)>,
+    partition_until: u64,
+    /// Paused nodes, until when.
+    paused: BTreeMap<u64, u64>,
     /// (group, term) -> leader.
     leaders: BTreeMap<(GroupId, u64), u64>,
     /// (group, index) -> (term, data) of entries known committed.
@@ -173,6 +201,7 @@ impl Sim {
             // the simulation jitters the ticks instead.
             min_election_ticks: 10,
             max_election_ticks: 11,
+            lease: cfg.lease,
             ..DriverConfig::default()
         };
         let mut nodes = BTreeMap::new();
@@ -205,6 +234,9 @@ impl Sim {
             nodes,
             messages: Vec::new(),
             side: BTreeMap::new(),
+            cut: None,
+            partition_until: 0,
+            paused: BTreeMap::new(),
             leaders: BTreeMap::new(),
             committed: BTreeMap::new(),
             applied: BTreeMap::new(),
@@ -230,8 +262,22 @@ impl Sim {
         self.queue.push(Reverse((self.now + after, self.seq, e)));
     }
 
+    /// Whether a message from `a` reaches `b` now.
     fn connected(&self, a: u64, b: u64) -> bool {
         self.side.get(&a).copied().unwrap_or(0) == self.side.get(&b).copied().unwrap_or(0)
+            && self.cut != Some((a, b))
+    }
+
+    /// The node an event is handled by, if it is one that a pause holds back.
+    fn target(event: &Event) -> Option<u64> {
+        match event {
+            Event::Tick(id) | Event::Restart(id) => Some(*id),
+            Event::Deliver { to, .. } | Event::Ping { to, .. } => Some(*to),
+            Event::SyncDone { node, .. }
+            | Event::Propose { node, .. }
+            | Event::Read { node, .. } => Some(*node),
+            Event::Client => None,
+        }
     }
 
     /// Runs `cfg`; a panic inside raft-rs (its own assertions, e.g. a commit index past
@@ -295,6 +341,11 @@ impl Sim {
             }
         }
         self.report.leaders = self.leaders.len() as u64;
+        for n in self.nodes.values() {
+            if let Some(d) = &n.driver {
+                self.report.votes_held += d.stats().votes_held;
+            }
+        }
         self.report
     }
 
@@ -310,6 +361,19 @@ impl Sim {
                 break;
             };
             self.now = at;
+            // A paused node takes its events when it resumes, in order.
+            if let Some(until) = Self::target(&event).and_then(|id| self.paused.get(&id).copied()) {
+                if until > at {
+                    self.seq += 1;
+                    self.queue.push(Reverse((until, self.seq, event)));
+                    continue;
+                }
+            }
+            for n in self.nodes.values_mut() {
+                if let Some(d) = n.driver.as_mut() {
+                    d.set_time(at);
+                }
+            }
             let touched = self.handle(event);
             if let Some(id) = touched {
                 self.turn(id);
@@ -331,6 +395,8 @@ impl Sim {
         self.calm = true;
         self.to_leaders = true;
         self.side.clear();
+        self.cut = None;
+        self.paused.clear();
         let down: Vec<u64> = self
             .nodes
             .iter()
@@ -402,15 +468,31 @@ impl Sim {
                 self.crash(id);
             }
         }
-        if self.rng.random_range(0..1000) < self.cfg.partition_permille {
-            if self.side.is_empty() {
+        // A split lasts 5 to 50 ticks of simulated time: long enough, often, for the side
+        // with a majority to elect a leader while the old one is still on the other.
+        if !self.side.is_empty() || self.cut.is_some() {
+            if self.now >= self.partition_until {
+                self.side.clear();
+                self.cut = None;
+            }
+        } else if self.rng.random_range(0..1000) < self.cfg.partition_permille {
+            if self.rng.random_range(0..2) == 0 {
                 for id in 1..=self.cfg.nodes {
                     let s = self.rng.random_range(0..2u8);
                     self.side.insert(id, s);
                 }
             } else {
-                self.side.clear();
+                let from = self.rng.random_range(1..=self.cfg.nodes);
+                let to = self.rng.random_range(1..=self.cfg.nodes);
+                self.cut = (from != to).then_some((from, to));
             }
+            self.partition_until = self.now + self.rng.random_range(5 * TICK..50 * TICK);
+        }
+        self.paused.retain(|_, until| *until > self.now);
+        if self.paused.is_empty() && self.rng.random_range(0..1000) < self.cfg.pause_permille {
+            let id = self.rng.random_range(1..=self.cfg.nodes);
+            let until = self.now + self.rng.random_range(3 * TICK..30 * TICK);
+            self.paused.insert(id, until);
         }
     }
 
@@ -434,7 +516,11 @@ impl Sim {
                 }
             }
             let delay = self.rng.random_range(0..TICK);
-            self.schedule(delay, Event::Propose { node, group });
+            if self.rng.random_range(0..3) == 0 {
+                self.schedule(delay, Event::Read { node, group });
+            } else {
+                self.schedule(delay, Event::Propose { node, group });
+            }
         }
     }
 
@@ -445,6 +531,7 @@ impl Sim {
         let Some(driver) = n.driver.take() else {
             return;
         };
+        self.report.votes_held += driver.stats().votes_held;
         let mut disk = driver.disk().clone();
         disk.crash();
         n.parked_disk = Some(disk);
@@ -452,7 +539,12 @@ impl Sim {
         n.applied.clear();
         self.checked_commit.retain(|(node, _), _| *node != id);
         self.report.crashes += 1;
-        let after = self.rng.random_range(5 * TICK..40 * TICK);
+        // Some restart at once (within a lease), most after a while.
+        let after = if self.rng.random_range(0..4) == 0 {
+            self.rng.random_range(1..3 * TICK)
+        } else {
+            self.rng.random_range(5 * TICK..40 * TICK)
+        };
         self.schedule(after, Event::Restart(id));
     }
 
@@ -496,6 +588,13 @@ impl Sim {
                 let value = self.next_value.to_be_bytes().to_vec();
                 let d = self.nodes.get_mut(&node)?.driver.as_mut()?;
                 let _ = d.propose(group, value);
+                Some(node)
+            }
+            Event::Read { node, group } => {
+                self.next_value += 1;
+                let ctx = self.next_value.to_be_bytes().to_vec();
+                let d = self.nodes.get_mut(&node)?.driver.as_mut()?;
+                let _ = d.read_index(group, ctx);
                 Some(node)
             }
             Event::Client => {
@@ -559,6 +658,8 @@ impl Sim {
         let pings = d.take_pings();
         let restored = d.take_restored();
         let committed = d.take_committed();
+        // Reads are not served here; what matters is the lease they renew.
+        d.take_read_states();
         // Each sync requested completes after a while (in order: each completion event
         // completes the oldest).
         for _ in 0..requested {
@@ -789,6 +890,33 @@ impl Sim {
                 }
                 if full {
                     logs.push((*id, log));
+                }
+            }
+            // Lease safety: while a leader's lease holds, no later term has a leader or a
+            // committed entry (a lease read would miss its writes).
+            for id in &live {
+                let d = self.nodes[id].driver.as_ref().expect("live");
+                let (Some(lease), Some((_, term, _))) = (d.lease_read(g), d.role(g)) else {
+                    continue;
+                };
+                self.report.leases_seen += 1;
+                if let Some(((_, later), other)) =
+                    self.leaders.range((g, term + 1)..(g + 1, 0)).next()
+                {
+                    return Err(format!(
+                        "lease safety: node {id} leads group {g} in term {term} with a lease until {} (now {}), while node {other} was elected in term {later}",
+                        lease.until, self.now
+                    ));
+                }
+                if let Some(((_, index), (t, _))) = self
+                    .committed
+                    .range((g, lease.index + 1)..(g + 1, 0))
+                    .find(|(_, (t, _))| *t > term)
+                {
+                    return Err(format!(
+                        "lease safety: node {id} holds a lease of group {g} in term {term} until {} (now {}), while entry {index} of term {t} is committed",
+                        lease.until, self.now
+                    ));
                 }
             }
             // Log matching.

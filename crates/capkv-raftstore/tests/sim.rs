@@ -7,7 +7,7 @@
 //! `CAPKV_SIM_SEEDS=N` runs more seeds; every failure names its seed.
 
 use capkv_raftstore::driver::PlantedBugs;
-use capkv_raftstore::sim::{Sim, SimConfig};
+use capkv_raftstore::sim::{Sim, SimConfig, SIM_LEASE};
 
 fn seeds(default: u64) -> Vec<u64> {
     let n = std::env::var("CAPKV_SIM_SEEDS")
@@ -25,6 +25,7 @@ fn seeds(default: u64) -> Vec<u64> {
 fn raft_safety_holds_under_faults() {
     let mut total_applied = 0;
     let mut snapshots = 0;
+    let mut votes_held = 0;
     for seed in seeds(4) {
         let mut cfg = SimConfig::new(seed);
         cfg.nodes = if seed % 2 == 0 { 3 } else { 5 };
@@ -45,7 +46,11 @@ fn raft_safety_holds_under_faults() {
             "seed {seed}: {report:?}"
         );
         assert_eq!(report.asleep_at_end, 16 * 3, "seed {seed}");
+        // Leaders held leases (checked against every later term) and restarted nodes
+        // held their votes.
+        assert!(report.leases_seen > 0, "seed {seed}: {report:?}");
         total_applied += report.applied;
+        votes_held += report.votes_held;
         snapshots += report.snapshots_installed;
     }
     assert!(
@@ -56,6 +61,7 @@ fn raft_safety_holds_under_faults() {
         total_applied > 1000,
         "entries were committed and applied: {total_applied}"
     );
+    assert!(votes_held > 0, "restarted nodes held their votes");
 }
 
 /// A node that sends its vote before the vote is durable can crash, forget it, and vote
@@ -67,6 +73,7 @@ fn a_vote_sent_before_it_is_durable_is_caught() {
         let mut cfg = SimConfig::new(seed);
         cfg.planted = PlantedBugs {
             vote_before_persist: true,
+            ..PlantedBugs::default()
         };
         cfg.crash_permille = 20;
         cfg.steps = 20_000;
@@ -85,5 +92,38 @@ fn a_vote_sent_before_it_is_durable_is_caught() {
     assert!(
         !caught.is_empty(),
         "the planted bug went unnoticed in every seed"
+    );
+}
+
+/// Runs `cfg` for each seed; returns the seeds whose run found a lease violation.
+fn lease_violations(seeds: &[u64], cfg: impl Fn(u64) -> SimConfig) -> Vec<u64> {
+    let mut caught = Vec::new();
+    for &seed in seeds {
+        let report = Sim::run_seed(cfg(seed));
+        eprintln!("seed {seed}: {report:?}");
+        if report
+            .violation
+            .as_deref()
+            .is_some_and(|v| v.contains("lease safety"))
+        {
+            caught.push(seed);
+        }
+    }
+    caught
+}
+
+/// A lease longer than followers refuse votes (here 4x the safe one, past the 67.5 units of
+/// the fastest ticks) lets a leader that paused or lost its quorum read while another is
+/// elected: the simulation's lease check must see it.
+#[test]
+fn a_lease_that_outlasts_the_followers_refusal_is_caught() {
+    let caught = lease_violations(&seeds(8), |seed| {
+        let mut cfg = SimConfig::new(seed);
+        cfg.lease = 4 * SIM_LEASE;
+        cfg
+    });
+    assert!(
+        !caught.is_empty(),
+        "the too-long lease went unnoticed in every seed"
     );
 }

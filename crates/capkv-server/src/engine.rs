@@ -5,9 +5,12 @@
 //! - Writes: each command is proposed to its partition's group; the engine puts every
 //!   command of a group's turn in one Raft entry, and [`CapkvMachine`] gives each command
 //!   its own revision (a per-partition counter) when the entry applies.
-//! - Reads: linearizable reads confirm leadership with raft-rs's ReadIndex (one round per
-//!   group per engine turn) and are answered once the read index is applied. The leader
-//!   lease (`--read-policy lease`) is not built on this engine yet: it reads with ReadIndex.
+//! - Reads: with `--read-policy lease` (the default) a leader whose lease holds reads its
+//!   state machine at once, on the caller's thread ([`EngineNode::lease_read_now`]);
+//!   otherwise (no lease, or `--read-policy read-index`) the engine confirms leadership
+//!   with raft-rs's ReadIndex (one round per group per engine turn), or its lease, and
+//!   answers once the read index is applied. The lease is renewed by what a quorum
+//!   acknowledges (committed proposals, ReadIndex rounds), see `capkv_raftstore::driver`.
 //! - Transport: one client stream per peer (`RaftTransport.Engine`), one frame per engine
 //!   turn and peer; frames are dropped when a peer's queue is full (Raft resends).
 
@@ -175,10 +178,24 @@ impl StateMachine for CapkvMachine {
     }
 }
 
+/// The engine's tick, in ms: half the heartbeat interval.
+fn tick_ms(raft: &GroupSettings) -> u64 {
+    (raft.heartbeat_interval_ms / 2).max(1)
+}
+
+/// How long a follower on the engine refuses votes after hearing from a leader, at least
+/// (its clock running at the nominal rate): raft-rs ignores vote requests until
+/// `election_ticks` ticks have passed, and the first of them may come at once.
+pub fn engine_vote_refusal_ms(raft: &GroupSettings) -> u64 {
+    let election_ticks = engine_config(NodeId(0), raft, 0).driver.election_ticks as u64;
+    (election_ticks - 1) * tick_ms(raft)
+}
+
 /// The engine's settings from the node's Raft timings: ticks of half the heartbeat
-/// interval, elections after the same timeouts as openraft's.
-pub fn engine_config(id: NodeId, raft: &GroupSettings) -> EngineConfig {
-    let tick_ms = (raft.heartbeat_interval_ms / 2).max(1);
+/// interval, elections after the same timeouts as openraft's; leaders trust a lease of
+/// `lease_ms` (0: no lease reads).
+pub fn engine_config(id: NodeId, raft: &GroupSettings, lease_ms: u64) -> EngineConfig {
+    let tick_ms = tick_ms(raft);
     let ticks = |ms: u64| ((ms / tick_ms).max(2)) as usize;
     let mut c = EngineConfig::new(id.0);
     c.tick = Duration::from_millis(tick_ms);
@@ -189,6 +206,7 @@ pub fn engine_config(id: NodeId, raft: &GroupSettings) -> EngineConfig {
         min_election_ticks: ticks(raft.election_timeout_min_ms),
         max_election_ticks: ticks(raft.election_timeout_max_ms)
             .max(ticks(raft.election_timeout_min_ms) + 1),
+        lease: lease_ms.saturating_mul(1000),
         ..DriverConfig::default()
     };
     c
@@ -238,6 +256,17 @@ impl EngineNode {
             }),
         );
         rx.await.unwrap_or(Err(ProposeError::Stopped))
+    }
+
+    /// Whether this node may serve a linearizable read of `p` from its state machine now,
+    /// under its lease (see `RaftNode::lease_read_now`).
+    pub fn lease_read_now(&self, p: PartitionId) -> bool {
+        self.node.lease_read_now(p.0)
+    }
+
+    /// Time left of the vote hold after this node's restart.
+    pub fn vote_hold_remaining(&self) -> Duration {
+        self.node.vote_hold_remaining()
     }
 
     pub fn status(&self, p: PartitionId) -> Option<GroupStatus> {
@@ -302,6 +331,7 @@ const PEER_QUEUE_FRAMES: usize = 256;
 pub struct EngineTransport {
     id: NodeId,
     session_ttl_ms: u64,
+    lease_read_ms: u64,
     faults: Arc<Faults>,
     peers: BTreeMap<u64, mpsc::Sender<EngineFrame>>,
 }
@@ -312,6 +342,7 @@ impl EngineTransport {
     pub fn start(
         id: NodeId,
         session_ttl_ms: u64,
+        lease_read_ms: u64,
         faults: Arc<Faults>,
         channels: &Arc<PeerChannels>,
         peers: &[(NodeId, String)],
@@ -331,6 +362,7 @@ impl EngineTransport {
         EngineTransport {
             id,
             session_ttl_ms,
+            lease_read_ms,
             faults,
             peers: senders,
         }
@@ -349,6 +381,7 @@ impl Transport for EngineTransport {
             from_node: self.id.0,
             to_node: batch.to,
             session_ttl_ms: self.session_ttl_ms,
+            lease_read_ms: self.lease_read_ms,
             batch: batch.encode(),
         });
     }

@@ -427,6 +427,12 @@ impl RaftTransportService for RaftService {
             if let Some(why) = session_ttl_mismatch(&core, frame.from_node, frame.session_ttl_ms) {
                 return Err(Status::failed_precondition(why));
             }
+            if let Err(why) =
+                check_peer_lease(from, frame.lease_read_ms, core.id, core.quorum_lease_ms)
+            {
+                core.log_refused_peer(from, &why);
+                return Err(Status::failed_precondition(why));
+            }
             if core.faults.drops_from(from) {
                 continue;
             }

@@ -47,6 +47,10 @@ async fn metrics(State(core): State<Arc<KvCore>>) -> impl IntoResponse {
             ("leader_transfers", s.leader_transfers),
             ("groups_quiesced", s.driver.quiesced),
             ("groups_woken", s.driver.woken),
+            ("lease_reads", s.lease_reads + s.lease_reads_outside),
+            ("read_index_reads", s.read_index_reads),
+            ("lease_renewals", s.lease_renewals),
+            ("votes_held", s.driver.votes_held),
         ] {
             core.metrics
                 .engine_events

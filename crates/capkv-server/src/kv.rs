@@ -205,6 +205,9 @@ impl KvCore {
 
     /// Time left of this node's vote hold, in ms (0 once it ended or if there was none).
     pub fn vote_hold_remaining_ms(&self) -> u64 {
+        if let Some(engine) = &self.raft_engine {
+            return engine.vote_hold_remaining().as_millis() as u64;
+        }
         self.vote_hold
             .remaining()
             .map_or(0, |d| d.as_millis() as u64)
@@ -407,6 +410,10 @@ impl KvCore {
         let raft = match &replica.group {
             Group::Openraft(raft) => raft,
             Group::Engine(engine) => {
+                // Under the leader's lease: at once, on this thread.
+                if self.read_policy == ReadPolicyChoice::Lease && engine.lease_read_now(p) {
+                    return Ok(replica);
+                }
                 // Fail fast where the answer is known: a follower names its leader.
                 let role = replica.role();
                 if !role.leader {

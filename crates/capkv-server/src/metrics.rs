@@ -106,7 +106,8 @@ impl Metrics {
                 "engine_events",
                 "raftstore engine counters since start: turns, proposals, entries_proposed, \
                  entries_written, disk_writes, fsyncs, peer_batches_sent, messages_sent, \
-                 compactions, leader_transfers, groups_quiesced, groups_woken",
+                 compactions, leader_transfers, groups_quiesced, groups_woken, lease_reads, \
+                 read_index_reads, lease_renewals, votes_held",
             ),
             &["event"],
         )?;

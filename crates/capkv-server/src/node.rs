@@ -162,21 +162,14 @@ impl Node {
         let hlc = Arc::new(Hlc::new());
         let faults = Arc::new(Faults::new(config.unsafe_fault_injection));
         let peers = Arc::new(PeerChannels::default());
-        // The raftstore engine has no leader lease yet: its linearizable reads use ReadIndex
-        // whatever --read-policy says, and `capkv status` shows that.
-        let read_policy = match config.engine {
-            EngineChoice::Openraft => config.read_policy,
-            EngineChoice::Raftstore => {
-                if config.read_policy != crate::config::ReadPolicyChoice::ReadIndex {
-                    tracing::info!(
-                        "the raftstore engine reads with ReadIndex (no leader lease yet)"
-                    );
-                }
-                crate::config::ReadPolicyChoice::ReadIndex
-            }
+        let read_policy = config.read_policy;
+        // How long a follower refuses votes after hearing from a leader: openraft's leader
+        // lease (its election timeout maximum), or the engine's election ticks.
+        let vote_refusal_ms = match config.engine {
+            EngineChoice::Openraft => config.raft.election_timeout_max_ms,
+            EngineChoice::Raftstore => crate::engine::engine_vote_refusal_ms(&config.raft),
         };
-        let lease_read_ms =
-            crate::kv::lease_read_ms(read_policy, config.raft.election_timeout_max_ms);
+        let lease_read_ms = crate::kv::lease_read_ms(read_policy, vote_refusal_ms);
         // Planted bug `full-lease`: trust the whole lease, while telling peers half.
         let lease_trusted_ms = if config.planted_bugs.contains(&PlantedBug::FullLease) {
             lease_read_ms * 2
@@ -263,13 +256,14 @@ impl Node {
                 let engine_transport = EngineTransport::start(
                     config.id,
                     config.raft.session_ttl_ms,
+                    lease_read_ms,
                     faults.clone(),
                     &peers,
                     &others,
                     shutdown_rx.clone(),
                 );
                 let node = capkv_raftstore::node::RaftNode::start_on_engine(
-                    engine_config(config.id, &config.raft),
+                    engine_config(config.id, &config.raft, lease_trusted_ms),
                     engine.clone(),
                     &groups,
                     &applied,
@@ -323,7 +317,7 @@ impl Node {
             read_timeout: config.read_timeout,
             read_policy,
             unsafe_local_reads: config.planted_bugs.contains(&PlantedBug::StaleReads),
-            quorum_lease_ms: config.raft.election_timeout_max_ms,
+            quorum_lease_ms: vote_refusal_ms,
             lease_read: Duration::from_millis(lease_trusted_ms),
             vote_hold,
             peers,
