@@ -476,6 +476,9 @@ fn outcome(pending: (u64, u64), applied: (u64, u64)) -> Outcome {
     }
 }
 
+/// A proposal's reply and what it is told.
+type Answer<R> = (Reply<R>, Result<R, ProposeError>);
+
 /// A group's commands received in one turn, with their replies.
 type Queued<R> = (Vec<Vec<u8>>, Vec<Reply<R>>);
 
@@ -493,7 +496,7 @@ struct Loop<D: Disk, T, S: StateMachine> {
     /// Per group, the compaction point proposed and not yet applied here.
     compacting: BTreeMap<GroupId, u64>,
     /// Answers of proposals applied this turn, sent once the state machine committed.
-    answers: Vec<(Reply<S::Response>, Result<S::Response, ProposeError>)>,
+    answers: Vec<Answer<S::Response>>,
     pending: BTreeMap<GroupId, VecDeque<Pending<S::Response>>>,
     /// Commands received this turn, per group, with their replies.
     queued: BTreeMap<GroupId, Queued<S::Response>>,

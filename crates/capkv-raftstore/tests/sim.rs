@@ -73,7 +73,6 @@ fn a_vote_sent_before_it_is_durable_is_caught() {
         let mut cfg = SimConfig::new(seed);
         cfg.planted = PlantedBugs {
             vote_before_persist: true,
-            ..PlantedBugs::default()
         };
         cfg.crash_permille = 20;
         cfg.steps = 20_000;

@@ -508,7 +508,7 @@ impl KvCore {
             match raft.get_read_linearizer(policy).await {
                 Err(e) => Err(e),
                 Ok(linearizer) => linearizer
-                    .await_ready(&raft)
+                    .await_ready(raft)
                     .await
                     .map(|_| ())
                     .map_err(RaftError::Fatal),
