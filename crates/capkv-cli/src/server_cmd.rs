@@ -26,8 +26,8 @@ pub enum EngineArg {
     Openraft,
     /// One node-level engine drives every partition's raft-rs group: batched log writes,
     /// one fsync and one message batch per peer per turn, idle partitions asleep.
-    /// Linearizable reads use ReadIndex on it (no leader lease yet). Every node of a
-    /// cluster must run the same engine; a data dir keeps the engine it was made with.
+    /// Every node of a cluster must run the same engine; a data dir keeps the engine it
+    /// was made with.
     Raftstore,
 }
 

@@ -44,6 +44,10 @@ pub struct DriverConfig {
     /// after hearing from a leader, `election_ticks - 1` ticks, by the margin clock rates
     /// need (see [`Driver::lease_read`]).
     pub lease: u64,
+    /// The caller tells when a snapshot it was handed reached its follower, or failed
+    /// ([`Driver::report_snapshot`]), as when it streams the state machine separately;
+    /// false: a snapshot sent counts as delivered (its data is in the message).
+    pub caller_reports_snapshots: bool,
 }
 
 impl Default for DriverConfig {
@@ -57,6 +61,7 @@ impl Default for DriverConfig {
             max_inflight_msgs: 256,
             quiesce_after_ticks: 6,
             lease: 0,
+            caller_reports_snapshots: false,
         }
     }
 }
@@ -177,6 +182,17 @@ pub struct Restored {
     pub group: GroupId,
     pub index: u64,
     pub data: Vec<u8>,
+}
+
+/// Where a leader may compact its log (see [`Driver::compaction_point`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CompactionPoint {
+    /// The log holds entries after this index.
+    pub start: u64,
+    /// Every voter holds the log up to here.
+    pub all_hold: u64,
+    /// Every voter not far behind holds the log up to here.
+    pub near_hold: u64,
 }
 
 /// A message for a peer, tagged with its group.
@@ -1032,11 +1048,13 @@ impl<D: Disk> Driver<D> {
             let Some(g) = self.groups.get_mut(&gid) else {
                 continue;
             };
-            // The transport does not say whether a snapshot arrived: count it sent. If it
-            // was lost, the follower rejects the next append and gets another.
-            for to in snapshots_sent {
-                g.node.report_snapshot(to, raft::SnapshotStatus::Finish);
-                self.dirty.insert(gid);
+            // Unless the caller reports it, count a snapshot delivered once sent. If it was
+            // lost, the follower rejects the next append and gets another.
+            if !self.config.caller_reports_snapshots {
+                for to in snapshots_sent {
+                    g.node.report_snapshot(to, raft::SnapshotStatus::Finish);
+                    self.dirty.insert(gid);
+                }
             }
         }
         // Compactions go to disk with the turn's batch (durable with its sync, or a later
@@ -1126,16 +1144,34 @@ impl<D: Disk> Driver<D> {
         self.outbox.extend(msgs);
     }
 
-    /// For a leader: its log's start and the highest index every voter holds and this
-    /// node applied (a log compacted up to it never needs to send a voter a snapshot).
-    /// `None` on a follower.
-    pub fn compaction_point(&self, group: GroupId) -> Option<(u64, u64)> {
+    /// The caller's report on a snapshot of `group` it sent to `to` (see
+    /// [`DriverConfig::caller_reports_snapshots`]): delivered and installed, or failed
+    /// (raft-rs then probes the follower again, and sends another if still needed).
+    pub fn report_snapshot(&mut self, group: GroupId, to: u64, delivered: bool) {
+        if let Some(g) = self.groups.get_mut(&group) {
+            let status = if delivered {
+                raft::SnapshotStatus::Finish
+            } else {
+                raft::SnapshotStatus::Failure
+            };
+            g.node.report_snapshot(to, status);
+            self.wake(group);
+            self.dirty.insert(group);
+        }
+    }
+
+    /// For a leader: its log's start, the highest index every voter holds and this node
+    /// applied (a log compacted up to it never needs to send a voter a snapshot), and the
+    /// same over the voters at most `lag` entries behind what it applied (compacting to
+    /// that sends the others a snapshot). `None` on a follower.
+    pub fn compaction_point(&self, group: GroupId, lag: u64) -> Option<CompactionPoint> {
         let g = self.groups.get(&group)?;
         let r = &g.node.raft;
         if r.state != StateRole::Leader {
             return None;
         }
-        let all_hold = r
+        let applied = r.raft_log.applied;
+        let held: Vec<u64> = r
             .prs()
             .iter()
             .map(|(id, pr)| {
@@ -1145,9 +1181,20 @@ impl<D: Disk> Driver<D> {
                     pr.matched
                 }
             })
-            .min()?;
-        let start = g.storage.read().snapshot_index;
-        Some((start, all_hold.min(r.raft_log.applied)))
+            .collect();
+        let all_hold = held.iter().copied().min()?.min(applied);
+        let near_hold = held
+            .iter()
+            .copied()
+            .filter(|m| m.saturating_add(lag) >= applied)
+            .min()
+            .unwrap_or(applied)
+            .min(applied);
+        Some(CompactionPoint {
+            start: g.storage.read().snapshot_index,
+            all_hold,
+            near_hold,
+        })
     }
 
     /// Tells raft-rs the caller applied `group` up to `index`.

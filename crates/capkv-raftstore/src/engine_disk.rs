@@ -168,16 +168,55 @@ impl Disk for EngineDisk {
                 partition: p,
                 ..Default::default()
             };
-            if g.restore.is_some() {
-                // Installing a leader's snapshot is not built on this disk yet (the state
-                // machine's image must be written in the same batch); compaction keeps
-                // every voter's log past it, so only a replica that lost its data gets
-                // here, and the node stops rather than go on without the image.
-                return Err(format!(
-                    "group {gid}: installing a snapshot is not supported on the fjall disk yet"
-                ));
+            let mut old_last = self.last.get(&gid).copied().unwrap_or(0);
+            if let Some(r) = &g.restore {
+                // A snapshot from the leader: the log restarts after its index, and the
+                // state machine becomes the image staged for it, in this same batch (the
+                // write fails if none is staged at that index). Old entries up to the index
+                // go; later ones are replaced by this turn's entries or go too.
+                let start = self.start.get(&gid).copied().unwrap_or(0);
+                let new_last = g.entries.last().map_or(r.index, |e| e.index.max(r.index));
+                let conf = &r.conf_state;
+                let mut install = RaftLogWrite {
+                    partition: p,
+                    meta: vec![
+                        (
+                            raft_meta_tag::LOG_START,
+                            encode(&LogStart {
+                                index: r.index,
+                                term: r.term,
+                            }),
+                        ),
+                        (
+                            raft_meta_tag::CONF_STATE,
+                            encode(&StoredConfState {
+                                voters: conf.voters.clone(),
+                                learners: conf.learners.clone(),
+                                voters_outgoing: conf.voters_outgoing.clone(),
+                                learners_next: conf.learners_next.clone(),
+                                auto_leave: conf.auto_leave,
+                            }),
+                        ),
+                    ],
+                    install_staged: Some(r.index),
+                    ..Default::default()
+                };
+                let upto = old_last.min(r.index);
+                if upto > start {
+                    install.remove = Some((start + 1, upto));
+                }
+                w.groups.push(install);
+                if old_last > new_last {
+                    w.groups.push(RaftLogWrite {
+                        partition: p,
+                        remove: Some((new_last + 1, old_last)),
+                        ..Default::default()
+                    });
+                }
+                self.start.insert(gid, r.index);
+                self.last.insert(gid, r.index);
+                old_last = r.index;
             }
-            let old_last = self.last.get(&gid).copied().unwrap_or(0);
             if let (Some(first), Some(last)) = (g.entries.first(), g.entries.last()) {
                 // raft-rs hands a new suffix: whatever followed it before is gone.
                 if last.index < old_last {
@@ -222,6 +261,7 @@ impl Disk for EngineDisk {
                                 term: c.term,
                             }),
                         )],
+                        install_staged: None,
                     });
                     self.start.insert(gid, c.index);
                 }

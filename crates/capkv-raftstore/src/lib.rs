@@ -17,3 +17,6 @@ pub mod storage;
 
 /// The role of a replica in its group (raft-rs).
 pub use raft::StateRole;
+
+/// raft-rs's message type, as the engine's transport hands it over.
+pub use raft::eraftpb::Message as RaftMessage;

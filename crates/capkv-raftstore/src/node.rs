@@ -21,7 +21,7 @@ use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use raft::eraftpb::{Entry, EntryType, Message};
+use raft::eraftpb::{Entry, EntryType, Message, MessageType};
 use serde::{Deserialize, Serialize};
 
 use crate::codec::{PeerBatch, WireMessage};
@@ -32,7 +32,28 @@ use crate::storage::{Disk, GroupId};
 /// cannot keep up drops (raft-rs resends what matters).
 pub trait Transport: Send + 'static {
     fn send(&self, batch: PeerBatch);
+
+    /// Streams `image` (the state machine of `group` at `message`'s snapshot index) to
+    /// peer `to`, then delivers `message` (the `MsgSnapshot`) to it, and calls `done`
+    /// with whether all of it arrived. Must not block the loop.
+    fn send_snapshot(
+        &self,
+        to: u64,
+        group: GroupId,
+        message: Message,
+        image: SnapshotImage,
+        done: SnapshotDone,
+    ) {
+        let _ = (to, group, message, image);
+        done(false);
+    }
 }
+
+/// A consistent view of one group's state machine, to stream to a follower.
+pub type SnapshotImage = Box<dyn capkv_storage::SmSnapshot>;
+
+/// Told whether a snapshot reached its follower.
+pub type SnapshotDone = Box<dyn FnOnce(bool) + Send>;
 
 /// Every group's replicated state machine on this node.
 pub trait StateMachine: Send + 'static {
@@ -56,6 +77,35 @@ pub trait StateMachine: Send + 'static {
     /// `apply`.
     fn commit(&mut self) -> Result<(), String> {
         Ok(())
+    }
+
+    /// A view of `group`'s state machine as applied so far (everything committed by
+    /// [`StateMachine::commit`]), to send to a follower behind the log's start; `None` if
+    /// this state machine cannot make one.
+    fn snapshot(&mut self, group: GroupId) -> Result<Option<SnapshotImage>, String> {
+        let _ = group;
+        Ok(None)
+    }
+
+    /// Whether an image of `group` at `index`, received from a peer, is ready to install;
+    /// if so it is held for the install (a `MsgSnapshot` without one is dropped).
+    fn snapshot_ready(&mut self, group: GroupId, index: u64) -> bool {
+        let _ = (group, index);
+        false
+    }
+
+    /// The disk installed the image of `group` at `index` (with the snapshot's log, in
+    /// one write): the state machine must reload it before applying anything after.
+    fn restored(&mut self, group: GroupId, index: u64) -> Result<(), String> {
+        Err(format!(
+            "a snapshot of group {group} at {index} arrived, and this state machine cannot install one"
+        ))
+    }
+
+    /// Raft did not take the snapshot of `group` that was ready (e.g. it was stale): drop
+    /// the image.
+    fn snapshot_dropped(&mut self, group: GroupId) {
+        let _ = group;
     }
 }
 
@@ -113,6 +163,12 @@ pub enum Input<R> {
     /// Lease reads of the group are being served outside the loop and its lease is past
     /// half: renew it (one ReadIndex round) before it runs out.
     RenewLease(GroupId),
+    /// A snapshot of the group streamed to the peer arrived (or not).
+    SnapshotDone {
+        group: GroupId,
+        to: u64,
+        delivered: bool,
+    },
     Stop,
 }
 
@@ -125,6 +181,10 @@ pub struct NodeConfig {
     pub driver: DriverConfig,
     /// At most this many inputs are taken in one turn (keeps turns short under load).
     pub max_inputs_per_turn: usize,
+    /// A leader compacts its group's log once every voter holds this many entries past
+    /// its start, or, once it has applied twice as many, up to what the voters not further
+    /// behind than this hold (the others then get a snapshot, if snapshots can be sent).
+    pub compact_after_entries: u64,
     pub planted: PlantedBugs,
 }
 
@@ -135,6 +195,7 @@ impl NodeConfig {
             tick: Duration::from_millis(50),
             driver: DriverConfig::default(),
             max_inputs_per_turn: 4096,
+            compact_after_entries: COMPACT_AFTER_ENTRIES,
             planted: PlantedBugs::default(),
         }
     }
@@ -153,6 +214,10 @@ pub struct NodeStats {
     pub compactions: u64,
     /// Leadership transfers started.
     pub leader_transfers: u64,
+    /// Snapshots streamed to followers (delivered, failed) and installed here.
+    pub snapshots_sent: u64,
+    pub snapshots_failed: u64,
+    pub snapshots_installed: u64,
     /// Linearizable reads served under the leader's lease: by the loop, and by callers'
     /// threads ([`RaftNode::lease_read_now`]); reads that took a ReadIndex round; rounds
     /// asked only to renew a lease.
@@ -227,6 +292,9 @@ impl<R: Send + 'static> RaftNode<R> {
             Arc::new(driver.groups().map(|g| (g, AtomicU64::new(0))).collect());
         let mut lp = Loop {
             epoch,
+            tx: tx.clone(),
+            sending_snapshots: BTreeSet::new(),
+            snapshots_stepped: BTreeSet::new(),
             renewing: BTreeMap::new(),
             peer_backlog: peer_backlog.clone(),
             compacting: BTreeMap::new(),
@@ -512,6 +580,12 @@ struct Loop<D: Disk, T, S: StateMachine> {
     epoch: Instant,
     /// Per group, the context of the ReadIndex round asked only to renew its lease.
     renewing: BTreeMap<GroupId, u64>,
+    /// The loop's own inputs (for snapshot streams to report back).
+    tx: mpsc::Sender<Input<S::Response>>,
+    /// Snapshots being streamed: (group, peer).
+    sending_snapshots: BTreeSet<(GroupId, u64)>,
+    /// Groups given a `MsgSnapshot` this turn (whose image is held for the install).
+    snapshots_stepped: BTreeSet<GroupId>,
 }
 
 impl<D: Disk, T: Transport, S: StateMachine> Loop<D, T, S> {
@@ -597,6 +671,14 @@ impl<D: Disk, T: Transport, S: StateMachine> Loop<D, T, S> {
                 self.peer_backlog.fetch_sub(1, Ordering::Relaxed);
                 self.driver.heard_from(from);
                 for (g, m) in messages {
+                    if m.msg_type == MessageType::MsgSnapshot {
+                        // Its image comes separately and must be here, whole, first.
+                        let index = m.get_snapshot().get_metadata().index;
+                        if !self.sm.snapshot_ready(g, index) {
+                            continue;
+                        }
+                        self.snapshots_stepped.insert(g);
+                    }
                     self.driver.step(g, m);
                 }
             }
@@ -615,6 +697,19 @@ impl<D: Disk, T: Transport, S: StateMachine> Loop<D, T, S> {
                 }
             }
             Input::RenewLease(g) => self.renew_lease(g),
+            Input::SnapshotDone {
+                group,
+                to,
+                delivered,
+            } => {
+                self.sending_snapshots.remove(&(group, to));
+                if delivered {
+                    self.stats.snapshots_sent += 1;
+                } else {
+                    self.stats.snapshots_failed += 1;
+                }
+                self.driver.report_snapshot(group, to, delivered);
+            }
             Input::Stop => return false,
         }
         true
@@ -705,11 +800,39 @@ impl<D: Disk, T: Transport, S: StateMachine> Loop<D, T, S> {
             }
         }
         self.driver.run();
+        // Snapshots installed by this turn's write: the state machine reloads them before
+        // anything after them is applied.
+        let mut installed = BTreeSet::new();
+        for r in self.driver.take_restored() {
+            if self.driver.poisoned().is_some() {
+                break;
+            }
+            if let Err(e) = self.sm.restored(r.group, r.index) {
+                self.driver.poison(format!(
+                    "installing the snapshot of group {} at {}: {e}",
+                    r.group, r.index
+                ));
+                break;
+            }
+            self.stats.snapshots_installed += 1;
+            installed.insert(r.group);
+        }
+        for g in std::mem::take(&mut self.snapshots_stepped) {
+            if !installed.contains(&g) {
+                self.sm.snapshot_dropped(g);
+            }
+        }
         let out = self.driver.take_outbox();
         let pings = self.driver.take_pings();
         if !out.is_empty() || !pings.is_empty() {
             let mut per_peer: BTreeMap<u64, Vec<(GroupId, WireMessage)>> = BTreeMap::new();
             for o in out {
+                if o.message.msg_type == MessageType::MsgSnapshot
+                    && self.config.driver.caller_reports_snapshots
+                {
+                    self.send_snapshot(o.to, o.group, o.message);
+                    continue;
+                }
                 per_peer
                     .entry(o.to)
                     .or_default()
@@ -758,13 +881,6 @@ impl<D: Disk, T: Transport, S: StateMachine> Loop<D, T, S> {
         for g in applied_groups {
             self.maybe_compact(g);
         }
-        // Installing a snapshot's data into the state machine is not built yet (the fjall
-        // disk refuses snapshot records): a disk that installs one must not let the state
-        // machine go on without it.
-        if !self.driver.take_restored().is_empty() {
-            self.driver
-                .poison("a snapshot arrived, and this engine cannot install one yet".into());
-        }
         // A poisoned engine answers no read: its applied index may count entries the state
         // machine could not write, so a read "at" it could miss them.
         if self.driver.poisoned().is_some() {
@@ -776,15 +892,76 @@ impl<D: Disk, T: Transport, S: StateMachine> Loop<D, T, S> {
         self.publish(touched);
     }
 
-    /// On a leader, proposes compacting `group`'s log once every voter holds
-    /// [`COMPACT_AFTER_ENTRIES`] entries past its start (one proposal in flight at a time).
-    fn maybe_compact(&mut self, group: GroupId) {
-        let Some((start, upto)) = self.driver.compaction_point(group) else {
+    /// Streams the state machine of `group` to `to` with `message` (the leader's
+    /// `MsgSnapshot`), its metadata moved to the state machine's applied index: the image
+    /// is the state machine as committed, which is at that index, not at the log's start
+    /// raft-rs named (the log holds everything between, so the follower goes on from
+    /// there). One stream per group and peer at a time.
+    fn send_snapshot(&mut self, to: u64, group: GroupId, mut message: Message) {
+        if self.sending_snapshots.contains(&(group, to)) {
+            return;
+        }
+        let image = match self.sm.snapshot(group) {
+            Ok(Some(image)) => image,
+            Ok(None) | Err(_) => {
+                self.stats.snapshots_failed += 1;
+                self.driver.report_snapshot(group, to, false);
+                return;
+            }
+        };
+        let Some(applied) = self.driver.status(group).map(|s| s.applied) else {
             return;
         };
-        if upto < start + COMPACT_AFTER_ENTRIES
-            || self.compacting.get(&group).is_some_and(|&p| p >= upto)
-        {
+        let term = self.driver.log(group).and_then(|(log, _)| {
+            if applied == log.snapshot_index {
+                Some(log.snapshot_term)
+            } else {
+                log.entry(applied).map(|e| e.term)
+            }
+        });
+        let Some(term) = term else {
+            self.driver.report_snapshot(group, to, false);
+            return;
+        };
+        let meta = message.mut_snapshot().mut_metadata();
+        meta.index = applied;
+        meta.term = term;
+        self.sending_snapshots.insert((group, to));
+        let tx = self.tx.clone();
+        self.transport.send_snapshot(
+            to,
+            group,
+            message,
+            image,
+            Box::new(move |delivered| {
+                let _ = tx.send(Input::SnapshotDone {
+                    group,
+                    to,
+                    delivered,
+                });
+            }),
+        );
+    }
+
+    /// On a leader, proposes compacting `group`'s log (one proposal in flight at a time)
+    /// once every voter holds `compact_after_entries` past its start; or, once it applied
+    /// twice as many, up to what the voters not further behind than that hold (a
+    /// voter that is down or far behind then gets a snapshot, instead of holding back
+    /// every other replica's log) when snapshots can be sent.
+    fn maybe_compact(&mut self, group: GroupId) {
+        let n = self.config.compact_after_entries.max(1);
+        let Some(point) = self.driver.compaction_point(group, n) else {
+            return;
+        };
+        let start = point.start;
+        let upto = if point.all_hold >= start + n {
+            point.all_hold
+        } else if self.config.driver.caller_reports_snapshots && point.near_hold >= start + 2 * n {
+            point.near_hold
+        } else {
+            return;
+        };
+        if self.compacting.get(&group).is_some_and(|&p| p >= upto) {
             return;
         }
         let data = postcard::to_stdvec(&EntryPayload::CompactLog { upto }).unwrap_or_default();

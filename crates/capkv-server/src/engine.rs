@@ -15,14 +15,17 @@
 //!   turn and peer; frames are dropped when a peer's queue is full (Raft resends).
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use capkv_proto::raft::raft_transport_client::RaftTransportClient;
-use capkv_proto::raft::EngineFrame;
-use capkv_raftstore::codec::PeerBatch;
+use capkv_proto::raft::{EngineFrame, EngineSnapshotChunk, SnapshotPair, SnapshotSession};
+use capkv_raftstore::codec::{PeerBatch, WireMessage};
 use capkv_raftstore::driver::{DriverConfig, GroupStatus, ProposeError};
-use capkv_raftstore::node::{NodeConfig as EngineConfig, RaftNode, StateMachine, Transport};
+use capkv_raftstore::node::{
+    NodeConfig as EngineConfig, RaftNode, SnapshotDone, SnapshotImage, StateMachine, Transport,
+};
 use capkv_raftstore::storage::GroupId;
 use capkv_replication::apply::Applier;
 use capkv_replication::codec::{decode, encode};
@@ -53,6 +56,46 @@ struct PartitionMachine {
     applied_index: Arc<AppliedIndex>,
 }
 
+/// Snapshot chunks carry about this many bytes of data.
+const SNAPSHOT_CHUNK_BYTES: usize = 256 * 1024;
+
+/// A snapshot stream that has not finished in this long is abandoned (raft-rs then sends
+/// another).
+const SNAPSHOT_STREAM_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// A complete image whose `MsgSnapshot` has not been taken after this long may be replaced
+/// by a new stream.
+const STAGED_STALE_AFTER: Duration = Duration::from_secs(30);
+
+/// Where a partition's incoming snapshot is.
+#[derive(Debug, Clone, Copy)]
+enum Inbound {
+    /// A stream is writing its chunks into the staging.
+    Receiving,
+    /// Staged whole; its `MsgSnapshot` went to the engine.
+    Complete { index: u64, since: Instant },
+    /// The engine took it: its next disk write installs it.
+    Installing,
+}
+
+/// The raftstore engine's snapshots on this node: the images being received (one per
+/// partition at a time, staged in storage beside the live state machine) and byte counts.
+#[derive(Debug, Default)]
+pub struct Snapshots {
+    inbound: Mutex<BTreeMap<GroupId, Inbound>>,
+    pub bytes_sent: AtomicU64,
+    pub bytes_received: AtomicU64,
+    /// Streams under way, each way.
+    pub sending: AtomicU64,
+    pub receiving: AtomicU64,
+}
+
+impl Snapshots {
+    fn inbound(&self) -> std::sync::MutexGuard<'_, BTreeMap<GroupId, Inbound>> {
+        self.inbound.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 /// Every hosted partition's state machine. What a turn applies is written by
 /// [`StateMachine::commit`] as one batch for all partitions.
 pub struct CapkvMachine {
@@ -60,6 +103,9 @@ pub struct CapkvMachine {
     partitions: BTreeMap<GroupId, PartitionMachine>,
     /// Partitions applied to since the last commit.
     dirty: std::collections::BTreeSet<GroupId>,
+    hlc: Arc<Hlc>,
+    session_ttl_ms: u64,
+    snapshots: Arc<Snapshots>,
 }
 
 impl CapkvMachine {
@@ -71,6 +117,7 @@ impl CapkvMachine {
         partitions: &[PartitionId],
         hlc: &Arc<Hlc>,
         session_ttl_ms: u64,
+        snapshots: &Arc<Snapshots>,
     ) -> std::io::Result<(
         Self,
         BTreeMap<GroupId, u64>,
@@ -109,6 +156,9 @@ impl CapkvMachine {
                 engine: engine.clone(),
                 partitions: machines,
                 dirty: Default::default(),
+                hlc: hlc.clone(),
+                session_ttl_ms,
+                snapshots: snapshots.clone(),
             },
             applied,
             indexes,
@@ -148,6 +198,70 @@ impl StateMachine for CapkvMachine {
         m.state.last_hlc = m.applier.last_hlc();
         self.dirty.insert(group);
         Ok(responses)
+    }
+
+    fn snapshot(&mut self, group: GroupId) -> Result<Option<SnapshotImage>, String> {
+        self.engine
+            .sm_snapshot(PartitionId(group))
+            .map(Some)
+            .map_err(|e| e.to_string())
+    }
+
+    fn snapshot_ready(&mut self, group: GroupId, index: u64) -> bool {
+        let mut inbound = self.snapshots.inbound();
+        match inbound.get(&group) {
+            Some(Inbound::Complete { index: i, .. }) if *i == index => {
+                inbound.insert(group, Inbound::Installing);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Reloads the partition's state machine from what the install wrote.
+    fn restored(&mut self, group: GroupId, index: u64) -> Result<(), String> {
+        self.snapshots.inbound().remove(&group);
+        let p = PartitionId(group);
+        let m = self
+            .partitions
+            .get_mut(&group)
+            .ok_or_else(|| format!("no state machine for partition {group}"))?;
+        let state: EngineApplied = match self.engine.sm_applied(p).map_err(|e| e.to_string())? {
+            Some(bytes) => decode(&bytes).map_err(|e| e.to_string())?,
+            None => EngineApplied::default(),
+        };
+        if state.index != index {
+            return Err(format!(
+                "the image installed for partition {p} is at index {}, its snapshot at {index}",
+                state.index
+            ));
+        }
+        m.applier = Applier::open(
+            self.engine.clone(),
+            p,
+            self.hlc.clone(),
+            self.session_ttl_ms,
+            state.last_hlc,
+        )
+        .map_err(|e| e.to_string())?;
+        m.state = state;
+        m.applied_index.set(state.index);
+        self.dirty.remove(&group);
+        tracing::info!(
+            partition = group,
+            index,
+            term = state.term,
+            "installed snapshot"
+        );
+        Ok(())
+    }
+
+    fn snapshot_dropped(&mut self, group: GroupId) {
+        let mut inbound = self.snapshots.inbound();
+        if matches!(inbound.get(&group), Some(Inbound::Installing)) {
+            inbound.remove(&group);
+            let _ = self.engine.sm_stage_clear(PartitionId(group));
+        }
     }
 
     /// Writes what every partition applied since the last commit as one storage batch,
@@ -207,8 +321,15 @@ pub fn engine_config(id: NodeId, raft: &GroupSettings, lease_ms: u64) -> EngineC
         max_election_ticks: ticks(raft.election_timeout_max_ms)
             .max(ticks(raft.election_timeout_min_ms) + 1),
         lease: lease_ms.saturating_mul(1000),
+        // Snapshots stream beside the Raft messages (`EngineSnapshot`).
+        caller_reports_snapshots: true,
         ..DriverConfig::default()
     };
+    // Logs are compacted as often as openraft snapshots (`--snapshot-every`), at most
+    // every 1,024 entries: the engine keeps each group's log in memory.
+    c.compact_after_entries = raft
+        .snapshot_every_entries
+        .clamp(1, capkv_raftstore::node::COMPACT_AFTER_ENTRIES);
     c
 }
 
@@ -216,14 +337,134 @@ pub fn engine_config(id: NodeId, raft: &GroupSettings, lease_ms: u64) -> EngineC
 pub struct EngineNode {
     pub id: NodeId,
     node: RaftNode<CommandResponse>,
+    storage: Arc<dyn StorageEngine>,
+    pub snapshots: Arc<Snapshots>,
+}
+
+/// An incoming snapshot being staged; dropped before [`SnapshotReceiver::finish`], it
+/// discards what it staged.
+pub struct SnapshotReceiver {
+    engine: Arc<EngineNode>,
+    partition: PartitionId,
+    finished: bool,
+}
+
+impl SnapshotReceiver {
+    /// Stages one chunk; returns its data bytes.
+    pub async fn put(
+        &mut self,
+        data: Vec<SnapshotPair>,
+        sessions: Vec<SnapshotSession>,
+    ) -> Result<u64, String> {
+        let data: Vec<(Vec<u8>, Vec<u8>)> = data.into_iter().map(|d| (d.key, d.value)).collect();
+        let sessions: Vec<(u64, Vec<u8>)> = sessions
+            .into_iter()
+            .map(|s| (s.client_id, s.session))
+            .collect();
+        let bytes: u64 = data
+            .iter()
+            .map(|(k, v)| (k.len() + v.len()) as u64)
+            .chain(sessions.iter().map(|(_, s)| 8 + s.len() as u64))
+            .sum();
+        let storage = self.engine.storage.clone();
+        let p = self.partition;
+        tokio::task::spawn_blocking(move || storage.sm_stage_put(p, &data, &sessions))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("staging a snapshot chunk of partition {p}: {e}"))?;
+        self.engine
+            .snapshots
+            .bytes_received
+            .fetch_add(bytes, Ordering::Relaxed);
+        Ok(bytes)
+    }
+
+    /// The image is whole at log `index`: marks it complete and hands the `MsgSnapshot`
+    /// (an encoded batch from `from`) to the engine, which installs it.
+    pub fn finish(
+        mut self,
+        from: u64,
+        index: u64,
+        applied: &[u8],
+        message: &[u8],
+    ) -> Result<(), String> {
+        let p = self.partition;
+        self.engine
+            .storage
+            .sm_stage_finish(p, index, applied)
+            .map_err(|e| format!("completing the snapshot of partition {p}: {e}"))?;
+        self.engine.snapshots.inbound().insert(
+            p.0,
+            Inbound::Complete {
+                index,
+                since: Instant::now(),
+            },
+        );
+        self.finished = true;
+        self.engine.deliver(from, message)
+    }
+}
+
+impl Drop for SnapshotReceiver {
+    fn drop(&mut self) {
+        self.engine
+            .snapshots
+            .receiving
+            .fetch_sub(1, Ordering::Relaxed);
+        if !self.finished {
+            self.engine.snapshots.inbound().remove(&self.partition.0);
+            let _ = self.engine.storage.sm_stage_clear(self.partition);
+        }
+    }
 }
 
 /// Why a write or read on the engine failed.
 pub type EngineError = ProposeError;
 
 impl EngineNode {
-    pub fn new(id: NodeId, node: RaftNode<CommandResponse>) -> Self {
-        EngineNode { id, node }
+    pub fn new(
+        id: NodeId,
+        node: RaftNode<CommandResponse>,
+        storage: Arc<dyn StorageEngine>,
+        snapshots: Arc<Snapshots>,
+    ) -> Self {
+        EngineNode {
+            id,
+            node,
+            storage,
+            snapshots,
+        }
+    }
+
+    /// Starts receiving a snapshot of `p`: at most one per partition at a time (a complete
+    /// image whose message the engine never took is replaced after a while).
+    pub fn receive_snapshot(self: &Arc<Self>, p: PartitionId) -> Result<SnapshotReceiver, String> {
+        if self.node.status(p.0).is_none() {
+            return Err(format!("partition {p} has no replica on node {}", self.id));
+        }
+        {
+            let mut inbound = self.snapshots.inbound();
+            match inbound.get(&p.0) {
+                None => {}
+                Some(Inbound::Complete { since, .. }) if since.elapsed() > STAGED_STALE_AFTER => {}
+                Some(_) => {
+                    return Err(format!(
+                        "a snapshot of partition {p} is already being received or installed"
+                    ))
+                }
+            }
+            inbound.insert(p.0, Inbound::Receiving);
+        }
+        self.snapshots.receiving.fetch_add(1, Ordering::Relaxed);
+        let receiver = SnapshotReceiver {
+            engine: self.clone(),
+            partition: p,
+            finished: false,
+        };
+        self.storage
+            .sm_stage_clear(p)
+            .map_err(|e| format!("clearing the staging of partition {p}: {e}"))?;
+        Ok(receiver)
     }
 
     /// Proposes `cmd` to partition `p`; the answer comes once it applied (or failed).
@@ -334,6 +575,9 @@ pub struct EngineTransport {
     lease_read_ms: u64,
     faults: Arc<Faults>,
     peers: BTreeMap<u64, mpsc::Sender<EngineFrame>>,
+    channels: BTreeMap<u64, tonic::transport::Channel>,
+    runtime: tokio::runtime::Handle,
+    snapshots: Arc<Snapshots>,
 }
 
 impl EngineTransport {
@@ -347,9 +591,12 @@ impl EngineTransport {
         channels: &Arc<PeerChannels>,
         peers: &[(NodeId, String)],
         shutdown: watch::Receiver<bool>,
+        snapshots: Arc<Snapshots>,
     ) -> Self {
         let mut senders = BTreeMap::new();
+        let mut peer_channels = BTreeMap::new();
         for (peer, addr) in peers {
+            peer_channels.insert(peer.0, channels.channel(addr));
             let (tx, rx) = mpsc::channel(PEER_QUEUE_FRAMES);
             tokio::spawn(run_peer(
                 *peer,
@@ -365,6 +612,9 @@ impl EngineTransport {
             lease_read_ms,
             faults,
             peers: senders,
+            channels: peer_channels,
+            runtime: tokio::runtime::Handle::current(),
+            snapshots,
         }
     }
 }
@@ -385,6 +635,128 @@ impl Transport for EngineTransport {
             batch: batch.encode(),
         });
     }
+
+    fn send_snapshot(
+        &self,
+        to: u64,
+        group: GroupId,
+        message: capkv_raftstore::RaftMessage,
+        image: SnapshotImage,
+        done: SnapshotDone,
+    ) {
+        let Some(channel) = self.channels.get(&to).cloned() else {
+            done(false);
+            return;
+        };
+        if self.faults.drops_to(NodeId(to)) {
+            done(false);
+            return;
+        }
+        let header = EngineSnapshotChunk {
+            from_node: self.id.0,
+            to_node: to,
+            partition: group,
+            session_ttl_ms: self.session_ttl_ms,
+            lease_read_ms: self.lease_read_ms,
+            ..Default::default()
+        };
+        let index = message.get_snapshot().get_metadata().index;
+        let batch = PeerBatch {
+            from: self.id.0,
+            to,
+            messages: vec![(group, WireMessage::from(&message))],
+        }
+        .encode();
+        let snapshots = self.snapshots.clone();
+        self.runtime.spawn(async move {
+            snapshots.sending.fetch_add(1, Ordering::Relaxed);
+            let sent = tokio::time::timeout(
+                SNAPSHOT_STREAM_TIMEOUT,
+                stream_snapshot(channel, header, image, index, batch, snapshots.clone()),
+            )
+            .await
+            .unwrap_or_else(|_| Err("timed out".into()));
+            snapshots.sending.fetch_sub(1, Ordering::Relaxed);
+            match &sent {
+                Ok(bytes) => tracing::info!(partition = group, to, index, bytes, "sent snapshot"),
+                Err(e) => tracing::warn!(partition = group, to, index, "snapshot not sent: {e}"),
+            }
+            done(sent.is_ok());
+        });
+    }
+}
+
+/// Streams a partition's image to a peer in chunks (read from the storage snapshot on a
+/// blocking thread, two chunks ahead at most), the last one carrying the `MsgSnapshot`.
+/// Returns the data bytes sent.
+async fn stream_snapshot(
+    channel: tonic::transport::Channel,
+    header: EngineSnapshotChunk,
+    image: SnapshotImage,
+    index: u64,
+    message: Vec<u8>,
+    snapshots: Arc<Snapshots>,
+) -> Result<u64, String> {
+    let (tx, rx) = mpsc::channel::<EngineSnapshotChunk>(2);
+    let producer = tokio::task::spawn_blocking(move || -> Result<u64, String> {
+        let mut bytes = 0u64;
+        let closed = || "the stream closed".to_string();
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let page = image
+                .data_page(after.as_deref(), SNAPSHOT_CHUNK_BYTES)
+                .map_err(|e| e.to_string())?;
+            let Some((last, _)) = page.last() else {
+                break;
+            };
+            after = Some(last.clone());
+            let n: u64 = page.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum();
+            bytes += n;
+            snapshots.bytes_sent.fetch_add(n, Ordering::Relaxed);
+            let mut chunk = header.clone();
+            chunk.data = page
+                .into_iter()
+                .map(|(key, value)| SnapshotPair { key, value })
+                .collect();
+            tx.blocking_send(chunk).map_err(|_| closed())?;
+        }
+        let mut after: Option<u64> = None;
+        loop {
+            let page = image
+                .sessions_page(after, SNAPSHOT_CHUNK_BYTES)
+                .map_err(|e| e.to_string())?;
+            let Some((last, _)) = page.last() else {
+                break;
+            };
+            after = Some(*last);
+            let mut chunk = header.clone();
+            chunk.sessions = page
+                .into_iter()
+                .map(|(client_id, session)| SnapshotSession { client_id, session })
+                .collect();
+            tx.blocking_send(chunk).map_err(|_| closed())?;
+        }
+        let mut chunk = header;
+        chunk.last = true;
+        chunk.index = index;
+        chunk.applied = image
+            .applied()
+            .map_err(|e| e.to_string())?
+            .ok_or("the state machine has no applied state")?;
+        chunk.message = message;
+        tx.blocking_send(chunk).map_err(|_| closed())?;
+        Ok(bytes)
+    });
+    let mut client = RaftTransportClient::new(channel)
+        .max_encoding_message_size(RAFT_MESSAGE_BYTES_MAX)
+        .max_decoding_message_size(RAFT_MESSAGE_BYTES_MAX);
+    let sent = client
+        .engine_snapshot(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .map_err(|e| e.message().to_string());
+    let produced = producer.await.map_err(|e| e.to_string())?;
+    sent?;
+    produced
 }
 
 /// Keeps one `Engine` stream open to a peer and forwards its frames, reconnecting after a

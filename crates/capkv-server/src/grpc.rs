@@ -8,7 +8,8 @@ use std::time::Instant;
 use capkv_proto::kv::{self as pb, kv_server::Kv};
 use capkv_proto::raft::{
     raft_transport_server::RaftTransport as RaftTransportService, EngineClosed, EngineFrame,
-    RaftBatch, RaftMessage, RaftReply, RaftReplyBatch, RaftReplyItem, RaftReplyStatus,
+    EngineSnapshotChunk, EngineSnapshotReceived, RaftBatch, RaftMessage, RaftReply, RaftReplyBatch,
+    RaftReplyItem, RaftReplyStatus,
 };
 use capkv_proto::status::to_status;
 use capkv_replication::codec::{decode, encode};
@@ -450,6 +451,70 @@ impl RaftTransportService for RaftService {
                 tracing::warn!(peer = frame.from_node, "{why}; closing the stream");
                 return Err(Status::invalid_argument(why));
             }
+        }
+    }
+
+    /// Stages a partition's image chunk by chunk (at most one stream per partition), then
+    /// hands the engine its `MsgSnapshot`, which installs it with the snapshot's log.
+    async fn engine_snapshot(
+        &self,
+        request: Request<tonic::Streaming<EngineSnapshotChunk>>,
+    ) -> Result<Response<EngineSnapshotReceived>, Status> {
+        let core = self.core.clone();
+        let Some(engine) = core.raft_engine.clone() else {
+            return Err(Status::failed_precondition(format!(
+                "node {} runs openraft, not the raftstore engine",
+                core.id
+            )));
+        };
+        let mut inbound = request.into_inner();
+        let Some(mut chunk) = inbound.message().await? else {
+            return Err(Status::invalid_argument("an empty snapshot stream"));
+        };
+        let (from, partition) = (NodeId(chunk.from_node), chunk.partition);
+        if chunk.to_node != core.id.0 {
+            return Err(Status::failed_precondition(format!(
+                "snapshot for node {} reached node {}",
+                chunk.to_node, core.id
+            )));
+        }
+        if let Some(why) = session_ttl_mismatch(&core, chunk.from_node, chunk.session_ttl_ms) {
+            return Err(Status::failed_precondition(why));
+        }
+        if let Err(why) = check_peer_lease(from, chunk.lease_read_ms, core.id, core.quorum_lease_ms)
+        {
+            core.log_refused_peer(from, &why);
+            return Err(Status::failed_precondition(why));
+        }
+        let mut receiver = engine
+            .receive_snapshot(PartitionId(partition))
+            .map_err(Status::unavailable)?;
+        let mut bytes = 0;
+        loop {
+            if core.faults.drops_from(from) {
+                return Err(Status::unavailable("dropped by fault injection"));
+            }
+            if chunk.from_node != from.0 || chunk.partition != partition {
+                return Err(Status::invalid_argument(
+                    "a snapshot stream changed its sender or partition",
+                ));
+            }
+            bytes += receiver
+                .put(
+                    std::mem::take(&mut chunk.data),
+                    std::mem::take(&mut chunk.sessions),
+                )
+                .await
+                .map_err(Status::internal)?;
+            if chunk.last {
+                receiver
+                    .finish(from.0, chunk.index, &chunk.applied, &chunk.message)
+                    .map_err(Status::invalid_argument)?;
+                return Ok(Response::new(EngineSnapshotReceived { bytes }));
+            }
+            chunk = inbound.message().await?.ok_or_else(|| {
+                Status::invalid_argument("the snapshot stream ended before its last chunk")
+            })?;
         }
     }
 

@@ -51,6 +51,25 @@ async fn metrics(State(core): State<Arc<KvCore>>) -> impl IntoResponse {
             ("read_index_reads", s.read_index_reads),
             ("lease_renewals", s.lease_renewals),
             ("votes_held", s.driver.votes_held),
+            ("snapshots_sent", s.snapshots_sent),
+            ("snapshots_failed", s.snapshots_failed),
+            ("snapshots_installed", s.snapshots_installed),
+            (
+                "snapshot_bytes_sent",
+                engine.snapshots.bytes_sent.load(Ordering::Relaxed),
+            ),
+            (
+                "snapshot_bytes_received",
+                engine.snapshots.bytes_received.load(Ordering::Relaxed),
+            ),
+            (
+                "snapshots_sending",
+                engine.snapshots.sending.load(Ordering::Relaxed),
+            ),
+            (
+                "snapshots_receiving",
+                engine.snapshots.receiving.load(Ordering::Relaxed),
+            ),
         ] {
             core.metrics
                 .engine_events

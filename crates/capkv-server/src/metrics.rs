@@ -107,7 +107,9 @@ impl Metrics {
                 "raftstore engine counters since start: turns, proposals, entries_proposed, \
                  entries_written, disk_writes, fsyncs, peer_batches_sent, messages_sent, \
                  compactions, leader_transfers, groups_quiesced, groups_woken, lease_reads, \
-                 read_index_reads, lease_renewals, votes_held",
+                 read_index_reads, lease_renewals, votes_held, snapshots_sent, \
+                 snapshots_failed, snapshots_installed, snapshot_bytes_sent, \
+                 snapshot_bytes_received, snapshots_sending, snapshots_receiving",
             ),
             &["event"],
         )?;

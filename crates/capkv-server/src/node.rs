@@ -136,8 +136,8 @@ impl Node {
                 false
             }
         };
-        // A restarted node holds its vote for one leader lease (see `VoteHold`).
-        // (The raftstore engine serves no lease reads, so it needs no hold.)
+        // A restarted node holds its vote for one leader lease (see `VoteHold`). The
+        // raftstore engine holds its own, in ticks (`capkv_raftstore::driver`).
         let vote_hold = if fresh || config.engine == EngineChoice::Raftstore {
             VoteHold::none()
         } else {
@@ -238,9 +238,15 @@ impl Node {
             }
             EngineChoice::Raftstore => {
                 let parts: Vec<_> = map.partitions_of(config.id);
-                let (machine, applied, indexes) =
-                    CapkvMachine::open(&engine, &parts, &hlc, config.raft.session_ttl_ms)
-                        .context("open the partitions' state machines")?;
+                let snapshots = Arc::new(crate::engine::Snapshots::default());
+                let (machine, applied, indexes) = CapkvMachine::open(
+                    &engine,
+                    &parts,
+                    &hlc,
+                    config.raft.session_ttl_ms,
+                    &snapshots,
+                )
+                .context("open the partitions' state machines")?;
                 // Every group starts with its partition's replicas as voters (used when the
                 // group is new on this disk).
                 let groups: BTreeMap<u32, Vec<u64>> = parts
@@ -261,6 +267,7 @@ impl Node {
                     &peers,
                     &others,
                     shutdown_rx.clone(),
+                    snapshots.clone(),
                 );
                 let node = capkv_raftstore::node::RaftNode::start_on_engine(
                     engine_config(config.id, &config.raft, lease_trusted_ms),
@@ -271,7 +278,7 @@ impl Node {
                     machine,
                 )
                 .context("start the raftstore engine")?;
-                let node = Arc::new(EngineNode::new(config.id, node));
+                let node = Arc::new(EngineNode::new(config.id, node, engine.clone(), snapshots));
                 for p in parts {
                     let applied = indexes.get(&p).cloned().unwrap_or_default();
                     // A new cluster's first replica of each partition campaigns at once, so

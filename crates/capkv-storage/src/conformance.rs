@@ -22,6 +22,7 @@ pub fn run_all<E: StorageEngine>(dir: &Path, open: &dyn Fn(&Path) -> E) {
     raft_write_spans_partitions(&dir.join("raftw"), open);
     state_machine_put_get_delete_scan(&open(&dir.join("sm")));
     export_import_replaces_one_partition(&open(&dir.join("image")));
+    snapshot_pages_and_staged_install(&open(&dir.join("staged")));
     synced_writes_survive_reopen(&dir.join("reopen"), open);
     group_commit_flushes(&open(&dir.join("gc")));
 }
@@ -118,12 +119,14 @@ pub fn raft_write_spans_partitions<E: StorageEngine>(dir: &Path, open: &dyn Fn(&
                     entries: entries(4..6, "new"),
                     remove: Some((6, 10)),
                     meta: vec![(raft_meta_tag::HARD_STATE, b"hs1".to_vec())],
+                    install_staged: None,
                 },
                 RaftLogWrite {
                     partition: P2,
                     entries: entries(1..3, "b"),
                     remove: None,
                     meta: vec![(raft_meta_tag::HARD_STATE, b"hs2".to_vec())],
+                    install_staged: None,
                 },
             ],
         };
@@ -135,6 +138,7 @@ pub fn raft_write_spans_partitions<E: StorageEngine>(dir: &Path, open: &dyn Fn(&
                 entries: entries(2..4, "x"),
                 remove: Some((3, 9)),
                 meta: vec![],
+                install_staged: None,
             }],
         };
         assert!(
@@ -377,6 +381,130 @@ pub fn export_import_replaces_one_partition<E: StorageEngine>(e: &E) {
     e.sm_import(P1, &PartitionImage::default()).unwrap();
     assert_eq!(e.sm_scan(P1, b"", None, 10, usize::MAX).unwrap(), vec![]);
     assert_eq!(e.sm_applied(P1).unwrap(), None);
+}
+
+/// A snapshot reads the state of when it was taken, page by page; an image staged chunk by
+/// chunk replaces exactly one partition's state machine when a raft write installs it, in
+/// the same batch as its log change, and only at the index it was staged for.
+pub fn snapshot_pages_and_staged_install<E: StorageEngine>(e: &E) {
+    let put = |k: String, rev| SmOp::Put {
+        key: k.into_bytes(),
+        value: sv(rev, "v"),
+    };
+    let ops: Vec<SmOp> = (0..100)
+        .map(|i| put(format!("k{i:03}"), i))
+        .chain((1..=3).map(|c| SmOp::SessionPut {
+            client_id: c,
+            session: vec![c as u8; 10],
+        }))
+        .collect();
+    e.sm_write(
+        P1,
+        SmWrite {
+            ops,
+            applied: Some(b"p1@100".to_vec()),
+        },
+    )
+    .unwrap();
+    e.sm_write(
+        P2,
+        SmWrite {
+            ops: vec![put("other".into(), 1)],
+            applied: Some(b"p2@1".to_vec()),
+        },
+    )
+    .unwrap();
+    let snap = e.sm_snapshot(P1).unwrap();
+    // Later writes are not in the snapshot.
+    e.sm_write(
+        P1,
+        SmWrite {
+            ops: vec![
+                put("k999".into(), 101),
+                SmOp::Delete {
+                    key: b"k000".to_vec(),
+                },
+            ],
+            applied: Some(b"p1@101".to_vec()),
+        },
+    )
+    .unwrap();
+    assert_eq!(snap.applied().unwrap(), Some(b"p1@100".to_vec()));
+    let mut data = Vec::new();
+    let mut pages = 0;
+    loop {
+        let after = data.last().map(|(k, _): &(Vec<u8>, Vec<u8>)| k.clone());
+        let page = snap.data_page(after.as_deref(), 200).unwrap();
+        if page.is_empty() {
+            break;
+        }
+        pages += 1;
+        data.extend(page);
+    }
+    assert_eq!(data.len(), 100, "every key of the partition, none of P2's");
+    assert!(pages > 5, "pages of about 200 bytes: {pages}");
+    assert_eq!(data[0].0, b"k000".to_vec());
+    assert!(data.windows(2).all(|w| w[0].0 < w[1].0), "in key order");
+    let sessions = snap.sessions_page(None, 20).unwrap();
+    assert_eq!(sessions.len(), 2, "past 20 bytes after two sessions of 18");
+    let rest = snap.sessions_page(Some(sessions[1].0), 1000).unwrap();
+    assert_eq!(rest, vec![(3, vec![3; 10])]);
+
+    // Staged into the other partition, chunk by chunk; a bad value is refused.
+    e.sm_stage_clear(P2).unwrap();
+    assert!(e
+        .sm_stage_put(P2, &[(b"bad".to_vec(), b"not a value".to_vec())], &[])
+        .is_err());
+    for chunk in data.chunks(30) {
+        e.sm_stage_put(P2, chunk, &[]).unwrap();
+    }
+    e.sm_stage_put(P2, &[], &sessions).unwrap();
+    e.sm_stage_put(P2, &[], &rest).unwrap();
+    assert_eq!(e.sm_staged_index(P2).unwrap(), None, "not complete yet");
+    e.sm_stage_finish(P2, 40, b"p2@40").unwrap();
+    assert_eq!(e.sm_staged_index(P2).unwrap(), Some(40));
+    // Staging changes nothing live.
+    assert_eq!(e.sm_get(P2, b"k001").unwrap(), None);
+    assert_eq!(e.sm_applied(P2).unwrap(), Some(b"p2@1".to_vec()));
+
+    let install = |index| RaftWrite {
+        groups: vec![RaftLogWrite {
+            partition: P2,
+            meta: vec![(
+                raft_meta_tag::LOG_START,
+                format!("start@{index}").into_bytes(),
+            )],
+            install_staged: Some(index),
+            ..Default::default()
+        }],
+    };
+    assert!(
+        e.raft_write(&install(41)).is_err(),
+        "only at the staged index"
+    );
+    assert_eq!(e.raft_meta_get(P2, raft_meta_tag::LOG_START).unwrap(), None);
+    e.raft_write(&install(40)).unwrap();
+    assert_eq!(
+        e.raft_meta_get(P2, raft_meta_tag::LOG_START).unwrap(),
+        Some(b"start@40".to_vec())
+    );
+    assert_eq!(e.sm_applied(P2).unwrap(), Some(b"p2@40".to_vec()));
+    assert_eq!(
+        e.sm_get(P2, b"other").unwrap(),
+        None,
+        "the old state is gone"
+    );
+    let scanned = e.sm_scan(P2, b"", None, 1000, usize::MAX).unwrap();
+    assert_eq!(scanned.len(), 100);
+    assert_eq!(e.sm_sessions_all(P2).unwrap().len(), 3);
+    assert_eq!(
+        e.sm_staged_index(P2).unwrap(),
+        None,
+        "the staging is consumed"
+    );
+    // P1 is untouched.
+    assert_eq!(e.sm_applied(P1).unwrap(), Some(b"p1@101".to_vec()));
+    assert_eq!(e.sm_get(P1, b"k000").unwrap(), None);
 }
 
 pub fn synced_writes_survive_reopen<E: StorageEngine>(dir: &Path, open: &dyn Fn(&Path) -> E) {

@@ -86,6 +86,10 @@ pub struct RaftLogWrite {
     pub remove: Option<(u64, u64)>,
     /// Raft metadata to set: (tag, value).
     pub meta: Vec<(u8, Vec<u8>)>,
+    /// Replace the partition's state machine with its complete staged image (see
+    /// [`StorageEngine::sm_stage_finish`]), which must be at this log index, in the same
+    /// atomic batch: a snapshot's log and state machine become durable together.
+    pub install_staged: Option<u64>,
 }
 
 /// Raft log and metadata changes of any number of partitions, written atomically as one
@@ -93,6 +97,27 @@ pub struct RaftLogWrite {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RaftWrite {
     pub groups: Vec<RaftLogWrite>,
+}
+
+/// One partition's state machine as of one moment, read page by page: the source of a
+/// snapshot streamed to a follower. Writes made after it was taken are not seen.
+pub trait SmSnapshot: Send {
+    /// The applied state at that moment (opaque).
+    fn applied(&self) -> Result<Option<Vec<u8>>, StorageError>;
+    /// Data pairs (user key, encoded `StoredValue`) after `after` (from the first if
+    /// `None`), in key order, about `bytes_max` of them but at least one if any is left;
+    /// empty when none is.
+    fn data_page(
+        &self,
+        after: Option<&[u8]>,
+        bytes_max: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError>;
+    /// Client sessions after client `after`, the same way.
+    fn sessions_page(
+        &self,
+        after: Option<u64>,
+        bytes_max: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StorageError>;
 }
 
 /// A whole partition's state machine: what a snapshot carries.
@@ -170,6 +195,30 @@ pub trait StorageEngine: Send + Sync + 'static {
     fn sm_export(&self, p: PartitionId) -> Result<PartitionImage, StorageError>;
     /// Replaces the partition's state machine with `image`, atomically, and syncs.
     fn sm_import(&self, p: PartitionId, image: &PartitionImage) -> Result<(), StorageError>;
+    /// A consistent view of the partition's state machine now, to read page by page.
+    fn sm_snapshot(&self, p: PartitionId) -> Result<Box<dyn SmSnapshot>, StorageError>;
+
+    // ---- Receiving a snapshot: staged beside the live state machine, installed by a
+    // [`RaftWrite`] with `install_staged` ----
+    /// Drops whatever is staged for the partition (an image half received).
+    fn sm_stage_clear(&self, p: PartitionId) -> Result<(), StorageError>;
+    /// Adds a chunk to the partition's staged image. Values must decode.
+    fn sm_stage_put(
+        &self,
+        p: PartitionId,
+        data: &[(Vec<u8>, Vec<u8>)],
+        sessions: &[(u64, Vec<u8>)],
+    ) -> Result<(), StorageError>;
+    /// Marks the staged image complete: the state machine at log index `index`, with
+    /// this applied state.
+    fn sm_stage_finish(
+        &self,
+        p: PartitionId,
+        index: u64,
+        applied: &[u8],
+    ) -> Result<(), StorageError>;
+    /// The log index of the partition's complete staged image, if there is one.
+    fn sm_staged_index(&self, p: PartitionId) -> Result<Option<u64>, StorageError>;
 
     // ---- Node ----
     fn node_meta_get(&self, name: &str) -> Result<Option<Vec<u8>>, StorageError>;

@@ -7,9 +7,11 @@ use std::path::{Path, PathBuf};
 use capkv_types::PartitionId;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable};
 
-use crate::engine::{PartitionImage, RaftWrite, SmOp, SmWrite, StorageEngine, StorageError};
+use crate::engine::{
+    PartitionImage, RaftWrite, SmOp, SmSnapshot, SmWrite, StorageEngine, StorageError,
+};
 use crate::group_commit::GroupCommit;
-use crate::keys::{self, raft_meta_tag};
+use crate::keys::{self, raft_meta_tag, staging_kind};
 use crate::power_loss::SyncMarks;
 use crate::value::StoredValue;
 
@@ -45,6 +47,8 @@ pub struct FjallEngine {
     sm_data: Keyspace,
     sm_meta: Keyspace,
     sm_session: Keyspace,
+    /// Snapshots being received (see `keys`).
+    sm_staging: Keyspace,
     node_meta: Keyspace,
     group_commit: GroupCommit,
 }
@@ -159,6 +163,7 @@ impl FjallEngine {
         let sm_data = ks("sm_data")?;
         let sm_meta = ks("sm_meta")?;
         let sm_session = ks("sm_session")?;
+        let sm_staging = ks("sm_staging")?;
         let node_meta = ks("node_meta")?;
         let mut syncer = JournalSyncer::new(db.clone(), dir.join("db"));
         if options.record_sync_marks {
@@ -173,9 +178,65 @@ impl FjallEngine {
             sm_data,
             sm_meta,
             sm_session,
+            sm_staging,
             node_meta,
             group_commit,
         })
+    }
+
+    /// Adds to `batch` the replacement of `p`'s state machine by its complete staged image
+    /// at `index`, and the removal of the staging.
+    fn install_staged(
+        &self,
+        batch: &mut fjall::OwnedWriteBatch,
+        p: PartitionId,
+        index: u64,
+    ) -> Result<(), StorageError> {
+        let done = self
+            .sm_staging
+            .get(keys::staging_key(p, staging_kind::DONE, &[]))?
+            .ok_or_else(|| {
+                StorageError::Engine(format!("partition {p}: no snapshot staged to install"))
+            })?;
+        let (staged_index, applied) = split_done(&done)?;
+        if staged_index != index {
+            return Err(StorageError::Engine(format!(
+                "partition {p}: the staged snapshot is at index {staged_index}, not {index}"
+            )));
+        }
+        let prefix = keys::partition_prefix(p);
+        for k in Self::keys_with_prefix(&self.sm_data, &prefix)? {
+            batch.remove(&self.sm_data, k);
+        }
+        for k in Self::keys_with_prefix(&self.sm_session, &prefix)? {
+            batch.remove(&self.sm_session, k);
+        }
+        let data = keys::staging_key(p, staging_kind::DATA, &[]);
+        for guard in self.sm_staging.prefix(&data) {
+            let (k, v) = guard.into_inner()?;
+            batch.insert(&self.sm_data, keys::data_key(p, &k[data.len()..]), v);
+        }
+        let sessions = keys::staging_key(p, staging_kind::SESSION, &[]);
+        for guard in self.sm_staging.prefix(&sessions) {
+            let (k, v) = guard.into_inner()?;
+            let c: [u8; 8] = k[sessions.len()..]
+                .try_into()
+                .map_err(|_| StorageError::Corrupt("malformed staged session key".into()))?;
+            batch.insert(
+                &self.sm_session,
+                keys::session_key(p, u64::from_be_bytes(c)),
+                v,
+            );
+        }
+        batch.insert(
+            &self.sm_meta,
+            keys::tagged_key(p, SM_META_APPLIED),
+            applied.to_vec(),
+        );
+        for k in Self::keys_with_prefix(&self.sm_staging, &prefix)? {
+            batch.remove(&self.sm_staging, k);
+        }
+        Ok(())
     }
 
     /// Keys of `ks` in `[from, to]`.
@@ -209,6 +270,88 @@ impl FjallEngine {
         let mut out = Vec::new();
         for guard in ks.prefix(prefix) {
             out.push(guard.key()?.to_vec());
+        }
+        Ok(out)
+    }
+}
+
+/// The index and applied state of a staged image's completion record.
+fn split_done(done: &[u8]) -> Result<(u64, &[u8]), StorageError> {
+    let index: [u8; 8] = done
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(|| StorageError::Corrupt("malformed staged snapshot record".into()))?;
+    Ok((u64::from_be_bytes(index), &done[8..]))
+}
+
+/// [`SmSnapshot`] on a fjall snapshot (a sequence number: reads see the state of then).
+struct FjallSmSnapshot {
+    snap: fjall::Snapshot,
+    p: PartitionId,
+    sm_data: Keyspace,
+    sm_meta: Keyspace,
+    sm_session: Keyspace,
+}
+
+impl SmSnapshot for FjallSmSnapshot {
+    fn applied(&self) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self
+            .snap
+            .get(&self.sm_meta, keys::tagged_key(self.p, SM_META_APPLIED))?
+            .map(|v| v.to_vec()))
+    }
+
+    fn data_page(
+        &self,
+        after: Option<&[u8]>,
+        bytes_max: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError> {
+        use std::ops::Bound;
+        let from = match after {
+            Some(k) => Bound::Excluded(keys::data_key(self.p, k)),
+            None => Bound::Included(keys::partition_prefix(self.p).to_vec()),
+        };
+        let to = match keys::next_partition_prefix(self.p) {
+            Some(n) => Bound::Excluded(n.to_vec()),
+            None => Bound::Unbounded,
+        };
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        for guard in self.snap.range(&self.sm_data, (from, to)) {
+            if bytes >= bytes_max && !out.is_empty() {
+                break;
+            }
+            let (k, v) = guard.into_inner()?;
+            bytes += k.len() + v.len();
+            out.push((keys::user_key_of(&k).to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    fn sessions_page(
+        &self,
+        after: Option<u64>,
+        bytes_max: usize,
+    ) -> Result<Vec<(u64, Vec<u8>)>, StorageError> {
+        let first = match after {
+            Some(c) => match c.checked_add(1) {
+                Some(c) => c,
+                None => return Ok(Vec::new()),
+            },
+            None => 0,
+        };
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        let range = keys::session_key(self.p, first)..=keys::session_key(self.p, u64::MAX);
+        for guard in self.snap.range(&self.sm_session, range) {
+            if bytes >= bytes_max && !out.is_empty() {
+                break;
+            }
+            let (k, v) = guard.into_inner()?;
+            let c = keys::session_client_of(&k)
+                .ok_or_else(|| StorageError::Corrupt("malformed session key".into()))?;
+            bytes += 8 + v.len();
+            out.push((c, v.to_vec()));
         }
         Ok(out)
     }
@@ -318,6 +461,9 @@ impl StorageEngine for FjallEngine {
             }
             for (tag, value) in &g.meta {
                 batch.insert(&self.raft_meta, keys::tagged_key(p, *tag), value.as_slice());
+            }
+            if let Some(index) = g.install_staged {
+                self.install_staged(&mut batch, p, index)?;
             }
         }
         batch.commit()?;
@@ -445,6 +591,78 @@ impl StorageEngine for FjallEngine {
             data,
             sessions,
         })
+    }
+
+    fn sm_snapshot(&self, p: PartitionId) -> Result<Box<dyn SmSnapshot>, StorageError> {
+        Ok(Box::new(FjallSmSnapshot {
+            snap: self.db.snapshot(),
+            p,
+            sm_data: self.sm_data.clone(),
+            sm_meta: self.sm_meta.clone(),
+            sm_session: self.sm_session.clone(),
+        }))
+    }
+
+    fn sm_stage_clear(&self, p: PartitionId) -> Result<(), StorageError> {
+        let doomed = Self::keys_with_prefix(&self.sm_staging, &keys::partition_prefix(p))?;
+        if doomed.is_empty() {
+            return Ok(());
+        }
+        let mut batch = self.db.batch();
+        for k in doomed {
+            batch.remove(&self.sm_staging, k);
+        }
+        batch.commit()?;
+        Ok(())
+    }
+
+    fn sm_stage_put(
+        &self,
+        p: PartitionId,
+        data: &[(Vec<u8>, Vec<u8>)],
+        sessions: &[(u64, Vec<u8>)],
+    ) -> Result<(), StorageError> {
+        let mut batch = self.db.batch();
+        for (k, v) in data {
+            StoredValue::decode(v)?;
+            batch.insert(
+                &self.sm_staging,
+                keys::staging_key(p, staging_kind::DATA, k),
+                v.as_slice(),
+            );
+        }
+        for (c, session) in sessions {
+            batch.insert(
+                &self.sm_staging,
+                keys::staging_key(p, staging_kind::SESSION, &c.to_be_bytes()),
+                session.as_slice(),
+            );
+        }
+        batch.commit()?;
+        Ok(())
+    }
+
+    fn sm_stage_finish(
+        &self,
+        p: PartitionId,
+        index: u64,
+        applied: &[u8],
+    ) -> Result<(), StorageError> {
+        let mut done = index.to_be_bytes().to_vec();
+        done.extend_from_slice(applied);
+        self.sm_staging
+            .insert(keys::staging_key(p, staging_kind::DONE, &[]), done)?;
+        Ok(())
+    }
+
+    fn sm_staged_index(&self, p: PartitionId) -> Result<Option<u64>, StorageError> {
+        match self
+            .sm_staging
+            .get(keys::staging_key(p, staging_kind::DONE, &[]))?
+        {
+            None => Ok(None),
+            Some(done) => Ok(Some(split_done(&done)?.0)),
+        }
     }
 
     fn sm_import(&self, p: PartitionId, image: &PartitionImage) -> Result<(), StorageError> {

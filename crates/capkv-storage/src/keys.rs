@@ -8,6 +8,9 @@
 //! sm_meta    [partition u32][tag u8]                   -> applied state (opaque)
 //! sm_session [partition u32][client u64]                -> client session (opaque)
 //! node_meta  [name ...]                                -> node-level settings
+//! sm_staging [partition u32][0]                         -> staged image complete: index u64 + applied state
+//!            [partition u32][1][user key ...]           -> staged StoredValue
+//!            [partition u32][2][client u64]             -> staged client session
 //! ```
 //! All integers are big-endian so byte order equals numeric order.
 
@@ -66,6 +69,22 @@ pub fn session_key(p: PartitionId, client_id: u64) -> [u8; 12] {
 pub fn session_client_of(key: &[u8]) -> Option<u64> {
     let c: [u8; 8] = key.get(4..12)?.try_into().ok()?;
     (key.len() == 12).then_some(u64::from_be_bytes(c))
+}
+
+/// Kinds of `sm_staging` keys (the byte after the partition id).
+pub mod staging_kind {
+    pub const DONE: u8 = 0;
+    pub const DATA: u8 = 1;
+    pub const SESSION: u8 = 2;
+}
+
+/// A `sm_staging` key: partition, kind, then the rest.
+pub fn staging_key(p: PartitionId, kind: u8, rest: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(5 + rest.len());
+    k.extend_from_slice(&p.0.to_be_bytes());
+    k.push(kind);
+    k.extend_from_slice(rest);
+    k
 }
 
 /// Tags of `raft_meta` keys.

@@ -19,7 +19,7 @@ pub mod power_loss;
 mod value;
 
 pub use engine::{
-    PartitionImage, RaftLogWrite, RaftWrite, SmOp, SmWrite, StorageEngine, StorageError,
+    PartitionImage, RaftLogWrite, RaftWrite, SmOp, SmSnapshot, SmWrite, StorageEngine, StorageError,
 };
 pub use fjall_engine::{FjallEngine, FjallOptions};
 pub use group_commit::{FlushCallback, GroupCommit, GroupCommitStats, SyncFaults};
