@@ -581,12 +581,11 @@ pub struct EngineTransport {
 }
 
 impl EngineTransport {
-    /// Starts one sender task per peer in `peers` (id, address). Must be called inside
-    /// the runtime.
+    /// Starts one sender task per peer in `peers` (id, address); every frame carries the
+    /// node's session TTL and lease (ms). Must be called inside the runtime.
     pub fn start(
         id: NodeId,
-        session_ttl_ms: u64,
-        lease_read_ms: u64,
+        (session_ttl_ms, lease_read_ms): (u64, u64),
         faults: Arc<Faults>,
         channels: &Arc<PeerChannels>,
         peers: &[(NodeId, String)],

@@ -261,8 +261,7 @@ impl Node {
                     .collect();
                 let engine_transport = EngineTransport::start(
                     config.id,
-                    config.raft.session_ttl_ms,
-                    lease_read_ms,
+                    (config.raft.session_ttl_ms, lease_read_ms),
                     faults.clone(),
                     &peers,
                     &others,

@@ -99,6 +99,9 @@ pub struct RaftWrite {
     pub groups: Vec<RaftLogWrite>,
 }
 
+/// Data pairs of a state machine: (user key, encoded `StoredValue`).
+pub type DataPage = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// One partition's state machine as of one moment, read page by page: the source of a
 /// snapshot streamed to a follower. Writes made after it was taken are not seen.
 pub trait SmSnapshot: Send {
@@ -107,11 +110,7 @@ pub trait SmSnapshot: Send {
     /// Data pairs (user key, encoded `StoredValue`) after `after` (from the first if
     /// `None`), in key order, about `bytes_max` of them but at least one if any is left;
     /// empty when none is.
-    fn data_page(
-        &self,
-        after: Option<&[u8]>,
-        bytes_max: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError>;
+    fn data_page(&self, after: Option<&[u8]>, bytes_max: usize) -> Result<DataPage, StorageError>;
     /// Client sessions after client `after`, the same way.
     fn sessions_page(
         &self,

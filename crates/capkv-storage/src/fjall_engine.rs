@@ -305,7 +305,7 @@ impl SmSnapshot for FjallSmSnapshot {
         &self,
         after: Option<&[u8]>,
         bytes_max: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError> {
+    ) -> Result<crate::engine::DataPage, StorageError> {
         use std::ops::Bound;
         let from = match after {
             Some(k) => Bound::Excluded(keys::data_key(self.p, k)),
