@@ -38,6 +38,7 @@ echo "binary: $(git rev-parse --short HEAD 2>/dev/null || echo unknown), out: $w
 matrix=(
   "valid-register|valid|--nemesis all"
   "valid-append-set|valid|--nemesis all --workload append-set"
+  "valid-snapshots|valid|--nemesis all --workload append-set --snapshot-every 20"
   "stale-reads|invalid|--nemesis partition --planted-bug stale-reads"
   "stale-reads-oneway|invalid|--nemesis oneway --planted-bug stale-reads"
   "leader-restore|invalid|--nemesis restart --planted-bug leader-restore"

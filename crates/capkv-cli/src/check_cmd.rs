@@ -59,6 +59,11 @@ pub struct CheckArgs {
     /// The replication engine of the started servers (the server's default when omitted).
     #[arg(long, value_enum)]
     pub engine: Option<crate::server_cmd::EngineArg>,
+    /// Snapshot (compact) the started servers' logs every this many entries, so that
+    /// nodes that were down or cut off catch up from snapshots under the faults (the
+    /// server's default when omitted).
+    #[arg(long)]
+    pub snapshot_every: Option<u64>,
     /// Time the linearizability search may spend per key.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub check_time_per_key: Duration,
@@ -130,6 +135,9 @@ pub async fn run(a: CheckArgs) -> i32 {
             if let Some(e) = a.engine {
                 let name = e.to_possible_value().map(|v| v.get_name().to_string());
                 args.extend(["--engine".to_string(), name.unwrap_or_default()]);
+            }
+            if let Some(n) = a.snapshot_every {
+                args.extend(["--snapshot-every".to_string(), n.to_string()]);
             }
             args
         },
