@@ -252,6 +252,10 @@ pub async fn status(a: StatusArgs) -> i32 {
                     "partition_count": s.partition_count, "replication_factor": s.replication_factor,
                     "read_policy": s.read_policy, "lease_read_ms": s.lease_read_ms,
                     "vote_hold_remaining_ms": s.vote_hold_remaining_ms,
+                    "snapshots_sending": s.snapshots_sending,
+                    "snapshots_receiving": s.snapshots_receiving,
+                    "snapshot_bytes_sent": s.snapshot_bytes_sent,
+                    "snapshot_bytes_received": s.snapshot_bytes_received,
                     "partitions": s.partitions.iter().map(|p| serde_json::json!({
                         "id": p.id, "replicas": p.replicas, "role": p.role, "leader": p.leader_id,
                         "term": p.term, "last_log_index": p.last_log_index, "commit_index": p.commit_index,
@@ -282,8 +286,19 @@ pub async fn status(a: StatusArgs) -> i32 {
                     0 => String::new(),
                     ms => format!(", holding its vote for {ms} ms more"),
                 };
+                let snapshots = if s.snapshots_sending + s.snapshots_receiving > 0 {
+                    format!(
+                        ", snapshots: sending {} ({} KiB sent), receiving {} ({} KiB received)",
+                        s.snapshots_sending,
+                        s.snapshot_bytes_sent / 1024,
+                        s.snapshots_receiving,
+                        s.snapshot_bytes_received / 1024
+                    )
+                } else {
+                    String::new()
+                };
                 format!(
-                    "up (v{}, {} partitions, rf {}, {reads}{hold})",
+                    "up (v{}, {} partitions, rf {}, {reads}{hold}{snapshots})",
                     s.version, s.partition_count, s.replication_factor
                 )
             }

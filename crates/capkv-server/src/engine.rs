@@ -687,7 +687,7 @@ impl Transport for EngineTransport {
 
 /// Streams a partition's image to a peer in chunks (read from the storage snapshot on a
 /// blocking thread, two chunks ahead at most), the last one carrying the `MsgSnapshot`.
-/// Returns the data bytes sent.
+/// Returns the bytes of data and sessions sent.
 async fn stream_snapshot(
     channel: tonic::transport::Channel,
     header: EngineSnapshotChunk,
@@ -728,6 +728,9 @@ async fn stream_snapshot(
                 break;
             };
             after = Some(*last);
+            let n: u64 = page.iter().map(|(_, s)| 8 + s.len() as u64).sum();
+            bytes += n;
+            snapshots.bytes_sent.fetch_add(n, Ordering::Relaxed);
             let mut chunk = header.clone();
             chunk.sessions = page
                 .into_iter()

@@ -131,6 +131,19 @@ async fn lagging_follower_catches_up(mut opts: Opts) {
         "node 3 caught up without installing a snapshot; the test did not test anything"
     );
     eprintln!("snapshot: node 3 installed {installs} partition snapshots");
+    if raftstore {
+        // The engine streams the images beside Raft, and `capkv status` counts them.
+        let received = cluster.status(3).await.unwrap().snapshot_bytes_received;
+        let mut sent = 0;
+        for id in [1, 2] {
+            sent += cluster.status(id).await.unwrap().snapshot_bytes_sent;
+        }
+        eprintln!("snapshot: {sent} bytes sent, {received} received");
+        assert!(
+            received > 0 && sent >= received,
+            "status counts the streamed images: {sent} bytes sent, {received} received"
+        );
+    }
 
     // Node 3's own replicas (prefix reads are served locally) equal the leaders' data.
     let mut raw = KvClient::connect(format!("http://{}", cluster.node(3).addr))
