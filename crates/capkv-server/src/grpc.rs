@@ -255,10 +255,10 @@ impl Kv for KvService {
             vote_hold_remaining_ms: core.vote_hold_remaining_ms(),
             storage_error: core.storage_error().unwrap_or_default(),
             hlc_now_ms: core.hlc.now().physical_ms(),
-            snapshots_sending: snapshot_count(&core, |s| &s.sending) as u32,
-            snapshots_receiving: snapshot_count(&core, |s| &s.receiving) as u32,
-            snapshot_bytes_sent: snapshot_count(&core, |s| &s.bytes_sent),
-            snapshot_bytes_received: snapshot_count(&core, |s| &s.bytes_received),
+            snapshots_sending: snapshot_count(core, |s| &s.sending) as u32,
+            snapshots_receiving: snapshot_count(core, |s| &s.receiving) as u32,
+            snapshot_bytes_sent: snapshot_count(core, |s| &s.bytes_sent),
+            snapshot_bytes_received: snapshot_count(core, |s| &s.bytes_received),
         }))
     }
 }
