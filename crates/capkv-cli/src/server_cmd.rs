@@ -22,12 +22,13 @@ pub enum ReadPolicyArg {
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub enum EngineArg {
-    /// One openraft instance per partition (default while the raftstore engine matures).
+    /// One openraft instance per partition: the engine capkv started with, kept for a
+    /// while beside the default.
     Openraft,
-    /// One node-level engine drives every partition's raft-rs group: batched log writes,
-    /// one fsync and one message batch per peer per turn, idle partitions asleep.
-    /// Every node of a cluster must run the same engine; a data dir keeps the engine it
-    /// was made with.
+    /// The default: one node-level engine drives every partition's raft-rs group: batched
+    /// log writes, one fsync and one message batch per peer per turn, idle partitions
+    /// asleep. Every node of a cluster must run the same engine; a data dir keeps the
+    /// engine it was made with.
     Raftstore,
 }
 
@@ -86,7 +87,7 @@ pub struct ServerArgs {
     #[arg(long, value_enum, default_value_t = ReadPolicyArg::Lease)]
     pub read_policy: ReadPolicyArg,
     /// The replication engine.
-    #[arg(long, value_enum, default_value_t = EngineArg::Openraft)]
+    #[arg(long, value_enum, default_value_t = EngineArg::Raftstore)]
     pub engine: EngineArg,
     /// Raft heartbeat interval.
     #[arg(long, default_value_t = 100)]
@@ -196,6 +197,11 @@ pub fn config_from(args: &ServerArgs) -> anyhow::Result<NodeConfig> {
     c.planted_bugs = args.planted_bugs.iter().map(|b| b.bug()).collect();
     c.unsafe_lose_unsynced_writes = args.unsafe_lose_unsynced_writes;
     c.raft.leader_restore = c.planted_bugs.contains(&PlantedBug::LeaderRestore);
+    if c.raft.leader_restore && c.engine != EngineChoice::Openraft {
+        anyhow::bail!(
+            "--planted-bug leader-restore plants openraft's leader restore: it needs --engine openraft"
+        );
+    }
     Ok(c)
 }
 

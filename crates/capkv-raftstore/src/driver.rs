@@ -39,11 +39,14 @@ pub struct DriverConfig {
     /// to every follower, nothing pending) this many ticks puts it to sleep; 0: never.
     pub quiesce_after_ticks: usize,
     /// How long a leader trusts a quorum's acknowledgement for lease reads, in the units
-    /// of the caller's clock ([`Driver::set_time`]); 0: no lease reads, and no vote hold
-    /// after a restart. Safe only while it is less than the time followers refuse votes
+    /// of the caller's clock ([`Driver::set_time`]); 0: no lease reads. Safe only while it is less than the time followers refuse votes
     /// after hearing from a leader, `election_ticks - 1` ticks, by the margin clock rates
     /// need (see [`Driver::lease_read`]).
     pub lease: u64,
+    /// A node restarting with a term refuses votes for an election timeout (see
+    /// [`Driver::step`]). Needed wherever any node of the cluster serves lease reads, not
+    /// only this one: the leader whose lease counted on this node's refusal is elsewhere.
+    pub vote_hold: bool,
     /// The caller tells when a snapshot it was handed reached its follower, or failed
     /// ([`Driver::report_snapshot`]), as when it streams the state machine separately;
     /// false: a snapshot sent counts as delivered (its data is in the message).
@@ -61,6 +64,7 @@ impl Default for DriverConfig {
             max_inflight_msgs: 256,
             quiesce_after_ticks: 6,
             lease: 0,
+            vote_hold: false,
             caller_reports_snapshots: false,
         }
     }
@@ -371,7 +375,7 @@ impl<D: Disk> Driver<D> {
             }
             // This node may have acknowledged a leader of that term shortly before it
             // stopped, and forgot when: it holds its vote for an election timeout.
-            let hold_votes = config.lease > 0 && state.hard_state.term > 0;
+            let hold_votes = config.vote_hold && state.hard_state.term > 0;
             let storage = GroupStorage::new(state);
             let node = RawNode::new(&raft_config(id, config, applied), storage.clone(), &logger)?;
             dirty.insert(gid);
@@ -601,6 +605,11 @@ impl<D: Disk> Driver<D> {
                 self.stats.votes_held += 1;
                 return;
             }
+        }
+        // capkv never asks a leader to hand over by message (transfers start locally, where
+        // the lease is given up first); raft-rs would take one from any peer.
+        if message.msg_type == MessageType::MsgTransferLeader {
+            return;
         }
         let quiesce = message.context.as_ref() == QUIESCE_CONTEXT;
         let is_hb = message.msg_type == MessageType::MsgHeartbeat;
@@ -1266,7 +1275,7 @@ mod tests {
 
     /// A node restarting with a term may have acknowledged a leader just before it stopped
     /// (and a lease counts on its refusal to vote): it ignores vote requests of later terms
-    /// for an election timeout, except a transfer's forced campaign. Without a lease it
+    /// for an election timeout, except a transfer's forced campaign. Without the hold it
     /// votes at once, as raft-rs does.
     #[test]
     fn a_restarted_node_holds_its_vote_for_an_election_timeout() {
@@ -1293,7 +1302,7 @@ mod tests {
             m
         };
         let leased = DriverConfig {
-            lease: 100,
+            vote_hold: true,
             ..DriverConfig::default()
         };
         let mut d = Driver::start(1, disk.clone(), &leased, PlantedBugs::default()).unwrap();
@@ -1319,7 +1328,10 @@ mod tests {
         let mut d =
             Driver::start(1, disk, &DriverConfig::default(), PlantedBugs::default()).unwrap();
         d.step(0, vote(4, false));
-        assert!(granted(&settle(&mut d)), "no lease, no hold");
+        assert!(
+            granted(&settle(&mut d)),
+            "no hold configured: votes at once"
+        );
     }
 
     /// A driver whose disk failed must fall silent, node-level pings included: its peers

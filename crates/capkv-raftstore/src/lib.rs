@@ -19,4 +19,4 @@ pub mod storage;
 pub use raft::StateRole;
 
 /// raft-rs's message type, as the engine's transport hands it over.
-pub use raft::eraftpb::Message as RaftMessage;
+pub use raft::eraftpb::{Message as RaftMessage, MessageType as RaftMessageType};

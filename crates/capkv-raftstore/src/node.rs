@@ -816,6 +816,18 @@ impl<D: Disk, T: Transport, S: StateMachine> Loop<D, T, S> {
             }
             self.stats.snapshots_installed += 1;
             installed.insert(r.group);
+            // Proposals at indexes the snapshot covers: their entries may or may not be
+            // the ones it holds.
+            if let Some(q) = self.pending.get_mut(&r.group) {
+                let (covered, rest): (VecDeque<_>, VecDeque<_>) =
+                    q.drain(..).partition(|(pi, _, _)| *pi <= r.index);
+                *q = rest;
+                for (_, _, replies) in covered {
+                    for reply in replies {
+                        reply(Err(ProposeError::Stopped));
+                    }
+                }
+            }
         }
         for g in std::mem::take(&mut self.snapshots_stepped) {
             if !installed.contains(&g) {
@@ -956,7 +968,12 @@ impl<D: Disk, T: Transport, S: StateMachine> Loop<D, T, S> {
         let start = point.start;
         let upto = if point.all_hold >= start + n {
             point.all_hold
-        } else if self.config.driver.caller_reports_snapshots && point.near_hold >= start + 2 * n {
+        } else if self.config.driver.caller_reports_snapshots
+            && point.near_hold >= start + 2 * n
+            // A voter being sent a snapshot counts as holding none of the log yet; the
+            // log past the image must stay, or it needs another snapshot at once.
+            && !self.sending_snapshots.iter().any(|(g, _)| *g == group)
+        {
             point.near_hold
         } else {
             return;

@@ -202,6 +202,7 @@ impl Sim {
             min_election_ticks: 10,
             max_election_ticks: 11,
             lease: cfg.lease,
+            vote_hold: cfg.lease > 0,
             ..DriverConfig::default()
         };
         let mut nodes = BTreeMap::new();

@@ -33,11 +33,12 @@ impl ReadPolicyChoice {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum EngineChoice {
     /// One openraft instance per partition (each with its own tasks, log writes and
-    /// messages).
-    #[default]
+    /// messages). The engine capkv started with; kept while the raftstore engine proves
+    /// itself as the default.
     Openraft,
     /// One raftstore engine per node drives every partition's raft-rs group: batched log
     /// writes, one fsync and one message batch per peer per turn, idle groups asleep.
+    #[default]
     Raftstore,
 }
 

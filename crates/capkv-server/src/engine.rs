@@ -67,15 +67,22 @@ const SNAPSHOT_STREAM_TIMEOUT: Duration = Duration::from_secs(600);
 /// by a new stream.
 const STAGED_STALE_AFTER: Duration = Duration::from_secs(30);
 
-/// Where a partition's incoming snapshot is.
-#[derive(Debug, Clone, Copy)]
+/// A receiving stream waits at most this long for its next chunk.
+pub const SNAPSHOT_CHUNK_WAIT: Duration = Duration::from_secs(60);
+
+/// Where a partition's incoming snapshot is. Only the stream named by `Receiving` writes
+/// the partition's staging; a stream that gave up leaves it `Clearing` until its staging is
+/// gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Inbound {
-    /// A stream is writing its chunks into the staging.
-    Receiving,
+    /// Stream number `stream` is writing its chunks into the staging.
+    Receiving { stream: u64 },
     /// Staged whole; its `MsgSnapshot` went to the engine.
     Complete { index: u64, since: Instant },
     /// The engine took it: its next disk write installs it.
     Installing,
+    /// Abandoned: its staging is being removed.
+    Clearing,
 }
 
 /// The raftstore engine's snapshots on this node: the images being received (one per
@@ -83,6 +90,11 @@ enum Inbound {
 #[derive(Debug, Default)]
 pub struct Snapshots {
     inbound: Mutex<BTreeMap<GroupId, Inbound>>,
+    /// Held across every write to, or clear of, a staging, with the check that the writer
+    /// still owns it: an abandoned stream's late write finds `Clearing` (or another
+    /// stream) and writes nothing, and a clear never interleaves with a write.
+    staging: Mutex<()>,
+    next_stream: AtomicU64,
     pub bytes_sent: AtomicU64,
     pub bytes_received: AtomicU64,
     /// Streams under way, each way.
@@ -93,6 +105,35 @@ pub struct Snapshots {
 impl Snapshots {
     fn inbound(&self) -> std::sync::MutexGuard<'_, BTreeMap<GroupId, Inbound>> {
         self.inbound.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn staging(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.staging.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether stream `stream` still owns partition `p`'s staging.
+    fn owns(&self, p: GroupId, stream: u64) -> bool {
+        self.inbound().get(&p) == Some(&Inbound::Receiving { stream })
+    }
+
+    /// Marks `p`'s staging abandoned and removes it on a thread of its own (a whole image
+    /// may take a while; never on the engine thread or a runtime worker).
+    fn abandon(self: &Arc<Self>, storage: &Arc<dyn StorageEngine>, p: GroupId) {
+        self.inbound().insert(p, Inbound::Clearing);
+        let (snapshots, storage) = (self.clone(), storage.clone());
+        std::thread::spawn(move || {
+            let cleared = {
+                let _staging = snapshots.staging();
+                storage.sm_stage_clear(PartitionId(p))
+            };
+            if let Err(e) = cleared {
+                tracing::warn!(partition = p, "clearing an abandoned snapshot: {e}");
+            }
+            let mut inbound = snapshots.inbound();
+            if inbound.get(&p) == Some(&Inbound::Clearing) {
+                inbound.remove(&p);
+            }
+        });
     }
 }
 
@@ -125,6 +166,10 @@ impl CapkvMachine {
     )> {
         let mut machines = BTreeMap::new();
         let mut applied = BTreeMap::new();
+        // An image half received before the node stopped is of no use now.
+        for p in partitions {
+            engine.sm_stage_clear(*p)?;
+        }
         let mut indexes = BTreeMap::new();
         for p in partitions {
             let state: EngineApplied = match engine.sm_applied(*p)? {
@@ -257,10 +302,9 @@ impl StateMachine for CapkvMachine {
     }
 
     fn snapshot_dropped(&mut self, group: GroupId) {
-        let mut inbound = self.snapshots.inbound();
-        if matches!(inbound.get(&group), Some(Inbound::Installing)) {
-            inbound.remove(&group);
-            let _ = self.engine.sm_stage_clear(PartitionId(group));
+        let installing = self.snapshots.inbound().get(&group) == Some(&Inbound::Installing);
+        if installing {
+            self.snapshots.abandon(&self.engine, group);
         }
     }
 
@@ -321,6 +365,8 @@ pub fn engine_config(id: NodeId, raft: &GroupSettings, lease_ms: u64) -> EngineC
         max_election_ticks: ticks(raft.election_timeout_max_ms)
             .max(ticks(raft.election_timeout_min_ms) + 1),
         lease: lease_ms.saturating_mul(1000),
+        // Whatever this node's own read policy: a peer's lease may count on it.
+        vote_hold: true,
         // Snapshots stream beside the Raft messages (`EngineSnapshot`).
         caller_reports_snapshots: true,
         ..DriverConfig::default()
@@ -341,37 +387,56 @@ pub struct EngineNode {
     pub snapshots: Arc<Snapshots>,
 }
 
+/// Why a write or read on the engine failed.
+pub type EngineError = ProposeError;
+
 /// An incoming snapshot being staged; dropped before [`SnapshotReceiver::finish`], it
-/// discards what it staged.
+/// abandons what it staged.
 pub struct SnapshotReceiver {
     engine: Arc<EngineNode>,
     partition: PartitionId,
+    stream: u64,
     finished: bool,
 }
 
 impl SnapshotReceiver {
-    /// Stages one chunk; returns its data bytes.
+    /// Stages one chunk (values and sessions must decode); returns its bytes.
     pub async fn put(
         &mut self,
         data: Vec<SnapshotPair>,
         sessions: Vec<SnapshotSession>,
     ) -> Result<u64, String> {
+        let p = self.partition;
         let data: Vec<(Vec<u8>, Vec<u8>)> = data.into_iter().map(|d| (d.key, d.value)).collect();
         let sessions: Vec<(u64, Vec<u8>)> = sessions
             .into_iter()
             .map(|s| (s.client_id, s.session))
             .collect();
+        for (client, bytes) in &sessions {
+            decode::<capkv_replication::sessions::Session>(bytes).map_err(|e| {
+                format!("snapshot of partition {p}: session of client {client}: {e}")
+            })?;
+        }
         let bytes: u64 = data
             .iter()
             .map(|(k, v)| (k.len() + v.len()) as u64)
             .chain(sessions.iter().map(|(_, s)| 8 + s.len() as u64))
             .sum();
-        let storage = self.engine.storage.clone();
-        let p = self.partition;
-        tokio::task::spawn_blocking(move || storage.sm_stage_put(p, &data, &sessions))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("staging a snapshot chunk of partition {p}: {e}"))?;
+        let (engine, stream) = (self.engine.clone(), self.stream);
+        tokio::task::spawn_blocking(move || {
+            let _staging = engine.snapshots.staging();
+            if !engine.snapshots.owns(p.0, stream) {
+                return Err(format!(
+                    "the snapshot stream of partition {p} was abandoned"
+                ));
+            }
+            engine
+                .storage
+                .sm_stage_put(p, &data, &sessions)
+                .map_err(|e| format!("staging a snapshot chunk of partition {p}: {e}"))
+        })
+        .await
+        .map_err(|e| e.to_string())??;
         self.engine
             .snapshots
             .bytes_received
@@ -379,47 +444,78 @@ impl SnapshotReceiver {
         Ok(bytes)
     }
 
-    /// The image is whole at log `index`: marks it complete and hands the `MsgSnapshot`
-    /// (an encoded batch from `from`) to the engine, which installs it.
-    pub fn finish(
+    /// The image is whole at log `index`: checks that its applied state is at that index
+    /// and that `message` (an encoded batch from `from`) is exactly this partition's
+    /// `MsgSnapshot` at that index, marks the image complete and hands the message to the
+    /// engine, which installs it. Nothing that does not check out is staged as complete,
+    /// so a bad stream costs a retry, never the node.
+    pub async fn finish(
         mut self,
         from: u64,
         index: u64,
-        applied: &[u8],
+        applied: Vec<u8>,
         message: &[u8],
     ) -> Result<(), String> {
         let p = self.partition;
-        self.engine
-            .storage
-            .sm_stage_finish(p, index, applied)
-            .map_err(|e| format!("completing the snapshot of partition {p}: {e}"))?;
-        self.engine.snapshots.inbound().insert(
-            p.0,
-            Inbound::Complete {
-                index,
-                since: Instant::now(),
-            },
-        );
+        let state: EngineApplied = decode(&applied)
+            .map_err(|e| format!("snapshot of partition {p}: applied state: {e}"))?;
+        if state.index != index {
+            return Err(format!(
+                "snapshot of partition {p}: its applied state is at {}, the image claims {index}",
+                state.index
+            ));
+        }
+        let (sender, to, messages) = PeerBatch::decode(message, RAFT_MESSAGE_BYTES_MAX)
+            .map_err(|e| format!("snapshot of partition {p}: message: {e}"))?;
+        let fits = sender == from
+            && to == self.engine.id.0
+            && messages.len() == 1
+            && messages[0].0 == p.0
+            && messages[0].1.msg_type == capkv_raftstore::RaftMessageType::MsgSnapshot
+            && messages[0].1.get_snapshot().get_metadata().index == index;
+        if !fits {
+            return Err(format!(
+                "snapshot of partition {p}: the message is not this partition's MsgSnapshot at {index}"
+            ));
+        }
+        let (engine, stream) = (self.engine.clone(), self.stream);
+        tokio::task::spawn_blocking(move || {
+            let _staging = engine.snapshots.staging();
+            if !engine.snapshots.owns(p.0, stream) {
+                return Err(format!(
+                    "the snapshot stream of partition {p} was abandoned"
+                ));
+            }
+            engine
+                .storage
+                .sm_stage_finish(p, index, &applied)
+                .map_err(|e| format!("completing the snapshot of partition {p}: {e}"))?;
+            engine.snapshots.inbound().insert(
+                p.0,
+                Inbound::Complete {
+                    index,
+                    since: Instant::now(),
+                },
+            );
+            Ok(())
+        })
+        .await
+        .map_err(|e| e.to_string())??;
         self.finished = true;
-        self.engine.deliver(from, message)
+        self.engine.node.receive(from, messages);
+        Ok(())
     }
 }
 
 impl Drop for SnapshotReceiver {
     fn drop(&mut self) {
-        self.engine
-            .snapshots
-            .receiving
-            .fetch_sub(1, Ordering::Relaxed);
-        if !self.finished {
-            self.engine.snapshots.inbound().remove(&self.partition.0);
-            let _ = self.engine.storage.sm_stage_clear(self.partition);
+        let snapshots = &self.engine.snapshots;
+        snapshots.receiving.fetch_sub(1, Ordering::Relaxed);
+        if !self.finished && snapshots.owns(self.partition.0, self.stream) {
+            snapshots.abandon(&self.engine.storage, self.partition.0);
         }
     }
 }
-
-/// Why a write or read on the engine failed.
-pub type EngineError = ProposeError;
 
 impl EngineNode {
     pub fn new(
@@ -437,33 +533,49 @@ impl EngineNode {
     }
 
     /// Starts receiving a snapshot of `p`: at most one per partition at a time (a complete
-    /// image whose message the engine never took is replaced after a while).
-    pub fn receive_snapshot(self: &Arc<Self>, p: PartitionId) -> Result<SnapshotReceiver, String> {
+    /// image whose message the engine never took is replaced after a while). Clears what
+    /// an earlier stream may have left staged.
+    pub async fn receive_snapshot(
+        self: &Arc<Self>,
+        p: PartitionId,
+    ) -> Result<SnapshotReceiver, String> {
         if self.node.status(p.0).is_none() {
             return Err(format!("partition {p} has no replica on node {}", self.id));
         }
+        let stream = self.snapshots.next_stream.fetch_add(1, Ordering::Relaxed);
         {
             let mut inbound = self.snapshots.inbound();
             match inbound.get(&p.0) {
                 None => {}
                 Some(Inbound::Complete { since, .. }) if since.elapsed() > STAGED_STALE_AFTER => {}
-                Some(_) => {
-                    return Err(format!(
-                        "a snapshot of partition {p} is already being received or installed"
-                    ))
-                }
+                Some(_) => return Err(format!(
+                    "a snapshot of partition {p} is already being received, installed or cleared"
+                )),
             }
-            inbound.insert(p.0, Inbound::Receiving);
+            inbound.insert(p.0, Inbound::Receiving { stream });
         }
         self.snapshots.receiving.fetch_add(1, Ordering::Relaxed);
         let receiver = SnapshotReceiver {
             engine: self.clone(),
             partition: p,
+            stream,
             finished: false,
         };
-        self.storage
-            .sm_stage_clear(p)
-            .map_err(|e| format!("clearing the staging of partition {p}: {e}"))?;
+        let engine = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let _staging = engine.snapshots.staging();
+            if !engine.snapshots.owns(p.0, stream) {
+                return Err(format!(
+                    "the snapshot stream of partition {p} was abandoned"
+                ));
+            }
+            engine
+                .storage
+                .sm_stage_clear(p)
+                .map_err(|e| format!("clearing the staging of partition {p}: {e}"))
+        })
+        .await
+        .map_err(|e| e.to_string())??;
         Ok(receiver)
     }
 
@@ -798,6 +910,29 @@ async fn run_peer(
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(100)) => {}
             _ = shutdown.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The lease is half of what followers refuse (the first tick after a leader's message
+    /// may come at once), and a restarted node holds its vote whatever its own read
+    /// policy: with `--read-policy read-index` it serves no lease reads, but its peers may,
+    /// counting on its refusal. (Before, the hold followed the node's own lease, so a node
+    /// restarted with read-index reads voted at once.)
+    #[test]
+    fn the_engine_holds_votes_whatever_its_read_policy() {
+        let raft = GroupSettings::default();
+        let refusal = engine_vote_refusal_ms(&raft);
+        assert_eq!(refusal, 450, "9 ticks of 50 ms at the default timings");
+        for lease_ms in [0, refusal / 2] {
+            let c = engine_config(NodeId(1), &raft, lease_ms);
+            assert!(c.driver.vote_hold, "lease {lease_ms} ms");
+            assert_eq!(c.driver.lease, lease_ms * 1000);
+            assert!(c.driver.caller_reports_snapshots);
         }
     }
 }

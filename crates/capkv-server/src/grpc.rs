@@ -263,6 +263,17 @@ impl Kv for KvService {
     }
 }
 
+/// The next chunk of a snapshot stream: a sender that stops sending must not hold the
+/// partition's staging for good.
+async fn next_chunk(
+    inbound: &mut tonic::Streaming<EngineSnapshotChunk>,
+) -> Result<Option<EngineSnapshotChunk>, Status> {
+    match tokio::time::timeout(crate::engine::SNAPSHOT_CHUNK_WAIT, inbound.message()).await {
+        Err(_) => Err(Status::deadline_exceeded("no snapshot chunk for 60 s")),
+        Ok(m) => m,
+    }
+}
+
 /// One of the raftstore engine's snapshot counters (0 on openraft).
 fn snapshot_count(
     core: &KvCore,
@@ -482,7 +493,7 @@ impl RaftTransportService for RaftService {
             )));
         };
         let mut inbound = request.into_inner();
-        let Some(mut chunk) = inbound.message().await? else {
+        let Some(mut chunk) = next_chunk(&mut inbound).await? else {
             return Err(Status::invalid_argument("an empty snapshot stream"));
         };
         let (from, partition) = (NodeId(chunk.from_node), chunk.partition);
@@ -502,6 +513,7 @@ impl RaftTransportService for RaftService {
         }
         let mut receiver = engine
             .receive_snapshot(PartitionId(partition))
+            .await
             .map_err(Status::unavailable)?;
         let mut bytes = 0;
         loop {
@@ -522,11 +534,12 @@ impl RaftTransportService for RaftService {
                 .map_err(Status::internal)?;
             if chunk.last {
                 receiver
-                    .finish(from.0, chunk.index, &chunk.applied, &chunk.message)
+                    .finish(from.0, chunk.index, chunk.applied, &chunk.message)
+                    .await
                     .map_err(Status::invalid_argument)?;
                 return Ok(Response::new(EngineSnapshotReceived { bytes }));
             }
-            chunk = inbound.message().await?.ok_or_else(|| {
+            chunk = next_chunk(&mut inbound).await?.ok_or_else(|| {
                 Status::invalid_argument("the snapshot stream ended before its last chunk")
             })?;
         }

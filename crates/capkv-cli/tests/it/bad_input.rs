@@ -278,3 +278,109 @@ async fn a_peer_that_never_reads_answers_cannot_make_a_node_buffer_without_bound
     let c = cluster.client().await;
     c.put("after-flood", "ok").await.unwrap();
 }
+
+/// A snapshot stream whose image does not check out (an applied state at another index
+/// than the image's, a value that does not decode) is refused before anything is marked complete,
+/// even when its Raft message is a `MsgSnapshot` the node would take: the node installs
+/// nothing and keeps serving. Before the check, the node staged the image, took the
+/// message, installed it with its log, and then stopped (poisoned) on reading the applied
+/// state back; a restart would have failed the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_snapshot_stream_is_refused_and_the_node_keeps_serving() {
+    use capkv_proto::raft::{
+        raft_transport_client::RaftTransportClient, EngineSnapshotChunk, SnapshotPair,
+    };
+    use capkv_raftstore::codec::{PeerBatch, WireMessage};
+    use capkv_raftstore::{RaftMessage, RaftMessageType};
+
+    let cluster = Cluster::start(Opts {
+        extra_args: vec!["--engine".into(), "raftstore".into()],
+        ..Opts::default()
+    })
+    .await;
+    let client = cluster.client().await;
+    client.put("before-bad-snapshot", "v").await.unwrap();
+    // A partition node 1 follows: a MsgSnapshot from its leader, in its term, past its
+    // commit, is one raft-rs takes.
+    let status = cluster.status(1).await.unwrap();
+    let p = status
+        .partitions
+        .iter()
+        .find(|p| p.role.eq_ignore_ascii_case("follower") && p.leader_id != 0)
+        .expect("node 1 follows some partition");
+    let (partition, leader, term) = (p.id, p.leader_id, p.term);
+    let index = p.last_log_index + 1000;
+    let mut m = RaftMessage::default();
+    m.set_msg_type(RaftMessageType::MsgSnapshot);
+    m.from = leader;
+    m.to = 1;
+    m.term = term;
+    let meta = m.mut_snapshot().mut_metadata();
+    meta.index = index;
+    meta.term = term;
+    meta.mut_conf_state().voters = p.replicas.clone();
+    let message = PeerBatch {
+        from: leader,
+        to: 1,
+        messages: vec![(partition, WireMessage::from(&m))],
+    }
+    .encode();
+    let chunk = |data: Vec<SnapshotPair>, applied: &[u8]| EngineSnapshotChunk {
+        from_node: leader,
+        to_node: 1,
+        partition,
+        session_ttl_ms: 600_000,
+        lease_read_ms: 0,
+        data,
+        last: true,
+        index,
+        applied: applied.to_vec(),
+        message: message.clone(),
+        ..Default::default()
+    };
+    let mut peer = RaftTransportClient::connect(format!("http://{}", cluster.node(1).addr))
+        .await
+        .unwrap();
+    let bad_value = vec![SnapshotPair {
+        key: b"k".to_vec(),
+        value: b"not a stored value".to_vec(),
+    }];
+    for (what, c) in [
+        (
+            "an applied state not at the image's index",
+            chunk(vec![], b"garbage"),
+        ),
+        ("a value that does not decode", chunk(bad_value, b"garbage")),
+    ] {
+        let refused = peer
+            .engine_snapshot(futures::stream::iter(vec![c]))
+            .await
+            .expect_err(what);
+        eprintln!("{what}: {}", refused.message());
+    }
+    // Nothing was installed, and the node is healthy and serving.
+    let (code, body) = cluster.http_get(1, "/health").await;
+    assert_eq!(code, 200, "node 1 healthy: {body}");
+    let status = cluster.status(1).await.unwrap();
+    assert_eq!(status.storage_error, "", "node 1 not stopped");
+    let after = status
+        .partitions
+        .iter()
+        .find(|q| q.id == partition)
+        .unwrap();
+    assert!(
+        after.applied_index < index,
+        "no image at {index} was installed: applied {}",
+        after.applied_index
+    );
+    client.put("after-bad-snapshot", "w").await.unwrap();
+    assert_eq!(
+        client
+            .get("before-bad-snapshot")
+            .await
+            .unwrap()
+            .unwrap()
+            .value,
+        b"v"
+    );
+}

@@ -260,8 +260,7 @@ async fn preferred_led(cluster: &Cluster, node: u64) -> Option<(usize, usize)> {
 /// After a node comes back, the partitions it is the preferred replica of move back to it,
 /// so leaders (and the write load) spread over the nodes again.
 async fn leaders_return_to_their_preferred_replica(opts: Opts) {
-    let raftstore = opts.extra_args.iter().any(|a| a == "raftstore")
-        || crate::fixture::engine_under_test() == "raftstore";
+    let raftstore = crate::fixture::engine_of(&opts) == "raftstore";
     let mut cluster = Cluster::start(opts).await;
     let node = 1;
     let client = cluster.client().await;
@@ -337,9 +336,9 @@ async fn leaders_return_to_their_preferred_replica_after_a_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn leaders_return_to_their_preferred_replica_on_the_raftstore_engine() {
+async fn leaders_return_to_their_preferred_replica_on_the_other_engine() {
     leaders_return_to_their_preferred_replica(Opts {
-        extra_args: vec!["--engine".into(), "raftstore".into()],
+        extra_args: vec!["--engine".into(), crate::fixture::other_engine().into()],
         ..Opts::default()
     })
     .await;

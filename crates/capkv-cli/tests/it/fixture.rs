@@ -306,17 +306,26 @@ pub fn metric(text: &str, name: &str, label: &str) -> u64 {
 /// The replication engine the cluster tests run on (`CAPKV_TEST_ENGINE`, else the server's
 /// default).
 pub fn engine_under_test() -> String {
-    std::env::var("CAPKV_TEST_ENGINE").unwrap_or_else(|_| "openraft".into())
+    std::env::var("CAPKV_TEST_ENGINE").unwrap_or_else(|_| "raftstore".into())
 }
 
-/// True (and says why) when the test is about an openraft mechanism the raftstore engine
-/// does not have, and the tests run on the raftstore engine.
-pub fn openraft_only(test: &str, why: &str) -> bool {
-    let skip = engine_under_test() == "raftstore";
-    if skip {
-        eprintln!("{test}: not run on the raftstore engine: {why}");
+/// The engine a cluster started with `opts` runs: its `--engine`, else the one under test.
+pub fn engine_of(opts: &Opts) -> String {
+    opts.extra_args
+        .iter()
+        .position(|a| a == "--engine")
+        .and_then(|i| opts.extra_args.get(i + 1).cloned())
+        .unwrap_or_else(engine_under_test)
+}
+
+/// The engine the cluster tests do not run on: the few tests that also run on it (crash,
+/// leader balancing, snapshot catch-up) name it with `--engine`.
+pub fn other_engine() -> &'static str {
+    if engine_under_test() == "raftstore" {
+        "openraft"
+    } else {
+        "raftstore"
     }
-    skip
 }
 
 pub fn seed(test: &str) -> u64 {
