@@ -49,7 +49,7 @@ engine_counter() {
   for i in 1 2 3; do
     v=$(python3 -c 'import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1]).read().decode())' \
       "http://127.0.0.1:$((18578 + i))/metrics" 2>/dev/null |
-      awk -v ev="$1" '$1 == "capkv_engine_events{event=\"" ev "\"}" { print $2 }')
+      awk -v ev="$1" 'index($1, "capkv_engine_events{") == 1 && index($1, "event=\"" ev "\"") { print $2 }')
     [ -n "$v" ] && sum=$(( ${sum:-0} + ${v%.*} ))
   done
   echo "$sum"

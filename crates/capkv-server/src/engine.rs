@@ -422,21 +422,13 @@ impl SnapshotReceiver {
             .map(|(k, v)| (k.len() + v.len()) as u64)
             .chain(sessions.iter().map(|(_, s)| 8 + s.len() as u64))
             .sum();
-        let (engine, stream) = (self.engine.clone(), self.stream);
-        tokio::task::spawn_blocking(move || {
-            let _staging = engine.snapshots.staging();
-            if !engine.snapshots.owns(p.0, stream) {
-                return Err(format!(
-                    "the snapshot stream of partition {p} was abandoned"
-                ));
-            }
-            engine
-                .storage
-                .sm_stage_put(p, &data, &sessions)
-                .map_err(|e| format!("staging a snapshot chunk of partition {p}: {e}"))
-        })
-        .await
-        .map_err(|e| e.to_string())??;
+        self.engine
+            .staged(p, self.stream, move |storage| {
+                storage
+                    .sm_stage_put(p, &data, &sessions)
+                    .map_err(|e| format!("staging a snapshot chunk of partition {p}: {e}"))
+            })
+            .await?;
         self.engine
             .snapshots
             .bytes_received
@@ -478,29 +470,22 @@ impl SnapshotReceiver {
                 "snapshot of partition {p}: the message is not this partition's MsgSnapshot at {index}"
             ));
         }
-        let (engine, stream) = (self.engine.clone(), self.stream);
-        tokio::task::spawn_blocking(move || {
-            let _staging = engine.snapshots.staging();
-            if !engine.snapshots.owns(p.0, stream) {
-                return Err(format!(
-                    "the snapshot stream of partition {p} was abandoned"
-                ));
-            }
-            engine
-                .storage
-                .sm_stage_finish(p, index, &applied)
-                .map_err(|e| format!("completing the snapshot of partition {p}: {e}"))?;
-            engine.snapshots.inbound().insert(
-                p.0,
-                Inbound::Complete {
-                    index,
-                    since: Instant::now(),
-                },
-            );
-            Ok(())
-        })
-        .await
-        .map_err(|e| e.to_string())??;
+        let snapshots = self.engine.snapshots.clone();
+        self.engine
+            .staged(p, self.stream, move |storage| {
+                storage
+                    .sm_stage_finish(p, index, &applied)
+                    .map_err(|e| format!("completing the snapshot of partition {p}: {e}"))?;
+                snapshots.inbound().insert(
+                    p.0,
+                    Inbound::Complete {
+                        index,
+                        since: Instant::now(),
+                    },
+                );
+                Ok(())
+            })
+            .await?;
         self.finished = true;
         self.engine.node.receive(from, messages);
         Ok(())
@@ -532,6 +517,28 @@ impl EngineNode {
         }
     }
 
+    /// Runs `f` on a blocking thread, holding the staging lock, if stream `stream` still
+    /// owns `p`'s staging (see [`Snapshots`]).
+    async fn staged<T: Send + 'static>(
+        self: &Arc<Self>,
+        p: PartitionId,
+        stream: u64,
+        f: impl FnOnce(&dyn StorageEngine) -> Result<T, String> + Send + 'static,
+    ) -> Result<T, String> {
+        let engine = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let _staging = engine.snapshots.staging();
+            if !engine.snapshots.owns(p.0, stream) {
+                return Err(format!(
+                    "the snapshot stream of partition {p} was abandoned"
+                ));
+            }
+            f(&*engine.storage)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+
     /// Starts receiving a snapshot of `p`: at most one per partition at a time (a complete
     /// image whose message the engine never took is replaced after a while). Clears what
     /// an earlier stream may have left staged.
@@ -548,9 +555,11 @@ impl EngineNode {
             match inbound.get(&p.0) {
                 None => {}
                 Some(Inbound::Complete { since, .. }) if since.elapsed() > STAGED_STALE_AFTER => {}
-                Some(_) => return Err(format!(
+                Some(_) => {
+                    return Err(format!(
                     "a snapshot of partition {p} is already being received, installed or cleared"
-                )),
+                ))
+                }
             }
             inbound.insert(p.0, Inbound::Receiving { stream });
         }
@@ -561,21 +570,12 @@ impl EngineNode {
             stream,
             finished: false,
         };
-        let engine = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let _staging = engine.snapshots.staging();
-            if !engine.snapshots.owns(p.0, stream) {
-                return Err(format!(
-                    "the snapshot stream of partition {p} was abandoned"
-                ));
-            }
-            engine
-                .storage
+        self.staged(p, stream, move |storage| {
+            storage
                 .sm_stage_clear(p)
                 .map_err(|e| format!("clearing the staging of partition {p}: {e}"))
         })
-        .await
-        .map_err(|e| e.to_string())??;
+        .await?;
         Ok(receiver)
     }
 

@@ -263,6 +263,32 @@ impl Kv for KvService {
     }
 }
 
+/// Whether this node takes the raftstore engine's traffic (a frame, or a snapshot stream)
+/// from peer `from`: addressed to this node, with this node's session TTL, and a lease
+/// this node's vote refusal covers.
+fn check_engine_peer(
+    core: &KvCore,
+    from: NodeId,
+    to_node: u64,
+    session_ttl_ms: u64,
+    lease_read_ms: u64,
+) -> Result<(), Status> {
+    if to_node != core.id.0 {
+        return Err(Status::failed_precondition(format!(
+            "engine traffic for node {to_node} reached node {}",
+            core.id
+        )));
+    }
+    if let Some(why) = session_ttl_mismatch(core, from.0, session_ttl_ms) {
+        return Err(Status::failed_precondition(why));
+    }
+    if let Err(why) = check_peer_lease(from, lease_read_ms, core.id, core.quorum_lease_ms) {
+        core.log_refused_peer(from, &why);
+        return Err(Status::failed_precondition(why));
+    }
+    Ok(())
+}
+
 /// The next chunk of a snapshot stream: a sender that stops sending must not hold the
 /// partition's staging for good.
 async fn next_chunk(
@@ -444,21 +470,13 @@ impl RaftTransportService for RaftService {
                 }
             };
             let from = NodeId(frame.from_node);
-            if frame.to_node != core.id.0 {
-                return Err(Status::failed_precondition(format!(
-                    "frame for node {} reached node {}",
-                    frame.to_node, core.id
-                )));
-            }
-            if let Some(why) = session_ttl_mismatch(&core, frame.from_node, frame.session_ttl_ms) {
-                return Err(Status::failed_precondition(why));
-            }
-            if let Err(why) =
-                check_peer_lease(from, frame.lease_read_ms, core.id, core.quorum_lease_ms)
-            {
-                core.log_refused_peer(from, &why);
-                return Err(Status::failed_precondition(why));
-            }
+            check_engine_peer(
+                &core,
+                from,
+                frame.to_node,
+                frame.session_ttl_ms,
+                frame.lease_read_ms,
+            )?;
             if core.faults.drops_from(from) {
                 continue;
             }
@@ -497,20 +515,13 @@ impl RaftTransportService for RaftService {
             return Err(Status::invalid_argument("an empty snapshot stream"));
         };
         let (from, partition) = (NodeId(chunk.from_node), chunk.partition);
-        if chunk.to_node != core.id.0 {
-            return Err(Status::failed_precondition(format!(
-                "snapshot for node {} reached node {}",
-                chunk.to_node, core.id
-            )));
-        }
-        if let Some(why) = session_ttl_mismatch(&core, chunk.from_node, chunk.session_ttl_ms) {
-            return Err(Status::failed_precondition(why));
-        }
-        if let Err(why) = check_peer_lease(from, chunk.lease_read_ms, core.id, core.quorum_lease_ms)
-        {
-            core.log_refused_peer(from, &why);
-            return Err(Status::failed_precondition(why));
-        }
+        check_engine_peer(
+            &core,
+            from,
+            chunk.to_node,
+            chunk.session_ttl_ms,
+            chunk.lease_read_ms,
+        )?;
         let mut receiver = engine
             .receive_snapshot(PartitionId(partition))
             .await
