@@ -115,9 +115,13 @@ struct Lease {
     /// A leadership transfer started in this term: the transferee's campaign is forced
     /// through the followers' refusal, so no lease in this term any more.
     barred_term: u64,
-    /// This term's leader has applied its log up to a commit index that covered its first
-    /// entry (every write of earlier terms): lease reads may start.
+    /// This term's leader has applied its first entry of the term (and so every write of
+    /// earlier terms): lease reads may start.
     ready_term: u64,
+    /// The leader's last index when it was first seen leading in `seen_term`: at or past
+    /// its first entry of that term.
+    seen_term: u64,
+    seen_last: u64,
     /// Entries proposed in this term and not yet committed: (index, term, time sent).
     proposed: VecDeque<(u64, u64, u64)>,
     /// ReadIndex requests not yet confirmed: (context, term, time asked).
@@ -785,8 +789,18 @@ impl<D: Disk> Driver<D> {
             }
             l.until = l.until.max(at.saturating_add(lease));
         }
-        if l.ready_term != term && r.commit_to_current_term() && r.raft_log.applied >= committed {
-            l.ready_term = term;
+        if l.ready_term != term {
+            if l.seen_term != term {
+                l.seen_term = term;
+                l.seen_last = r.raft_log.last_index();
+            }
+            // Applied past an index of this term: the term's first entry is applied, and
+            // with it everything earlier leaders committed. (Waiting for applied to reach
+            // the commit index instead could take long under steady writes: commits arrive
+            // between turns, applies within them.)
+            if r.raft_log.applied >= l.seen_last && r.commit_to_current_term() {
+                l.ready_term = term;
+            }
         }
     }
 

@@ -100,6 +100,8 @@ pub struct SimReport {
     pub leases_seen: u64,
     /// Vote requests that restarted nodes held back.
     pub votes_held: u64,
+    /// Leadership transfers started.
+    pub transfers: u64,
     pub violation: Option<String>,
 }
 
@@ -124,6 +126,13 @@ enum Event {
     Read {
         node: u64,
         group: GroupId,
+    },
+    /// The group's leader on `node` (if it leads) hands leadership to `to`: its campaign
+    /// is forced past the followers' refusal, so the leader must give up its lease.
+    Transfer {
+        node: u64,
+        group: GroupId,
+        to: u64,
     },
     Restart(u64),
     Ping {
@@ -276,7 +285,8 @@ impl Sim {
             Event::Deliver { to, .. } | Event::Ping { to, .. } => Some(*to),
             Event::SyncDone { node, .. }
             | Event::Propose { node, .. }
-            | Event::Read { node, .. } => Some(*node),
+            | Event::Read { node, .. }
+            | Event::Transfer { node, .. } => Some(*node),
             Event::Client => None,
         }
     }
@@ -517,7 +527,10 @@ impl Sim {
                 }
             }
             let delay = self.rng.random_range(0..TICK);
-            if self.rng.random_range(0..3) == 0 {
+            if self.rng.random_range(0..40) == 0 {
+                let to = self.rng.random_range(1..=self.cfg.nodes);
+                self.schedule(delay, Event::Transfer { node, group, to });
+            } else if self.rng.random_range(0..3) == 0 {
                 self.schedule(delay, Event::Read { node, group });
             } else {
                 self.schedule(delay, Event::Propose { node, group });
@@ -589,6 +602,13 @@ impl Sim {
                 let value = self.next_value.to_be_bytes().to_vec();
                 let d = self.nodes.get_mut(&node)?.driver.as_mut()?;
                 let _ = d.propose(group, value);
+                Some(node)
+            }
+            Event::Transfer { node, group, to } => {
+                let d = self.nodes.get_mut(&node)?.driver.as_mut()?;
+                if d.transfer_leader(group, to) {
+                    self.report.transfers += 1;
+                }
                 Some(node)
             }
             Event::Read { node, group } => {

@@ -49,6 +49,10 @@ fn raft_safety_holds_under_faults() {
         // Leaders held leases (checked against every later term) and restarted nodes
         // held their votes.
         assert!(report.leases_seen > 0, "seed {seed}: {report:?}");
+        assert!(
+            report.transfers > 0,
+            "seed {seed}: leaders handed over: {report:?}"
+        );
         total_applied += report.applied;
         votes_held += report.votes_held;
         snapshots += report.snapshots_installed;
@@ -111,14 +115,16 @@ fn lease_violations(seeds: &[u64], cfg: impl Fn(u64) -> SimConfig) -> Vec<u64> {
     caught
 }
 
-/// A lease longer than followers refuse votes (here 4x the safe one, past the 67.5 units of
-/// the fastest ticks) lets a leader that paused or lost its quorum read while another is
-/// elected: the simulation's lease check must see it.
+/// A lease longer than followers refuse votes (here 8x the safe one, far past the 67.5
+/// units of the fastest ticks) lets a leader that paused read while another is elected:
+/// the simulation's lease check must see it. (It does in 2 of these 12 seeds: a pause
+/// must outlast an election while the lease still holds.)
 #[test]
 fn a_lease_that_outlasts_the_followers_refusal_is_caught() {
-    let caught = lease_violations(&seeds(8), |seed| {
+    let caught = lease_violations(&seeds(12), |seed| {
         let mut cfg = SimConfig::new(seed);
-        cfg.lease = 4 * SIM_LEASE;
+        cfg.lease = 8 * SIM_LEASE;
+        cfg.pause_permille = 12;
         cfg
     });
     assert!(
