@@ -23,22 +23,12 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-BIN=$(mktemp -t capkv-engines-bin.XXXXXX)
-cp target/release/capkv "$BIN"
-chmod +x "$BIN"
-WORK=$(mktemp -d /var/tmp/capkv-engines.XXXXXX)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$WORK" "$BIN"
-}
-trap cleanup EXIT
 
 CLUSTER="1=127.0.0.1:17479,2=127.0.0.1:17480,3=127.0.0.1:17481"
 ENDPOINTS="127.0.0.1:17479,127.0.0.1:17480,127.0.0.1:17481"
 # shellcheck source=bench/lib.sh
 source bench/lib.sh
+bench_setup engines
 
 echo "| engine | partitions | workload | clients | ops/s | p50 / p99 ms | server CPU ms / op |"
 echo "|---|---|---|---|---|---|---|"

@@ -12,3 +12,20 @@ cpu_ticks() {
   done
   echo $sum
 }
+
+# A private copy of the release binary ($BIN), a work dir under /var/tmp ($WORK) and the
+# server pids ($PIDS), all cleaned up on exit (servers killed by pid). $1 names them.
+bench_setup() {
+  BIN=$(mktemp -t "capkv-$1-bin.XXXXXX")
+  cp target/release/capkv "$BIN"
+  chmod +x "$BIN"
+  WORK=$(mktemp -d "/var/tmp/capkv-$1.XXXXXX")
+  PIDS=()
+  trap bench_cleanup EXIT
+}
+
+bench_cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$WORK" "$BIN"
+}

@@ -26,22 +26,12 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-BIN=$(mktemp -t capkv-scale-bin.XXXXXX)
-cp target/release/capkv "$BIN"
-chmod +x "$BIN"
-WORK=$(mktemp -d /var/tmp/capkv-scale.XXXXXX)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$WORK" "$BIN"
-}
-trap cleanup EXIT
 
 CLUSTER="1=127.0.0.1:17579,2=127.0.0.1:17580,3=127.0.0.1:17581"
 ENDPOINTS="127.0.0.1:17579,127.0.0.1:17580,127.0.0.1:17581"
 # shellcheck source=bench/lib.sh
 source bench/lib.sh
+bench_setup scale
 
 # Sum over the three nodes of an engine counter (capkv_engine_events{event=...}), or "".
 engine_counter() {
