@@ -43,8 +43,7 @@ for engine in $ENGINES; do
   done
   ready=0
   for _ in $(seq 1 240); do
-    if "$BIN" status --endpoints "$ENDPOINTS" --json 2>/dev/null |
-      python3 -c 'import json,sys; d=json.load(sys.stdin); sys.exit(0 if all(n["up"] and all(p["leader"] for p in n["partitions"]) for n in d["nodes"]) else 1)' 2>/dev/null; then
+    if cluster_formed "$BIN" "$ENDPOINTS"; then
       ready=1; break
     fi
     sleep 0.5

@@ -29,3 +29,10 @@ bench_cleanup() {
   wait 2>/dev/null || true
   rm -rf "$WORK" "$BIN"
 }
+
+# Whether the cluster at $2 (endpoints) is formed: every node up, every partition led
+# ($1: the capkv binary).
+cluster_formed() {
+  "$1" status --endpoints "$2" --json 2>/dev/null |
+    python3 -c 'import json,sys; d=json.load(sys.stdin); sys.exit(0 if all(n["up"] and all(p["leader"] for p in n["partitions"]) for n in d["nodes"]) else 1)' 2>/dev/null
+}

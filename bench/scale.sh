@@ -71,8 +71,7 @@ for engine in $ENGINES; do
     done
     formed=""
     for _ in $(seq 1 600); do
-      if "$BIN" status --endpoints "$ENDPOINTS" --json 2>/dev/null |
-        python3 -c 'import json,sys; d=json.load(sys.stdin); sys.exit(0 if all(n["up"] and all(p["leader"] for p in n["partitions"]) for n in d["nodes"]) else 1)' 2>/dev/null; then
+      if cluster_formed "$BIN" "$ENDPOINTS"; then
         formed=$(python3 -c "import sys; print('%.1f' % (float(sys.argv[1]) - float(sys.argv[2])))" "$(date +%s.%N)" "$start")
         break
       fi

@@ -205,12 +205,8 @@ impl FjallEngine {
             )));
         }
         let prefix = keys::partition_prefix(p);
-        for k in Self::keys_with_prefix(&self.sm_data, &prefix)? {
-            batch.remove(&self.sm_data, k);
-        }
-        for k in Self::keys_with_prefix(&self.sm_session, &prefix)? {
-            batch.remove(&self.sm_session, k);
-        }
+        Self::remove_prefix(batch, &self.sm_data, &prefix)?;
+        Self::remove_prefix(batch, &self.sm_session, &prefix)?;
         let data = keys::staging_key(p, staging_kind::DATA, &[]);
         for guard in self.sm_staging.prefix(&data) {
             let (k, v) = guard.into_inner()?;
@@ -233,9 +229,7 @@ impl FjallEngine {
             keys::tagged_key(p, SM_META_APPLIED),
             applied.to_vec(),
         );
-        for k in Self::keys_with_prefix(&self.sm_staging, &prefix)? {
-            batch.remove(&self.sm_staging, k);
-        }
+        Self::remove_prefix(batch, &self.sm_staging, &prefix)?;
         Ok(())
     }
 
@@ -272,6 +266,18 @@ impl FjallEngine {
             out.push(guard.key()?.to_vec());
         }
         Ok(out)
+    }
+
+    /// Adds to `batch` the removal of every key of `ks` starting with `prefix`.
+    fn remove_prefix(
+        batch: &mut fjall::OwnedWriteBatch,
+        ks: &Keyspace,
+        prefix: &[u8],
+    ) -> Result<(), StorageError> {
+        for k in Self::keys_with_prefix(ks, prefix)? {
+            batch.remove(ks, k);
+        }
+        Ok(())
     }
 }
 
@@ -604,15 +610,11 @@ impl StorageEngine for FjallEngine {
     }
 
     fn sm_stage_clear(&self, p: PartitionId) -> Result<(), StorageError> {
-        let doomed = Self::keys_with_prefix(&self.sm_staging, &keys::partition_prefix(p))?;
-        if doomed.is_empty() {
-            return Ok(());
-        }
         let mut batch = self.db.batch();
-        for k in doomed {
-            batch.remove(&self.sm_staging, k);
+        Self::remove_prefix(&mut batch, &self.sm_staging, &keys::partition_prefix(p))?;
+        if !batch.is_empty() {
+            batch.commit()?;
         }
-        batch.commit()?;
         Ok(())
     }
 
@@ -668,12 +670,8 @@ impl StorageEngine for FjallEngine {
     fn sm_import(&self, p: PartitionId, image: &PartitionImage) -> Result<(), StorageError> {
         let prefix = keys::partition_prefix(p);
         let mut batch = self.db.batch();
-        for k in Self::keys_with_prefix(&self.sm_data, &prefix)? {
-            batch.remove(&self.sm_data, k);
-        }
-        for k in Self::keys_with_prefix(&self.sm_session, &prefix)? {
-            batch.remove(&self.sm_session, k);
-        }
+        Self::remove_prefix(&mut batch, &self.sm_data, &prefix)?;
+        Self::remove_prefix(&mut batch, &self.sm_session, &prefix)?;
         for (k, v) in &image.data {
             StoredValue::decode(v)?;
             batch.insert(&self.sm_data, keys::data_key(p, k), v.as_slice());
