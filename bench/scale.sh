@@ -3,9 +3,9 @@
 # timed until every partition has a leader, left idle, then loaded with put-16. Prints a
 # markdown table: formation time, idle CPU and RSS, put-16 throughput, and per put the
 # server CPU, fsyncs, peer message batches, context switches, and writes per Raft entry
-# (the engine's counters; "-" where an engine has none).
+# (the engine's counters).
 #
-#   bench/scale.sh [--partitions "8 64 256 1024"] [--engines raftstore] [--idle 10]
+#   bench/scale.sh [--partitions "8 64 256 1024"] [--idle 10]
 #                  [--duration 15s]
 #
 # Durable as always (fsync before every acknowledgement). Needs a release build.
@@ -19,7 +19,6 @@ DURATION=15s
 while [ $# -gt 0 ]; do
   case "$1" in
     --partitions) COUNTS=$2; shift 2 ;;
-    --engines) ENGINES=$2; shift 2 ;;
     --idle) IDLE=$2; shift 2 ;;
     --duration) DURATION=$2; shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
@@ -66,7 +65,7 @@ for engine in $ENGINES; do
     for i in 1 2 3; do
       RUST_LOG=warn "$BIN" server --id "$i" --data-dir "$WORK/node-$i" --listen "127.0.0.1:$((17578 + i))" \
         --http "127.0.0.1:$((18578 + i))" --initial-cluster "$CLUSTER" --partitions "$n" \
-        --engine "$engine" >>"$WORK/$engine-$n-$i.log" 2>&1 &
+        >>"$WORK/$engine-$n-$i.log" 2>&1 &
       PIDS+=($!)
     done
     formed=""

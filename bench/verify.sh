@@ -4,11 +4,9 @@
 # Prints one RESULT line per run and a summary table.
 #
 #   bench/verify.sh [--seeds N] [--first-seed S] [--duration 60s] [--only NAME]
-#                   [--engine openraft|raftstore]
 #
-# NAME is one of: valid-register, valid-append-set, stale-reads, stale-reads-oneway,
-# leader-restore,
-# full-lease, ack-before-fsync. Needs a release build (cargo build --release). The binary
+# NAME is one of: valid-register, valid-append-set, valid-snapshots, stale-reads,
+# stale-reads-oneway, full-lease, ack-before-fsync. Needs a release build (cargo build --release). The binary
 # is copied first, so rebuilding while this runs does not mix versions.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,14 +15,12 @@ seeds=10
 first=1000
 duration=60s
 only=""
-engine=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --seeds) seeds=$2; shift 2 ;;
     --first-seed) first=$2; shift 2 ;;
     --duration) duration=$2; shift 2 ;;
     --only) only=$2; shift 2 ;;
-    --engine) engine=(--engine "$2"); shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -41,7 +37,6 @@ matrix=(
   "valid-snapshots|valid|--nemesis all --workload append-set --snapshot-every 20"
   "stale-reads|invalid|--nemesis partition --planted-bug stale-reads"
   "stale-reads-oneway|invalid|--nemesis oneway --planted-bug stale-reads"
-  "leader-restore|invalid|--nemesis restart --planted-bug leader-restore --engine openraft"
   "full-lease|invalid|--nemesis clock,partition --planted-bug full-lease"
   "ack-before-fsync|invalid|--nemesis disk --workload append-set --planted-bug ack-before-fsync"
 )
@@ -56,10 +51,7 @@ for row in "${matrix[@]}"; do
     out="$work/$name-$seed"
     set +e
     # shellcheck disable=SC2086
-    # A row that names its engine (a bug of that engine) keeps it.
-    row_engine=("${engine[@]}")
-    case " $args " in *" --engine "*) row_engine=() ;; esac
-    "$work/capkv" check --duration "$duration" --seed "$seed" --out "$out" "${row_engine[@]}" $args >"$out.log" 2>&1
+    "$work/capkv" check --duration "$duration" --seed "$seed" --out "$out" $args >"$out.log" 2>&1
     code=$?
     set -e
     # Node data is ~1 GB per run; the history, report and node logs are what a replay needs.

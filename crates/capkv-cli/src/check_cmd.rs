@@ -56,9 +56,6 @@ pub struct CheckArgs {
     /// default when omitted).
     #[arg(long, value_enum)]
     pub read_policy: Option<ReadPolicyArg>,
-    /// The replication engine of the started servers (the server's default when omitted).
-    #[arg(long, value_enum)]
-    pub engine: Option<crate::server_cmd::EngineArg>,
     /// Snapshot (compact) the started servers' logs every this many entries, so that
     /// nodes that were down or cut off catch up from snapshots under the faults (the
     /// server's default when omitted).
@@ -131,10 +128,6 @@ pub async fn run(a: CheckArgs) -> i32 {
             if let Some(p) = a.read_policy {
                 let name = p.to_possible_value().map(|v| v.get_name().to_string());
                 args.extend(["--read-policy".to_string(), name.unwrap_or_default()]);
-            }
-            if let Some(e) = a.engine {
-                let name = e.to_possible_value().map(|v| v.get_name().to_string());
-                args.extend(["--engine".to_string(), name.unwrap_or_default()]);
             }
             if let Some(n) = a.snapshot_every {
                 args.extend(["--snapshot-every".to_string(), n.to_string()]);

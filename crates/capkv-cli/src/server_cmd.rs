@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use capkv_server::config::default_http_addr;
-use capkv_server::config::EngineChoice;
 use capkv_server::{Node, NodeConfig, PlantedBug, ReadPolicyChoice};
 use capkv_types::NodeId;
 use clap::{Args, ValueEnum};
@@ -18,27 +17,6 @@ pub enum ReadPolicyArg {
     /// Trust the leader lease (default): no round-trip while a quorum acknowledged the
     /// leader within half the lease. Assumes monotonic clocks that keep running.
     Lease,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
-pub enum EngineArg {
-    /// One openraft instance per partition: the engine capkv started with, kept for a
-    /// while beside the default.
-    Openraft,
-    /// The default: one node-level engine drives every partition's raft-rs group: batched
-    /// log writes, one fsync and one message batch per peer per turn, idle partitions
-    /// asleep. Every node of a cluster must run the same engine; a data dir keeps the
-    /// engine it was made with.
-    Raftstore,
-}
-
-impl EngineArg {
-    pub fn choice(self) -> EngineChoice {
-        match self {
-            EngineArg::Openraft => EngineChoice::Openraft,
-            EngineArg::Raftstore => EngineChoice::Raftstore,
-        }
-    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -86,9 +64,6 @@ pub struct ServerArgs {
     pub read_timeout_ms: u64,
     #[arg(long, value_enum, default_value_t = ReadPolicyArg::Lease)]
     pub read_policy: ReadPolicyArg,
-    /// The replication engine.
-    #[arg(long, value_enum, default_value_t = EngineArg::Raftstore)]
-    pub engine: EngineArg,
     /// Raft heartbeat interval.
     #[arg(long, default_value_t = 100)]
     pub heartbeat_ms: u64,
@@ -117,8 +92,6 @@ pub struct ServerArgs {
 pub enum PlantedBugArg {
     /// Linearizable reads from the local replica, without confirming leadership.
     StaleReads,
-    /// openraft's leader restore: a restarted leader resumes with a stale commit index.
-    LeaderRestore,
     /// A lease read trusts the whole lease instead of half (no margin for clock rates).
     FullLease,
     /// Acknowledge durability before the fsync.
@@ -129,7 +102,6 @@ impl PlantedBugArg {
     pub fn bug(self) -> PlantedBug {
         match self {
             PlantedBugArg::StaleReads => PlantedBug::StaleReads,
-            PlantedBugArg::LeaderRestore => PlantedBug::LeaderRestore,
             PlantedBugArg::FullLease => PlantedBug::FullLease,
             PlantedBugArg::AckBeforeFsync => PlantedBug::AckBeforeFsync,
         }
@@ -176,7 +148,6 @@ pub fn config_from(args: &ServerArgs) -> anyhow::Result<NodeConfig> {
     c.limits.value_bytes_max = args.value_max_bytes;
     c.raft.snapshot_every_entries = args.snapshot_every.max(1);
     c.raft.session_ttl_ms = args.client_session_ttl_ms.max(1);
-    c.raft.log_entries_kept_after_snapshot = (args.snapshot_every / 5).min(1000);
     c.raft.heartbeat_interval_ms = args.heartbeat_ms.max(1);
     c.raft.election_timeout_min_ms = args
         .election_timeout_ms
@@ -188,7 +159,6 @@ pub fn config_from(args: &ServerArgs) -> anyhow::Result<NodeConfig> {
         ReadPolicyArg::ReadIndex => ReadPolicyChoice::ReadIndex,
         ReadPolicyArg::Lease => ReadPolicyChoice::Lease,
     };
-    c.engine = args.engine.choice();
     c.max_connections = args.max_connections;
     c.unsafe_fault_injection = args.unsafe_fault_injection;
     if !args.planted_bugs.is_empty() && !args.unsafe_fault_injection {
@@ -196,12 +166,6 @@ pub fn config_from(args: &ServerArgs) -> anyhow::Result<NodeConfig> {
     }
     c.planted_bugs = args.planted_bugs.iter().map(|b| b.bug()).collect();
     c.unsafe_lose_unsynced_writes = args.unsafe_lose_unsynced_writes;
-    c.raft.leader_restore = c.planted_bugs.contains(&PlantedBug::LeaderRestore);
-    if c.raft.leader_restore && c.engine != EngineChoice::Openraft {
-        anyhow::bail!(
-            "--planted-bug leader-restore plants openraft's leader restore: it needs --engine openraft"
-        );
-    }
     Ok(c)
 }
 

@@ -1,7 +1,7 @@
 //! Executing replicated commands against a partition's data: conditions, MVCC revisions,
-//! HLC stamps and the client-session table. Shared by both replication engines (openraft's
-//! `StateMachine` and the raftstore engine's), which decide the revision of each command
-//! and when a batch of applied commands is written.
+//! HLC stamps and the client-session table. The replication engine's state machine
+//! (`capkv-server`'s `CapkvMachine`) decides the revision of each command and when a batch
+//! of applied commands is written.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
@@ -225,5 +225,19 @@ impl Applier {
     /// The write from [`Applier::take_write`] is in storage: reads go there again.
     pub fn written(&mut self) {
         self.overlay.clear();
+    }
+}
+
+/// A partition's applied log index, readable without the engine (for response headers).
+#[derive(Debug, Default)]
+pub struct AppliedIndex(std::sync::atomic::AtomicU64);
+
+impl AppliedIndex {
+    pub fn get(&self) -> u64 {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    pub fn set(&self, v: u64) {
+        self.0.store(v, std::sync::atomic::Ordering::Release)
     }
 }

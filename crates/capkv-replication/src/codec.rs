@@ -1,4 +1,4 @@
-//! postcard encoding of openraft values for the log, metadata and the wire.
+//! postcard encoding of commands, answers and sessions for the log, storage and the wire.
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;

@@ -10,18 +10,13 @@
 //!   to this node's messages are lost (P still gets and applies them): a one-way partition
 //!   "P -> this node". Both sets holding P cut the pair apart in both directions.
 //!
-//! Outgoing messages go through [`FaultyTransport`]; incoming ones are filtered by the
-//! node's Raft service.
+//! The engine's transport filters outgoing frames and snapshot streams; the node's Raft
+//! service filters incoming ones.
 
 use std::collections::BTreeSet;
-use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::sync::RwLock;
 
 use capkv_types::NodeId;
-use futures::future::BoxFuture;
-use futures::FutureExt;
-
-use crate::network::{RaftEnvelope, RaftTransport, TransportError};
 
 /// The network faults a node applies.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -91,43 +86,6 @@ impl Faults {
     }
 }
 
-/// The node's transport under its injected network faults: a message to a peer this node
-/// drops is lost before it leaves; the answer from a peer whose messages this node drops
-/// is lost after the peer handled the message.
-pub struct FaultyTransport {
-    pub inner: Arc<dyn RaftTransport>,
-    pub faults: Arc<Faults>,
-}
-
-impl RaftTransport for FaultyTransport {
-    fn call(
-        &self,
-        addr: &str,
-        envelope: RaftEnvelope,
-        timeout: Duration,
-    ) -> BoxFuture<'static, Result<Vec<u8>, TransportError>> {
-        let peer = envelope.to;
-        if self.faults.drops_to(peer) {
-            return futures::future::ready(Err(TransportError::Unreachable(
-                "dropped by fault injection".into(),
-            )))
-            .boxed();
-        }
-        let reply = self.inner.call(addr, envelope, timeout);
-        let faults = self.faults.clone();
-        async move {
-            let reply = reply.await;
-            if faults.drops_from(peer) {
-                return Err(TransportError::Unreachable(
-                    "answer dropped by fault injection".into(),
-                ));
-            }
-            reply
-        }
-        .boxed()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,67 +104,5 @@ mod tests {
         assert_eq!(f.network(), cut);
         assert!(f.drops_to(NodeId(2)) && !f.drops_from(NodeId(2)));
         assert!(f.drops_from(NodeId(3)) && !f.drops_to(NodeId(3)));
-    }
-}
-
-#[cfg(test)]
-mod transport_tests {
-    use super::*;
-    use crate::network::RaftRpc;
-    use capkv_types::PartitionId;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
-    struct Counting(AtomicUsize);
-
-    impl RaftTransport for Counting {
-        fn call(
-            &self,
-            _addr: &str,
-            _envelope: RaftEnvelope,
-            _timeout: Duration,
-        ) -> BoxFuture<'static, Result<Vec<u8>, TransportError>> {
-            self.0.fetch_add(1, Ordering::SeqCst);
-            futures::future::ready(Ok(b"answer".to_vec())).boxed()
-        }
-    }
-
-    fn to(peer: u64) -> RaftEnvelope {
-        RaftEnvelope {
-            partition: PartitionId(0),
-            from: NodeId(1),
-            to: NodeId(peer),
-            rpc: RaftRpc::Append,
-            payload: vec![],
-        }
-    }
-
-    #[tokio::test]
-    async fn one_way_drops_lose_the_message_or_only_its_answer() {
-        let inner = Arc::new(Counting(AtomicUsize::new(0)));
-        let faults = Arc::new(Faults::new(true));
-        let t = FaultyTransport {
-            inner: inner.clone(),
-            faults: faults.clone(),
-        };
-        let d = Duration::from_secs(1);
-        assert_eq!(t.call("a", to(2), d).await.unwrap(), b"answer");
-        faults
-            .set_network(NetworkFaults {
-                drop_to: [NodeId(2)].into(),
-                drop_from: [NodeId(3)].into(),
-            })
-            .unwrap();
-        assert!(t.call("a", to(2), d).await.is_err());
-        assert_eq!(
-            inner.0.load(Ordering::SeqCst),
-            1,
-            "a message to 2 never leaves"
-        );
-        assert!(t.call("a", to(3), d).await.is_err());
-        assert_eq!(
-            inner.0.load(Ordering::SeqCst),
-            2,
-            "3 got the message; its answer is lost"
-        );
     }
 }

@@ -1,17 +1,8 @@
-//! The openraft type config and the commands replicated through each partition's log.
+//! The commands replicated through each partition's log, and their answers.
 
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
-
-openraft::declare_raft_types!(
-    /// capkv's Raft types: u64 node ids, nodes addressed by their gRPC address.
-    pub TypeConfig:
-        D = Command,
-        R = CommandResponse,
-        NodeId = u64,
-        Node = openraft::BasicNode,
-);
 
 /// Makes a command idempotent: it belongs to client session `client_id` (never 0), which
 /// started at cluster HLC time `session_started_ms`; `sequence` numbers the session's

@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use capkv_placement::NodeSpec;
-use capkv_replication::GroupSettings;
 use capkv_types::{Limits, NodeId};
 
 /// How the leader confirms it still leads before a linearizable read.
@@ -29,25 +28,29 @@ impl ReadPolicyChoice {
     }
 }
 
-/// Which replication engine runs the node's Raft groups.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum EngineChoice {
-    /// One openraft instance per partition (each with its own tasks, log writes and
-    /// messages). The engine capkv started with; kept while the raftstore engine proves
-    /// itself as the default.
-    Openraft,
-    /// One raftstore engine per node drives every partition's raft-rs group: batched log
-    /// writes, one fsync and one message batch per peer per turn, idle groups asleep.
-    #[default]
-    Raftstore,
+/// Raft settings shared by every partition of a node.
+#[derive(Debug, Clone)]
+pub struct GroupSettings {
+    pub heartbeat_interval_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// Compact a group's log after this many entries past its start (at most 1,024; see
+    /// `engine::engine_config`).
+    pub snapshot_every_entries: u64,
+    /// A client session idle this long (in the log's HLC time) is forgotten; its later
+    /// requests are refused with `SessionExpired` (see `capkv-replication`'s `sessions.rs`).
+    /// Part of the state machine's rules: every node of a cluster must use the same value.
+    pub session_ttl_ms: u64,
 }
 
-impl EngineChoice {
-    /// The name `--engine` takes, also recorded in the data dir.
-    pub fn name(self) -> &'static str {
-        match self {
-            EngineChoice::Openraft => "openraft",
-            EngineChoice::Raftstore => "raftstore",
+impl Default for GroupSettings {
+    fn default() -> Self {
+        GroupSettings {
+            heartbeat_interval_ms: 100,
+            election_timeout_min_ms: 500,
+            election_timeout_max_ms: 1000,
+            snapshot_every_entries: 20_000,
+            session_ttl_ms: 10 * 60 * 1000,
         }
     }
 }
@@ -72,7 +75,6 @@ pub struct NodeConfig {
     /// A linearizable read that cannot confirm leadership within this time is `Unavailable`.
     pub read_timeout: Duration,
     pub read_policy: ReadPolicyChoice,
-    pub engine: EngineChoice,
     /// Test-only: the `Admin` gRPC service may inject faults into this node.
     pub unsafe_fault_injection: bool,
     /// Test-only (with fault injection): before opening storage, drop what no fsync
@@ -104,7 +106,6 @@ impl NodeConfig {
             write_timeout: Duration::from_secs(5),
             read_timeout: Duration::from_secs(5),
             read_policy: ReadPolicyChoice::Lease,
-            engine: EngineChoice::default(),
             unsafe_fault_injection: false,
             planted_bugs: Default::default(),
             unsafe_lose_unsynced_writes: false,

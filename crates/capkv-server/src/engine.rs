@@ -29,13 +29,13 @@ use capkv_raftstore::node::{
 use capkv_raftstore::storage::GroupId;
 use capkv_replication::apply::Applier;
 use capkv_replication::codec::{decode, encode};
-use capkv_replication::state_machine::AppliedIndex;
-use capkv_replication::{Command, CommandResponse, Faults, GroupSettings};
+use capkv_replication::{AppliedIndex, Command, CommandResponse, Faults};
 use capkv_storage::StorageEngine;
 use capkv_types::{Hlc, NodeId, PartitionId};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::config::GroupSettings;
 use crate::transport::{PeerChannels, RAFT_MESSAGE_BYTES_MAX};
 
 /// What a partition's state machine records besides data, on the raftstore engine.
@@ -350,7 +350,7 @@ pub fn engine_vote_refusal_ms(raft: &GroupSettings) -> u64 {
 }
 
 /// The engine's settings from the node's Raft timings: ticks of half the heartbeat
-/// interval, elections after the same timeouts as openraft's; leaders trust a lease of
+/// interval, elections after `--election-timeout-ms` to twice that; leaders trust a lease of
 /// `lease_ms` (0: no lease reads).
 pub fn engine_config(id: NodeId, raft: &GroupSettings, lease_ms: u64) -> EngineConfig {
     let tick_ms = tick_ms(raft);
@@ -371,7 +371,7 @@ pub fn engine_config(id: NodeId, raft: &GroupSettings, lease_ms: u64) -> EngineC
         caller_reports_snapshots: true,
         ..DriverConfig::default()
     };
-    // Logs are compacted as often as openraft snapshots (`--snapshot-every`), at most
+    // Logs are compacted every `--snapshot-every` entries, at most
     // every 1,024 entries: the engine keeps each group's log in memory.
     c.compact_after_entries = raft
         .snapshot_every_entries

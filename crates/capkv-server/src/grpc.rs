@@ -8,19 +8,14 @@ use std::time::Instant;
 use capkv_proto::kv::{self as pb, kv_server::Kv};
 use capkv_proto::raft::{
     raft_transport_server::RaftTransport as RaftTransportService, EngineClosed, EngineFrame,
-    EngineSnapshotChunk, EngineSnapshotReceived, RaftBatch, RaftMessage, RaftReply, RaftReplyBatch,
-    RaftReplyItem, RaftReplyStatus,
+    EngineSnapshotChunk, EngineSnapshotReceived,
 };
 use capkv_proto::status::to_status;
-use capkv_replication::codec::{decode, encode};
-use capkv_replication::network::DispatchError;
-use capkv_replication::{dispatch, CommandResponse, Condition, Idempotency, RaftRpc};
+use capkv_replication::{CommandResponse, Condition, Idempotency};
 use capkv_types::{KvError, NodeId, PartitionId, ReadConsistency};
 use tonic::{Request, Response, Status};
 
-use crate::confirm::{self, ConfirmItems, CONFIRM_ITEMS_MAX};
 use crate::kv::{check_peer_lease, KeyValue, KvCore, ScanParams, Served};
-use crate::transport::rpc_of;
 
 pub struct KvService {
     pub core: Arc<KvCore>,
@@ -282,7 +277,7 @@ fn check_engine_peer(
     if let Some(why) = session_ttl_mismatch(core, from.0, session_ttl_ms) {
         return Err(Status::failed_precondition(why));
     }
-    if let Err(why) = check_peer_lease(from, lease_read_ms, core.id, core.quorum_lease_ms) {
+    if let Err(why) = check_peer_lease(from, lease_read_ms, core.id, core.vote_refusal_ms) {
         core.log_refused_peer(from, &why);
         return Err(Status::failed_precondition(why));
     }
@@ -300,14 +295,12 @@ async fn next_chunk(
     }
 }
 
-/// One of the raftstore engine's snapshot counters (0 on openraft).
+/// One of the engine's snapshot counters.
 fn snapshot_count(
     core: &KvCore,
     field: impl Fn(&crate::engine::Snapshots) -> &std::sync::atomic::AtomicU64,
 ) -> u64 {
-    core.raft_engine.as_ref().map_or(0, |e| {
-        field(&e.snapshots).load(std::sync::atomic::Ordering::Relaxed)
-    })
+    field(&core.raft_engine.snapshots).load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Receives Raft messages from peers.
@@ -316,95 +309,6 @@ pub struct RaftService {
     /// Set when the node stops: peer streams end, so the gRPC server's graceful shutdown
     /// does not wait for connections that peers keep open for good.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
-}
-
-impl RaftService {
-    /// Delivers one message and returns the encoded answer, under the injected network
-    /// faults: a message from a peer this node drops is refused unseen; the answer to a
-    /// peer this node drops is lost after the message took effect.
-    async fn handle(core: &KvCore, m: RaftMessage) -> Result<Vec<u8>, Status> {
-        let from = NodeId(m.from_node);
-        if core.faults.drops_from(from) {
-            return Err(Status::unavailable("dropped by fault injection"));
-        }
-        let answer = Self::deliver(core, m).await;
-        if core.faults.drops_to(from) {
-            return Err(Status::unavailable("answer dropped by fault injection"));
-        }
-        answer
-    }
-
-    /// Delivers one message to its partition's Raft and returns the encoded answer.
-    async fn deliver(core: &KvCore, m: RaftMessage) -> Result<Vec<u8>, Status> {
-        if m.to_node != core.id.0 {
-            return Err(Status::failed_precondition(format!(
-                "message for node {} reached node {}",
-                m.to_node, core.id
-            )));
-        }
-        if let Err(why) = check_peer_lease(
-            NodeId(m.from_node),
-            m.lease_read_ms,
-            core.id,
-            core.quorum_lease_ms,
-        ) {
-            core.log_refused_peer(NodeId(m.from_node), &why);
-            return Err(Status::failed_precondition(why));
-        }
-        if let Some(why) = session_ttl_mismatch(core, m.from_node, m.session_ttl_ms) {
-            return Err(Status::failed_precondition(why));
-        }
-        let rpc = rpc_of(m.kind).ok_or_else(|| {
-            Status::invalid_argument(format!("unknown raft message kind {}", m.kind))
-        })?;
-        core.metrics
-            .raft_messages
-            .with_label_values(&[rpc.name()])
-            .inc();
-        if rpc == RaftRpc::ConfirmLeadership {
-            let items: ConfirmItems = decode(&m.payload)
-                .map_err(|e| Status::invalid_argument(format!("malformed confirmation: {e}")))?;
-            if items.len() > CONFIRM_ITEMS_MAX {
-                return Err(Status::invalid_argument(format!(
-                    "confirmation of {} partitions; at most {CONFIRM_ITEMS_MAX}",
-                    items.len()
-                )));
-            }
-            let confirmed = confirm::answer(
-                &*core.engine,
-                |p| core.replicas.contains_key(&p),
-                NodeId(m.from_node),
-                &items,
-            );
-            return encode(&Ok::<_, String>(confirmed))
-                .map_err(|e| Status::internal(e.to_string()));
-        }
-        let replica = core
-            .replicas
-            .get(&PartitionId(m.partition_id))
-            .ok_or_else(|| {
-                Status::unavailable(format!(
-                    "node {} holds no replica of partition {}",
-                    core.id, m.partition_id
-                ))
-            })?;
-        let raft = replica.openraft().ok_or_else(|| {
-            Status::failed_precondition(format!(
-                "node {} runs the raftstore engine; an openraft message cannot reach it \
-                 (every node of a cluster must run the same --engine)",
-                core.id
-            ))
-        })?;
-        dispatch(raft, rpc, &m.payload, &core.vote_hold)
-            .await
-            .map_err(|e| match e {
-                DispatchError::Malformed(_) => Status::invalid_argument(e.to_string()),
-                DispatchError::VoteHeld(_) => {
-                    core.metrics.votes_held.inc();
-                    Status::unavailable(e.to_string())
-                }
-            })
-    }
 }
 
 /// Why this node refuses a peer whose client-session TTL differs (a rule of every
@@ -425,22 +329,8 @@ fn session_ttl_mismatch(core: &KvCore, from: u64, ttl_ms: u64) -> Option<String>
 /// Peer batches the raftstore engine may have waiting before receivers stop reading.
 const ENGINE_BACKLOG_MAX: usize = 1024;
 
-/// Answers on one peer stream are gathered into batches of at most this many.
-const REPLY_BATCH_MAX: usize = 256;
-/// Messages of one peer stream being handled or answered but not yet sent, at most.
-const STREAM_IN_FLIGHT_MAX: usize = 1024;
-/// Messages in one batch a peer may send (capkv's own peers send at most 256).
-const STREAM_BATCH_ITEMS_MAX: usize = 4096;
-
 #[tonic::async_trait]
 impl RaftTransportService for RaftService {
-    async fn call(&self, request: Request<RaftMessage>) -> Result<Response<RaftReply>, Status> {
-        let payload = Self::handle(&self.core, request.into_inner()).await?;
-        Ok(Response::new(RaftReply { payload }))
-    }
-
-    type StreamStream = tokio_stream::wrappers::ReceiverStream<Result<RaftReplyBatch, Status>>;
-
     /// A peer's raftstore engine traffic: frames in, nothing back until the stream ends.
     /// A malformed or misaddressed frame ends the stream (the peer reconnects); frames
     /// from a peer this node drops by fault injection are ignored.
@@ -449,13 +339,7 @@ impl RaftTransportService for RaftService {
         request: Request<tonic::Streaming<EngineFrame>>,
     ) -> Result<Response<EngineClosed>, Status> {
         let core = self.core.clone();
-        let Some(engine) = core.raft_engine.clone() else {
-            return Err(Status::failed_precondition(format!(
-                "node {} runs openraft, not the raftstore engine (every node of a cluster \
-                 must run the same --engine)",
-                core.id
-            )));
-        };
+        let engine = core.raft_engine.clone();
         let mut inbound = request.into_inner();
         let mut shutdown = self.shutdown.clone();
         loop {
@@ -504,12 +388,7 @@ impl RaftTransportService for RaftService {
         request: Request<tonic::Streaming<EngineSnapshotChunk>>,
     ) -> Result<Response<EngineSnapshotReceived>, Status> {
         let core = self.core.clone();
-        let Some(engine) = core.raft_engine.clone() else {
-            return Err(Status::failed_precondition(format!(
-                "node {} runs openraft, not the raftstore engine",
-                core.id
-            )));
-        };
+        let engine = core.raft_engine.clone();
         let mut inbound = request.into_inner();
         let Some(mut chunk) = next_chunk(&mut inbound).await? else {
             return Err(Status::invalid_argument("an empty snapshot stream"));
@@ -554,103 +433,5 @@ impl RaftTransportService for RaftService {
                 Status::invalid_argument("the snapshot stream ended before its last chunk")
             })?;
         }
-    }
-
-    async fn stream(
-        &self,
-        request: Request<tonic::Streaming<RaftBatch>>,
-    ) -> Result<Response<Self::StreamStream>, Status> {
-        let mut inbound = request.into_inner();
-        let (out_tx, out_rx) = tokio::sync::mpsc::channel::<Result<RaftReplyBatch, Status>>(64);
-        // Each answer carries its message's permit until the writer hands it to the
-        // stream, so handled + queued answers stay within STREAM_IN_FLIGHT_MAX.
-        let (item_tx, mut item_rx) = tokio::sync::mpsc::channel::<(
-            RaftReplyItem,
-            tokio::sync::OwnedSemaphorePermit,
-        )>(STREAM_IN_FLIGHT_MAX);
-        let permits = Arc::new(tokio::sync::Semaphore::new(STREAM_IN_FLIGHT_MAX));
-        let core = self.core.clone();
-        let mut shutdown = self.shutdown.clone();
-        // Reader: every message is handled on its own task, so a slow partition does not
-        // hold up the others sharing the stream. At most STREAM_IN_FLIGHT_MAX messages are
-        // handled or answered-but-unsent at once: past that the reader stops reading, and
-        // HTTP/2 flow control stops the peer (a peer that never reads its answers cannot
-        // make this node buffer without bound). It stops reading when the node stops; the
-        // writer then ends the stream once the answers in flight are out.
-        tokio::spawn(async move {
-            'read: loop {
-                let batch = tokio::select! {
-                    m = inbound.message() => match m {
-                        Ok(Some(batch)) => batch,
-                        _ => break,
-                    },
-                    _ = shutdown.wait_for(|stop| *stop) => break,
-                };
-                if batch.items.len() > STREAM_BATCH_ITEMS_MAX {
-                    tracing::warn!(
-                        items = batch.items.len(),
-                        "a peer sent a Raft batch over {STREAM_BATCH_ITEMS_MAX} messages; closing its stream"
-                    );
-                    break;
-                }
-                for item in batch.items {
-                    let permit = tokio::select! {
-                        p = permits.clone().acquire_owned() => match p {
-                            Ok(p) => p,
-                            Err(_) => break 'read,
-                        },
-                        _ = shutdown.wait_for(|stop| *stop) => break 'read,
-                    };
-                    let core = core.clone();
-                    let tx = item_tx.clone();
-                    tokio::spawn(async move {
-                        let reply = match item.message {
-                            None => Err(Status::invalid_argument("empty batch item")),
-                            Some(m) => Self::handle(&core, m).await,
-                        };
-                        let item = match reply {
-                            Ok(payload) => RaftReplyItem {
-                                id: item.id,
-                                status: RaftReplyStatus::Ok as i32,
-                                payload,
-                                error: String::new(),
-                            },
-                            Err(s) => RaftReplyItem {
-                                id: item.id,
-                                status: if s.code() == tonic::Code::InvalidArgument {
-                                    RaftReplyStatus::RemoteError as i32
-                                } else {
-                                    RaftReplyStatus::Unreachable as i32
-                                },
-                                payload: vec![],
-                                error: s.message().to_string(),
-                            },
-                        };
-                        let _ = tx.send((item, permit)).await;
-                    });
-                }
-            }
-        });
-        // Writer: whatever answers are ready go out together.
-        tokio::spawn(async move {
-            while let Some(first) = item_rx.recv().await {
-                let mut items = vec![first];
-                while items.len() < REPLY_BATCH_MAX {
-                    match item_rx.try_recv() {
-                        Ok(more) => items.push(more),
-                        Err(_) => break,
-                    }
-                }
-                let (items, permits): (Vec<RaftReplyItem>, Vec<_>) = items.into_iter().unzip();
-                let sent = out_tx.send(Ok(RaftReplyBatch { items })).await;
-                drop(permits);
-                if sent.is_err() {
-                    break;
-                }
-            }
-        });
-        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
-            out_rx,
-        )))
     }
 }

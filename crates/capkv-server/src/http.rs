@@ -32,7 +32,8 @@ async fn metrics(State(core): State<Arc<KvCore>>) -> impl IntoResponse {
     core.metrics
         .storage_poisoned
         .set(i64::from(core.storage_error().is_some()));
-    if let Some(engine) = &core.raft_engine {
+    {
+        let engine = &core.raft_engine;
         let s = engine.stats();
         for (event, value) in [
             ("turns", s.turns),

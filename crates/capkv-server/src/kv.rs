@@ -8,40 +8,24 @@ use std::time::Duration;
 
 use capkv_placement::PartitionMap;
 use capkv_proto::kv::{kv_client::KvClient, Consistency as WireConsistency, ScanRequest};
-use capkv_replication::state_machine::AppliedIndex;
 use capkv_replication::{
-    Command, CommandResponse, Condition, Faults, Idempotency, Op, PartitionRaft, Rejection,
-    TypeConfig, VoteHold,
+    AppliedIndex, Command, CommandResponse, Condition, Faults, Idempotency, Op, Rejection,
 };
 use capkv_storage::{StorageEngine, StoredValue};
 use capkv_types::{Hlc, KvError, Limits, NodeId, PartitionId, ReadConsistency};
-use openraft::async_runtime::WatchReceiver;
-use openraft::error::{ClientWriteError, ForwardToLeader, LinearizableReadError, RaftError};
-use openraft::raft::linearizable_read::LinearizerOption;
-use openraft::{Instant as _, ReadPolicy, ServerState};
 
 use capkv_raftstore::driver::ProposeError;
 use capkv_raftstore::StateRole;
 
 use crate::config::ReadPolicyChoice;
-use crate::confirm::LeaderConfirmer;
 use crate::engine::EngineNode;
 use crate::metrics::Metrics;
 use crate::transport::PeerChannels;
 
-/// One partition replica hosted by this node.
+/// One partition replica hosted by this node (its Raft group runs on the node's engine).
 pub struct Replica {
     pub partition: PartitionId,
-    pub group: Group,
     pub applied: Arc<AppliedIndex>,
-}
-
-/// The replica's Raft group, on the replication engine the node runs.
-pub enum Group {
-    /// A group of its own (openraft: its own tasks, log writes and messages).
-    Openraft(PartitionRaft),
-    /// A group of the node's raftstore engine (`--engine raftstore`).
-    Engine(Arc<EngineNode>),
 }
 
 /// A replica's role as this node sees it now.
@@ -50,38 +34,6 @@ struct RoleView {
     leader: bool,
     known_leader: Option<NodeId>,
     term: u64,
-}
-
-impl Replica {
-    /// The openraft group, when the node runs openraft.
-    pub fn openraft(&self) -> Option<&PartitionRaft> {
-        match &self.group {
-            Group::Openraft(r) => Some(r),
-            Group::Engine(_) => None,
-        }
-    }
-
-    fn role(&self) -> RoleView {
-        match &self.group {
-            Group::Openraft(raft) => {
-                let rx = raft.metrics();
-                let m = rx.borrow_watched();
-                RoleView {
-                    leader: m.state == ServerState::Leader,
-                    known_leader: m.current_leader.map(NodeId),
-                    term: m.current_term,
-                }
-            }
-            Group::Engine(e) => {
-                let s = e.status(self.partition).unwrap_or_default();
-                RoleView {
-                    leader: s.role == StateRole::Leader,
-                    known_leader: (s.leader != 0).then_some(NodeId(s.leader)),
-                    term: s.term,
-                }
-            }
-        }
-    }
 }
 
 /// Where a response was served from (for the response header).
@@ -135,8 +87,8 @@ pub struct KvCore {
     pub id: NodeId,
     pub map: PartitionMap,
     pub replicas: BTreeMap<PartitionId, Replica>,
-    /// The node's raftstore engine, when it runs one (`--engine raftstore`).
-    pub raft_engine: Option<Arc<EngineNode>>,
+    /// The node's replication engine: every replica's Raft group.
+    pub raft_engine: Arc<EngineNode>,
     pub engine: Arc<dyn StorageEngine>,
     pub hlc: Arc<Hlc>,
     pub limits: Limits,
@@ -145,18 +97,14 @@ pub struct KvCore {
     pub read_policy: ReadPolicyChoice,
     /// Planted bug `stale-reads` (TESTING ONLY): linearizable reads skip confirmation.
     pub unsafe_local_reads: bool,
-    /// How long a leader may go without a quorum acknowledging it before reads on it fail
-    /// fast (openraft's leader lease: the maximum election timeout).
-    pub quorum_lease_ms: u64,
+    /// How long this node's replicas refuse votes after hearing from a leader (the
+    /// engine's election ticks); peers may trust their lease for at most half of it.
+    pub vote_refusal_ms: u64,
     /// How long a lease read trusts a quorum acknowledgement (see `lease_read_ms`).
     pub lease_read: Duration,
-    /// Vote hold after a restart (keeps lease reads of other leaders safe).
-    pub vote_hold: VoteHold,
     pub peers: Arc<PeerChannels>,
     pub faults: Arc<Faults>,
     pub metrics: Arc<Metrics>,
-    /// Batched leadership confirmations for ReadIndex reads (all partitions at once).
-    pub confirmer: LeaderConfirmer,
     /// The client-session TTL (a state-machine rule every replica must share).
     pub session_ttl_ms: u64,
     /// When a refusal of each peer's messages was last logged (at most once a minute).
@@ -170,7 +118,7 @@ impl KvCore {
             .group_commit()
             .poisoned()
             .map(|e| e.to_string())
-            .or_else(|| self.raft_engine.as_ref().and_then(|e| e.poisoned()))
+            .or_else(|| self.raft_engine.poisoned())
     }
 
     /// Refuses service once storage is poisoned: nothing this node wrote since the failed
@@ -205,12 +153,7 @@ impl KvCore {
 
     /// Time left of this node's vote hold, in ms (0 once it ended or if there was none).
     pub fn vote_hold_remaining_ms(&self) -> u64 {
-        if let Some(engine) = &self.raft_engine {
-            return engine.vote_hold_remaining().as_millis() as u64;
-        }
-        self.vote_hold
-            .remaining()
-            .map_or(0, |d| d.as_millis() as u64)
+        self.raft_engine.vote_hold_remaining().as_millis() as u64
     }
 }
 
@@ -265,10 +208,6 @@ impl KvCore {
         }
     }
 
-    fn forward_error(&self, p: PartitionId, f: &ForwardToLeader<TypeConfig>) -> KvError {
-        self.leader_elsewhere(p, f.leader_id)
-    }
-
     /// This node does not lead `p`: `NotLeader` naming the leader it knows (0 or itself:
     /// none), else `Unavailable`.
     fn leader_elsewhere(&self, p: PartitionId, leader: Option<u64>) -> KvError {
@@ -281,10 +220,19 @@ impl KvCore {
         }
     }
 
+    fn role(&self, p: PartitionId) -> RoleView {
+        let s = self.raft_engine.status(p).unwrap_or_default();
+        RoleView {
+            leader: s.role == StateRole::Leader,
+            known_leader: (s.leader != 0).then_some(NodeId(s.leader)),
+            term: s.term,
+        }
+    }
+
     fn served(&self, r: &Replica) -> Served {
         Served {
             partition: r.partition,
-            term: r.role().term,
+            term: self.role(r.partition).term,
             applied_index: r.applied.get(),
         }
     }
@@ -365,35 +313,15 @@ impl KvCore {
                 self.write_timeout.as_millis()
             ))
         };
-        let raft = match &replica.group {
-            Group::Openraft(raft) => raft,
-            Group::Engine(engine) => {
-                let result = tokio::time::timeout(self.write_timeout, engine.write(p, &cmd)).await;
-                return match result {
-                    Err(_elapsed) => Err(ambiguous()),
-                    Ok(Ok(resp)) => match resp.rejected {
-                        None => Ok((self.served(replica), resp)),
-                        Some(why) => Err(rejection_error(p, why, idempotency)),
-                    },
-                    Ok(Err(e)) => Err(self.engine_error(p, e)),
-                };
-            }
-        };
-        let result = tokio::time::timeout(self.write_timeout, raft.client_write(cmd)).await;
+        let result =
+            tokio::time::timeout(self.write_timeout, self.raft_engine.write(p, &cmd)).await;
         match result {
-            Err(_elapsed) => Err(ambiguous()),            Ok(Ok(resp)) => match resp.data.rejected {
-                None => Ok((self.served(replica), resp.data)),
+            Err(_elapsed) => Err(ambiguous()),
+            Ok(Ok(resp)) => match resp.rejected {
+                None => Ok((self.served(replica), resp)),
                 Some(why) => Err(rejection_error(p, why, idempotency)),
             },
-            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => Err(self.forward_error(p, &f)),
-            Ok(Err(RaftError::APIError(ClientWriteError::LogEntryDiscarded(_)))) => Err(KvError::Ambiguous(format!(
-                "partition {p}: leadership changed after the write was proposed; retry with the same \
-                 (client_id, sequence) to learn its outcome"
-            ))),
-            Ok(Err(RaftError::APIError(e))) => Err(KvError::Internal(format!("partition {p}: {e}"))),
-            Ok(Err(RaftError::Fatal(f))) => {
-                Err(KvError::Ambiguous(format!("partition {p}: replica stopped while writing: {f}")))
-            }
+            Ok(Err(e)) => Err(self.engine_error(p, e)),
         }
     }
 
@@ -407,128 +335,27 @@ impl KvCore {
         if level == ReadConsistency::Prefix || self.unsafe_local_reads {
             return Ok(replica);
         }
-        let raft = match &replica.group {
-            Group::Openraft(raft) => raft,
-            Group::Engine(engine) => {
-                // Under the leader's lease: at once, on this thread.
-                if self.read_policy == ReadPolicyChoice::Lease && engine.lease_read_now(p) {
-                    return Ok(replica);
-                }
-                // Fail fast where the answer is known: a follower names its leader.
-                let role = replica.role();
-                if !role.leader {
-                    return Err(self.leader_elsewhere(p, role.known_leader.map(|n| n.0)));
-                }
-                return match tokio::time::timeout(self.read_timeout, engine.read_index(p)).await {
-                    Err(_elapsed) => Err(KvError::Unavailable(format!(
-                        "partition {p}: could not confirm leadership with a quorum within {} ms",
-                        self.read_timeout.as_millis()
-                    ))),
-                    Ok(Ok(_index)) => Ok(replica),
-                    // A read has no outcome to be unsure of.
-                    Ok(Err(ProposeError::Stopped)) => Err(KvError::Unavailable(format!(
-                        "partition {p}: the replica stopped"
-                    ))),
-                    Ok(Err(e)) => Err(self.engine_error(p, e)),
-                };
-            }
-        };
-        let deadline = tokio::time::Instant::now() + self.read_timeout;
-        let read_point: Option<(u64, u64)>;
-        {
-            // Fail fast where the answer is already known, instead of waiting out the
-            // read timeout: a follower names its leader; a leader whose quorum has been
-            // silent for a whole lease cannot confirm leadership now.
-            // Copy out the three fields needed; cloning all metrics per read is wasteful.
-            let (state, leader, quorum_silent) = {
-                let rx = raft.metrics();
-                let m = rx.borrow_watched();
-                // A leader that is its group's only voter is a quorum by itself: it needs
-                // no peer's acknowledgement (openraft never refreshes `last_quorum_acked`
-                // for it, so the age check below would fail every read of an RF 1 group).
-                let self_quorum = {
-                    let mut voters = m.membership_config.voter_ids();
-                    voters.next() == Some(self.id.0) && voters.next().is_none()
-                };
-                let silent = !self_quorum
-                    && m.last_quorum_acked
-                        .as_ref()
-                        .is_some_and(|t| t.elapsed() > Duration::from_millis(self.quorum_lease_ms));
-                // The read point: the commit index now, usable once the leader has
-                // committed an entry of its own term (then it covers every write
-                // acknowledged by earlier leaders).
-                read_point = m
-                    .local_committed
-                    .as_ref()
-                    .filter(|c| c.leader_id.term == m.current_term)
-                    .map(|c| (m.current_term, c.index));
-                (m.state, m.current_leader, silent)
-            };
-            if state != ServerState::Leader {
-                return match leader {
-                    Some(l) if NodeId(l) != self.id => Err(self.not_leader(p, Some(NodeId(l)))),
-                    _ => Err(KvError::Unavailable(format!(
-                        "partition {p} has no known leader"
-                    ))),
-                };
-            }
-            if quorum_silent {
-                return Err(KvError::Unavailable(format!(
-                    "partition {p}: this leader has not heard from a quorum for over {} ms",
-                    self.quorum_lease_ms
-                )));
-            }
+        let engine = &self.raft_engine;
+        // Under the leader's lease: at once, on this thread.
+        if self.read_policy == ReadPolicyChoice::Lease && engine.lease_read_now(p) {
+            return Ok(replica);
         }
-        if let (ReadPolicyChoice::ReadIndex, Some((term, read_index))) =
-            (self.read_policy, read_point)
-        {
-            // Batched node-level confirmation (see `confirm.rs`); if it does not confirm,
-            // openraft's own ReadIndex below decides, with its precise errors.
-            let fast = async {
-                self.confirmer.confirm(p, term).await
-                    && (replica.applied.get() >= read_index
-                        || raft
-                            .wait(Some(self.read_timeout))
-                            .applied_index_at_least(Some(read_index), "linearizable read")
-                            .await
-                            .is_ok())
-            };
-            if let Ok(true) = tokio::time::timeout_at(deadline, fast).await {
-                return Ok(replica);
-            }
+        // Fail fast where the answer is known: a follower names its leader.
+        let role = self.role(p);
+        if !role.leader {
+            return Err(self.leader_elsewhere(p, role.known_leader.map(|n| n.0)));
         }
-        let policy = match self.read_policy {
-            ReadPolicyChoice::ReadIndex => LinearizerOption::from(ReadPolicy::ReadIndex),
-            // An older acknowledgement does not fail the read: a heartbeat goes out at once
-            // and the read waits for its quorum, as ReadIndex would.
-            ReadPolicyChoice::Lease => LinearizerOption::new(Some(self.lease_read), true)
-                .with_wait_timeout(deadline.saturating_duration_since(tokio::time::Instant::now())),
-        };
-        let confirmed = async {
-            match raft.get_read_linearizer(policy).await {
-                Err(e) => Err(e),
-                Ok(linearizer) => linearizer
-                    .await_ready(raft)
-                    .await
-                    .map(|_| ())
-                    .map_err(RaftError::Fatal),
-            }
-        };
-        match tokio::time::timeout_at(deadline, confirmed).await {
+        match tokio::time::timeout(self.read_timeout, engine.read_index(p)).await {
             Err(_elapsed) => Err(KvError::Unavailable(format!(
                 "partition {p}: could not confirm leadership with a quorum within {} ms",
                 self.read_timeout.as_millis()
             ))),
-            Ok(Ok(())) => Ok(replica),
-            Ok(Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(f)))) => {
-                Err(self.forward_error(p, &f))
-            }
-            Ok(Err(RaftError::APIError(LinearizableReadError::QuorumNotEnough(e)))) => {
-                Err(KvError::Unavailable(format!("partition {p}: {e}")))
-            }
-            Ok(Err(RaftError::Fatal(f))) => Err(KvError::Unavailable(format!(
-                "partition {p}: replica stopped: {f}"
+            Ok(Ok(_index)) => Ok(replica),
+            // A read has no outcome to be unsure of.
+            Ok(Err(ProposeError::Stopped)) => Err(KvError::Unavailable(format!(
+                "partition {p}: the replica stopped"
             ))),
+            Ok(Err(e)) => Err(self.engine_error(p, e)),
         }
     }
 
@@ -590,8 +417,8 @@ impl KvCore {
     ) -> Result<(Vec<KeyValue>, bool), KvError> {
         let p = scan.partition;
         let mut target: Option<NodeId> = None;
-        if let Some(r) = self.replicas.get(&p) {
-            let role = r.role();
+        if self.replicas.contains_key(&p) {
+            let role = self.role(p);
             if scan.level == ReadConsistency::Prefix || role.leader {
                 return self.scan_partition_local(scan).await;
             }
@@ -806,32 +633,18 @@ impl KvCore {
                     replicas: self.map.replicas(p).to_vec(),
                     ..Default::default()
                 };
-                match self.replicas.get(&p).map(|r| &r.group) {
-                    None => {}
-                    Some(Group::Openraft(raft)) => {
-                        let m = raft.metrics().borrow_watched().clone();
-                        v.role = format!("{:?}", m.state);
-                        v.leader = m.current_leader.map(NodeId);
-                        v.term = m.current_term;
-                        v.last_log_index = m.last_log_index.unwrap_or(0);
-                        v.commit_index = m.local_committed.map(|l| l.index).unwrap_or(0);
-                        v.applied_index = m.last_applied.map(|l| l.index).unwrap_or(0);
-                        v.snapshot_index = m.snapshot.map(|l| l.index).unwrap_or(0);
-                        v.purged_index = m.purged.map(|l| l.index).unwrap_or(0);
-                    }
-                    Some(Group::Engine(engine)) => {
-                        let s = engine.status(p).unwrap_or_default();
-                        v.role = format!("{:?}", s.role);
-                        v.leader = (s.leader != 0).then_some(NodeId(s.leader));
-                        v.term = s.term;
-                        v.last_log_index = s.last_index;
-                        v.commit_index = s.commit;
-                        v.applied_index = s.applied;
-                        // The state machine is the snapshot: the log is purged up to it.
-                        v.snapshot_index = s.log_start;
-                        v.purged_index = s.log_start;
-                        v.asleep = s.quiet;
-                    }
+                if self.replicas.contains_key(&p) {
+                    let s = self.raft_engine.status(p).unwrap_or_default();
+                    v.role = format!("{:?}", s.role);
+                    v.leader = (s.leader != 0).then_some(NodeId(s.leader));
+                    v.term = s.term;
+                    v.last_log_index = s.last_index;
+                    v.commit_index = s.commit;
+                    v.applied_index = s.applied;
+                    // The state machine is the snapshot: the log is purged up to it.
+                    v.snapshot_index = s.log_start;
+                    v.purged_index = s.log_start;
+                    v.asleep = s.quiet;
                 }
                 v
             })
@@ -887,17 +700,17 @@ pub struct PartitionView {
     pub applied_index: u64,
     pub snapshot_index: u64,
     pub purged_index: u64,
-    /// Quiesced on this node (raftstore engine): no ticks or heartbeats until woken.
+    /// Quiesced on this node: no ticks or heartbeats until woken.
     pub asleep: bool,
 }
 
 /// How long a leader on this node trusts a quorum acknowledgement for lease reads, in ms:
-/// half of the lease that followers grant (openraft's leader lease, the election timeout
-/// maximum); the other half is margin for clocks that run at different rates. 0 when this
-/// node serves no lease reads.
-pub fn lease_read_ms(policy: ReadPolicyChoice, election_timeout_max_ms: u64) -> u64 {
+/// half of the time followers refuse votes after hearing from a leader (`vote_refusal_ms`);
+/// the other half is margin for clocks that run at different rates. 0 when this node
+/// serves no lease reads.
+pub fn lease_read_ms(policy: ReadPolicyChoice, vote_refusal_ms: u64) -> u64 {
     match policy {
-        ReadPolicyChoice::Lease => election_timeout_max_ms / 2,
+        ReadPolicyChoice::Lease => vote_refusal_ms / 2,
         ReadPolicyChoice::ReadIndex => 0,
     }
 }

@@ -6,7 +6,6 @@
 
 pub mod admin;
 pub mod config;
-pub mod confirm;
 pub mod engine;
 pub mod grpc;
 pub mod http;

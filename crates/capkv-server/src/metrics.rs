@@ -1,7 +1,7 @@
 //! Prometheus metrics of a node.
 
 use prometheus::{
-    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
 pub struct Metrics {
@@ -15,18 +15,15 @@ pub struct Metrics {
     pub raft_commit_index: IntGaugeVec,
     pub raft_applied_index: IntGaugeVec,
     pub raft_is_leader: IntGaugeVec,
-    pub raft_leader_changes: IntCounterVec,
     /// Raft messages received from peers, by kind.
     pub raft_messages: IntCounterVec,
-    /// Vote requests refused during the vote hold after a restart.
-    pub votes_held: IntCounter,
     pub storage_fsyncs: IntGauge,
     pub storage_fsync_requests: IntGauge,
     /// 1 once a failed fsync poisoned the node's storage.
     pub storage_poisoned: IntGauge,
-    /// The raftstore engine's counters since start, by event (see `engine_events`).
+    /// The replication engine's counters since start, by event (see `engine_events`).
     pub engine_events: IntGaugeVec,
-    /// Partitions asleep (quiesced) on this node's raftstore engine.
+    /// Partitions asleep (quiesced) on this node's engine.
     pub engine_groups_asleep: IntGauge,
 }
 
@@ -54,13 +51,6 @@ impl Metrics {
         let raft_commit_index = gauge("raft_commit_index", "Committed log index per partition")?;
         let raft_applied_index = gauge("raft_applied_index", "Applied log index per partition")?;
         let raft_is_leader = gauge("raft_is_leader", "1 if this node leads the partition")?;
-        let raft_leader_changes = IntCounterVec::new(
-            Opts::new(
-                "raft_leader_changes_total",
-                "Leader changes seen per partition",
-            ),
-            &["partition"],
-        )?;
         let raft_messages = IntCounterVec::new(
             Opts::new(
                 "raft_messages_received_total",
@@ -69,11 +59,6 @@ impl Metrics {
             &["kind"],
         )?;
         registry.register(Box::new(raft_messages.clone()))?;
-        let votes_held = IntCounter::new(
-            "raft_votes_held_total",
-            "Vote requests refused while this node holds its vote after a restart",
-        )?;
-        registry.register(Box::new(votes_held.clone()))?;
         let storage_fsyncs = IntGauge::new(
             "storage_fsyncs",
             "fsyncs performed by the group-commit flusher",
@@ -93,7 +78,6 @@ impl Metrics {
         ] {
             registry.register(Box::new(g.clone()))?;
         }
-        registry.register(Box::new(raft_leader_changes.clone()))?;
         registry.register(Box::new(storage_fsyncs.clone()))?;
         registry.register(Box::new(storage_fsync_requests.clone()))?;
         let storage_poisoned = IntGauge::new(
@@ -104,7 +88,7 @@ impl Metrics {
         let engine_events = IntGaugeVec::new(
             Opts::new(
                 "engine_events",
-                "raftstore engine counters since start: turns, proposals, entries_proposed, \
+                "replication engine counters since start: turns, proposals, entries_proposed, \
                  entries_written, disk_writes, fsyncs, peer_batches_sent, messages_sent, \
                  compactions, leader_transfers, groups_quiesced, groups_woken, lease_reads, \
                  read_index_reads, lease_renewals, votes_held, snapshots_sent, \
@@ -116,7 +100,7 @@ impl Metrics {
         registry.register(Box::new(engine_events.clone()))?;
         let engine_groups_asleep = IntGauge::new(
             "engine_groups_asleep",
-            "Partitions asleep (quiesced) on this node's raftstore engine",
+            "Partitions asleep (quiesced) on this node's engine",
         )?;
         registry.register(Box::new(engine_groups_asleep.clone()))?;
         Ok(Metrics {
@@ -128,9 +112,7 @@ impl Metrics {
             raft_commit_index,
             raft_applied_index,
             raft_is_leader,
-            raft_leader_changes,
             raft_messages,
-            votes_held,
             storage_fsyncs,
             storage_fsync_requests,
             storage_poisoned,

@@ -11,12 +11,9 @@ use anyhow::{bail, Context as _};
 use capkv_placement::{NodeSpec, PartitionMap};
 use capkv_proto::kv::kv_server::KvServer;
 use capkv_proto::raft::raft_transport_server::RaftTransportServer;
-use capkv_replication::faults::FaultyTransport;
-use capkv_replication::{open_partition, Faults, RaftTransport, VoteHold};
+use capkv_replication::Faults;
 use capkv_storage::{FjallEngine, FjallOptions, StorageEngine, StorageError};
 use capkv_types::{Hlc, NodeId};
-use openraft::async_runtime::WatchReceiver;
-use openraft::BasicNode;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -25,13 +22,12 @@ use tokio::task::JoinHandle;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
 use crate::admin::AdminService;
-use crate::config::{EngineChoice, NodeConfig, PlantedBug};
-use crate::confirm::LeaderConfirmer;
+use crate::config::{NodeConfig, PlantedBug};
 use crate::engine::{engine_config, CapkvMachine, EngineNode, EngineTransport};
 use crate::grpc::{KvService, RaftService};
-use crate::kv::{Group, KvCore, Replica};
+use crate::kv::{KvCore, Replica};
 use crate::metrics::Metrics;
-use crate::transport::{GrpcTransport, PeerChannels, RAFT_MESSAGE_BYTES_MAX};
+use crate::transport::{PeerChannels, RAFT_MESSAGE_BYTES_MAX};
 
 /// What a data directory was created for. A node refuses to start on a data dir made for
 /// another node id or another cluster shape.
@@ -43,14 +39,18 @@ struct ClusterIdentity {
     initial_cluster: Vec<NodeSpec>,
     /// A rule of the state machine: every replica must expire client sessions alike.
     session_ttl_ms: u64,
-    /// The replication engine whose log and state this dir holds.
+    /// The replication engine whose log and state this dir holds (only `raftstore` now;
+    /// dirs made before the field existed, or with `openraft`, are refused).
     #[serde(default = "openraft_name")]
     engine: String,
 }
 
+/// The engine every data dir of this build holds.
+const ENGINE_NAME: &str = "raftstore";
+
 /// Data dirs made before `--engine` existed are openraft's.
 fn openraft_name() -> String {
-    EngineChoice::Openraft.name().to_string()
+    "openraft".to_string()
 }
 
 const IDENTITY_KEY: &str = "cluster_identity";
@@ -108,7 +108,7 @@ impl Node {
             replication_factor: config.replication_factor,
             initial_cluster: config.initial_cluster.clone(),
             session_ttl_ms: config.raft.session_ttl_ms,
-            engine: config.engine.name().to_string(),
+            engine: ENGINE_NAME.to_string(),
         };
         let fresh = match engine.node_meta_get(IDENTITY_KEY)? {
             None => true,
@@ -126,6 +126,15 @@ impl Node {
                 }
                 let stored: ClusterIdentity = serde_json::from_slice(&bytes)
                     .context("the data dir's cluster identity is unreadable")?;
+                if stored.engine != ENGINE_NAME {
+                    bail!(
+                        "data dir {} holds the {} engine's log and state, which this capkv no \
+                         longer runs (it runs only {ENGINE_NAME}). Use the capkv version that \
+                         wrote it, or an empty data dir",
+                        config.data_dir.display(),
+                        stored.engine
+                    );
+                }
                 if stored != identity {
                     bail!(
                         "data dir {} belongs to {stored:?}, but this node was started as {identity:?}; \
@@ -135,13 +144,6 @@ impl Node {
                 }
                 false
             }
-        };
-        // A restarted node holds its vote for one leader lease (see `VoteHold`). The
-        // raftstore engine holds its own, in ticks (`capkv_raftstore::driver`).
-        let vote_hold = if fresh || config.engine == EngineChoice::Raftstore {
-            VoteHold::none()
-        } else {
-            VoteHold::for_lease(Duration::from_millis(config.raft.election_timeout_max_ms))
         };
         let map = PartitionMap::initial(
             &config.initial_cluster,
@@ -163,12 +165,9 @@ impl Node {
         let faults = Arc::new(Faults::new(config.unsafe_fault_injection));
         let peers = Arc::new(PeerChannels::default());
         let read_policy = config.read_policy;
-        // How long a follower refuses votes after hearing from a leader: openraft's leader
-        // lease (its election timeout maximum), or the engine's election ticks.
-        let vote_refusal_ms = match config.engine {
-            EngineChoice::Openraft => config.raft.election_timeout_max_ms,
-            EngineChoice::Raftstore => crate::engine::engine_vote_refusal_ms(&config.raft),
-        };
+        // How long a follower refuses votes after hearing from a leader: the engine's
+        // election ticks. A restarted node holds its vote as long (`capkv_raftstore::driver`).
+        let vote_refusal_ms = crate::engine::engine_vote_refusal_ms(&config.raft);
         let lease_read_ms = crate::kv::lease_read_ms(read_policy, vote_refusal_ms);
         // Planted bug `full-lease`: trust the whole lease, while telling peers half.
         let lease_trusted_ms = if config.planted_bugs.contains(&PlantedBug::FullLease) {
@@ -176,126 +175,63 @@ impl Node {
         } else {
             lease_read_ms
         };
-        // Every outgoing Raft message goes through the injected network faults.
-        let transport: Arc<dyn RaftTransport> = Arc::new(FaultyTransport {
-            inner: Arc::new(GrpcTransport {
-                peers: peers.clone(),
-                lease_read_ms,
-                session_ttl_ms: config.raft.session_ttl_ms,
-            }),
-            faults: faults.clone(),
-        });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let mut replicas = BTreeMap::new();
-        let mut late_inits = Vec::new();
-        let mut raft_engine = None;
-        match config.engine {
-            EngineChoice::Openraft => {
-                for p in map.partitions_of(config.id) {
-                    let (raft, applied) = open_partition(
-                        config.id,
-                        p,
-                        &config.raft,
-                        engine.clone(),
-                        transport.clone(),
-                        hlc.clone(),
-                    )
-                    .await?;
-                    vote_hold.hold_elections(&raft);
-                    replicas.insert(
-                        p,
-                        Replica {
-                            partition: p,
-                            group: Group::Openraft(raft),
-                            applied,
-                        },
-                    );
-                }
-                // Bootstrap. Initializing a group with the same membership on several nodes
-                // is safe (openraft), but done by every replica at once it makes each one a
-                // candidate in term 1, and most groups then need a second election a
-                // timeout later. So a partition's first replica initializes at once, and
-                // the others only if the group has not reached them within one election
-                // timeout (the first replica is down or slow). A node restarting on
-                // existing data never initializes at once: it may have granted a vote, and
-                // its vote hold must run out first.
-                for (p, r) in &replicas {
-                    let Some(raft) = r.openraft() else { continue };
-                    if raft.is_initialized().await.unwrap_or(true) {
-                        continue;
-                    }
-                    let replicas_of_p = map.replicas(*p);
-                    let members: BTreeMap<u64, BasicNode> = replicas_of_p
-                        .iter()
-                        .map(|n| (n.0, BasicNode::new(map.addr_of(*n).unwrap_or_default())))
-                        .collect();
-                    if fresh && replicas_of_p.first() == Some(&config.id) {
-                        initialize_group(*p, raft, members).await;
-                    } else {
-                        late_inits.push((*p, raft.clone(), members));
-                    }
-                }
+        let parts: Vec<_> = map.partitions_of(config.id);
+        let snapshots = Arc::new(crate::engine::Snapshots::default());
+        let (machine, applied, indexes) = CapkvMachine::open(
+            &engine,
+            &parts,
+            &hlc,
+            config.raft.session_ttl_ms,
+            &snapshots,
+        )
+        .context("open the partitions' state machines")?;
+        // Every group starts with its partition's replicas as voters (used when the
+        // group is new on this disk).
+        let groups: BTreeMap<u32, Vec<u64>> = parts
+            .iter()
+            .map(|p| (p.0, map.replicas(*p).iter().map(|n| n.0).collect()))
+            .collect();
+        let others: Vec<(NodeId, String)> = map
+            .nodes
+            .iter()
+            .filter(|(id, _)| **id != config.id)
+            .map(|(id, addr)| (*id, addr.clone()))
+            .collect();
+        let engine_transport = EngineTransport::start(
+            config.id,
+            (config.raft.session_ttl_ms, lease_read_ms),
+            faults.clone(),
+            &peers,
+            &others,
+            shutdown_rx.clone(),
+            snapshots.clone(),
+        );
+        let node = capkv_raftstore::node::RaftNode::start_on_engine(
+            engine_config(config.id, &config.raft, lease_trusted_ms),
+            engine.clone(),
+            &groups,
+            &applied,
+            engine_transport,
+            machine,
+        )
+        .context("start the raftstore engine")?;
+        let node = Arc::new(EngineNode::new(config.id, node, engine.clone(), snapshots));
+        for p in parts {
+            let applied = indexes.get(&p).cloned().unwrap_or_default();
+            // A new cluster's first replica of each partition campaigns at once, so
+            // leaders spread over the nodes as the partition map orders them.
+            if fresh && map.replicas(p).first() == Some(&config.id) {
+                node.campaign(p);
             }
-            EngineChoice::Raftstore => {
-                let parts: Vec<_> = map.partitions_of(config.id);
-                let snapshots = Arc::new(crate::engine::Snapshots::default());
-                let (machine, applied, indexes) = CapkvMachine::open(
-                    &engine,
-                    &parts,
-                    &hlc,
-                    config.raft.session_ttl_ms,
-                    &snapshots,
-                )
-                .context("open the partitions' state machines")?;
-                // Every group starts with its partition's replicas as voters (used when the
-                // group is new on this disk).
-                let groups: BTreeMap<u32, Vec<u64>> = parts
-                    .iter()
-                    .map(|p| (p.0, map.replicas(*p).iter().map(|n| n.0).collect()))
-                    .collect();
-                let others: Vec<(NodeId, String)> = map
-                    .nodes
-                    .iter()
-                    .filter(|(id, _)| **id != config.id)
-                    .map(|(id, addr)| (*id, addr.clone()))
-                    .collect();
-                let engine_transport = EngineTransport::start(
-                    config.id,
-                    (config.raft.session_ttl_ms, lease_read_ms),
-                    faults.clone(),
-                    &peers,
-                    &others,
-                    shutdown_rx.clone(),
-                    snapshots.clone(),
-                );
-                let node = capkv_raftstore::node::RaftNode::start_on_engine(
-                    engine_config(config.id, &config.raft, lease_trusted_ms),
-                    engine.clone(),
-                    &groups,
-                    &applied,
-                    engine_transport,
-                    machine,
-                )
-                .context("start the raftstore engine")?;
-                let node = Arc::new(EngineNode::new(config.id, node, engine.clone(), snapshots));
-                for p in parts {
-                    let applied = indexes.get(&p).cloned().unwrap_or_default();
-                    // A new cluster's first replica of each partition campaigns at once, so
-                    // leaders spread over the nodes as the partition map orders them.
-                    if fresh && map.replicas(p).first() == Some(&config.id) {
-                        node.campaign(p);
-                    }
-                    replicas.insert(
-                        p,
-                        Replica {
-                            partition: p,
-                            group: Group::Engine(node.clone()),
-                            applied,
-                        },
-                    );
-                }
-                raft_engine = Some(node);
-            }
+            replicas.insert(
+                p,
+                Replica {
+                    partition: p,
+                    applied,
+                },
+            );
         }
         if fresh {
             engine.node_meta_put(FORMAT_KEY, &FORMAT_VERSION.to_be_bytes())?;
@@ -303,19 +239,11 @@ impl Node {
             engine.sync()?;
         }
         let metrics = Arc::new(Metrics::new(config.id.0)?);
-        let confirmer = LeaderConfirmer::new(
-            config.id,
-            map.clone(),
-            engine.clone(),
-            transport.clone(),
-            faults.clone(),
-            config.read_timeout,
-        );
         let core = Arc::new(KvCore {
             id: config.id,
             map,
             replicas,
-            raft_engine,
+            raft_engine: node,
             engine,
             hlc,
             limits: config.limits,
@@ -323,13 +251,11 @@ impl Node {
             read_timeout: config.read_timeout,
             read_policy,
             unsafe_local_reads: config.planted_bugs.contains(&PlantedBug::StaleReads),
-            quorum_lease_ms: vote_refusal_ms,
+            vote_refusal_ms,
             lease_read: Duration::from_millis(lease_trusted_ms),
-            vote_hold,
             peers,
             faults,
             metrics,
-            confirmer,
             refusals_logged: Default::default(),
             session_ttl_ms: config.raft.session_ttl_ms,
         });
@@ -341,21 +267,6 @@ impl Node {
         }
 
         let mut tasks = Vec::new();
-        if !late_inits.is_empty() {
-            let wait = Duration::from_millis(config.raft.election_timeout_max_ms);
-            tasks.push(tokio::spawn(initialize_late(
-                late_inits,
-                wait,
-                shutdown_rx.clone(),
-            )));
-        }
-        for r in core.replicas.values() {
-            tasks.push(tokio::spawn(watch_leader(
-                core.clone(),
-                r.partition,
-                shutdown_rx.clone(),
-            )));
-        }
         tasks.push(tokio::spawn(balance_leaders(
             core.clone(),
             shutdown_rx.clone(),
@@ -439,16 +350,8 @@ impl Node {
     /// Stops serving, stops every Raft group and syncs storage.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
-        for r in self.core.replicas.values() {
-            if let Some(raft) = r.openraft() {
-                if let Err(e) = raft.shutdown().await {
-                    tracing::warn!(partition = r.partition.0, error = %e, "raft shutdown");
-                }
-            }
-        }
-        if let Some(engine) = self.core.raft_engine.clone() {
-            let _ = tokio::task::spawn_blocking(move || engine.stop()).await;
-        }
+        let engine = self.core.raft_engine.clone();
+        let _ = tokio::task::spawn_blocking(move || engine.stop()).await;
         for t in self.tasks {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(5), t).await;
         }
@@ -456,45 +359,6 @@ impl Node {
             tracing::error!(error = %e, "final sync failed");
         }
         tracing::info!(node = self.core.id.0, "node stopped");
-    }
-}
-
-/// Logs leader changes of one partition and counts them.
-async fn watch_leader(
-    core: Arc<KvCore>,
-    p: capkv_types::PartitionId,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let Some(raft) = core.replicas.get(&p).and_then(|r| r.openraft()) else {
-        return;
-    };
-    // Server metrics change only with the vote, role, leader or membership; the full
-    // metrics change on every commit and would wake this task once per write.
-    let mut rx = raft.server_metrics();
-    let mut last_leader: Option<u64> = None;
-    let label = p.0.to_string();
-    loop {
-        {
-            let m = rx.borrow_watched();
-            if m.current_leader != last_leader {
-                last_leader = m.current_leader;
-                core.metrics
-                    .raft_leader_changes
-                    .with_label_values(&[label.as_str()])
-                    .inc();
-                tracing::info!(
-                    node = core.id.0,
-                    partition = p.0,
-                    leader = ?m.current_leader,
-                    term = m.vote.leader_id.term,
-                    "leader changed"
-                );
-            }
-        }
-        tokio::select! {
-            r = rx.changed() => if r.is_err() { break },
-            _ = shutdown.wait_for(|s| *s) => break,
-        }
     }
 }
 
@@ -524,49 +388,21 @@ async fn balance_leaders(core: Arc<KvCore>, mut shutdown: watch::Receiver<bool>)
             if preferred == core.id {
                 continue;
             }
-            let raft = match &r.group {
-                Group::Openraft(raft) => raft,
-                // The engine checks leadership, the replica's log and its liveness itself. A
-                // leader refuses writes while it transfers (up to an election timeout), so a
-                // transfer that did not happen (the replica is cut off one way) is retried
-                // only after a while.
-                Group::Engine(engine) => {
-                    let leading = engine
-                        .status(r.partition)
-                        .is_some_and(|s| s.role == capkv_raftstore::StateRole::Leader);
-                    let now = std::time::Instant::now();
-                    let recent = engine_attempts
-                        .get(&r.partition)
-                        .is_some_and(|t| now.duration_since(*t) < ENGINE_TRANSFER_RETRY);
-                    if leading && !recent {
-                        engine_attempts.insert(r.partition, now);
-                        engine.transfer_leader(r.partition, preferred);
-                    }
-                    continue;
-                }
-            };
-            let m = raft.metrics().borrow_watched().clone();
-            if m.state != openraft::ServerState::Leader {
-                continue;
-            }
-            let caught_up = match (&m.replication, m.last_log_index) {
-                (Some(rep), Some(last)) => rep
-                    .get(&preferred.0)
-                    .and_then(|l| l.as_ref())
-                    .is_some_and(|l| l.index == last),
-                _ => false,
-            };
-            if !caught_up {
-                continue;
-            }
-            tracing::info!(
-                node = core.id.0,
-                partition = r.partition.0,
-                to = preferred.0,
-                "transferring leadership to the preferred replica"
-            );
-            if let Err(e) = raft.trigger().transfer_leader(preferred.0).await {
-                tracing::warn!(partition = r.partition.0, error = %e, "leader transfer failed");
+            // The engine checks leadership, the replica's log and its liveness itself. A
+            // leader refuses writes while it transfers (up to an election timeout), so a
+            // transfer that did not happen (the replica is cut off one way) is retried only
+            // after a while.
+            let engine = &core.raft_engine;
+            let leading = engine
+                .status(r.partition)
+                .is_some_and(|s| s.role == capkv_raftstore::StateRole::Leader);
+            let now = std::time::Instant::now();
+            let recent = engine_attempts
+                .get(&r.partition)
+                .is_some_and(|t| now.duration_since(*t) < ENGINE_TRANSFER_RETRY);
+            if leading && !recent {
+                engine_attempts.insert(r.partition, now);
+                engine.transfer_leader(r.partition, preferred);
             }
         }
     }
@@ -654,44 +490,4 @@ fn limited_incoming(
             }
         }
     })
-}
-
-/// Initializes `partition`'s group with `members`; a group that has state already refuses,
-/// which is fine.
-async fn initialize_group(
-    partition: capkv_types::PartitionId,
-    raft: &capkv_replication::PartitionRaft,
-    members: BTreeMap<u64, BasicNode>,
-) {
-    if let Err(e) = raft.initialize(members).await {
-        tracing::debug!(partition = partition.0, error = %e, "initialize skipped");
-    }
-}
-
-/// Initializes the groups in `groups` that nothing reached within `wait` (see the bootstrap
-/// in `Node::start`). A group that a leader reached meanwhile is initialized already and is
-/// left alone. A node stopping meanwhile initializes nothing.
-async fn initialize_late(
-    groups: Vec<(
-        capkv_types::PartitionId,
-        capkv_replication::PartitionRaft,
-        BTreeMap<u64, BasicNode>,
-    )>,
-    wait: Duration,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    tokio::select! {
-        _ = tokio::time::sleep(wait) => {}
-        _ = shutdown.wait_for(|stop| *stop) => return,
-    }
-    for (p, raft, members) in groups {
-        if raft.is_initialized().await.unwrap_or(true) {
-            continue;
-        }
-        tracing::info!(
-            partition = p.0,
-            "no leader reached this replica; initializing the group"
-        );
-        initialize_group(p, &raft, members).await;
-    }
 }

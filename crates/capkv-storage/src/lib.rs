@@ -1,7 +1,7 @@
 //! capkv's storage: one engine per node holding the Raft log, Raft metadata and state
 //! machine of every partition, with the partition id leading every key.
 //!
-//! This crate knows nothing of openraft, gRPC or the network: log entries and Raft
+//! This crate knows nothing of Raft, gRPC or the network: log entries and Raft
 //! metadata are opaque bytes here; `capkv-replication` gives them meaning. See
 //! docs/storage.md for the on-disk layout and what is assumed of the disk.
 //!

@@ -1,4 +1,4 @@
-//! Identifier newtypes. On the wire and in openraft they are plain integers; inside
+//! Identifier newtypes. On the wire and in raft-rs they are plain integers; inside
 //! capkv code they keep partition ids, node ids and revisions from being mixed up.
 
 use std::fmt;

@@ -9,9 +9,6 @@ pub enum PlantedBug {
     /// Linearizable reads from the local replica without confirming leadership (caught
     /// under partitions).
     StaleReads,
-    /// openraft's leader restore on: a leader restarted within its lease takes its
-    /// leadership back with a stale commit index (caught by the `restart` nemesis).
-    LeaderRestore,
     /// A lease read trusts a quorum acknowledgement for the whole lease instead of half,
     /// while telling peers it trusts half (the `clock` nemesis's rate skew exposes it).
     FullLease,
@@ -21,9 +18,8 @@ pub enum PlantedBug {
 }
 
 impl PlantedBug {
-    pub const ALL: [PlantedBug; 4] = [
+    pub const ALL: [PlantedBug; 3] = [
         PlantedBug::StaleReads,
-        PlantedBug::LeaderRestore,
         PlantedBug::FullLease,
         PlantedBug::AckBeforeFsync,
     ];
@@ -32,7 +28,6 @@ impl PlantedBug {
     pub fn name(self) -> &'static str {
         match self {
             PlantedBug::StaleReads => "stale-reads",
-            PlantedBug::LeaderRestore => "leader-restore",
             PlantedBug::FullLease => "full-lease",
             PlantedBug::AckBeforeFsync => "ack-before-fsync",
         }

@@ -167,15 +167,9 @@ async fn cli_put_get_del_scan_status() {
     let (code, out, _) = cli(&["status"], &ep);
     assert_eq!(code, 0);
     assert_eq!(out.matches(" up ").count(), 3, "three nodes up:\n{out}");
-    // The fixture sets --election-timeout-ms 600. openraft's followers refuse votes for the
-    // maximum, 1,200 ms, and its leaders trust half; the raftstore engine's followers refuse
-    // votes for 11 of its 12 ticks of 50 ms (the first may come at once), 550 ms: half.
-    let raftstore = crate::fixture::engine_under_test() == "raftstore";
-    let (policy_text, policy, lease_ms) = if raftstore {
-        ("lease reads (275 ms)", "lease", 275)
-    } else {
-        ("lease reads (600 ms)", "lease", 600)
-    };
+    // The fixture sets --election-timeout-ms 600: followers refuse votes for 11 of the
+    // engine's 12 ticks of 50 ms (the first may come at once), 550 ms; leaders trust half.
+    let (policy_text, policy, lease_ms) = ("lease reads (275 ms)", "lease", 275);
     assert_eq!(out.matches(policy_text).count(), 3, "read policy:\n{out}");
     assert!(
         !out.contains("holding its vote"),

@@ -9,17 +9,9 @@ use crate::fixture::{seed, Slot, BIN};
 fn check(args: &[&str]) -> (i32, String, String) {
     // A check saturates the machine by design; run it alone.
     let _slot = Slot::take_all();
-    // On the engine under test, like every cluster test.
-    let engine = crate::fixture::engine_under_test();
-    let engine_args: &[&str] = if args.contains(&"--engine") {
-        &[]
-    } else {
-        &["--engine", &engine]
-    };
     let out = Command::new(BIN)
         .arg("check")
         .args(args)
-        .args(engine_args)
         .env("RUST_LOG", "error")
         .output()
         .expect("run capkv check");

@@ -14,17 +14,6 @@ async fn acknowledged_writes_survive_killing_every_node() {
     kill_every_node_under_load(Opts::default(), "crash").await;
 }
 
-/// The same on the other engine (openraft, unless `CAPKV_TEST_ENGINE` says otherwise).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn acknowledged_writes_survive_killing_every_node_on_the_other_engine() {
-    let engine = crate::fixture::other_engine();
-    let opts = Opts {
-        extra_args: vec!["--engine".into(), engine.into()],
-        ..Opts::default()
-    };
-    kill_every_node_under_load(opts, &format!("crash-{engine}")).await;
-}
-
 async fn kill_every_node_under_load(opts: Opts, seed_name: &str) {
     let mut rng = seed(seed_name) | 1;
     let mut next = move || {

@@ -89,13 +89,6 @@ impl Cluster {
         options.extra_args = ["--heartbeat-ms", "100", "--election-timeout-ms", "600"]
             .map(String::from)
             .to_vec();
-        // `CAPKV_TEST_ENGINE=raftstore` runs every cluster test on that engine (a test that
-        // names its engine keeps it: the last `--engine` wins).
-        if let Ok(engine) = std::env::var("CAPKV_TEST_ENGINE") {
-            if !opts.extra_args.iter().any(|a| a == "--engine") {
-                options.extra_args.extend(["--engine".to_string(), engine]);
-            }
-        }
         options.extra_args.extend(opts.extra_args);
         let mut inner =
             LocalCluster::new(BIN.as_ref(), dir.path(), options).expect("lay out the cluster");
@@ -303,30 +296,6 @@ pub fn metric(text: &str, name: &str, label: &str) -> u64 {
         .sum()
 }
 
-/// The replication engine the cluster tests run on (`CAPKV_TEST_ENGINE`, else the server's
-/// default).
-pub fn engine_under_test() -> String {
-    std::env::var("CAPKV_TEST_ENGINE").unwrap_or_else(|_| "raftstore".into())
-}
-
-/// The engine a cluster started with `opts` runs: its `--engine`, else the one under test.
-pub fn engine_of(opts: &Opts) -> String {
-    opts.extra_args
-        .iter()
-        .position(|a| a == "--engine")
-        .and_then(|i| opts.extra_args.get(i + 1).cloned())
-        .unwrap_or_else(engine_under_test)
-}
-
-/// The engine the cluster tests do not run on: the few tests that also run on it (crash,
-/// leader balancing, snapshot catch-up) name it with `--engine`.
-pub fn other_engine() -> &'static str {
-    if engine_under_test() == "raftstore" {
-        "openraft"
-    } else {
-        "raftstore"
-    }
-}
 
 pub fn seed(test: &str) -> u64 {
     let seed = std::env::var("CAPKV_TEST_SEED")
