@@ -6,7 +6,7 @@
 #   bench/verify.sh [--seeds N] [--first-seed S] [--duration 60s] [--only NAME]
 #
 # NAME is one of: valid-register, valid-append-set, valid-snapshots, stale-reads,
-# stale-reads-oneway, full-lease, ack-before-fsync. Needs a release build (cargo build --release). The binary
+# stale-reads-oneway, full-lease, ack-before-fsync, valid-session, ignore-session-token. Needs a release build (cargo build --release). The binary
 # is copied first, so rebuilding while this runs does not mix versions.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,6 +39,8 @@ matrix=(
   "stale-reads-oneway|invalid|--nemesis oneway --planted-bug stale-reads"
   "full-lease|invalid|--nemesis clock,partition --planted-bug full-lease"
   "ack-before-fsync|invalid|--nemesis disk --workload append-set --planted-bug ack-before-fsync"
+  "valid-session|valid|--nemesis all --consistency session"
+  "ignore-session-token|invalid|--nemesis partition --consistency session --planted-bug ignore-session-token"
 )
 
 summary=""
@@ -58,7 +60,7 @@ for row in "${matrix[@]}"; do
     rm -rf "$out"/cluster/node-*/
     case $code in 0) got=valid ;; 1) got=invalid ;; *) got=unknown ;; esac
     [ "$got" = "$want" ] && hits=$((hits + 1))
-    verdict=$(grep -E '^(linearizable|sets):' "$out.log" | head -1 | cut -c1-100)
+    verdict=$(grep -E '^(linearizable|sets|sessions):' "$out.log" | head -1 | cut -c1-100)
     faults=$(grep -o 'faults=[0-9]*' "$out.log" | head -1)
     echo "RESULT $name seed=$seed $got $faults $verdict"
   done

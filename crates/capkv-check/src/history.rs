@@ -49,6 +49,10 @@ pub struct Event {
     pub succeeded: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub elements: Option<Vec<u64>>,
+    /// On a completion: the revision of the key the operation wrote (write, cas) or read
+    /// (read; 0 when absent), for the session checker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<u64>,
     /// Nanoseconds since the run started (monotonic clock).
     pub time_ns: u64,
     /// Wall-clock milliseconds since the Unix epoch.
@@ -74,6 +78,8 @@ pub struct Operation {
     pub elements: Option<Vec<u64>>,
     /// Index of the invoke event in the history.
     pub index: u64,
+    /// The completion's revision (see `Event::revision`).
+    pub revision: Option<u64>,
 }
 
 /// Pairs each invoke with the next completion of the same process. An invoke without a
@@ -97,6 +103,7 @@ pub fn pair(events: &[Event]) -> Vec<Operation> {
                     succeeded: None,
                     elements: None,
                     index: e.index,
+                    revision: None,
                 });
             }
             kind => {
@@ -110,6 +117,7 @@ pub fn pair(events: &[Event]) -> Vec<Operation> {
                         op.value = e.value;
                     }
                     op.succeeded = e.succeeded;
+                    op.revision = e.revision;
                     if e.elements.is_some() {
                         op.elements = e.elements.clone();
                     }
@@ -166,6 +174,7 @@ mod tests {
 
     fn ev(index: u64, kind: EventType, process: u64, f: Func, value: Option<u64>, t: u64) -> Event {
         Event {
+            revision: None,
             index,
             kind,
             process,

@@ -13,6 +13,7 @@ pub mod history;
 pub mod linearizability;
 pub mod nemesis;
 pub mod runner;
+pub mod session;
 pub mod sets;
 pub mod workload;
 

@@ -18,6 +18,7 @@ use crate::linearizability::{
     check, smallest_failing_window, to_lin_ops, Budget, LinOp, State, Verdict, NEVER,
 };
 use crate::nemesis::{self, FaultKind};
+use crate::session::check_sessions;
 use crate::sets::{check_sets, SetReport};
 use crate::workload::{final_reads, ClientTask, Recorder, WorkloadKind};
 
@@ -135,6 +136,18 @@ fn describe(o: &Operation, op: &LinOp) -> String {
 
 /// Runs one check end to end.
 pub async fn run(o: CheckOptions) -> anyhow::Result<Report> {
+    if o.workload == WorkloadKind::Register
+        && matches!(
+            o.consistency,
+            ReadConsistency::Prefix | ReadConsistency::Eventual
+        )
+    {
+        bail!(
+            "the register workload checks linearizable reads (linearizability) and session \
+             reads (the session guarantees); there is no checker for {} reads yet",
+            o.consistency
+        );
+    }
     std::fs::create_dir_all(&o.out).with_context(|| format!("create {}", o.out.display()))?;
     let history_path = o.out.join("history.jsonl");
     let mut kinds = o.nemesis.clone();
@@ -343,6 +356,33 @@ pub fn analyse(o: &CheckOptions, ops: Vec<Operation>, faults: u64, history: Path
     let mut lin = Vec::new();
     let mut sets = BTreeMap::new();
     match o.workload {
+        WorkloadKind::Register if o.consistency == ReadConsistency::Session => {
+            let r = check_sessions(&ops, o.clients as u64);
+            if r.violations.is_empty() {
+                lines.push(format!(
+                    "sessions: valid ({} sessions, {} operations checked)",
+                    r.sessions, r.checked
+                ));
+            } else {
+                outcome = Outcome::Invalid;
+                let mut broken: Vec<&str> = r.violations.iter().map(|v| v.guarantee).collect();
+                broken.sort();
+                broken.dedup();
+                lines.push(format!(
+                    "sessions: INVALID, {} violations ({}) in {} sessions, {} operations checked",
+                    r.violations.len(),
+                    broken.join(", "),
+                    r.sessions,
+                    r.checked
+                ));
+                for v in r.violations.iter().take(10) {
+                    lines.push(format!(
+                        "  session {} key {} op #{}: {}: {}",
+                        v.session, v.key, v.index, v.guarantee, v.detail
+                    ));
+                }
+            }
+        }
         WorkloadKind::Register => {
             let mut by_key: BTreeMap<&str, Vec<Operation>> = BTreeMap::new();
             for op in &ops {

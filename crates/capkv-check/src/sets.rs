@@ -103,6 +103,7 @@ mod tests {
             succeeded: None,
             elements: None,
             index: e,
+            revision: None,
         }
     }
 

@@ -58,6 +58,8 @@ pub struct Completion {
     pub succeeded: Option<bool>,
     pub elements: Option<Vec<u64>>,
     pub error: Option<String>,
+    /// The revision written or read (see `Event::revision`).
+    pub revision: Option<u64>,
 }
 
 impl Recorder {
@@ -94,6 +96,7 @@ impl Recorder {
             from,
             succeeded: None,
             elements: None,
+            revision: None,
             time_ns: 0,
             wall_ms: 0,
             error: None,
@@ -116,6 +119,7 @@ impl Recorder {
             from: None,
             succeeded: c.succeeded,
             elements: c.elements,
+            revision: c.revision,
             time_ns: 0,
             wall_ms: 0,
             error: c.error,
@@ -222,13 +226,20 @@ impl ClientTask {
                         EventType::Ok,
                         Completion {
                             value: v,
+                            revision: Some(kv.mod_revision),
                             ..Default::default()
                         },
                     )
                 }
                 Ok(None) => {
                     last_seen.insert(key.to_string(), (None, 0));
-                    (EventType::Ok, Completion::default())
+                    (
+                        EventType::Ok,
+                        Completion {
+                            revision: Some(0),
+                            ..Default::default()
+                        },
+                    )
                 }
                 // A read has no effect: whatever went wrong, it certainly did not happen.
                 Err(e) => (EventType::Fail, err(&e)),
@@ -241,7 +252,13 @@ impl ClientTask {
             None => {
                 rec.invoke(process, Func::Write, key, Some(v), None);
                 let (kind, c) = match self.client.put(key, v.to_string()).await {
-                    Ok(_) => (EventType::Ok, Completion::default()),
+                    Ok(r) => (
+                        EventType::Ok,
+                        Completion {
+                            revision: Some(r.revision),
+                            ..Default::default()
+                        },
+                    ),
                     Err(e) => (write_failure(&e), err(&e)),
                 };
                 rec.complete(process, Func::Write, key, kind, c);
@@ -259,6 +276,7 @@ impl ClientTask {
                         EventType::Ok,
                         Completion {
                             succeeded: Some(r.succeeded),
+                            revision: r.succeeded.then_some(r.revision),
                             ..Default::default()
                         },
                     ),

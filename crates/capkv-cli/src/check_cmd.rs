@@ -42,7 +42,9 @@ pub struct CheckArgs {
     pub seed: Option<u64>,
     #[arg(long, default_value = "./check-out")]
     pub out: PathBuf,
-    /// Read level the workload uses.
+    /// Read level the workload uses. The register workload checks `linearizable` reads
+    /// for linearizability and `session` reads for the four session guarantees (each
+    /// client is one session).
     #[arg(long, default_value = "linearizable", value_parser = parse_consistency)]
     pub consistency: ReadConsistency,
     /// Check an existing cluster instead (only faults through the nodes' Admin service

@@ -27,6 +27,11 @@ pub struct Endpoints {
         global = true
     )]
     pub endpoints: String,
+    /// A file that carries a read session across commands: read before the command (so
+    /// its `--consistency session` reads see what earlier commands wrote or read) and
+    /// updated after it. Created if missing.
+    #[arg(long, env = "CAPKV_SESSION", global = true)]
+    pub session: Option<std::path::PathBuf>,
 }
 
 impl Endpoints {
@@ -57,7 +62,9 @@ pub struct PutArgs {
 #[derive(Args, Debug)]
 pub struct GetArgs {
     pub key: String,
-    /// Read level: linearizable (default) or prefix (local replica, possibly stale).
+    /// Read level: linearizable (default); session (any replica that has what this
+    /// session wrote or read: see --session); prefix or eventual (any replica, possibly
+    /// stale).
     #[arg(long, default_value = "linearizable", value_parser = parse_consistency)]
     pub consistency: ReadConsistency,
     /// Print revisions and HLC too.
@@ -111,7 +118,55 @@ fn parse_consistency(s: &str) -> Result<ReadConsistency, String> {
 }
 
 async fn connect(e: &Endpoints) -> Result<Client, KvError> {
-    Client::connect(ClientConfig::new(e.list())).await
+    let client = Client::connect(ClientConfig::new(e.list())).await?;
+    if let Some(path) = &e.session {
+        match std::fs::read_to_string(path) {
+            Ok(text) => {
+                let token = hex_decode(text.trim()).ok_or_else(|| {
+                    KvError::InvalidArgument(format!(
+                        "session file {} does not hold a session token",
+                        path.display()
+                    ))
+                })?;
+                client.join_session(&token)?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(KvError::InvalidArgument(format!(
+                    "read session file {}: {e}",
+                    path.display()
+                )))
+            }
+        }
+    }
+    Ok(client)
+}
+
+/// Writes the client's read session back to `--session`, if given.
+fn save_session(client: &Client, e: &Endpoints) {
+    if let Some(path) = &e.session {
+        let hex: String = client
+            .session_token()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        if let Err(err) = std::fs::write(path, hex + "\n") {
+            eprintln!(
+                "warning: could not write session file {}: {err}",
+                path.display()
+            );
+        }
+    }
+}
+
+fn hex_decode(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 fn fail(e: KvError) -> i32 {
@@ -130,10 +185,11 @@ pub async fn put(a: PutArgs) -> i32 {
         (None, true) => Condition::IfAbsent,
         (None, false) => Condition::Always,
     };
-    match client
+    let result = client
         .put_with(a.key.into_bytes(), a.value.into_bytes(), condition)
-        .await
-    {
+        .await;
+    save_session(&client, &a.endpoints);
+    match result {
         Ok(r) if r.succeeded => {
             outln!("OK revision={} partition={}", r.revision, r.partition);
             0
@@ -152,7 +208,9 @@ pub async fn get(a: GetArgs) -> i32 {
         Ok(c) => c,
         Err(e) => return fail(e),
     };
-    match client.get_with(a.key.into_bytes(), a.consistency).await {
+    let result = client.get_with(a.key.into_bytes(), a.consistency).await;
+    save_session(&client, &a.endpoints);
+    match result {
         Ok(Some(kv)) => {
             let mut out = std::io::stdout().lock();
             let _ = out.write_all(&kv.value);
@@ -179,7 +237,9 @@ pub async fn del(a: DelArgs) -> i32 {
         Ok(c) => c,
         Err(e) => return fail(e),
     };
-    match client.delete_with(a.key.into_bytes(), a.if_revision).await {
+    let result = client.delete_with(a.key.into_bytes(), a.if_revision).await;
+    save_session(&client, &a.endpoints);
+    match result {
         Ok(r) if r.succeeded => {
             outln!("OK revision={} partition={}", r.revision, r.partition);
             0
@@ -230,6 +290,7 @@ pub async fn scan(a: ScanArgs) -> i32 {
         }
         opts.continuation = page.continuation;
     }
+    save_session(&client, &a.endpoints);
     0
 }
 

@@ -96,6 +96,8 @@ pub enum PlantedBugArg {
     FullLease,
     /// Acknowledge durability before the fsync.
     AckBeforeFsync,
+    /// Session reads ignore the session token (served by any replica however far behind).
+    IgnoreSessionToken,
 }
 
 impl PlantedBugArg {
@@ -104,6 +106,7 @@ impl PlantedBugArg {
             PlantedBugArg::StaleReads => PlantedBug::StaleReads,
             PlantedBugArg::FullLease => PlantedBug::FullLease,
             PlantedBugArg::AckBeforeFsync => PlantedBug::AckBeforeFsync,
+            PlantedBugArg::IgnoreSessionToken => PlantedBug::IgnoreSessionToken,
         }
     }
 }

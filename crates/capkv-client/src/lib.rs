@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use capkv_proto::kv::{self as pb, kv_client::KvClient};
 use capkv_proto::status::from_status;
-use capkv_types::{partition_for_key, KvError, NodeId, PartitionId, ReadConsistency};
+use capkv_types::{partition_for_key, KvError, NodeId, PartitionId, ReadConsistency, SessionToken};
 use tonic::transport::{Channel, Endpoint};
 
 pub use capkv_proto::kv::StatusResponse;
@@ -172,10 +172,13 @@ struct Inner {
     channels: Mutex<HashMap<String, Channel>>,
     routing: RwLock<Routing>,
     round_robin: AtomicU64,
+    /// The read session: per partition the highest log position this client has written
+    /// or read (`session` reads are served only by replicas at least that far).
+    token: Mutex<SessionToken>,
 }
 
-/// A capkv client. Cheap to clone; clones share connections, the routing cache and the
-/// idempotency sequence.
+/// A capkv client. Cheap to clone; clones share connections, the routing cache, the
+/// idempotency sequence and the read session (`ReadConsistency::Session`).
 #[derive(Clone)]
 pub struct Client {
     inner: Arc<Inner>,
@@ -193,8 +196,10 @@ fn kv_pb_to(kv: pb::KeyValue) -> KeyValue {
 
 fn consistency_pb(c: ReadConsistency) -> i32 {
     match c {
+        ReadConsistency::Linearizable => pb::Consistency::Linearizable as i32,
         ReadConsistency::Prefix => pb::Consistency::Prefix as i32,
-        _ => pb::Consistency::Linearizable as i32,
+        ReadConsistency::Session => pb::Consistency::Session as i32,
+        ReadConsistency::Eventual => pb::Consistency::Eventual as i32,
     }
 }
 
@@ -404,11 +409,38 @@ impl Client {
                 channels: Mutex::new(HashMap::new()),
                 routing: RwLock::new(Routing::default()),
                 round_robin: AtomicU64::new(0),
+                token: Mutex::new(SessionToken::default()),
             }),
         };
         client.refresh_routing().await?;
         client.session().started_ms = client.cluster_now_ms();
         Ok(client)
+    }
+
+    fn token(&self) -> std::sync::MutexGuard<'_, SessionToken> {
+        self.inner.token.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Advances the read session past what a response saw.
+    fn observe(&self, header: Option<&pb::ResponseHeader>) {
+        if let Some(h) = header {
+            self.token()
+                .observe(PartitionId(h.partition_id), h.applied_index);
+        }
+    }
+
+    /// The read session's token (opaque bytes; empty before any request), to carry the
+    /// session over to another client or process (`join_session`).
+    pub fn session_token(&self) -> Vec<u8> {
+        self.token().encode()
+    }
+
+    /// Joins the read session of `token` (from `session_token`): `session` reads of this
+    /// client then see everything that session wrote or read.
+    pub fn join_session(&self, token: &[u8]) -> Result<(), KvError> {
+        let other = SessionToken::decode(token)?;
+        self.token().merge(&other);
+        Ok(())
     }
 
     fn session(&self) -> std::sync::MutexGuard<'_, Session> {
@@ -661,6 +693,14 @@ impl Client {
         Some(all[turn % all.len()].clone())
     }
 
+    /// One of `p`'s replicas, in turn.
+    fn any_replica(&self, p: PartitionId) -> Option<String> {
+        let r = self.inner.routing.read().unwrap_or_else(|e| e.into_inner());
+        let replicas = r.replicas.get(p.0 as usize).filter(|v| !v.is_empty())?;
+        let turn = self.inner.round_robin.fetch_add(1, Ordering::Relaxed) as usize;
+        r.nodes.get(&replicas[turn % replicas.len()]).cloned()
+    }
+
     fn set_leader(&self, p: PartitionId, leader: Option<NodeId>, leader_addr: Option<String>) {
         let mut r = self
             .inner
@@ -686,16 +726,39 @@ impl Client {
         F: Fn(KvClient<Channel>) -> Fut,
         Fut: Future<Output = Result<T, tonic::Status>>,
     {
+        self.retry_at(partition, is_write, false, attempt).await
+    }
+
+    /// `retry`, where the first attempt of a read that any replica may serve (`spread`)
+    /// goes to one of the partition's replicas in turn rather than to its leader, so
+    /// followers carry their share; later attempts follow the leader.
+    async fn retry_at<T, F, Fut>(
+        &self,
+        partition: Option<PartitionId>,
+        is_write: bool,
+        spread: bool,
+        attempt: F,
+    ) -> Result<T, KvError>
+    where
+        F: Fn(KvClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<T, tonic::Status>>,
+    {
         let cfg = &self.inner.config;
         let deadline = Instant::now() + cfg.request_timeout;
         let mut backoff = cfg.backoff_initial;
         let mut policy = RetryPolicy::new(is_write);
+        let mut first = true;
         loop {
             let now = Instant::now();
             if now >= deadline {
                 return Err(policy.give_up());
             }
-            let Some(addr) = self.target(partition) else {
+            let pick = match partition {
+                Some(p) if spread && first => self.any_replica(p),
+                _ => None,
+            };
+            first = false;
+            let Some(addr) = pick.or_else(|| self.target(partition)) else {
                 return Err(KvError::Unavailable("no nodes known".into()));
             };
             let kv = self.kv(&addr)?;
@@ -756,6 +819,7 @@ impl Client {
                 async move { kv.put(req).await.map(|r| r.into_inner()) }
             })
             .await?;
+        self.observe(resp.header.as_ref());
         Ok(put_result(p, resp))
     }
 
@@ -785,6 +849,7 @@ impl Client {
                 async move { kv.put(req).await.map(|r| r.into_inner()) }
             })
             .await?;
+        self.observe(resp.header.as_ref());
         Ok(put_result(p, resp))
     }
 
@@ -810,6 +875,7 @@ impl Client {
                 async move { kv.delete(req).await.map(|r| r.into_inner()) }
             })
             .await?;
+        self.observe(resp.header.as_ref());
         Ok(WriteResult {
             partition: p,
             succeeded: resp.deleted,
@@ -833,13 +899,19 @@ impl Client {
         let request = pb::GetRequest {
             key,
             consistency: consistency_pb(consistency),
+            session_token: match consistency {
+                ReadConsistency::Session => self.session_token(),
+                _ => Vec::new(),
+            },
         };
+        let spread = consistency != ReadConsistency::Linearizable;
         let resp = self
-            .retry(Some(p), false, |mut kv| {
+            .retry_at(Some(p), false, spread, |mut kv| {
                 let req = request.clone();
                 async move { kv.get(req).await.map(|r| r.into_inner()) }
             })
             .await?;
+        self.observe(resp.header.as_ref());
         Ok(if resp.found {
             resp.kv.map(kv_pb_to)
         } else {
@@ -857,6 +929,10 @@ impl Client {
             continuation: options.continuation.clone(),
             consistency: consistency_pb(options.consistency),
             partition_id: None,
+            session_token: match options.consistency {
+                ReadConsistency::Session => self.session_token(),
+                _ => Vec::new(),
+            },
         };
         let resp = self
             .retry(None, false, |mut kv| {
@@ -864,6 +940,7 @@ impl Client {
                 async move { kv.scan(req).await.map(|r| r.into_inner()) }
             })
             .await?;
+        self.join_session(&resp.session_token)?;
         Ok(ScanPage {
             kvs: resp.kvs.into_iter().map(kv_pb_to).collect(),
             continuation: resp.continuation,
@@ -924,6 +1001,7 @@ mod tests {
                 channels: Mutex::new(HashMap::new()),
                 routing: RwLock::new(Routing::default()),
                 round_robin: AtomicU64::new(0),
+                token: Mutex::new(SessionToken::default()),
             }),
         }
     }

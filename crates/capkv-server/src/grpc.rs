@@ -12,7 +12,7 @@ use capkv_proto::raft::{
 };
 use capkv_proto::status::to_status;
 use capkv_replication::{CommandResponse, Condition, Idempotency};
-use capkv_types::{KvError, NodeId, PartitionId, ReadConsistency};
+use capkv_types::{KvError, NodeId, PartitionId, ReadConsistency, SessionToken};
 use tonic::{Request, Response, Status};
 
 use crate::kv::{check_peer_lease, KeyValue, KvCore, ScanParams, Served};
@@ -27,10 +27,11 @@ fn level(c: i32) -> Result<ReadConsistency, KvError> {
             Ok(ReadConsistency::Linearizable)
         }
         Ok(pb::Consistency::Prefix) => Ok(ReadConsistency::Prefix),
+        Ok(pb::Consistency::Session) => Ok(ReadConsistency::Session),
+        Ok(pb::Consistency::Eventual) => Ok(ReadConsistency::Eventual),
         Err(_) => Err(KvError::InvalidArgument(format!(
-            "unknown consistency level {c}; supported: {} (1), {} (2)",
-            ReadConsistency::Linearizable,
-            ReadConsistency::Prefix
+            "unknown consistency level {c}; supported: linearizable (1), prefix (2), \
+             session (4), eventual (5)"
         ))),
     }
 }
@@ -55,12 +56,15 @@ fn idempotency(i: Option<pb::Idempotency>) -> Option<Idempotency> {
     })
 }
 
-fn header(node: NodeId, s: Served) -> Option<pb::ResponseHeader> {
+/// The response header: where it was served, and the session token advanced past it.
+fn header(node: NodeId, s: Served, mut session: SessionToken) -> Option<pb::ResponseHeader> {
+    session.observe(s.partition, s.applied_index);
     Some(pb::ResponseHeader {
         partition_id: s.partition.0,
         served_by: node.0,
         raft_term: s.term,
         applied_index: s.applied_index,
+        session_token: session.encode(),
     })
 }
 
@@ -110,9 +114,10 @@ impl Kv for KvService {
         let resp = self
             .observe("get", async {
                 let level = level(req.consistency)?;
-                let (served, value) = core.get(&req.key, level).await?;
+                let session = SessionToken::decode(&req.session_token)?;
+                let (served, value) = core.get(&req.key, level, &session).await?;
                 Ok(pb::GetResponse {
-                    header: header(core.id, served),
+                    header: header(core.id, served, session),
                     found: value.is_some(),
                     kv: value.map(|value| {
                         kv_pb(KeyValue {
@@ -140,7 +145,7 @@ impl Kv for KvService {
                     .await?;
                 let (succeeded, revision, hlc, current_revision) = write_parts(&r);
                 Ok(pb::PutResponse {
-                    header: header(core.id, served),
+                    header: header(core.id, served, SessionToken::default()),
                     succeeded,
                     revision,
                     hlc,
@@ -165,7 +170,7 @@ impl Kv for KvService {
                     .await?;
                 let (deleted, revision, hlc, current_revision) = write_parts(&r);
                 Ok(pb::DeleteResponse {
-                    header: header(core.id, served),
+                    header: header(core.id, served, SessionToken::default()),
                     deleted,
                     revision,
                     hlc,
@@ -191,14 +196,18 @@ impl Kv for KvService {
                     limit: req.limit,
                     continuation: req.continuation,
                     consistency: level(req.consistency)?,
+                    session: SessionToken::decode(&req.session_token)?,
                 };
                 let page = match req.partition_id {
                     Some(p) => core.scan_one(PartitionId(p), &params).await?,
                     None => core.scan(&params).await?,
                 };
+                let mut session = params.session;
+                session.merge(&page.seen);
                 Ok(pb::ScanResponse {
                     kvs: page.kvs.into_iter().map(kv_pb).collect(),
                     continuation: page.continuation,
+                    session_token: session.encode(),
                 })
             })
             .await?;

@@ -12,7 +12,7 @@ use capkv_replication::{
     AppliedIndex, Command, CommandResponse, Condition, Faults, Idempotency, Op, Rejection,
 };
 use capkv_storage::{StorageEngine, StoredValue};
-use capkv_types::{Hlc, KvError, Limits, NodeId, PartitionId, ReadConsistency};
+use capkv_types::{Hlc, KvError, Limits, NodeId, PartitionId, ReadConsistency, SessionToken};
 
 use capkv_raftstore::driver::ProposeError;
 use capkv_raftstore::StateRole;
@@ -20,6 +20,7 @@ use capkv_raftstore::StateRole;
 use crate::config::ReadPolicyChoice;
 use crate::engine::EngineNode;
 use crate::metrics::Metrics;
+use crate::read_plan::{self, Plan, ReadAsk, ReplicaState};
 use crate::transport::PeerChannels;
 
 /// One partition replica hosted by this node (its Raft group runs on the node's engine).
@@ -60,6 +61,8 @@ pub struct ScanParams {
     pub limit: u32,
     pub continuation: Vec<u8>,
     pub consistency: ReadConsistency,
+    /// The session's token (`session` reads wait for its position in each partition).
+    pub session: SessionToken,
 }
 
 /// One partition's share of a scan: `[start, end)`, at most `limit` keys, read at `level`.
@@ -71,6 +74,8 @@ pub struct PartitionScan<'a> {
     pub end: Option<&'a [u8]>,
     pub limit: u32,
     pub level: ReadConsistency,
+    /// The session's position in this partition (`session` reads).
+    pub session_at: u64,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -78,9 +83,23 @@ pub struct ScanPage {
     pub kvs: Vec<KeyValue>,
     /// Empty when the range is exhausted.
     pub continuation: Vec<u8>,
+    /// The position of each partition read (its replica's applied index after the read).
+    pub seen: SessionToken,
+}
+
+/// One partition's share of a scan, as read: the rows, whether the partition has more,
+/// and the replica's applied index after the read.
+pub struct PartitionRows {
+    pub kvs: Vec<KeyValue>,
+    pub more: bool,
+    pub position: u64,
 }
 
 pub const SCAN_DEFAULT_LIMIT: u32 = 1000;
+/// How long a `session` read waits for the local replica to apply the session's position
+/// before it goes to the leader: about a heartbeat round, so a follower that is merely a
+/// little behind serves it.
+pub const SESSION_WAIT: Duration = Duration::from_millis(100);
 const CONTINUATION_V1: u8 = 1;
 
 pub struct KvCore {
@@ -97,6 +116,9 @@ pub struct KvCore {
     pub read_policy: ReadPolicyChoice,
     /// Planted bug `stale-reads` (TESTING ONLY): linearizable reads skip confirmation.
     pub unsafe_local_reads: bool,
+    /// Planted bug `ignore-session-token` (TESTING ONLY): session reads do not wait for
+    /// the session's position.
+    pub unsafe_ignore_session: bool,
     /// How long this node's replicas refuse votes after hearing from a leader (the
     /// engine's election ticks); peers may trust their lease for at most half of it.
     pub vote_refusal_ms: u64,
@@ -325,32 +347,73 @@ impl KvCore {
         }
     }
 
-    /// Waits until the local replica may serve a read at `level`.
+    /// Waits until the local replica may serve a read at `level` (`session_at`: the
+    /// session's position in the partition), as the read planner says.
     async fn read_barrier(
         &self,
         p: PartitionId,
         level: ReadConsistency,
+        session_at: u64,
     ) -> Result<&Replica, KvError> {
         let replica = self.replica(p)?;
-        if level == ReadConsistency::Prefix || self.unsafe_local_reads {
+        if level == ReadConsistency::Linearizable && self.unsafe_local_reads {
             return Ok(replica);
         }
+        let mut ask = ReadAsk {
+            level,
+            session_at: if self.unsafe_ignore_session {
+                0
+            } else {
+                session_at
+            },
+            waited: false,
+        };
+        loop {
+            let role = self.role(p);
+            let state = ReplicaState {
+                leader: role.leader,
+                known_leader: role.known_leader.filter(|l| *l != self.id),
+                applied: replica.applied.get(),
+            };
+            match read_plan::plan(ask, state) {
+                Plan::Serve => return Ok(replica),
+                Plan::ConfirmLeadership => {
+                    return self.confirm_leadership(p).await.map(|()| replica)
+                }
+                Plan::WaitApplied(index) => {
+                    let deadline = tokio::time::Instant::now() + SESSION_WAIT;
+                    while replica.applied.get() < index && tokio::time::Instant::now() < deadline {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                    ask.waited = true;
+                }
+                Plan::Elsewhere(leader) => {
+                    return Err(self.leader_elsewhere(p, leader.map(|n| n.0)))
+                }
+                Plan::TokenAhead { at, applied } => {
+                    return Err(KvError::Unavailable(format!(
+                        "partition {p}: the session token is at log position {at}, but its \
+                         leader has applied only {applied}; a token from another cluster?"
+                    )))
+                }
+            }
+        }
+    }
+
+    /// This node leads `p` and has applied a read index it held as the only leader: at
+    /// once under the lease, else after a ReadIndex round.
+    async fn confirm_leadership(&self, p: PartitionId) -> Result<(), KvError> {
         let engine = &self.raft_engine;
         // Under the leader's lease: at once, on this thread.
         if self.read_policy == ReadPolicyChoice::Lease && engine.lease_read_now(p) {
-            return Ok(replica);
-        }
-        // Fail fast where the answer is known: a follower names its leader.
-        let role = self.role(p);
-        if !role.leader {
-            return Err(self.leader_elsewhere(p, role.known_leader.map(|n| n.0)));
+            return Ok(());
         }
         match tokio::time::timeout(self.read_timeout, engine.read_index(p)).await {
             Err(_elapsed) => Err(KvError::Unavailable(format!(
                 "partition {p}: could not confirm leadership with a quorum within {} ms",
                 self.read_timeout.as_millis()
             ))),
-            Ok(Ok(_index)) => Ok(replica),
+            Ok(Ok(_index)) => Ok(()),
             // A read has no outcome to be unsure of.
             Ok(Err(ProposeError::Stopped)) => Err(KvError::Unavailable(format!(
                 "partition {p}: the replica stopped"
@@ -363,10 +426,11 @@ impl KvCore {
         &self,
         key: &[u8],
         level: ReadConsistency,
+        session: &SessionToken,
     ) -> Result<(Served, Option<StoredValue>), KvError> {
         self.limits.check_key(key)?;
         let p = self.map.partition_for_key(key);
-        let replica = self.read_barrier(p, level).await?;
+        let replica = self.read_barrier(p, level, session.at(p)).await?;
         let value = self
             .engine
             .sm_get(p, key)
@@ -379,13 +443,14 @@ impl KvCore {
     pub async fn scan_partition_local(
         &self,
         scan: PartitionScan<'_>,
-    ) -> Result<(Vec<KeyValue>, bool), KvError> {
+    ) -> Result<PartitionRows, KvError> {
         let PartitionScan {
             partition: p,
             start,
             end,
             limit,
             level,
+            session_at,
         } = scan;
         if p.0 >= self.map.partition_count {
             return Err(KvError::InvalidArgument(format!(
@@ -393,7 +458,7 @@ impl KvCore {
                 self.map.partition_count
             )));
         }
-        self.read_barrier(p, level).await?;
+        let replica = self.read_barrier(p, level, session_at).await?;
         let want = limit as usize;
         let bytes_max = self.limits.scan_page_bytes_max;
         let mut rows = self
@@ -403,26 +468,36 @@ impl KvCore {
         let bytes: usize = rows.iter().map(|(k, v)| k.len() + v.value.len()).sum();
         let more = rows.len() > want || bytes >= bytes_max;
         rows.truncate(want);
-        Ok((
-            rows.into_iter()
+        Ok(PartitionRows {
+            kvs: rows
+                .into_iter()
                 .map(|(key, value)| KeyValue { key, value })
                 .collect(),
             more,
-        ))
+            // After the read: the rows are at least this new.
+            position: replica.applied.get(),
+        })
     }
 
     async fn scan_partition_anywhere(
         &self,
         scan: PartitionScan<'_>,
-    ) -> Result<(Vec<KeyValue>, bool), KvError> {
+    ) -> Result<PartitionRows, KvError> {
         let p = scan.partition;
         let mut target: Option<NodeId> = None;
         if self.replicas.contains_key(&p) {
             let role = self.role(p);
-            if scan.level == ReadConsistency::Prefix || role.leader {
-                return self.scan_partition_local(scan).await;
+            if scan.level != ReadConsistency::Linearizable || role.leader {
+                // A `session` read this replica cannot serve names the leader.
+                match self.scan_partition_local(scan).await {
+                    Err(KvError::NotLeader { leader_id, .. }) if leader_id.is_some() => {
+                        target = leader_id;
+                    }
+                    other => return other,
+                }
+            } else {
+                target = role.known_leader;
             }
-            target = role.known_leader;
         }
         let mut target = target.or_else(|| self.map.replicas(p).first().copied());
         // Follow at most two leader hints.
@@ -449,13 +524,14 @@ impl KvCore {
         &self,
         node: NodeId,
         scan: PartitionScan<'_>,
-    ) -> Result<(Vec<KeyValue>, bool), KvError> {
+    ) -> Result<PartitionRows, KvError> {
         let PartitionScan {
             partition: p,
             start,
             end,
             limit,
             level,
+            session_at,
         } = scan;
         let addr = self
             .map
@@ -465,9 +541,13 @@ impl KvCore {
             self.limits.message_bytes_max() + self.limits.scan_page_bytes_max,
         );
         let consistency = match level {
+            ReadConsistency::Linearizable => WireConsistency::Linearizable,
             ReadConsistency::Prefix => WireConsistency::Prefix,
-            _ => WireConsistency::Linearizable,
+            ReadConsistency::Session => WireConsistency::Session,
+            ReadConsistency::Eventual => WireConsistency::Eventual,
         };
+        let mut token = SessionToken::default();
+        token.observe(p, session_at);
         let mut req = tonic::Request::new(ScanRequest {
             start: start.to_vec(),
             end: end.map(<[u8]>::to_vec).unwrap_or_default(),
@@ -476,6 +556,7 @@ impl KvCore {
             continuation: vec![],
             consistency: consistency as i32,
             partition_id: Some(p.0),
+            session_token: token.encode(),
         });
         req.set_timeout(self.read_timeout + Duration::from_secs(1));
         let resp = client
@@ -496,7 +577,11 @@ impl KvCore {
                 },
             })
             .collect();
-        Ok((kvs, !resp.continuation.is_empty()))
+        Ok(PartitionRows {
+            kvs,
+            more: !resp.continuation.is_empty(),
+            position: SessionToken::decode(&resp.session_token)?.at(p),
+        })
     }
 
     /// Resolves prefix, range and continuation into `[start, end)`.
@@ -545,20 +630,27 @@ impl KvCore {
     pub async fn scan_one(&self, p: PartitionId, params: &ScanParams) -> Result<ScanPage, KvError> {
         let limit = self.scan_limit(params.limit)?;
         let (start, end) = self.scan_bounds(params)?;
-        let (kvs, more) = self
+        let rows = self
             .scan_partition_local(PartitionScan {
                 partition: p,
                 start: &start,
                 end: end.as_deref(),
                 limit,
                 level: params.consistency,
+                session_at: params.session.at(p),
             })
             .await?;
-        let continuation = match (more, kvs.last()) {
+        let continuation = match (rows.more, rows.kvs.last()) {
             (true, Some(last)) => encode_continuation(&last.key),
             _ => vec![],
         };
-        Ok(ScanPage { kvs, continuation })
+        let mut seen = SessionToken::default();
+        seen.observe(p, rows.position);
+        Ok(ScanPage {
+            kvs: rows.kvs,
+            continuation,
+            seen,
+        })
     }
 
     /// Keys in byte order across every partition, one page.
@@ -578,6 +670,7 @@ impl KvCore {
                 end: end.as_deref(),
                 limit,
                 level: params.consistency,
+                session_at: params.session.at(p),
             })
         });
         let results = futures::future::join_all(futures).await;
@@ -585,8 +678,14 @@ impl KvCore {
         // No key past the last key of a partition that has more may be returned: that
         // partition could hold keys between.
         let mut cutoff: Option<Vec<u8>> = None;
-        for r in results {
-            let (kvs, more) = r?;
+        let mut seen = SessionToken::default();
+        for (p, r) in self.map.partitions().zip(results) {
+            let PartitionRows {
+                kvs,
+                more,
+                position,
+            } = r?;
+            seen.observe(p, position);
             if more {
                 if let Some(last) = kvs.last() {
                     if cutoff.as_ref().is_none_or(|c| last.key < *c) {
@@ -620,6 +719,7 @@ impl KvCore {
         Ok(ScanPage {
             kvs: page,
             continuation,
+            seen,
         })
     }
 

@@ -12,6 +12,7 @@ pub mod http;
 pub mod kv;
 pub mod metrics;
 pub mod node;
+pub mod read_plan;
 pub mod transport;
 
 pub use config::{NodeConfig, PlantedBug, ReadPolicyChoice};

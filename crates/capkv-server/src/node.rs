@@ -251,6 +251,9 @@ impl Node {
             read_timeout: config.read_timeout,
             read_policy,
             unsafe_local_reads: config.planted_bugs.contains(&PlantedBug::StaleReads),
+            unsafe_ignore_session: config
+                .planted_bugs
+                .contains(&PlantedBug::IgnoreSessionToken),
             vote_refusal_ms,
             lease_read: Duration::from_millis(lease_trusted_ms),
             peers,

@@ -3,10 +3,9 @@
 use std::fmt;
 use std::str::FromStr;
 
-/// The level a read is served at. `bounded`, `session` and `eventual` arrive in a later
-/// release; the wire enum reserves their numbers.
+/// The level a read is served at. `bounded` arrives in a later release; the wire enum
+/// reserves its number.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[non_exhaustive]
 pub enum ReadConsistency {
     /// Sees every write acknowledged before the read began (leader + lease or ReadIndex).
     #[default]
@@ -14,15 +13,23 @@ pub enum ReadConsistency {
     /// Some prefix of the partition's committed history, from the local replica;
     /// possibly stale, never out of order.
     Prefix,
+    /// Read-your-writes and monotonic reads within a session (its `SessionToken`): any
+    /// replica that has applied up to the session's position in the partition.
+    Session,
+    /// Whatever the local replica has; never waits on the network. Replicas converge
+    /// when writes stop.
+    Eventual,
 }
 
 impl ReadConsistency {
-    pub const NAMES: &'static [&'static str] = &["linearizable", "prefix"];
+    pub const NAMES: &'static [&'static str] = &["linearizable", "session", "prefix", "eventual"];
 
     pub fn as_str(self) -> &'static str {
         match self {
             ReadConsistency::Linearizable => "linearizable",
             ReadConsistency::Prefix => "prefix",
+            ReadConsistency::Session => "session",
+            ReadConsistency::Eventual => "eventual",
         }
     }
 }
@@ -40,6 +47,8 @@ impl FromStr for ReadConsistency {
         match s.to_ascii_lowercase().as_str() {
             "linearizable" | "strong" => Ok(ReadConsistency::Linearizable),
             "prefix" | "consistent-prefix" => Ok(ReadConsistency::Prefix),
+            "session" => Ok(ReadConsistency::Session),
+            "eventual" => Ok(ReadConsistency::Eventual),
             other => Err(format!(
                 "unknown consistency level {other:?}; expected one of: {}",
                 Self::NAMES.join(", ")

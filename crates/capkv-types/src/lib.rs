@@ -11,6 +11,7 @@ pub mod hlc;
 pub mod ids;
 pub mod limits;
 pub mod planted;
+pub mod session;
 
 pub use consistency::ReadConsistency;
 pub use error::{ErrorCode, KvError};
@@ -19,3 +20,4 @@ pub use hlc::{Hlc, HlcTimestamp};
 pub use ids::{NodeId, PartitionId, Revision};
 pub use limits::Limits;
 pub use planted::PlantedBug;
+pub use session::SessionToken;

@@ -15,13 +15,17 @@ pub enum PlantedBug {
     /// Durability acknowledged before the fsync that covers it (caught by the `disk`
     /// nemesis's power cut).
     AckBeforeFsync,
+    /// `session` reads ignore the session token: any replica serves them at once, however
+    /// far behind (caught by the session checker under partitions).
+    IgnoreSessionToken,
 }
 
 impl PlantedBug {
-    pub const ALL: [PlantedBug; 3] = [
+    pub const ALL: [PlantedBug; 4] = [
         PlantedBug::StaleReads,
         PlantedBug::FullLease,
         PlantedBug::AckBeforeFsync,
+        PlantedBug::IgnoreSessionToken,
     ];
 
     /// The name `--planted-bug` takes.
@@ -30,6 +34,7 @@ impl PlantedBug {
             PlantedBug::StaleReads => "stale-reads",
             PlantedBug::FullLease => "full-lease",
             PlantedBug::AckBeforeFsync => "ack-before-fsync",
+            PlantedBug::IgnoreSessionToken => "ignore-session-token",
         }
     }
 

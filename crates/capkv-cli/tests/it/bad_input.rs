@@ -3,7 +3,6 @@
 use std::io::{Read, Write};
 use std::time::Duration;
 
-
 use capkv_proto::kv::{kv_client::KvClient, GetRequest, PutRequest, ScanRequest};
 use capkv_proto::status::from_status;
 use capkv_types::ErrorCode;
@@ -52,6 +51,7 @@ async fn bad_input_is_rejected_and_the_node_keeps_serving() {
         .get(GetRequest {
             key: b"k".to_vec(),
             consistency: 99,
+            session_token: vec![],
         })
         .await
         .unwrap_err();
@@ -216,10 +216,7 @@ async fn a_bad_snapshot_stream_is_refused_and_the_node_keeps_serving() {
     use capkv_raftstore::codec::{PeerBatch, WireMessage};
     use capkv_raftstore::{RaftMessage, RaftMessageType};
 
-    let cluster = Cluster::start(Opts {
-        ..Opts::default()
-    })
-    .await;
+    let cluster = Cluster::start(Opts { ..Opts::default() }).await;
     let client = cluster.client().await;
     client.put("before-bad-snapshot", "v").await.unwrap();
     // A partition node 1 follows: a MsgSnapshot from its leader, in its term, past its

@@ -43,6 +43,8 @@ fn valid_run(name: &str, args: &[&str]) -> (tempfile::TempDir, String, String) {
     eprintln!("{stdout}");
     let verdict = if args.contains(&"append-set") {
         "sets: valid (8 keys"
+    } else if args.contains(&"session") {
+        "sessions: valid ("
     } else {
         "linearizable: valid (8 keys checked)"
     };
@@ -74,9 +76,9 @@ fn check_under_partitions_and_kills_is_valid() {
     assert!(history.lines().count() > 1000, "the history holds the run");
 }
 
-/// The ReadIndex path (node-level confirmation from stored votes) is not the default, so
-/// it gets its own run, with paused leaders: a leader resumed after SIGSTOP is the case its
-/// stored-vote rule exists for.
+/// The ReadIndex path (raft-rs's safe read-only rounds) is not the default, so it gets its
+/// own run, with paused leaders: a leader resumed after SIGSTOP must not serve a read
+/// without a round at its term.
 #[test]
 fn check_with_read_index_reads_under_pauses_and_partitions_is_valid() {
     let (dir, _, _) = valid_run(
@@ -178,4 +180,51 @@ fn check_append_set_under_every_fault_loses_no_acknowledged_write() {
         &["--duration", "30s", "--workload", "append-set"],
     );
     assert!(stdout.contains("lost acknowledged writes: 0"), "{stdout}");
+}
+
+/// `session` reads, spread over every replica by the client, keep the four session
+/// guarantees while followers are cut off and nodes killed.
+#[test]
+fn check_session_reads_under_partitions_and_kills_keep_the_session_guarantees() {
+    let (_dir, stdout, _) = valid_run(
+        "check_session",
+        &[
+            "--duration",
+            "20s",
+            "--nemesis",
+            "partition,kill",
+            "--consistency",
+            "session",
+        ],
+    );
+    assert!(faults_in(&stdout) >= 2, "{stdout}");
+}
+
+/// A replica that serves session reads without waiting for the session's position is
+/// found out by the session checker.
+#[test]
+fn check_finds_the_planted_ignore_session_token_bug() {
+    let dir = tempfile::tempdir().unwrap();
+    let seed = seed("check_planted_session").to_string();
+    let out = dir.path().to_str().unwrap();
+    let (code, stdout, stderr) = check(&[
+        "--duration",
+        "20s",
+        "--nemesis",
+        "partition",
+        "--consistency",
+        "session",
+        "--planted-bug",
+        "ignore-session-token",
+        "--seed",
+        &seed,
+        "--out",
+        out,
+    ]);
+    eprintln!("{stdout}");
+    assert_eq!(
+        code, 1,
+        "the planted bug went unnoticed (replay with CAPKV_TEST_SEED={seed}):\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("sessions: INVALID"), "{stdout}");
 }

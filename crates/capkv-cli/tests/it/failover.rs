@@ -295,8 +295,7 @@ async fn leaders_return_to_their_preferred_replica_after_a_restart() {
             "event=\"leader_transfers\"",
         );
         assert!(
-            crate::fixture::metric(&metrics, "capkv_engine_events", "event=\"disk_writes\"")
-                >= 1,
+            crate::fixture::metric(&metrics, "capkv_engine_events", "event=\"disk_writes\"") >= 1,
             "node {id} wrote nothing? {metrics}"
         );
     }

@@ -296,7 +296,6 @@ pub fn metric(text: &str, name: &str, label: &str) -> u64 {
         .sum()
 }
 
-
 pub fn seed(test: &str) -> u64 {
     let seed = std::env::var("CAPKV_TEST_SEED")
         .ok()

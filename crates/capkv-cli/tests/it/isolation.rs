@@ -75,6 +75,7 @@ async fn isolated_node_refuses_linearizable_ops_and_converges_after_healing() {
                             .get(GetRequest {
                                 key: key.clone(),
                                 consistency: Consistency::Linearizable as i32,
+                                session_token: vec![],
                             })
                             .await;
                         let put = raw
@@ -123,6 +124,7 @@ async fn isolated_node_refuses_linearizable_ops_and_converges_after_healing() {
         .get(GetRequest {
             key: keys[0].as_bytes().to_vec(),
             consistency: Consistency::Prefix as i32,
+            session_token: vec![],
         })
         .await;
     assert!(
@@ -150,6 +152,7 @@ async fn isolated_node_refuses_linearizable_ops_and_converges_after_healing() {
                         .get(GetRequest {
                             key: k.as_bytes().to_vec(),
                             consistency: Consistency::Prefix as i32,
+                            session_token: vec![],
                         })
                         .await;
                     match r {

@@ -14,5 +14,6 @@ mod idempotency;
 mod isolation;
 mod readme;
 mod restart;
+mod session;
 mod small;
 mod snapshot;

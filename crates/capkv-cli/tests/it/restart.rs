@@ -35,6 +35,7 @@ async fn replica_data(cluster: &Cluster, id: u64, p: u32) -> Vec<(Vec<u8>, Vec<u
             continuation: vec![],
             consistency: Consistency::Prefix as i32,
             partition_id: Some(p),
+            session_token: vec![],
         })
         .await
         .unwrap()
