@@ -62,11 +62,11 @@ pub struct PutArgs {
 #[derive(Args, Debug)]
 pub struct GetArgs {
     pub key: String,
-    /// Read level: linearizable (default); session (any replica that has what this
-    /// session wrote or read: see --session); prefix or eventual (any replica, possibly
-    /// stale).
-    #[arg(long, default_value = "linearizable", value_parser = parse_consistency)]
-    pub consistency: ReadConsistency,
+    /// Read level: linearizable; session (any replica that has what this session wrote
+    /// or read: see --session); prefix or eventual (any replica, possibly stale). Without
+    /// it, the server's --default-consistency (linearizable unless set).
+    #[arg(long, value_parser = parse_consistency)]
+    pub consistency: Option<ReadConsistency>,
     /// Print revisions and HLC too.
     #[arg(long, short)]
     pub verbose: bool,
@@ -208,7 +208,10 @@ pub async fn get(a: GetArgs) -> i32 {
         Ok(c) => c,
         Err(e) => return fail(e),
     };
-    let result = client.get_with(a.key.into_bytes(), a.consistency).await;
+    let result = match a.consistency {
+        Some(level) => client.get_with(a.key.into_bytes(), level).await,
+        None => client.get(a.key.into_bytes()).await,
+    };
     save_session(&client, &a.endpoints);
     match result {
         Ok(Some(kv)) => {

@@ -64,6 +64,10 @@ pub struct ServerArgs {
     pub read_timeout_ms: u64,
     #[arg(long, value_enum, default_value_t = ReadPolicyArg::Lease)]
     pub read_policy: ReadPolicyArg,
+    /// The level of reads that name none: linearizable, session, prefix or eventual
+    /// (docs/consistency.md). A request's own level always wins.
+    #[arg(long, default_value = "linearizable", value_parser = |s: &str| s.parse::<capkv_types::ReadConsistency>())]
+    pub default_consistency: capkv_types::ReadConsistency,
     /// Raft heartbeat interval.
     #[arg(long, default_value_t = 100)]
     pub heartbeat_ms: u64,
@@ -162,6 +166,7 @@ pub fn config_from(args: &ServerArgs) -> anyhow::Result<NodeConfig> {
         ReadPolicyArg::ReadIndex => ReadPolicyChoice::ReadIndex,
         ReadPolicyArg::Lease => ReadPolicyChoice::Lease,
     };
+    c.default_consistency = args.default_consistency;
     c.max_connections = args.max_connections;
     c.unsafe_fault_injection = args.unsafe_fault_injection;
     if !args.planted_bugs.is_empty() && !args.unsafe_fault_injection {

@@ -885,8 +885,10 @@ impl Client {
         })
     }
 
+    /// A read at the cluster's default level (`capkv server --default-consistency`,
+    /// linearizable unless set), sent to the partition's leader with this client's session.
     pub async fn get(&self, key: impl Into<Vec<u8>>) -> Result<Option<KeyValue>, KvError> {
-        self.get_with(key, ReadConsistency::Linearizable).await
+        self.get_at(key.into(), None).await
     }
 
     pub async fn get_with(
@@ -894,17 +896,25 @@ impl Client {
         key: impl Into<Vec<u8>>,
         consistency: ReadConsistency,
     ) -> Result<Option<KeyValue>, KvError> {
-        let key = key.into();
+        self.get_at(key.into(), Some(consistency)).await
+    }
+
+    /// A read at `consistency`, or the server's default level when `None`.
+    async fn get_at(
+        &self,
+        key: Vec<u8>,
+        consistency: Option<ReadConsistency>,
+    ) -> Result<Option<KeyValue>, KvError> {
         let p = self.partition_of(&key);
         let request = pb::GetRequest {
             key,
-            consistency: consistency_pb(consistency),
+            consistency: consistency.map_or(pb::Consistency::Unspecified as i32, consistency_pb),
             session_token: match consistency {
-                ReadConsistency::Session => self.session_token(),
-                _ => Vec::new(),
+                Some(ReadConsistency::Session) | None => self.session_token(),
+                Some(_) => Vec::new(),
             },
         };
-        let spread = consistency != ReadConsistency::Linearizable;
+        let spread = consistency.is_some_and(|c| c != ReadConsistency::Linearizable);
         let resp = self
             .retry_at(Some(p), false, spread, |mut kv| {
                 let req = request.clone();

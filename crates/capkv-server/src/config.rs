@@ -75,6 +75,8 @@ pub struct NodeConfig {
     /// A linearizable read that cannot confirm leadership within this time is `Unavailable`.
     pub read_timeout: Duration,
     pub read_policy: ReadPolicyChoice,
+    /// The level of reads that name none.
+    pub default_consistency: capkv_types::ReadConsistency,
     /// Test-only: the `Admin` gRPC service may inject faults into this node.
     pub unsafe_fault_injection: bool,
     /// Test-only (with fault injection): before opening storage, drop what no fsync
@@ -106,6 +108,7 @@ impl NodeConfig {
             write_timeout: Duration::from_secs(5),
             read_timeout: Duration::from_secs(5),
             read_policy: ReadPolicyChoice::Lease,
+            default_consistency: capkv_types::ReadConsistency::Linearizable,
             unsafe_fault_injection: false,
             planted_bugs: Default::default(),
             unsafe_lose_unsynced_writes: false,

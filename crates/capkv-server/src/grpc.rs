@@ -21,11 +21,11 @@ pub struct KvService {
     pub core: Arc<KvCore>,
 }
 
-fn level(c: i32) -> Result<ReadConsistency, KvError> {
+/// The level a request asks for; one that names none gets the node's default.
+fn level(c: i32, default: ReadConsistency) -> Result<ReadConsistency, KvError> {
     match pb::Consistency::try_from(c) {
-        Ok(pb::Consistency::Unspecified) | Ok(pb::Consistency::Linearizable) => {
-            Ok(ReadConsistency::Linearizable)
-        }
+        Ok(pb::Consistency::Unspecified) => Ok(default),
+        Ok(pb::Consistency::Linearizable) => Ok(ReadConsistency::Linearizable),
         Ok(pb::Consistency::Prefix) => Ok(ReadConsistency::Prefix),
         Ok(pb::Consistency::Session) => Ok(ReadConsistency::Session),
         Ok(pb::Consistency::Eventual) => Ok(ReadConsistency::Eventual),
@@ -113,7 +113,7 @@ impl Kv for KvService {
         let core = &self.core;
         let resp = self
             .observe("get", async {
-                let level = level(req.consistency)?;
+                let level = level(req.consistency, core.default_consistency)?;
                 let session = SessionToken::decode(&req.session_token)?;
                 let (served, value) = core.get(&req.key, level, &session).await?;
                 Ok(pb::GetResponse {
@@ -195,7 +195,7 @@ impl Kv for KvService {
                     prefix: req.prefix,
                     limit: req.limit,
                     continuation: req.continuation,
-                    consistency: level(req.consistency)?,
+                    consistency: level(req.consistency, core.default_consistency)?,
                     session: SessionToken::decode(&req.session_token)?,
                 };
                 let page = match req.partition_id {
@@ -441,6 +441,33 @@ impl RaftTransportService for RaftService {
             chunk = next_chunk(&mut inbound).await?.ok_or_else(|| {
                 Status::invalid_argument("the snapshot stream ended before its last chunk")
             })?;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_without_a_level_gets_the_nodes_default_and_an_unknown_one_is_refused() {
+        let unspecified = pb::Consistency::Unspecified as i32;
+        for default in [ReadConsistency::Linearizable, ReadConsistency::Session] {
+            assert_eq!(level(unspecified, default), Ok(default));
+            // A request's own level always wins.
+            assert_eq!(
+                level(pb::Consistency::Eventual as i32, default),
+                Ok(ReadConsistency::Eventual)
+            );
+            assert_eq!(
+                level(pb::Consistency::Linearizable as i32, default),
+                Ok(ReadConsistency::Linearizable)
+            );
+        }
+        // 3 is reserved for bounded.
+        for unknown in [3, 6, -1] {
+            let err = level(unknown, ReadConsistency::Linearizable).unwrap_err();
+            assert!(matches!(err, KvError::InvalidArgument(_)), "{err:?}");
         }
     }
 }

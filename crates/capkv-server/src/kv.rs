@@ -114,6 +114,8 @@ pub struct KvCore {
     pub write_timeout: Duration,
     pub read_timeout: Duration,
     pub read_policy: ReadPolicyChoice,
+    /// The level of reads that name none (`--default-consistency`).
+    pub default_consistency: ReadConsistency,
     /// Planted bug `stale-reads` (TESTING ONLY): linearizable reads skip confirmation.
     pub unsafe_local_reads: bool,
     /// Planted bug `ignore-session-token` (TESTING ONLY): session reads do not wait for

@@ -250,6 +250,7 @@ impl Node {
             write_timeout: config.write_timeout,
             read_timeout: config.read_timeout,
             read_policy,
+            default_consistency: config.default_consistency,
             unsafe_local_reads: config.planted_bugs.contains(&PlantedBug::StaleReads),
             unsafe_ignore_session: config
                 .planted_bugs
@@ -326,6 +327,7 @@ impl Node {
             data_dir = %config.data_dir.display(),
             fresh,
             read_policy = ?core.read_policy,
+            default_consistency = %core.default_consistency,
             vote_hold_ms = core.vote_hold_remaining_ms(),
             "node started"
         );

@@ -1,7 +1,8 @@
 //! `session` reads (docs/consistency.md): a session reads its own writes and never goes
 //! back, on any replica. A replica behind the session waits briefly, then names the
 //! leader, where the Rust client reads instead; `prefix` and `eventual` reads on that
-//! replica show it is stale. The token travels between clients and CLI commands.
+//! replica show it is stale. The token travels between clients and CLI commands. The
+//! cluster runs with `--default-consistency session`: reads that name no level get it.
 
 use std::time::{Duration, Instant};
 
@@ -22,7 +23,13 @@ fn get(key: &str, level: Consistency, token: &[u8]) -> GetRequest {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_reads_its_writes_on_every_replica_even_one_left_behind() {
     let cluster = Cluster::start(Opts {
-        extra_args: vec!["--unsafe-fault-injection".into()],
+        extra_args: [
+            "--unsafe-fault-injection",
+            "--default-consistency",
+            "session",
+        ]
+        .map(String::from)
+        .to_vec(),
         ..Default::default()
     })
     .await;
@@ -69,11 +76,21 @@ async fn a_session_reads_its_writes_on_every_replica_even_one_left_behind() {
         asked.elapsed() >= Duration::from_millis(100),
         "it waited for the replica to catch up first"
     );
+    // A read that names no level gets the node's default, session, and is refused alike.
+    let err = raw
+        .get(get(key, Consistency::Unspecified, &token))
+        .await
+        .expect_err("the default level is session here");
+    assert!(matches!(
+        from_status(&err).code(),
+        ErrorCode::NotLeader | ErrorCode::Unavailable
+    ));
     // Without the session's token it is served, stale: that is what the token prevents.
     for level in [
         Consistency::Prefix,
         Consistency::Eventual,
         Consistency::Session,
+        Consistency::Unspecified,
     ] {
         let r = raw.get(get(key, level, &[])).await.unwrap().into_inner();
         assert_eq!(
