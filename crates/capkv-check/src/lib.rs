@@ -9,6 +9,7 @@
 //! - [`workload`], [`nemesis`], [`cluster`], [`runner`]: running a check.
 
 pub mod cluster;
+pub mod convergence;
 pub mod history;
 pub mod linearizability;
 pub mod nemesis;

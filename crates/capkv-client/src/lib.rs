@@ -607,6 +607,41 @@ impl Client {
             .max_encoding_message_size(64 * 1024 * 1024))
     }
 
+    /// Every key of partition `partition` as the replica on the node at `addr` holds it now
+    /// (its local state, read at `eventual`; no retries, no other node asked), up to `max`
+    /// keys. For tools that compare replicas, such as `capkv check`'s convergence check.
+    pub async fn replica_data(
+        &self,
+        addr: &str,
+        partition: PartitionId,
+        max: usize,
+    ) -> Result<Vec<KeyValue>, KvError> {
+        let mut kv = self.kv(addr)?;
+        let mut out = Vec::new();
+        let mut continuation = Vec::new();
+        loop {
+            let mut req = tonic::Request::new(pb::ScanRequest {
+                limit: 10_000,
+                continuation: std::mem::take(&mut continuation),
+                consistency: pb::Consistency::Eventual as i32,
+                partition_id: Some(partition.0),
+                ..Default::default()
+            });
+            req.set_timeout(self.inner.config.attempt_timeout);
+            let page = kv
+                .scan(req)
+                .await
+                .map_err(|s| from_status(&s))?
+                .into_inner();
+            out.extend(page.kvs.into_iter().map(kv_pb_to));
+            if page.continuation.is_empty() || out.len() >= max {
+                out.truncate(max);
+                return Ok(out);
+            }
+            continuation = page.continuation;
+        }
+    }
+
     /// The status of the node at `addr` (its view of the cluster).
     pub async fn node_status(&self, addr: &str) -> Result<StatusResponse, KvError> {
         status_call(self.kv(addr)?, addr, self.inner.config.attempt_timeout).await

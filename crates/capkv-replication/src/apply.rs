@@ -228,16 +228,54 @@ impl Applier {
     }
 }
 
-/// A partition's applied log index, readable without the engine (for response headers).
+/// Where a partition's state machine is, readable without the engine, as two bounds
+/// around what a reader may see: `get` (everything up to it is visible: published after
+/// the write) and `upper` (nothing past it is visible: raised before the write). A read
+/// waits on `get` and reports `upper` taken after it read, so a session token never names
+/// less than a read saw (ARCHITECTURE.md, invariant 11).
 #[derive(Debug, Default)]
-pub struct AppliedIndex(std::sync::atomic::AtomicU64);
+pub struct AppliedIndex {
+    applied: std::sync::atomic::AtomicU64,
+    upper: std::sync::atomic::AtomicU64,
+}
 
 impl AppliedIndex {
+    /// Every entry up to this index is visible to readers.
     pub fn get(&self) -> u64 {
-        self.0.load(std::sync::atomic::Ordering::Acquire)
+        self.applied.load(std::sync::atomic::Ordering::Acquire)
     }
 
+    /// No entry past this index is visible to readers.
+    pub fn upper(&self) -> u64 {
+        self.upper.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Called before a write that makes entries up to `v` visible.
+    pub fn begin(&self, v: u64) {
+        self.upper.fetch_max(v, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// Called after the write that made entries up to `v` visible.
     pub fn set(&self, v: u64) {
-        self.0.store(v, std::sync::atomic::Ordering::Release)
+        self.begin(v);
+        self.applied.store(v, std::sync::atomic::Ordering::Release)
+    }
+}
+
+#[cfg(test)]
+mod applied_index_tests {
+    use super::AppliedIndex;
+
+    #[test]
+    fn the_upper_bound_is_raised_before_a_write_and_never_falls() {
+        let a = AppliedIndex::default();
+        a.set(5);
+        assert_eq!((a.get(), a.upper()), (5, 5));
+        a.begin(9); // a write of entries up to 9 is under way
+        assert_eq!((a.get(), a.upper()), (5, 9));
+        a.set(9);
+        assert_eq!((a.get(), a.upper()), (9, 9));
+        a.begin(7); // a snapshot that was dropped later, say: upper stays
+        assert_eq!(a.upper(), 9);
     }
 }

@@ -257,6 +257,10 @@ impl StateMachine for CapkvMachine {
         match inbound.get(&group) {
             Some(Inbound::Complete { index: i, .. }) if *i == index => {
                 inbound.insert(group, Inbound::Installing);
+                // The install makes the image visible before `restored` publishes it.
+                if let Some(m) = self.partitions.get(&group) {
+                    m.applied_index.begin(index);
+                }
                 true
             }
             _ => false,
@@ -319,6 +323,8 @@ impl StateMachine for CapkvMachine {
             let Some(m) = self.partitions.get_mut(g) else {
                 continue;
             };
+            // Readers may see the write as soon as it is made: raise the bound first.
+            m.applied_index.begin(m.state.index);
             let state = encode(&m.state).map_err(|e| e.to_string())?;
             let write = m.applier.take_write(state).map_err(|e| e.to_string())?;
             writes.push((PartitionId(*g), write));

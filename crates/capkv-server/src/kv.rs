@@ -257,7 +257,8 @@ impl KvCore {
         Served {
             partition: r.partition,
             term: self.role(r.partition).term,
-            applied_index: r.applied.get(),
+            // Taken after the read: at least the position of whatever it saw.
+            applied_index: r.applied.upper(),
         }
     }
 
@@ -476,8 +477,8 @@ impl KvCore {
                 .map(|(key, value)| KeyValue { key, value })
                 .collect(),
             more,
-            // After the read: the rows are at least this new.
-            position: replica.applied.get(),
+            // After the read: no row is newer than this.
+            position: replica.applied.upper(),
         })
     }
 
