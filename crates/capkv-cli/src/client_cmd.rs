@@ -142,21 +142,44 @@ async fn connect(e: &Endpoints) -> Result<Client, KvError> {
     Ok(client)
 }
 
-/// Writes the client's read session back to `--session`, if given.
+/// Writes the client's read session back to `--session`, if given: merged with what
+/// the file holds now (another command may have saved meanwhile; a lock beside the file
+/// keeps two saves apart), through a temporary file renamed over it (a crash leaves the
+/// old token or the new one, never a torn one).
 fn save_session(client: &Client, e: &Endpoints) {
-    if let Some(path) = &e.session {
-        let hex: String = client
-            .session_token()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        if let Err(err) = std::fs::write(path, hex + "\n") {
-            eprintln!(
-                "warning: could not write session file {}: {err}",
-                path.display()
-            );
+    let Some(path) = &e.session else { return };
+    if let Err(err) = merge_into_session_file(client, path) {
+        eprintln!(
+            "warning: could not save the session in {}: {err}",
+            path.display()
+        );
+    }
+}
+
+fn merge_into_session_file(client: &Client, path: &std::path::Path) -> std::io::Result<()> {
+    let mut lock_path = path.as_os_str().to_owned();
+    lock_path.push(".lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)?;
+    lock.lock()?;
+    let mut token = capkv_types::SessionToken::decode(&client.session_token())
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    if let Ok(text) = std::fs::read_to_string(path) {
+        if let Some(saved) =
+            hex_decode(text.trim()).and_then(|b| capkv_types::SessionToken::decode(&b).ok())
+        {
+            token.merge(&saved);
         }
     }
+    let hex: String = token.encode().iter().map(|b| format!("{b:02x}")).collect();
+    let mut tmp_path = path.as_os_str().to_owned();
+    tmp_path.push(format!(".tmp.{}", std::process::id()));
+    std::fs::write(&tmp_path, hex + "\n")?;
+    std::fs::rename(&tmp_path, path)?;
+    lock.unlock()
 }
 
 fn hex_decode(s: &str) -> Option<Vec<u8>> {
@@ -279,7 +302,11 @@ pub async fn scan(a: ScanArgs) -> i32 {
         opts.limit = opts.limit.min((a.limit - printed) as u32);
         let page = match client.scan(&opts).await {
             Ok(p) => p,
-            Err(e) => return fail(e),
+            Err(e) => {
+                // The pages printed so far were seen by the session.
+                save_session(&client, &a.endpoints);
+                return fail(e);
+            }
         };
         for kv in &page.kvs {
             let _ = out.write_all(&kv.key);

@@ -215,6 +215,7 @@ fn put_request(key: Vec<u8>, value: Vec<u8>, condition: Condition) -> pb::PutReq
         if_revision,
         if_absent,
         idempotency: None,
+        session_token: vec![],
     }
 }
 
@@ -901,6 +902,7 @@ impl Client {
             key: key.into(),
             if_revision,
             idempotency: None,
+            session_token: vec![],
         };
         let p = self.partition_of(&request.key);
         let resp = self

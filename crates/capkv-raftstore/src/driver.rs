@@ -337,7 +337,7 @@ impl<D: Disk> Driver<D> {
         planted: PlantedBugs,
         applied: &BTreeMap<GroupId, u64>,
     ) -> Result<Self, raft::Error> {
-        let logger = slog::Logger::root(slog::Discard, slog::o!());
+        let logger = slog::Logger::root(crate::log::TracingDrain, slog::o!());
         let mut groups = BTreeMap::new();
         let mut liveness = BTreeMap::new();
         let mut dirty = BTreeSet::new();

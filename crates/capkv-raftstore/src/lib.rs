@@ -10,6 +10,7 @@
 pub mod codec;
 pub mod driver;
 pub mod engine_disk;
+pub mod log;
 pub mod loopback;
 pub mod node;
 pub mod sim;

@@ -16,7 +16,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::mpsc;
 use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -157,6 +157,8 @@ pub enum Input<R> {
         reply: ReadReply,
     },
     Campaign(GroupId),
+    /// The tick thread's beat: the driver ticks once in the turn that takes it.
+    Tick,
     /// Hand the group's leadership to this node, if this node leads it and the other
     /// holds the whole log.
     TransferLeader(GroupId, u64),
@@ -295,6 +297,7 @@ impl<R: Send + 'static> RaftNode<R> {
             tx: tx.clone(),
             sending_snapshots: BTreeSet::new(),
             snapshots_stepped: BTreeSet::new(),
+            tick_due: false,
             renewing: BTreeMap::new(),
             peer_backlog: peer_backlog.clone(),
             compacting: BTreeMap::new(),
@@ -315,6 +318,21 @@ impl<R: Send + 'static> RaftNode<R> {
         };
         lp.publish(lp.driver.groups().collect());
         let on_panic = shared.clone();
+        // Ticks come from a thread that sleeps, not from a timed wait of the loop: a sleep
+        // is relative, while std's timed waits (`recv_timeout`) wait for an absolute
+        // CLOCK_MONOTONIC deadline, which a process under libfaketime (the clock nemesis's
+        // rate skew) computes from its faked clock: the loop then slept for good, and a
+        // node with no peer traffic (one node) never elected. It stops when the loop ends.
+        let ticker_tx = tx.clone();
+        std::thread::Builder::new()
+            .name("capkv-tick".into())
+            .spawn(move || loop {
+                std::thread::sleep(tick);
+                if ticker_tx.send(Input::Tick).is_err() {
+                    return;
+                }
+            })
+            .map_err(|e| raft::Error::Io(std::io::Error::other(e.to_string())))?;
         let thread = std::thread::Builder::new()
             .name("capkv-raft".into())
             .spawn(move || {
@@ -586,17 +604,16 @@ struct Loop<D: Disk, T, S: StateMachine> {
     sending_snapshots: BTreeSet<(GroupId, u64)>,
     /// Groups given a `MsgSnapshot` this turn (whose image is held for the install).
     snapshots_stepped: BTreeSet<GroupId>,
+    /// A tick arrived this turn.
+    tick_due: bool,
 }
 
 impl<D: Disk, T: Transport, S: StateMachine> Loop<D, T, S> {
     fn run(mut self) {
-        let mut next_tick = Instant::now() + self.config.tick;
         'outer: loop {
-            let wait = next_tick.saturating_duration_since(Instant::now());
-            let first = match self.rx.recv_timeout(wait) {
+            let first = match self.rx.recv() {
                 Ok(i) => Some(i),
-                Err(RecvTimeoutError::Timeout) => None,
-                Err(RecvTimeoutError::Disconnected) => break,
+                Err(_disconnected) => break,
             };
             let mut taken = 0;
             let mut next = first;
@@ -610,10 +627,8 @@ impl<D: Disk, T: Transport, S: StateMachine> Loop<D, T, S> {
                 }
                 next = self.rx.try_recv().ok();
             }
-            let now = Instant::now();
-            if now >= next_tick {
+            if std::mem::take(&mut self.tick_due) {
                 self.driver.tick();
-                next_tick = now + self.config.tick;
             }
             self.turn();
         }
@@ -711,6 +726,7 @@ impl<D: Disk, T: Transport, S: StateMachine> Loop<D, T, S> {
                 self.driver.report_snapshot(group, to, delivered);
             }
             Input::Stop => return false,
+            Input::Tick => self.tick_due = true,
         }
         true
     }

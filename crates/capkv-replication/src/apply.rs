@@ -258,7 +258,8 @@ impl AppliedIndex {
     /// Called after the write that made entries up to `v` visible.
     pub fn set(&self, v: u64) {
         self.begin(v);
-        self.applied.store(v, std::sync::atomic::Ordering::Release)
+        self.applied
+            .fetch_max(v, std::sync::atomic::Ordering::AcqRel);
     }
 }
 

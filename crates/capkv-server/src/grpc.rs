@@ -140,12 +140,13 @@ impl Kv for KvService {
         let resp = self
             .observe("put", async {
                 let cond = condition(req.if_revision, req.if_absent)?;
+                let session = SessionToken::decode(&req.session_token)?;
                 let (served, r) = core
                     .put(req.key, req.value, cond, idempotency(req.idempotency))
                     .await?;
                 let (succeeded, revision, hlc, current_revision) = write_parts(&r);
                 Ok(pb::PutResponse {
-                    header: header(core.id, served, SessionToken::default()),
+                    header: header(core.id, served, session),
                     succeeded,
                     revision,
                     hlc,
@@ -165,12 +166,13 @@ impl Kv for KvService {
         let resp = self
             .observe("delete", async {
                 let cond = condition(req.if_revision, false)?;
+                let session = SessionToken::decode(&req.session_token)?;
                 let (served, r) = core
                     .delete(req.key, cond, idempotency(req.idempotency))
                     .await?;
                 let (deleted, revision, hlc, current_revision) = write_parts(&r);
                 Ok(pb::DeleteResponse {
-                    header: header(core.id, served, SessionToken::default()),
+                    header: header(core.id, served, session),
                     deleted,
                     revision,
                     hlc,

@@ -396,7 +396,8 @@ impl KvCore {
                 Plan::TokenAhead { at, applied } => {
                     return Err(KvError::Unavailable(format!(
                         "partition {p}: the session token is at log position {at}, but its \
-                         leader has applied only {applied}; a token from another cluster?"
+                         leader has applied only {applied} (still applying after a restart \
+                         or election, or a token from another cluster)"
                     )))
                 }
             }

@@ -219,7 +219,10 @@ impl Node {
         .context("start the raftstore engine")?;
         let node = Arc::new(EngineNode::new(config.id, node, engine.clone(), snapshots));
         for p in parts {
-            let applied = indexes.get(&p).cloned().unwrap_or_default();
+            let applied = indexes
+                .get(&p)
+                .cloned()
+                .with_context(|| format!("partition {p} has no state machine"))?;
             // A new cluster's first replica of each partition campaigns at once, so
             // leaders spread over the nodes as the partition map orders them.
             if fresh && map.replicas(p).first() == Some(&config.id) {

@@ -87,6 +87,7 @@ async fn a_failed_fsync_poisons_the_node_until_it_restarts_and_loses_nothing() {
             if_revision: None,
             if_absent: false,
             idempotency: None,
+            session_token: vec![],
         })
         .await
         .unwrap_err();

@@ -132,6 +132,11 @@ impl Cluster {
             .expect("spawn capkv server");
     }
 
+    /// Environment of node `id`'s process at its next starts (e.g. libfaketime).
+    pub fn set_env(&mut self, id: u64, env: Vec<(String, String)>) {
+        self.inner.set_env(id, env).expect("set env");
+    }
+
     /// SIGKILL: no shutdown, no final sync.
     pub fn kill(&mut self, id: u64) {
         self.inner.kill(id).expect("kill");

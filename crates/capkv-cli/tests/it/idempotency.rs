@@ -186,6 +186,7 @@ async fn stale_and_expired_session_writes_are_refused_not_applied() {
             session_started_ms: started,
             first_incomplete,
         }),
+        session_token: vec![],
     };
     raw.put(put("one", 1, 1)).await.unwrap();
     raw.put(put("two", 2, 2)).await.unwrap();
