@@ -334,6 +334,9 @@ pub async fn run(o: CheckOptions) -> anyhow::Result<Report> {
         .map_err(|_| anyhow::anyhow!("a client still holds the recorder"))?;
     let events = recorder.finish()?;
     let ops = pair(&events);
+    // The cluster's own partition count (an external cluster may differ from --partitions):
+    // the session checker groups keys by partition.
+    let o = CheckOptions { partitions, ..o };
     let mut report = analyse(&o, ops, injected.load(Ordering::Relaxed), history_path);
     let line = match converged {
         Ok(c) => format!(
@@ -377,7 +380,7 @@ pub fn analyse(o: &CheckOptions, ops: Vec<Operation>, faults: u64, history: Path
             lines.push("eventual reads: no per-read guarantee to check (see replicas)".into());
         }
         WorkloadKind::Register if o.consistency == ReadConsistency::Session => {
-            let r = check_sessions(&ops, o.clients as u64);
+            let r = check_sessions(&ops, o.clients as u64, o.partitions);
             if r.violations.is_empty() {
                 lines.push(format!(
                     "sessions: valid ({} sessions, {} operations checked)",

@@ -14,8 +14,17 @@
 //! Revisions of one key increase with every write (they are a per-partition counter), so
 //! these comparisons are the guarantees themselves. Operations whose outcome is unknown,
 //! or that failed, say nothing and are skipped.
+//!
+//! capkv's sessions are per partition (a token holds a log position per partition), so
+//! the checker also holds reads to everything the session saw in the key's partition:
+//! once it read or wrote revision `F` of any key there, a read of key `k` returning
+//! revision `r` is stale if some acknowledged write of `k` (by any client) has a revision
+//! in `(r, F]`: revisions grow along the partition's log, so that write came before what
+//! the session had already seen.
 
 use std::collections::{BTreeMap, HashMap};
+
+use capkv_types::partition_for_key;
 
 use crate::history::{EventType, Func, Operation};
 
@@ -45,10 +54,28 @@ pub struct SessionReport {
     pub violations: Vec<SessionViolation>,
 }
 
-/// Checks `ops` (in history order) of `clients` sessions.
-pub fn check_sessions(ops: &[Operation], clients: u64) -> SessionReport {
+/// Checks `ops` (in history order) of `clients` sessions over `partitions` partitions.
+pub fn check_sessions(ops: &[Operation], clients: u64, partitions: u32) -> SessionReport {
     let clients = clients.max(1);
     let mut seen: HashMap<(u64, &str), Seen> = HashMap::new();
+    // Every acknowledged write's revision, per key (sorted).
+    let mut writes: HashMap<&str, Vec<u64>> = HashMap::new();
+    for op in ops {
+        if op.kind == EventType::Ok
+            && matches!(op.f, Func::Write | Func::Cas)
+            && op.succeeded != Some(false)
+        {
+            if let Some(r) = op.revision {
+                writes.entry(op.key.as_str()).or_default().push(r);
+            }
+        }
+    }
+    for w in writes.values_mut() {
+        w.sort_unstable();
+    }
+    // Per (session, partition): the highest revision seen there, and whether the session
+    // wrote it.
+    let mut floor: HashMap<(u64, u32), (u64, bool)> = HashMap::new();
     let mut report = SessionReport::default();
     let mut sessions = BTreeMap::new();
     for op in ops {
@@ -60,16 +87,12 @@ pub fn check_sessions(ops: &[Operation], clients: u64) -> SessionReport {
         if op.kind != EventType::Ok {
             continue;
         }
+        let partition = partition_for_key(op.key.as_bytes(), partitions.max(1)).0;
+        let floor = floor.entry((session, partition)).or_default();
         let s = seen.entry((session, op.key.as_str())).or_default();
-        let mut violate = |guarantee: &'static str, detail: String| {
-            report.violations.push(SessionViolation {
-                session,
-                key: op.key.clone(),
-                guarantee,
-                index: op.index,
-                detail,
-            })
-        };
+        // This operation's broken guarantees.
+        let mut found: Vec<(&'static str, String)> = Vec::new();
+        let mut violate = |guarantee: &'static str, detail: String| found.push((guarantee, detail));
         match op.f {
             Func::Read => {
                 report.checked += 1;
@@ -89,6 +112,31 @@ pub fn check_sessions(ops: &[Operation], clients: u64) -> SessionReport {
                     );
                 }
                 s.read = s.read.max(revision);
+                // Across the partition: a write of this key the session had already gone
+                // past (only if the per-key rules above found nothing).
+                let missed = writes.get(op.key.as_str()).and_then(|w| {
+                    let i = w.partition_point(|x| *x <= revision);
+                    w.get(i).copied().filter(|x| *x <= floor.0)
+                });
+                let per_key_clean = found.is_empty();
+                if let (Some(w), true) = (missed, per_key_clean) {
+                    let guarantee = if floor.1 {
+                        "read-your-writes"
+                    } else {
+                        "monotonic reads"
+                    };
+                    found.push((
+                        guarantee,
+                        format!(
+                            "read revision {revision}, but the session had seen revision {} \
+                             of partition {partition}, after the write of revision {w}",
+                            floor.0
+                        ),
+                    ));
+                }
+                if revision > floor.0 {
+                    *floor = (revision, false);
+                }
             }
             Func::Write | Func::Cas if op.succeeded != Some(false) => {
                 report.checked += 1;
@@ -111,9 +159,23 @@ pub fn check_sessions(ops: &[Operation], clients: u64) -> SessionReport {
                     );
                 }
                 s.wrote = s.wrote.max(revision);
+                if revision > floor.0 {
+                    *floor = (revision, true);
+                }
             }
             _ => {}
         }
+        report.violations.extend(
+            found
+                .into_iter()
+                .map(|(guarantee, detail)| SessionViolation {
+                    session,
+                    key: op.key.clone(),
+                    guarantee,
+                    index: op.index,
+                    detail,
+                }),
+        );
     }
     report.sessions = sessions.len();
     report
@@ -151,7 +213,7 @@ mod tests {
             op(4, 1, Func::Write, 8),
             op(5, 1, Func::Read, 8),
         ];
-        let r = check_sessions(&ops, 2);
+        let r = check_sessions(&ops, 2, 1);
         assert!(r.violations.is_empty(), "{:?}", r.violations);
         assert_eq!((r.sessions, r.checked), (2, 6));
     }
@@ -177,13 +239,48 @@ mod tests {
             ),
         ];
         for (ops, guarantee) in cases {
-            let r = check_sessions(&ops, 2);
+            let r = check_sessions(&ops, 2, 1);
             assert_eq!(
                 r.violations.iter().map(|v| v.guarantee).collect::<Vec<_>>(),
                 vec![guarantee]
             );
             assert_eq!(r.violations[0].index, 1);
         }
+    }
+
+    #[test]
+    fn a_stale_read_of_another_key_of_the_partition_is_caught() {
+        let on = |key: &str, mut o: Operation| {
+            o.key = key.into();
+            o
+        };
+        // Another client writes k2 at revision 8; the session reads k1 at revision 9 (so
+        // its partition's state was past 8), then reads k2 at revision 3: stale.
+        let ops = vec![
+            on("k2", op(0, 1, Func::Write, 8)),
+            on("k1", op(1, 0, Func::Read, 9)),
+            on("k2", op(2, 0, Func::Read, 3)),
+        ];
+        let r = check_sessions(&ops, 2, 1);
+        assert_eq!(r.violations.len(), 1, "{:?}", r.violations);
+        assert_eq!(r.violations[0].guarantee, "monotonic reads");
+        assert_eq!(r.violations[0].index, 2);
+        // The same after the session's own write of k1 at 9: read-your-writes.
+        let ops = vec![
+            on("k2", op(0, 1, Func::Write, 8)),
+            on("k1", op(1, 0, Func::Write, 9)),
+            on("k2", op(2, 0, Func::Read, 3)),
+        ];
+        let r = check_sessions(&ops, 2, 1);
+        assert_eq!(r.violations[0].guarantee, "read-your-writes");
+        // Reading k2 at 8 (or a write of k2 after 9 that is not seen) is fine.
+        let ops = vec![
+            on("k2", op(0, 1, Func::Write, 8)),
+            on("k1", op(1, 0, Func::Read, 9)),
+            on("k2", op(2, 1, Func::Write, 12)),
+            on("k2", op(3, 0, Func::Read, 8)),
+        ];
+        assert!(check_sessions(&ops, 2, 1).violations.is_empty());
     }
 
     #[test]
@@ -195,7 +292,7 @@ mod tests {
         let mut no_revision = op(2, 0, Func::Read, 0);
         no_revision.revision = None;
         let ops = vec![unknown, failed_cas, no_revision, op(3, 0, Func::Read, 1)];
-        let r = check_sessions(&ops, 1);
+        let r = check_sessions(&ops, 1, 1);
         assert!(r.violations.is_empty(), "{:?}", r.violations);
         assert_eq!(r.checked, 1);
     }
