@@ -31,6 +31,23 @@ fn faults_in(stdout: &str) -> u64 {
         .expect("faults=N in the summary")
 }
 
+/// Runs a check that must be found invalid (a planted bug; seed named `name`); returns its
+/// summary.
+fn invalid_run(name: &str, args: &[&str]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let seed = seed(name).to_string();
+    let out = dir.path().to_str().unwrap();
+    let mut all = args.to_vec();
+    all.extend(["--seed", &seed, "--out", out]);
+    let (code, stdout, stderr) = check(&all);
+    eprintln!("{stdout}");
+    assert_eq!(
+        code, 1,
+        "the planted bug went unnoticed (replay with CAPKV_TEST_SEED={seed}):\n{stdout}\n{stderr}"
+    );
+    stdout
+}
+
 /// Runs a check that must be valid (seed named `name`, with `args`); returns its output
 /// directory, summary and stderr.
 fn valid_run(name: &str, args: &[&str]) -> (tempfile::TempDir, String, String) {
@@ -108,25 +125,16 @@ fn check_with_read_index_reads_under_pauses_and_partitions_is_valid() {
 
 #[test]
 fn check_finds_the_planted_stale_reads_bug() {
-    let dir = tempfile::tempdir().unwrap();
-    let seed = seed("check_planted_bug").to_string();
-    let out = dir.path().to_str().unwrap();
-    let (code, stdout, stderr) = check(&[
-        "--duration",
-        "30s",
-        "--nemesis",
-        "partition",
-        "--planted-bug",
-        "stale-reads",
-        "--seed",
-        &seed,
-        "--out",
-        out,
-    ]);
-    eprintln!("{stdout}");
-    assert_eq!(
-        code, 1,
-        "the planted bug went unnoticed (replay with CAPKV_TEST_SEED={seed}):\n{stdout}\n{stderr}"
+    let stdout = invalid_run(
+        "check_planted_bug",
+        &[
+            "--duration",
+            "30s",
+            "--nemesis",
+            "partition",
+            "--planted-bug",
+            "stale-reads",
+        ],
     );
     assert!(stdout.contains("linearizable: INVALID"), "{stdout}");
     assert!(
@@ -207,27 +215,18 @@ fn check_session_reads_under_partitions_and_kills_keep_the_session_guarantees() 
 /// found out by the session checker.
 #[test]
 fn check_finds_the_planted_ignore_session_token_bug() {
-    let dir = tempfile::tempdir().unwrap();
-    let seed = seed("check_planted_session").to_string();
-    let out = dir.path().to_str().unwrap();
-    let (code, stdout, stderr) = check(&[
-        "--duration",
-        "20s",
-        "--nemesis",
-        "partition",
-        "--consistency",
-        "session",
-        "--planted-bug",
-        "ignore-session-token",
-        "--seed",
-        &seed,
-        "--out",
-        out,
-    ]);
-    eprintln!("{stdout}");
-    assert_eq!(
-        code, 1,
-        "the planted bug went unnoticed (replay with CAPKV_TEST_SEED={seed}):\n{stdout}\n{stderr}"
+    let stdout = invalid_run(
+        "check_planted_session",
+        &[
+            "--duration",
+            "20s",
+            "--nemesis",
+            "partition",
+            "--consistency",
+            "session",
+            "--planted-bug",
+            "ignore-session-token",
+        ],
     );
     assert!(stdout.contains("sessions: INVALID"), "{stdout}");
 }
