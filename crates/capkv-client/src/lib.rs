@@ -194,15 +194,6 @@ fn kv_pb_to(kv: pb::KeyValue) -> KeyValue {
     }
 }
 
-fn consistency_pb(c: ReadConsistency) -> i32 {
-    match c {
-        ReadConsistency::Linearizable => pb::Consistency::Linearizable as i32,
-        ReadConsistency::Prefix => pb::Consistency::Prefix as i32,
-        ReadConsistency::Session => pb::Consistency::Session as i32,
-        ReadConsistency::Eventual => pb::Consistency::Eventual as i32,
-    }
-}
-
 fn put_request(key: Vec<u8>, value: Vec<u8>, condition: Condition) -> pb::PutRequest {
     let (if_revision, if_absent) = match condition {
         Condition::Always => (None, false),
@@ -945,7 +936,10 @@ impl Client {
         let p = self.partition_of(&key);
         let request = pb::GetRequest {
             key,
-            consistency: consistency.map_or(pb::Consistency::Unspecified as i32, consistency_pb),
+            consistency: consistency.map_or(
+                pb::Consistency::Unspecified as i32,
+                capkv_proto::consistency::to_wire,
+            ),
             session_token: match consistency {
                 Some(ReadConsistency::Session) | None => self.session_token(),
                 Some(_) => Vec::new(),
@@ -974,7 +968,7 @@ impl Client {
             prefix: options.prefix.clone(),
             limit: options.limit,
             continuation: options.continuation.clone(),
-            consistency: consistency_pb(options.consistency),
+            consistency: capkv_proto::consistency::to_wire(options.consistency),
             partition_id: None,
             session_token: match options.consistency {
                 ReadConsistency::Session => self.session_token(),

@@ -21,4 +21,5 @@ pub mod etcd {
     tonic::include_proto!("etcdserverpb");
 }
 
+pub mod consistency;
 pub mod status;

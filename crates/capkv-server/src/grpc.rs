@@ -5,6 +5,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
+use capkv_proto::consistency::from_wire;
 use capkv_proto::kv::{self as pb, kv_server::Kv};
 use capkv_proto::raft::{
     raft_transport_server::RaftTransport as RaftTransportService, EngineClosed, EngineFrame,
@@ -12,28 +13,13 @@ use capkv_proto::raft::{
 };
 use capkv_proto::status::to_status;
 use capkv_replication::{CommandResponse, Condition, Idempotency};
-use capkv_types::{KvError, NodeId, PartitionId, ReadConsistency, SessionToken};
+use capkv_types::{KvError, NodeId, PartitionId, SessionToken};
 use tonic::{Request, Response, Status};
 
 use crate::kv::{check_peer_lease, KeyValue, KvCore, ScanParams, Served};
 
 pub struct KvService {
     pub core: Arc<KvCore>,
-}
-
-/// The level a request asks for; one that names none gets the node's default.
-fn level(c: i32, default: ReadConsistency) -> Result<ReadConsistency, KvError> {
-    match pb::Consistency::try_from(c) {
-        Ok(pb::Consistency::Unspecified) => Ok(default),
-        Ok(pb::Consistency::Linearizable) => Ok(ReadConsistency::Linearizable),
-        Ok(pb::Consistency::Prefix) => Ok(ReadConsistency::Prefix),
-        Ok(pb::Consistency::Session) => Ok(ReadConsistency::Session),
-        Ok(pb::Consistency::Eventual) => Ok(ReadConsistency::Eventual),
-        Err(_) => Err(KvError::InvalidArgument(format!(
-            "unknown consistency level {c}; supported: linearizable (1), prefix (2), \
-             session (4), eventual (5)"
-        ))),
-    }
 }
 
 fn condition(if_revision: Option<u64>, if_absent: bool) -> Result<Condition, KvError> {
@@ -113,7 +99,7 @@ impl Kv for KvService {
         let core = &self.core;
         let resp = self
             .observe("get", async {
-                let level = level(req.consistency, core.default_consistency)?;
+                let level = from_wire(req.consistency, core.default_consistency)?;
                 let session = SessionToken::decode(&req.session_token)?;
                 let (served, value) = core.get(&req.key, level, &session).await?;
                 Ok(pb::GetResponse {
@@ -197,7 +183,7 @@ impl Kv for KvService {
                     prefix: req.prefix,
                     limit: req.limit,
                     continuation: req.continuation,
-                    consistency: level(req.consistency, core.default_consistency)?,
+                    consistency: from_wire(req.consistency, core.default_consistency)?,
                     session: SessionToken::decode(&req.session_token)?,
                 };
                 let page = match req.partition_id {
@@ -443,33 +429,6 @@ impl RaftTransportService for RaftService {
             chunk = next_chunk(&mut inbound).await?.ok_or_else(|| {
                 Status::invalid_argument("the snapshot stream ended before its last chunk")
             })?;
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_request_without_a_level_gets_the_nodes_default_and_an_unknown_one_is_refused() {
-        let unspecified = pb::Consistency::Unspecified as i32;
-        for default in [ReadConsistency::Linearizable, ReadConsistency::Session] {
-            assert_eq!(level(unspecified, default), Ok(default));
-            // A request's own level always wins.
-            assert_eq!(
-                level(pb::Consistency::Eventual as i32, default),
-                Ok(ReadConsistency::Eventual)
-            );
-            assert_eq!(
-                level(pb::Consistency::Linearizable as i32, default),
-                Ok(ReadConsistency::Linearizable)
-            );
-        }
-        // 3 is reserved for bounded.
-        for unknown in [3, 6, -1] {
-            let err = level(unknown, ReadConsistency::Linearizable).unwrap_err();
-            assert!(matches!(err, KvError::InvalidArgument(_)), "{err:?}");
         }
     }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use capkv_placement::PartitionMap;
-use capkv_proto::kv::{kv_client::KvClient, Consistency as WireConsistency, ScanRequest};
+use capkv_proto::kv::{kv_client::KvClient, ScanRequest};
 use capkv_replication::{
     AppliedIndex, Command, CommandResponse, Condition, Faults, Idempotency, Op, Rejection,
 };
@@ -359,8 +359,14 @@ impl KvCore {
         session_at: u64,
     ) -> Result<&Replica, KvError> {
         let replica = self.replica(p)?;
-        if level == ReadConsistency::Linearizable && self.unsafe_local_reads {
-            return Ok(replica);
+        if level == ReadConsistency::Linearizable {
+            // The hot path: under the leader's lease, at once, with no role lookup.
+            if self.unsafe_local_reads
+                || (self.read_policy == ReadPolicyChoice::Lease
+                    && self.raft_engine.lease_read_now(p))
+            {
+                return Ok(replica);
+            }
         }
         let mut ask = ReadAsk {
             level,
@@ -372,11 +378,18 @@ impl KvCore {
             waited: false,
         };
         loop {
-            let role = self.role(p);
+            let applied = replica.applied.get();
+            // The planner looks at the role only for linearizable reads and session reads
+            // the replica is behind on; the engine's status is not read otherwise.
+            let role = match level {
+                ReadConsistency::Linearizable => Some(self.role(p)),
+                ReadConsistency::Session if applied < ask.session_at => Some(self.role(p)),
+                _ => None,
+            };
             let state = ReplicaState {
-                leader: role.leader,
-                known_leader: role.known_leader.filter(|l| *l != self.id),
-                applied: replica.applied.get(),
+                leader: role.is_some_and(|r| r.leader),
+                known_leader: role.and_then(|r| r.known_leader).filter(|l| *l != self.id),
+                applied,
             };
             match read_plan::plan(ask, state) {
                 Plan::Serve => return Ok(replica),
@@ -404,14 +417,11 @@ impl KvCore {
         }
     }
 
-    /// This node leads `p` and has applied a read index it held as the only leader: at
-    /// once under the lease, else after a ReadIndex round.
+    /// This node leads `p` and has applied a read index it held as the only leader: after
+    /// a ReadIndex round.
     async fn confirm_leadership(&self, p: PartitionId) -> Result<(), KvError> {
+        // (The lease was tried first, in `read_barrier`.)
         let engine = &self.raft_engine;
-        // Under the leader's lease: at once, on this thread.
-        if self.read_policy == ReadPolicyChoice::Lease && engine.lease_read_now(p) {
-            return Ok(());
-        }
         match tokio::time::timeout(self.read_timeout, engine.read_index(p)).await {
             Err(_elapsed) => Err(KvError::Unavailable(format!(
                 "partition {p}: could not confirm leadership with a quorum within {} ms",
@@ -544,12 +554,6 @@ impl KvCore {
         let mut client = KvClient::new(self.peers.channel(addr)).max_decoding_message_size(
             self.limits.message_bytes_max() + self.limits.scan_page_bytes_max,
         );
-        let consistency = match level {
-            ReadConsistency::Linearizable => WireConsistency::Linearizable,
-            ReadConsistency::Prefix => WireConsistency::Prefix,
-            ReadConsistency::Session => WireConsistency::Session,
-            ReadConsistency::Eventual => WireConsistency::Eventual,
-        };
         let mut token = SessionToken::default();
         token.observe(p, session_at);
         let mut req = tonic::Request::new(ScanRequest {
@@ -558,7 +562,7 @@ impl KvCore {
             prefix: vec![],
             limit,
             continuation: vec![],
-            consistency: consistency as i32,
+            consistency: capkv_proto::consistency::to_wire(level),
             partition_id: Some(p.0),
             session_token: token.encode(),
         });
