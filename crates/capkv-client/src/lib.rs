@@ -613,7 +613,7 @@ impl Client {
         let mut continuation = Vec::new();
         loop {
             let mut req = tonic::Request::new(pb::ScanRequest {
-                limit: 10_000,
+                limit: capkv_types::Limits::default().scan_limit_max,
                 continuation: std::mem::take(&mut continuation),
                 consistency: pb::Consistency::Eventual as i32,
                 partition_id: Some(partition.0),
