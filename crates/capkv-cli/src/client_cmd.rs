@@ -62,12 +62,14 @@ pub struct PutArgs {
 #[derive(Args, Debug)]
 pub struct GetArgs {
     pub key: String,
-    /// Read level: linearizable; session (any replica that has what this session wrote
+    /// Read level: linearizable; linearizable-follower (any replica, after asking the
+    /// leader for its commit index); bounded:K or bounded:100ms (any replica at most K
+    /// revisions or 100 ms behind); session (any replica that has what this session wrote
     /// or read: see --session); prefix or eventual (any replica, possibly stale). Without
     /// it, the server's --default-consistency (linearizable unless set).
     #[arg(long, value_parser = parse_consistency)]
     pub consistency: Option<ReadConsistency>,
-    /// Print revisions and HLC too.
+    /// Print revisions, HLC, the serving node and (bounded reads) the staleness bound too.
     #[arg(long, short)]
     pub verbose: bool,
     #[command(flatten)]
@@ -232,12 +234,33 @@ pub async fn get(a: GetArgs) -> i32 {
         Err(e) => return fail(e),
     };
     let result = match a.consistency {
-        Some(level) => client.get_with(a.key.into_bytes(), level).await,
-        None => client.get(a.key.into_bytes()).await,
+        Some(level) => client.read(a.key.into_bytes(), level).await,
+        None => client.get(a.key.into_bytes()).await.map(|kv| capkv_client::Read {
+            kv,
+            partition: capkv_types::PartitionId(0),
+            served_by: 0,
+            applied_index: 0,
+            stale_ms_at_most: None,
+            behind_revisions_at_most: None,
+        }),
     };
     save_session(&client, &a.endpoints);
-    match result {
-        Ok(Some(kv)) => {
+    let read = match result {
+        Ok(r) => r,
+        Err(e) => return fail(e),
+    };
+    if a.verbose && read.served_by != 0 {
+        let mut how = format!("served_by={} applied_index={}", read.served_by, read.applied_index);
+        if let Some(ms) = read.stale_ms_at_most {
+            how.push_str(&format!(" stale_ms_at_most={ms}"));
+        }
+        if let Some(k) = read.behind_revisions_at_most {
+            how.push_str(&format!(" behind_revisions_at_most={k}"));
+        }
+        eprintln!("{how}");
+    }
+    match read.kv {
+        Some(kv) => {
             let mut out = std::io::stdout().lock();
             let _ = out.write_all(&kv.value);
             let _ = out.write_all(b"\n");
@@ -249,11 +272,10 @@ pub async fn get(a: GetArgs) -> i32 {
             }
             0
         }
-        Ok(None) => {
+        None => {
             eprintln!("not found");
             1
         }
-        Err(e) => fail(e),
     }
 }
 

@@ -89,6 +89,23 @@ pub struct KeyValue {
     pub hlc: u64,
 }
 
+/// A read's answer with where and how it was served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Read {
+    pub kv: Option<KeyValue>,
+    pub partition: PartitionId,
+    /// The node that served it.
+    pub served_by: u64,
+    /// The serving replica's applied index after the read (no answer is newer).
+    pub applied_index: u64,
+    /// Bounded reads: the answer reflects every write acknowledged this long before the
+    /// read began.
+    pub stale_ms_at_most: Option<u64>,
+    /// Bounded reads: revisions behind the commit index confirmed for the read, if one
+    /// was.
+    pub behind_revisions_at_most: Option<u64>,
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct ScanOptions {
     pub start: Vec<u8>,
@@ -927,25 +944,46 @@ impl Client {
         self.get_at(key.into(), Some(consistency)).await
     }
 
+    /// A read at `consistency`, with where and how it was served (see [`Read`]).
+    pub async fn read(
+        &self,
+        key: impl Into<Vec<u8>>,
+        consistency: ReadConsistency,
+    ) -> Result<Read, KvError> {
+        self.read_at(key.into(), Some(consistency)).await
+    }
+
     /// A read at `consistency`, or the server's default level when `None`.
     async fn get_at(
         &self,
         key: Vec<u8>,
         consistency: Option<ReadConsistency>,
     ) -> Result<Option<KeyValue>, KvError> {
+        Ok(self.read_at(key, consistency).await?.kv)
+    }
+
+    async fn read_at(
+        &self,
+        key: Vec<u8>,
+        consistency: Option<ReadConsistency>,
+    ) -> Result<Read, KvError> {
         let p = self.partition_of(&key);
+        let w = consistency.map_or_else(
+            capkv_proto::consistency::WireLevel::default,
+            capkv_proto::consistency::to_wire,
+        );
         let request = pb::GetRequest {
             key,
-            consistency: consistency.map_or(
-                pb::Consistency::Unspecified as i32,
-                capkv_proto::consistency::to_wire,
-            ),
+            consistency: w.consistency,
             session_token: match consistency {
                 Some(ReadConsistency::Session) | None => self.session_token(),
                 Some(_) => Vec::new(),
             },
+            max_lag_revisions: w.max_lag_revisions,
+            max_staleness_ms: w.max_staleness_ms,
+            follower_read: w.follower_read,
         };
-        let spread = consistency.is_some_and(|c| c != ReadConsistency::Linearizable);
+        let spread = consistency.is_some_and(ReadConsistency::any_replica);
         let resp = self
             .retry_at(Some(p), false, spread, |mut kv| {
                 let req = request.clone();
@@ -953,27 +991,35 @@ impl Client {
             })
             .await?;
         self.observe(resp.header.as_ref());
-        Ok(if resp.found {
-            resp.kv.map(kv_pb_to)
-        } else {
-            None
+        let h = resp.header.unwrap_or_default();
+        Ok(Read {
+            kv: if resp.found { resp.kv.map(kv_pb_to) } else { None },
+            partition: p,
+            served_by: h.served_by,
+            applied_index: h.applied_index,
+            stale_ms_at_most: h.stale_ms_at_most,
+            behind_revisions_at_most: h.behind_revisions_at_most,
         })
     }
 
     /// One page of keys in byte order across all partitions.
     pub async fn scan(&self, options: &ScanOptions) -> Result<ScanPage, KvError> {
+        let w = capkv_proto::consistency::to_wire(options.consistency);
         let request = pb::ScanRequest {
             start: options.start.clone(),
             end: options.end.clone(),
             prefix: options.prefix.clone(),
             limit: options.limit,
             continuation: options.continuation.clone(),
-            consistency: capkv_proto::consistency::to_wire(options.consistency),
+            consistency: w.consistency,
             partition_id: None,
             session_token: match options.consistency {
                 ReadConsistency::Session => self.session_token(),
                 _ => Vec::new(),
             },
+            max_lag_revisions: w.max_lag_revisions,
+            max_staleness_ms: w.max_staleness_ms,
+            follower_read: w.follower_read,
         };
         let resp = self
             .retry(None, false, |mut kv| {

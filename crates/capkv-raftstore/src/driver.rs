@@ -820,6 +820,36 @@ impl<D: Disk> Driver<D> {
         Ok(())
     }
 
+    /// Asks `group`'s leader, through this replica whatever its role, to confirm its
+    /// commit index with a quorum (raft-rs forwards a follower's ReadIndex to the leader,
+    /// which answers once a quorum acknowledged its leadership). The answer comes as a
+    /// [`ReadReady`] with `context`, or never (no leader answered): the caller times out.
+    /// Refused at once when this replica knows no leader.
+    pub fn read_index_anywhere(
+        &mut self,
+        group: GroupId,
+        context: Vec<u8>,
+    ) -> Result<(), ProposeError> {
+        if let Some(why) = &self.poisoned {
+            return Err(ProposeError::Poisoned(why.clone()));
+        }
+        self.wake(group);
+        self.dirty.insert(group);
+        let g = self
+            .groups
+            .get_mut(&group)
+            .ok_or(ProposeError::NoGroup(group))?;
+        let r = &g.node.raft;
+        if r.state != StateRole::Leader && r.leader_id == 0 {
+            return Err(ProposeError::NotLeader {
+                group,
+                leader: None,
+            });
+        }
+        g.node.read_index(context);
+        Ok(())
+    }
+
     /// Snapshots installed since last asked (see [`Restored`]).
     pub fn take_restored(&mut self) -> Vec<Restored> {
         std::mem::take(&mut self.restored)

@@ -156,6 +156,12 @@ pub enum Input<R> {
         group: GroupId,
         reply: ReadReply,
     },
+    /// The commit index of `group`'s leader, wherever it is, confirmed by it with a quorum
+    /// after this was asked (a ReadIndex through any replica; answered on confirmation).
+    ReadIndex {
+        group: GroupId,
+        reply: ReadReply,
+    },
     Campaign(GroupId),
     /// The tick thread's beat: the driver ticks once in the turn that takes it.
     Tick,
@@ -226,6 +232,8 @@ pub struct NodeStats {
     pub lease_reads: u64,
     pub lease_reads_outside: u64,
     pub read_index_reads: u64,
+    /// Read-index asks through any replica (follower reads, bounded staleness).
+    pub read_index_asks: u64,
     pub lease_renewals: u64,
     pub driver: crate::driver::DriverStats,
 }
@@ -312,8 +320,14 @@ impl<R: Send + 'static> RaftNode<R> {
             queued: BTreeMap::new(),
             queued_reads: BTreeMap::new(),
             reads_confirming: BTreeMap::new(),
+            queued_read_indexes: BTreeMap::new(),
+            answer_on_confirm: BTreeSet::new(),
             reads_applying: BTreeMap::new(),
-            next_read: 1,
+            // Read contexts must not repeat across restarts: a leader drops a ReadIndex
+            // whose context it still has pending.
+            next_read: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64),
             stats: NodeStats::default(),
         };
         lp.publish(lp.driver.groups().collect());
@@ -427,6 +441,20 @@ impl<R: Send + 'static> RaftNode<R> {
     pub fn read(&self, group: GroupId, reply: ReadReply) {
         if let Err(mpsc::SendError(Input::Read { reply, .. })) =
             self.tx.send(Input::Read { group, reply })
+        {
+            reply(Err(ProposeError::Stopped));
+        }
+    }
+
+    /// Asks `group`'s leader (this node or another) for its commit index with a ReadIndex
+    /// round, and calls `reply` with it as soon as the leader confirmed it with a quorum,
+    /// without waiting for this replica to apply it. Every write acknowledged before this
+    /// call is at or below the index: a replica that has applied it may serve a
+    /// linearizable read (a follower read), and one a little behind it a bounded-staleness
+    /// read. Reads of a group in one turn share one round.
+    pub fn read_index(&self, group: GroupId, reply: ReadReply) {
+        if let Err(mpsc::SendError(Input::ReadIndex { reply, .. })) =
+            self.tx.send(Input::ReadIndex { group, reply })
         {
             reply(Err(ProposeError::Stopped));
         }
@@ -588,8 +616,12 @@ struct Loop<D: Disk, T, S: StateMachine> {
     queued: BTreeMap<GroupId, Queued<S::Response>>,
     /// Reads received this turn, per group.
     queued_reads: BTreeMap<GroupId, Vec<ReadReply>>,
+    /// Read-index asks received this turn, per group (see [`RaftNode::read_index`]).
+    queued_read_indexes: BTreeMap<GroupId, Vec<ReadReply>>,
     /// Reads whose confirmation is under way, by context: group, when asked, replies.
     reads_confirming: BTreeMap<u64, (GroupId, Instant, Vec<ReadReply>)>,
+    /// Contexts in `reads_confirming` answered on confirmation, not once applied.
+    answer_on_confirm: BTreeSet<u64>,
     /// Confirmed reads waiting for the state machine to apply their index.
     reads_applying: BTreeMap<GroupId, Vec<(u64, Vec<ReadReply>)>>,
     next_read: u64,
@@ -651,9 +683,11 @@ impl<D: Disk, T: Transport, S: StateMachine> Loop<D, T, S> {
                 r(Err(err()));
             }
         }
+        self.answer_on_confirm.clear();
         let reads = std::mem::take(&mut self.queued_reads)
             .into_values()
             .flatten()
+            .chain(std::mem::take(&mut self.queued_read_indexes).into_values().flatten())
             .chain(
                 std::mem::take(&mut self.reads_confirming)
                     .into_values()
@@ -702,6 +736,12 @@ impl<D: Disk, T: Transport, S: StateMachine> Loop<D, T, S> {
                 Err(e) => self.driver.poison(e),
             },
             Input::Read { group, reply } => self.queued_reads.entry(group).or_default().push(reply),
+            Input::ReadIndex { group, reply } => {
+                self.queued_read_indexes
+                    .entry(group)
+                    .or_default()
+                    .push(reply)
+            }
             Input::Campaign(g) => self.driver.campaign(g),
             Input::TransferLeader(g, to) => {
                 if self.driver.transfer_leader(g, to) {
@@ -731,6 +771,23 @@ impl<D: Disk, T: Transport, S: StateMachine> Loop<D, T, S> {
         true
     }
 
+    /// A ReadIndex context: this node's id, then a number it never used before. Leaders
+    /// see contexts of every replica in one queue (and drop a repeated one), so they must
+    /// differ between nodes.
+    fn read_context(&self, n: u64) -> Vec<u8> {
+        let mut ctx = Vec::with_capacity(16);
+        ctx.extend_from_slice(&self.config.id.to_be_bytes());
+        ctx.extend_from_slice(&n.to_be_bytes());
+        ctx
+    }
+
+    /// The number in one of this node's read contexts.
+    fn own_read_context(&self, ctx: &[u8]) -> Option<u64> {
+        let (node, n) = ctx.split_first_chunk::<8>()?;
+        let n = <[u8; 8]>::try_from(n).ok()?;
+        (u64::from_be_bytes(*node) == self.config.id).then_some(u64::from_be_bytes(n))
+    }
+
     /// The driver's clock: microseconds since the loop started.
     fn clock(&self) -> u64 {
         self.epoch.elapsed().as_micros() as u64
@@ -752,7 +809,7 @@ impl<D: Disk, T: Transport, S: StateMachine> Loop<D, T, S> {
         self.next_read += 1;
         if self
             .driver
-            .read_index(group, ctx.to_be_bytes().to_vec())
+            .read_index(group, self.read_context(ctx))
             .is_ok()
         {
             self.stats.lease_renewals += 1;
@@ -803,10 +860,29 @@ impl<D: Disk, T: Transport, S: StateMachine> Loop<D, T, S> {
             self.stats.read_index_reads += replies.len() as u64;
             let ctx = self.next_read;
             self.next_read += 1;
-            match self.driver.read_index(group, ctx.to_be_bytes().to_vec()) {
+            match self.driver.read_index(group, self.read_context(ctx)) {
                 Ok(()) => {
                     self.reads_confirming
                         .insert(ctx, (group, Instant::now(), replies));
+                }
+                Err(e) => {
+                    for r in replies {
+                        r(Err(e.clone()));
+                    }
+                }
+            }
+        }
+        // Read-index asks (follower reads, bounded staleness): one round per group,
+        // through its leader wherever it is.
+        for (group, replies) in std::mem::take(&mut self.queued_read_indexes) {
+            self.stats.read_index_asks += replies.len() as u64;
+            let ctx = self.next_read;
+            self.next_read += 1;
+            match self.driver.read_index_anywhere(group, self.read_context(ctx)) {
+                Ok(()) => {
+                    self.reads_confirming
+                        .insert(ctx, (group, Instant::now(), replies));
+                    self.answer_on_confirm.insert(ctx);
                 }
                 Err(e) => {
                     for r in replies {
@@ -1108,12 +1184,19 @@ impl<D: Disk, T: Transport, S: StateMachine> Loop<D, T, S> {
     /// timeouts (raft-rs drops a ReadIndex silently when leadership is lost).
     fn finish_reads(&mut self) {
         for rs in self.driver.take_read_states() {
-            let Ok(ctx) = <[u8; 8]>::try_from(rs.context.as_slice()) else {
+            let Some(ctx) = self.own_read_context(&rs.context) else {
                 continue;
             };
-            let ctx = u64::from_be_bytes(ctx);
             if self.renewing.get(&rs.group) == Some(&ctx) {
                 self.renewing.remove(&rs.group);
+            }
+            if self.answer_on_confirm.remove(&ctx) {
+                if let Some((_, _, replies)) = self.reads_confirming.remove(&ctx) {
+                    for r in replies {
+                        r(Ok(rs.index));
+                    }
+                }
+                continue;
             }
             if let Some((group, _, replies)) = self.reads_confirming.remove(&ctx) {
                 debug_assert_eq!(group, rs.group);
@@ -1147,6 +1230,7 @@ impl<D: Disk, T: Transport, S: StateMachine> Loop<D, T, S> {
                 .map(|(ctx, _)| *ctx)
                 .collect();
             for ctx in expired {
+                self.answer_on_confirm.remove(&ctx);
                 if let Some((group, _, replies)) = self.reads_confirming.remove(&ctx) {
                     if self.renewing.get(&group) == Some(&ctx) {
                         self.renewing.remove(&group);

@@ -617,6 +617,19 @@ impl EngineNode {
         rx.await.unwrap_or(Err(ProposeError::Stopped))
     }
 
+    /// `p`'s commit index as its leader (here or elsewhere) confirmed it with a quorum
+    /// after this call (see `RaftNode::read_index`); not waiting for this replica to apply.
+    pub async fn commit_index_confirmed(&self, p: PartitionId) -> Result<u64, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        self.node.read_index(
+            p.0,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        );
+        rx.await.unwrap_or(Err(ProposeError::Stopped))
+    }
+
     /// Whether this node may serve a linearizable read of `p` from its state machine now,
     /// under its lease (see `RaftNode::lease_read_now`).
     pub fn lease_read_now(&self, p: PartitionId) -> bool {

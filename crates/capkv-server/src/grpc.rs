@@ -5,7 +5,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
-use capkv_proto::consistency::from_wire;
+use capkv_proto::consistency::{from_wire, WireLevel};
 use capkv_proto::kv::{self as pb, kv_server::Kv};
 use capkv_proto::raft::{
     raft_transport_server::RaftTransport as RaftTransportService, EngineClosed, EngineFrame,
@@ -51,6 +51,8 @@ fn header(node: NodeId, s: Served, mut session: SessionToken) -> Option<pb::Resp
         raft_term: s.term,
         applied_index: s.applied_index,
         session_token: session.encode(),
+        stale_ms_at_most: s.bound.stale_ms_at_most,
+        behind_revisions_at_most: s.bound.behind_revisions_at_most,
     })
 }
 
@@ -99,7 +101,15 @@ impl Kv for KvService {
         let core = &self.core;
         let resp = self
             .observe("get", async {
-                let level = from_wire(req.consistency, core.default_consistency)?;
+                let level = from_wire(
+                    WireLevel {
+                        consistency: req.consistency,
+                        max_lag_revisions: req.max_lag_revisions,
+                        max_staleness_ms: req.max_staleness_ms,
+                        follower_read: req.follower_read,
+                    },
+                    core.default_consistency,
+                )?;
                 let session = SessionToken::decode(&req.session_token)?;
                 let (served, value) = core.get(&req.key, level, &session).await?;
                 Ok(pb::GetResponse {
@@ -183,7 +193,15 @@ impl Kv for KvService {
                     prefix: req.prefix,
                     limit: req.limit,
                     continuation: req.continuation,
-                    consistency: from_wire(req.consistency, core.default_consistency)?,
+                    consistency: from_wire(
+                        WireLevel {
+                            consistency: req.consistency,
+                            max_lag_revisions: req.max_lag_revisions,
+                            max_staleness_ms: req.max_staleness_ms,
+                            follower_read: req.follower_read,
+                        },
+                        core.default_consistency,
+                    )?,
                     session: SessionToken::decode(&req.session_token)?,
                 };
                 let page = match req.partition_id {
@@ -196,6 +214,8 @@ impl Kv for KvService {
                     kvs: page.kvs.into_iter().map(kv_pb).collect(),
                     continuation: page.continuation,
                     session_token: session.encode(),
+                    stale_ms_at_most: page.bound.stale_ms_at_most,
+                    behind_revisions_at_most: page.bound.behind_revisions_at_most,
                 })
             })
             .await?;

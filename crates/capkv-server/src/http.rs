@@ -50,6 +50,7 @@ async fn metrics(State(core): State<Arc<KvCore>>) -> impl IntoResponse {
             ("groups_woken", s.driver.woken),
             ("lease_reads", s.lease_reads + s.lease_reads_outside),
             ("read_index_reads", s.read_index_reads),
+            ("read_index_asks", s.read_index_asks),
             ("lease_renewals", s.lease_renewals),
             ("votes_held", s.driver.votes_held),
             ("snapshots_sent", s.snapshots_sent),

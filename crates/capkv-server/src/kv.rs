@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use capkv_placement::PartitionMap;
 use capkv_proto::kv::{kv_client::KvClient, ScanRequest};
@@ -20,13 +20,42 @@ use capkv_raftstore::StateRole;
 use crate::config::ReadPolicyChoice;
 use crate::engine::EngineNode;
 use crate::metrics::Metrics;
-use crate::read_plan::{self, Plan, ReadAsk, ReplicaState};
+use crate::read_plan::{self, Bound, Plan, Proof, ReadAsk, ReplicaState};
 use crate::transport::PeerChannels;
 
 /// One partition replica hosted by this node (its Raft group runs on the node's engine).
 pub struct Replica {
     pub partition: PartitionId,
     pub applied: Arc<AppliedIndex>,
+    /// The freshest commit index a leader confirmed to this node for the partition, and
+    /// when the round that confirmed it began (bounded-staleness reads serve from it).
+    pub proof: std::sync::Mutex<Option<(Instant, u64)>>,
+}
+
+impl Replica {
+    pub fn new(partition: PartitionId, applied: Arc<AppliedIndex>) -> Self {
+        Replica {
+            partition,
+            applied,
+            proof: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// A leader confirmed `index` as its commit index in a round that began at `began`.
+    fn proven(&self, began: Instant, index: u64) {
+        let mut p = self.proof.lock().unwrap_or_else(|e| e.into_inner());
+        if p.is_none_or(|(at, _)| at < began) {
+            *p = Some((began, index));
+        }
+    }
+
+    fn proof(&self) -> Option<Proof> {
+        let p = *self.proof.lock().unwrap_or_else(|e| e.into_inner());
+        p.map(|(at, index)| Proof {
+            age_us: at.elapsed().as_micros() as u64,
+            index,
+        })
+    }
 }
 
 /// A replica's role as this node sees it now.
@@ -43,6 +72,8 @@ pub struct Served {
     pub partition: PartitionId,
     pub term: u64,
     pub applied_index: u64,
+    /// Bounded reads: how stale the answer may be.
+    pub bound: Bound,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,6 +116,8 @@ pub struct ScanPage {
     pub continuation: Vec<u8>,
     /// The position of each partition read (its replica's applied index after the read).
     pub seen: SessionToken,
+    /// Bounded reads: the loosest bound of the partitions read.
+    pub bound: Bound,
 }
 
 /// One partition's share of a scan, as read: the rows, whether the partition has more,
@@ -93,6 +126,7 @@ pub struct PartitionRows {
     pub kvs: Vec<KeyValue>,
     pub more: bool,
     pub position: u64,
+    pub bound: Bound,
 }
 
 pub const SCAN_DEFAULT_LIMIT: u32 = 1000;
@@ -121,6 +155,9 @@ pub struct KvCore {
     /// Planted bug `ignore-session-token` (TESTING ONLY): session reads do not wait for
     /// the session's position.
     pub unsafe_ignore_session: bool,
+    /// Planted bug `ignore-staleness-bound` (TESTING ONLY): bounded reads are served by
+    /// the local replica as it is.
+    pub unsafe_ignore_bound: bool,
     /// How long this node's replicas refuse votes after hearing from a leader (the
     /// engine's election ticks); peers may trust their lease for at most half of it.
     pub vote_refusal_ms: u64,
@@ -253,12 +290,13 @@ impl KvCore {
         }
     }
 
-    fn served(&self, r: &Replica) -> Served {
+    fn served(&self, r: &Replica, bound: Bound) -> Served {
         Served {
             partition: r.partition,
             term: self.role(r.partition).term,
             // Taken after the read: at least the position of whatever it saw.
             applied_index: r.applied.upper(),
+            bound,
         }
     }
 
@@ -343,7 +381,7 @@ impl KvCore {
         match result {
             Err(_elapsed) => Err(ambiguous()),
             Ok(Ok(resp)) => match resp.rejected {
-                None => Ok((self.served(replica), resp)),
+                None => Ok((self.served(replica, Bound::default()), resp)),
                 Some(why) => Err(rejection_error(p, why, idempotency)),
             },
             Ok(Err(e)) => Err(self.engine_error(p, e)),
@@ -357,7 +395,7 @@ impl KvCore {
         p: PartitionId,
         level: ReadConsistency,
         session_at: u64,
-    ) -> Result<&Replica, KvError> {
+    ) -> Result<(&Replica, Bound), KvError> {
         let replica = self.replica(p)?;
         if level == ReadConsistency::Linearizable {
             // The hot path: under the leader's lease, at once, with no role lookup.
@@ -365,8 +403,12 @@ impl KvCore {
                 || (self.read_policy == ReadPolicyChoice::Lease
                     && self.raft_engine.lease_read_now(p))
             {
-                return Ok(replica);
+                return Ok((replica, Bound::default()));
             }
+        }
+        let bounded = matches!(level, ReadConsistency::Bounded(_));
+        if bounded && self.unsafe_ignore_bound {
+            return Ok((replica, Bound::default()));
         }
         let mut ask = ReadAsk {
             level,
@@ -376,25 +418,41 @@ impl KvCore {
                 session_at
             },
             waited: false,
+            confirmed: None,
         };
         loop {
             let applied = replica.applied.get();
-            // The planner looks at the role only for linearizable reads and session reads
-            // the replica is behind on; the engine's status is not read otherwise.
+            // The planner looks at the role only for the levels that need a leader or a
+            // proof from one, and session reads the replica is behind on; the engine's
+            // status is not read otherwise.
             let role = match level {
-                ReadConsistency::Linearizable => Some(self.role(p)),
-                ReadConsistency::Session if applied < ask.session_at => Some(self.role(p)),
-                _ => None,
+                ReadConsistency::Prefix | ReadConsistency::Eventual => None,
+                ReadConsistency::Session if applied >= ask.session_at => None,
+                _ => Some(self.role(p)),
             };
             let state = ReplicaState {
                 leader: role.is_some_and(|r| r.leader),
                 known_leader: role.and_then(|r| r.known_leader).filter(|l| *l != self.id),
                 applied,
+                proof: if bounded { replica.proof() } else { None },
             };
             match read_plan::plan(ask, state) {
-                Plan::Serve => return Ok(replica),
+                Plan::Serve(bound) => return Ok((replica, bound)),
                 Plan::ConfirmLeadership => {
-                    return self.confirm_leadership(p).await.map(|()| replica)
+                    let began = Instant::now();
+                    let index = self.confirm_leadership(p).await?;
+                    replica.proven(began, index);
+                    let bound = Bound {
+                        stale_ms_at_most: bounded.then_some(0),
+                        behind_revisions_at_most: bounded.then_some(0),
+                    };
+                    return Ok((replica, bound));
+                }
+                Plan::AskCommitIndex => {
+                    let began = Instant::now();
+                    let index = self.commit_index_confirmed(p).await?;
+                    replica.proven(began, index);
+                    ask.confirmed = Some(index);
                 }
                 Plan::WaitApplied(index) => {
                     let deadline = tokio::time::Instant::now() + SESSION_WAIT;
@@ -408,9 +466,9 @@ impl KvCore {
                 }
                 Plan::TokenAhead { at, applied } => {
                     return Err(KvError::Unavailable(format!(
-                        "partition {p}: the session token is at log position {at}, but its \
+                        "partition {p}: the read must see log position {at}, but its \
                          leader has applied only {applied} (still applying after a restart \
-                         or election, or a token from another cluster)"
+                         or election, or a session token from another cluster)"
                     )))
                 }
             }
@@ -418,16 +476,30 @@ impl KvCore {
     }
 
     /// This node leads `p` and has applied a read index it held as the only leader: after
-    /// a ReadIndex round.
-    async fn confirm_leadership(&self, p: PartitionId) -> Result<(), KvError> {
+    /// a ReadIndex round. Returns the read index.
+    async fn confirm_leadership(&self, p: PartitionId) -> Result<u64, KvError> {
         // (The lease was tried first, in `read_barrier`.)
         let engine = &self.raft_engine;
-        match tokio::time::timeout(self.read_timeout, engine.read_index(p)).await {
+        self.confirmed(p, engine.read_index(p)).await
+    }
+
+    /// `p`'s commit index, confirmed by its leader (wherever it is) after this call.
+    async fn commit_index_confirmed(&self, p: PartitionId) -> Result<u64, KvError> {
+        let engine = &self.raft_engine;
+        self.confirmed(p, engine.commit_index_confirmed(p)).await
+    }
+
+    async fn confirmed(
+        &self,
+        p: PartitionId,
+        round: impl std::future::Future<Output = Result<u64, ProposeError>>,
+    ) -> Result<u64, KvError> {
+        match tokio::time::timeout(self.read_timeout, round).await {
             Err(_elapsed) => Err(KvError::Unavailable(format!(
-                "partition {p}: could not confirm leadership with a quorum within {} ms",
+                "partition {p}: no leader confirmed its leadership with a quorum within {} ms",
                 self.read_timeout.as_millis()
             ))),
-            Ok(Ok(_index)) => Ok(()),
+            Ok(Ok(index)) => Ok(index),
             // A read has no outcome to be unsure of.
             Ok(Err(ProposeError::Stopped)) => Err(KvError::Unavailable(format!(
                 "partition {p}: the replica stopped"
@@ -444,12 +516,12 @@ impl KvCore {
     ) -> Result<(Served, Option<StoredValue>), KvError> {
         self.limits.check_key(key)?;
         let p = self.map.partition_for_key(key);
-        let replica = self.read_barrier(p, level, session.at(p)).await?;
+        let (replica, bound) = self.read_barrier(p, level, session.at(p)).await?;
         let value = self
             .engine
             .sm_get(p, key)
             .map_err(|e| KvError::Internal(e.to_string()))?;
-        Ok((self.served(replica), value))
+        Ok((self.served(replica, bound), value))
     }
 
     /// Scans one partition on this node. Returns the page and whether the partition has
@@ -472,7 +544,7 @@ impl KvCore {
                 self.map.partition_count
             )));
         }
-        let replica = self.read_barrier(p, level, session_at).await?;
+        let (replica, bound) = self.read_barrier(p, level, session_at).await?;
         let want = limit as usize;
         let bytes_max = self.limits.scan_page_bytes_max;
         let mut rows = self
@@ -490,6 +562,7 @@ impl KvCore {
             more,
             // After the read: no row is newer than this.
             position: replica.applied.upper(),
+            bound,
         })
     }
 
@@ -501,7 +574,7 @@ impl KvCore {
         let mut target: Option<NodeId> = None;
         if self.replicas.contains_key(&p) {
             let role = self.role(p);
-            if scan.level != ReadConsistency::Linearizable || role.leader {
+            if scan.level.any_replica() || role.leader {
                 // A `session` read this replica cannot serve names the leader.
                 match self.scan_partition_local(scan).await {
                     Err(KvError::NotLeader { leader_id, .. }) if leader_id.is_some() => {
@@ -556,15 +629,19 @@ impl KvCore {
         );
         let mut token = SessionToken::default();
         token.observe(p, session_at);
+        let w = capkv_proto::consistency::to_wire(level);
         let mut req = tonic::Request::new(ScanRequest {
             start: start.to_vec(),
             end: end.map(<[u8]>::to_vec).unwrap_or_default(),
             prefix: vec![],
             limit,
             continuation: vec![],
-            consistency: capkv_proto::consistency::to_wire(level),
+            consistency: w.consistency,
             partition_id: Some(p.0),
             session_token: token.encode(),
+            max_lag_revisions: w.max_lag_revisions,
+            max_staleness_ms: w.max_staleness_ms,
+            follower_read: w.follower_read,
         });
         req.set_timeout(self.read_timeout + Duration::from_secs(1));
         let resp = client
@@ -589,6 +666,10 @@ impl KvCore {
             kvs,
             more: !resp.continuation.is_empty(),
             position: SessionToken::decode(&resp.session_token)?.at(p),
+            bound: Bound {
+                stale_ms_at_most: resp.stale_ms_at_most,
+                behind_revisions_at_most: resp.behind_revisions_at_most,
+            },
         })
     }
 
@@ -658,6 +739,7 @@ impl KvCore {
             kvs: rows.kvs,
             continuation,
             seen,
+            bound: rows.bound,
         })
     }
 
@@ -687,13 +769,16 @@ impl KvCore {
         // partition could hold keys between.
         let mut cutoff: Option<Vec<u8>> = None;
         let mut seen = SessionToken::default();
+        let mut bound = Bound::default();
         for (p, r) in self.map.partitions().zip(results) {
             let PartitionRows {
                 kvs,
                 more,
                 position,
+                bound: b,
             } = r?;
             seen.observe(p, position);
+            bound = bound.loosest(b);
             if more {
                 if let Some(last) = kvs.last() {
                     if cutoff.as_ref().is_none_or(|c| last.key < *c) {
@@ -728,6 +813,7 @@ impl KvCore {
             kvs: page,
             continuation,
             seen,
+            bound,
         })
     }
 

@@ -91,7 +91,7 @@ impl Metrics {
                 "replication engine counters since start: turns, proposals, entries_proposed, \
                  entries_written, disk_writes, fsyncs, peer_batches_sent, messages_sent, \
                  compactions, leader_transfers, groups_quiesced, groups_woken, lease_reads, \
-                 read_index_reads, lease_renewals, votes_held, snapshots_sent, \
+                 read_index_reads, read_index_asks, lease_renewals, votes_held, snapshots_sent, \
                  snapshots_failed, snapshots_installed, snapshot_bytes_sent, \
                  snapshot_bytes_received, snapshots_sending, snapshots_receiving",
             ),

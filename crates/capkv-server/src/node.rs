@@ -230,10 +230,7 @@ impl Node {
             }
             replicas.insert(
                 p,
-                Replica {
-                    partition: p,
-                    applied,
-                },
+                Replica::new(p, applied),
             );
         }
         if fresh {
@@ -258,6 +255,9 @@ impl Node {
             unsafe_ignore_session: config
                 .planted_bugs
                 .contains(&PlantedBug::IgnoreSessionToken),
+            unsafe_ignore_bound: config
+                .planted_bugs
+                .contains(&PlantedBug::IgnoreStalenessBound),
             vote_refusal_ms,
             lease_read: Duration::from_millis(lease_trusted_ms),
             peers,

@@ -3,13 +3,70 @@
 use std::fmt;
 use std::str::FromStr;
 
-/// The level a read is served at. `bounded` arrives in a later release; the wire enum
-/// reserves its number.
+/// How far behind a `bounded` read may be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Staleness {
+    /// At most this many revisions (positions of the partition's log) behind its latest
+    /// committed write when the read began.
+    Revisions(u64),
+    /// Reflects every write acknowledged more than this many milliseconds before the read
+    /// began.
+    Millis(u64),
+}
+
+impl fmt::Display for Staleness {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Staleness::Revisions(k) => write!(f, "{k}"),
+            Staleness::Millis(ms) => write!(f, "{ms}ms"),
+        }
+    }
+}
+
+/// The longest time bound accepted (one hour).
+pub const STALENESS_MS_MAX: u64 = 3_600_000;
+
+impl FromStr for Staleness {
+    type Err = String;
+
+    /// `K` (revisions), or a time: `Nms`, `Ns`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || {
+            format!(
+                "bad staleness bound {s:?}: give a number of revisions (bounded:5) or a time \
+                 (bounded:100ms, bounded:2s) of at most {STALENESS_MS_MAX} ms"
+            )
+        };
+        let (digits, scale) = if let Some(d) = s.strip_suffix("ms") {
+            (d, Some(1))
+        } else if let Some(d) = s.strip_suffix('s') {
+            (d, Some(1000))
+        } else {
+            (s, None)
+        };
+        let n: u64 = digits.parse().map_err(|_| bad())?;
+        match scale {
+            None => Ok(Staleness::Revisions(n)),
+            Some(k) => match n.checked_mul(k) {
+                Some(ms) if ms <= STALENESS_MS_MAX => Ok(Staleness::Millis(ms)),
+                _ => Err(bad()),
+            },
+        }
+    }
+}
+
+/// The level a read is served at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ReadConsistency {
     /// Sees every write acknowledged before the read began (leader + lease or ReadIndex).
     #[default]
     Linearizable,
+    /// Linearizable too, but served by any replica: it asks the leader for its commit
+    /// index (a ReadIndex round) and serves once it has applied it (a follower read).
+    LinearizableFollower,
+    /// Consistent prefix, and at most this far behind the latest committed write: any
+    /// replica that can prove it.
+    Bounded(Staleness),
     /// Some prefix of the partition's committed history, from the local replica;
     /// possibly stale, never out of order.
     Prefix,
@@ -22,21 +79,40 @@ pub enum ReadConsistency {
 }
 
 impl ReadConsistency {
-    pub const NAMES: &'static [&'static str] = &["linearizable", "session", "prefix", "eventual"];
+    pub const NAMES: &'static [&'static str] = &[
+        "linearizable",
+        "linearizable-follower",
+        "bounded:K",
+        "bounded:Tms",
+        "session",
+        "prefix",
+        "eventual",
+    ];
 
+    /// The level's name, without its bound.
     pub fn as_str(self) -> &'static str {
         match self {
             ReadConsistency::Linearizable => "linearizable",
+            ReadConsistency::LinearizableFollower => "linearizable-follower",
+            ReadConsistency::Bounded(_) => "bounded",
             ReadConsistency::Prefix => "prefix",
             ReadConsistency::Session => "session",
             ReadConsistency::Eventual => "eventual",
         }
     }
+
+    /// Whether a replica other than the leader may serve it.
+    pub fn any_replica(self) -> bool {
+        self != ReadConsistency::Linearizable
+    }
 }
 
 impl fmt::Display for ReadConsistency {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        match self {
+            ReadConsistency::Bounded(b) => write!(f, "bounded:{b}"),
+            other => f.write_str(other.as_str()),
+        }
     }
 }
 
@@ -44,11 +120,17 @@ impl FromStr for ReadConsistency {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.to_ascii_lowercase().as_str() {
+        let lower = s.to_ascii_lowercase();
+        if let Some(bound) = lower.strip_prefix("bounded:") {
+            return bound.parse().map(ReadConsistency::Bounded);
+        }
+        match lower.as_str() {
             "linearizable" | "strong" => Ok(ReadConsistency::Linearizable),
+            "linearizable-follower" | "follower" => Ok(ReadConsistency::LinearizableFollower),
             "prefix" | "consistent-prefix" => Ok(ReadConsistency::Prefix),
             "session" => Ok(ReadConsistency::Session),
             "eventual" => Ok(ReadConsistency::Eventual),
+            "bounded" => Err("bounded needs its bound: bounded:K (revisions) or bounded:100ms".into()),
             other => Err(format!(
                 "unknown consistency level {other:?}; expected one of: {}",
                 Self::NAMES.join(", ")
@@ -73,5 +155,28 @@ mod tests {
         );
         let err = "sometimes".parse::<ReadConsistency>().unwrap_err();
         assert!(err.contains("linearizable"), "{err}");
+        assert_eq!(
+            "follower".parse::<ReadConsistency>(),
+            Ok(ReadConsistency::LinearizableFollower)
+        );
+    }
+
+    #[test]
+    fn bounded_takes_revisions_or_a_time_and_round_trips() {
+        for (s, level) in [
+            ("bounded:5", Staleness::Revisions(5)),
+            ("bounded:0", Staleness::Revisions(0)),
+            ("bounded:100ms", Staleness::Millis(100)),
+            ("Bounded:2s", Staleness::Millis(2000)),
+        ] {
+            let parsed = s.parse::<ReadConsistency>();
+            assert_eq!(parsed, Ok(ReadConsistency::Bounded(level)), "{s}");
+            let shown = parsed.clone().unwrap().to_string();
+            assert_eq!(shown.parse::<ReadConsistency>(), parsed, "{shown}");
+        }
+        for bad in ["bounded", "bounded:", "bounded:-1", "bounded:1h", "bounded:5000s", "bounded:ms"] {
+            let err = bad.parse::<ReadConsistency>().unwrap_err();
+            assert!(err.contains("bounded"), "{bad}: {err}");
+        }
     }
 }

@@ -13,7 +13,7 @@ pub mod limits;
 pub mod planted;
 pub mod session;
 
-pub use consistency::ReadConsistency;
+pub use consistency::{ReadConsistency, Staleness};
 pub use error::{ErrorCode, KvError};
 pub use hash::{key_hash, partition_for_key};
 pub use hlc::{Hlc, HlcTimestamp};

@@ -18,14 +18,18 @@ pub enum PlantedBug {
     /// `session` reads ignore the session token: any replica serves them at once, however
     /// far behind (caught by the session checker under partitions).
     IgnoreSessionToken,
+    /// `bounded` reads ignore the staleness bound: the local replica serves them at once,
+    /// however far behind (caught by the bounded checker under partitions).
+    IgnoreStalenessBound,
 }
 
 impl PlantedBug {
-    pub const ALL: [PlantedBug; 4] = [
+    pub const ALL: [PlantedBug; 5] = [
         PlantedBug::StaleReads,
         PlantedBug::FullLease,
         PlantedBug::AckBeforeFsync,
         PlantedBug::IgnoreSessionToken,
+        PlantedBug::IgnoreStalenessBound,
     ];
 
     /// The name `--planted-bug` takes.
@@ -35,6 +39,7 @@ impl PlantedBug {
             PlantedBug::FullLease => "full-lease",
             PlantedBug::AckBeforeFsync => "ack-before-fsync",
             PlantedBug::IgnoreSessionToken => "ignore-session-token",
+            PlantedBug::IgnoreStalenessBound => "ignore-staleness-bound",
         }
     }
 

@@ -52,6 +52,7 @@ async fn bad_input_is_rejected_and_the_node_keeps_serving() {
             key: b"k".to_vec(),
             consistency: 99,
             session_token: vec![],
+            ..Default::default()
         })
         .await
         .unwrap_err();

@@ -76,6 +76,7 @@ async fn isolated_node_refuses_linearizable_ops_and_converges_after_healing() {
                                 key: key.clone(),
                                 consistency: Consistency::Linearizable as i32,
                                 session_token: vec![],
+                                ..Default::default()
                             })
                             .await;
                         let put = raw
@@ -125,6 +126,7 @@ async fn isolated_node_refuses_linearizable_ops_and_converges_after_healing() {
             key: keys[0].as_bytes().to_vec(),
             consistency: Consistency::Prefix as i32,
             session_token: vec![],
+            ..Default::default()
         })
         .await;
     assert!(
@@ -153,6 +155,7 @@ async fn isolated_node_refuses_linearizable_ops_and_converges_after_healing() {
                             key: k.as_bytes().to_vec(),
                             consistency: Consistency::Prefix as i32,
                             session_token: vec![],
+                            ..Default::default()
                         })
                         .await;
                     match r {

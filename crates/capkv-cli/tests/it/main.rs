@@ -5,6 +5,7 @@ mod fixture;
 
 mod bad_input;
 mod basic;
+mod bounded;
 mod bench;
 mod check;
 mod crash;

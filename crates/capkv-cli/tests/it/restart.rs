@@ -36,6 +36,7 @@ async fn replica_data(cluster: &Cluster, id: u64, p: u32) -> Vec<(Vec<u8>, Vec<u
             consistency: Consistency::Prefix as i32,
             partition_id: Some(p),
             session_token: vec![],
+            ..Default::default()
         })
         .await
         .unwrap()

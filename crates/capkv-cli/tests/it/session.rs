@@ -17,6 +17,7 @@ fn get(key: &str, level: Consistency, token: &[u8]) -> GetRequest {
         key: key.as_bytes().to_vec(),
         consistency: level as i32,
         session_token: token.to_vec(),
+        ..Default::default()
     }
 }
 
