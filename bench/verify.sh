@@ -6,8 +6,10 @@
 #   bench/verify.sh [--seeds N] [--first-seed S] [--duration 60s] [--only NAME]
 #
 # NAME is one of: valid-register, valid-append-set, valid-snapshots, stale-reads,
-# stale-reads-oneway, full-lease, ack-before-fsync, valid-session, ignore-session-token. Needs a release build (cargo build --release). The binary
-# is copied first, so rebuilding while this runs does not mix versions.
+# stale-reads-oneway, full-lease, ack-before-fsync, valid-session, ignore-session-token,
+# valid-follower, valid-bounded-time, valid-bounded-revisions, ignore-staleness-bound.
+# Needs a release build (cargo build --release). The binary is copied first, so
+# rebuilding while this runs does not mix versions.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -41,6 +43,10 @@ matrix=(
   "ack-before-fsync|invalid|--nemesis disk --workload append-set --planted-bug ack-before-fsync"
   "valid-session|valid|--nemesis all --consistency session"
   "ignore-session-token|invalid|--nemesis partition --consistency session --planted-bug ignore-session-token"
+  "valid-follower|valid|--nemesis all --consistency linearizable-follower"
+  "valid-bounded-time|valid|--nemesis all --consistency bounded:100ms"
+  "valid-bounded-revisions|valid|--nemesis all --consistency bounded:5"
+  "ignore-staleness-bound|invalid|--nemesis partition --consistency bounded:100ms --planted-bug ignore-staleness-bound"
 )
 
 summary=""
@@ -60,7 +66,7 @@ for row in "${matrix[@]}"; do
     rm -rf "$out"/cluster/node-*/
     case $code in 0) got=valid ;; 1) got=invalid ;; *) got=unknown ;; esac
     [ "$got" = "$want" ] && hits=$((hits + 1))
-    verdict=$(grep -E '^(linearizable|sets|sessions):' "$out.log" | head -1 | cut -c1-100)
+    verdict=$(grep -E '^(linearizable|sets|sessions|bounded[^ ]*)( \(.*\))?:' "$out.log" | head -1 | cut -c1-100)
     faults=$(grep -o 'faults=[0-9]*' "$out.log" | head -1)
     echo "RESULT $name seed=$seed $got $faults $verdict"
   done

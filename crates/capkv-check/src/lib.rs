@@ -8,6 +8,7 @@
 //! - [`sets`]: the lost-write checker of the append-set workload.
 //! - [`workload`], [`nemesis`], [`cluster`], [`runner`]: running a check.
 
+pub mod bounded;
 pub mod cluster;
 pub mod convergence;
 pub mod history;

@@ -235,14 +235,17 @@ pub async fn get(a: GetArgs) -> i32 {
     };
     let result = match a.consistency {
         Some(level) => client.read(a.key.into_bytes(), level).await,
-        None => client.get(a.key.into_bytes()).await.map(|kv| capkv_client::Read {
-            kv,
-            partition: capkv_types::PartitionId(0),
-            served_by: 0,
-            applied_index: 0,
-            stale_ms_at_most: None,
-            behind_revisions_at_most: None,
-        }),
+        None => client
+            .get(a.key.into_bytes())
+            .await
+            .map(|kv| capkv_client::Read {
+                kv,
+                partition: capkv_types::PartitionId(0),
+                served_by: 0,
+                applied_index: 0,
+                stale_ms_at_most: None,
+                behind_revisions_at_most: None,
+            }),
     };
     save_session(&client, &a.endpoints);
     let read = match result {
@@ -250,7 +253,10 @@ pub async fn get(a: GetArgs) -> i32 {
         Err(e) => return fail(e),
     };
     if a.verbose && read.served_by != 0 {
-        let mut how = format!("served_by={} applied_index={}", read.served_by, read.applied_index);
+        let mut how = format!(
+            "served_by={} applied_index={}",
+            read.served_by, read.applied_index
+        );
         if let Some(ms) = read.stale_ms_at_most {
             how.push_str(&format!(" stale_ms_at_most={ms}"));
         }

@@ -102,6 +102,8 @@ pub enum PlantedBugArg {
     AckBeforeFsync,
     /// Session reads ignore the session token (served by any replica however far behind).
     IgnoreSessionToken,
+    /// Bounded reads ignore the bound (served by the local replica however far behind).
+    IgnoreStalenessBound,
 }
 
 impl PlantedBugArg {
@@ -111,6 +113,7 @@ impl PlantedBugArg {
             PlantedBugArg::FullLease => PlantedBug::FullLease,
             PlantedBugArg::AckBeforeFsync => PlantedBug::AckBeforeFsync,
             PlantedBugArg::IgnoreSessionToken => PlantedBug::IgnoreSessionToken,
+            PlantedBugArg::IgnoreStalenessBound => PlantedBug::IgnoreStalenessBound,
         }
     }
 }

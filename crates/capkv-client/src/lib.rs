@@ -993,7 +993,11 @@ impl Client {
         self.observe(resp.header.as_ref());
         let h = resp.header.unwrap_or_default();
         Ok(Read {
-            kv: if resp.found { resp.kv.map(kv_pb_to) } else { None },
+            kv: if resp.found {
+                resp.kv.map(kv_pb_to)
+            } else {
+                None
+            },
             partition: p,
             served_by: h.served_by,
             applied_index: h.applied_index,

@@ -61,11 +61,9 @@ pub fn from_wire(w: WireLevel, default: ReadConsistency) -> Result<ReadConsisten
                 ))
             }
             _ => {
-                return bad(
-                    "a bounded read needs exactly one of max_lag_revisions and \
+                return bad("a bounded read needs exactly one of max_lag_revisions and \
                      max_staleness_ms"
-                        .into(),
-                )
+                    .into())
             }
         },
         Err(_) => {
@@ -79,10 +77,14 @@ pub fn from_wire(w: WireLevel, default: ReadConsistency) -> Result<ReadConsisten
     if !matches!(level, ReadConsistency::Bounded(_))
         && (w.max_lag_revisions.is_some() || w.max_staleness_ms.is_some())
     {
-        return bad(format!("a staleness bound is only for bounded reads, not {level}"));
+        return bad(format!(
+            "a staleness bound is only for bounded reads, not {level}"
+        ));
     }
     if w.follower_read && level != ReadConsistency::LinearizableFollower {
-        return bad(format!("follower_read is only for linearizable reads, not {level}"));
+        return bad(format!(
+            "follower_read is only for linearizable reads, not {level}"
+        ));
     }
     Ok(level)
 }

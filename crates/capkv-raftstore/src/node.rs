@@ -687,7 +687,11 @@ impl<D: Disk, T: Transport, S: StateMachine> Loop<D, T, S> {
         let reads = std::mem::take(&mut self.queued_reads)
             .into_values()
             .flatten()
-            .chain(std::mem::take(&mut self.queued_read_indexes).into_values().flatten())
+            .chain(
+                std::mem::take(&mut self.queued_read_indexes)
+                    .into_values()
+                    .flatten(),
+            )
             .chain(
                 std::mem::take(&mut self.reads_confirming)
                     .into_values()
@@ -736,12 +740,11 @@ impl<D: Disk, T: Transport, S: StateMachine> Loop<D, T, S> {
                 Err(e) => self.driver.poison(e),
             },
             Input::Read { group, reply } => self.queued_reads.entry(group).or_default().push(reply),
-            Input::ReadIndex { group, reply } => {
-                self.queued_read_indexes
-                    .entry(group)
-                    .or_default()
-                    .push(reply)
-            }
+            Input::ReadIndex { group, reply } => self
+                .queued_read_indexes
+                .entry(group)
+                .or_default()
+                .push(reply),
             Input::Campaign(g) => self.driver.campaign(g),
             Input::TransferLeader(g, to) => {
                 if self.driver.transfer_leader(g, to) {
@@ -878,7 +881,10 @@ impl<D: Disk, T: Transport, S: StateMachine> Loop<D, T, S> {
             self.stats.read_index_asks += replies.len() as u64;
             let ctx = self.next_read;
             self.next_read += 1;
-            match self.driver.read_index_anywhere(group, self.read_context(ctx)) {
+            match self
+                .driver
+                .read_index_anywhere(group, self.read_context(ctx))
+            {
                 Ok(()) => {
                     self.reads_confirming
                         .insert(ctx, (group, Instant::now(), replies));

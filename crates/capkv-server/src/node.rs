@@ -228,10 +228,7 @@ impl Node {
             if fresh && map.replicas(p).first() == Some(&config.id) {
                 node.campaign(p);
             }
-            replicas.insert(
-                p,
-                Replica::new(p, applied),
-            );
+            replicas.insert(p, Replica::new(p, applied));
         }
         if fresh {
             engine.node_meta_put(FORMAT_KEY, &FORMAT_VERSION.to_be_bytes())?;

@@ -282,7 +282,10 @@ mod tests {
         assert_eq!(plan(ask(f, 0, false), LOST), Plan::Elsewhere(None));
         // With the leader's commit index: served once applied, after one wait.
         assert_eq!(plan(confirmed(f, 10, false), FOLLOWER), SERVE);
-        assert_eq!(plan(confirmed(f, 12, false), FOLLOWER), Plan::WaitApplied(12));
+        assert_eq!(
+            plan(confirmed(f, 12, false), FOLLOWER),
+            Plan::WaitApplied(12)
+        );
         assert_eq!(
             plan(confirmed(f, 12, true), FOLLOWER),
             Plan::Elsewhere(Some(NodeId(2)))
@@ -305,9 +308,18 @@ mod tests {
         assert_eq!(plan(ask(b, 0, false), LEADER), Plan::ConfirmLeadership);
         assert_eq!(plan(ask(b, 0, false), LOST), Plan::Elsewhere(None));
         // Applied 10: commit 13 is within 3, commit 14 is not.
-        assert_eq!(plan(confirmed(b, 13, false), FOLLOWER), bound(Some(0), Some(3)));
-        assert_eq!(plan(confirmed(b, 11, false), FOLLOWER), bound(Some(0), Some(1)));
-        assert_eq!(plan(confirmed(b, 14, false), FOLLOWER), Plan::WaitApplied(11));
+        assert_eq!(
+            plan(confirmed(b, 13, false), FOLLOWER),
+            bound(Some(0), Some(3))
+        );
+        assert_eq!(
+            plan(confirmed(b, 11, false), FOLLOWER),
+            bound(Some(0), Some(1))
+        );
+        assert_eq!(
+            plan(confirmed(b, 14, false), FOLLOWER),
+            Plan::WaitApplied(11)
+        );
         assert_eq!(
             plan(confirmed(b, 14, true), FOLLOWER),
             Plan::Elsewhere(Some(NodeId(2)))
@@ -322,10 +334,19 @@ mod tests {
             ..FOLLOWER
         };
         // 40 ms old: at most 80 ms stale with clocks 2x apart.
-        assert_eq!(plan(ask(b, 0, false), with(40_000, 9)), bound(Some(80), None));
-        assert_eq!(plan(ask(b, 0, false), with(50_000, 10)), bound(Some(100), None));
+        assert_eq!(
+            plan(ask(b, 0, false), with(40_000, 9)),
+            bound(Some(80), None)
+        );
+        assert_eq!(
+            plan(ask(b, 0, false), with(50_000, 10)),
+            bound(Some(100), None)
+        );
         // Too old: a new round (the leader confirms itself).
-        assert_eq!(plan(ask(b, 0, false), with(50_001, 10)), Plan::AskCommitIndex);
+        assert_eq!(
+            plan(ask(b, 0, false), with(50_001, 10)),
+            Plan::AskCommitIndex
+        );
         let old_leader = ReplicaState {
             proof: Some(Proof {
                 age_us: 60_000,
@@ -335,12 +356,18 @@ mod tests {
         };
         assert_eq!(plan(ask(b, 0, false), old_leader), Plan::ConfirmLeadership);
         // Fresh but not applied yet: wait once, then a new round.
-        assert_eq!(plan(ask(b, 0, false), with(1_000, 12)), Plan::WaitApplied(12));
+        assert_eq!(
+            plan(ask(b, 0, false), with(1_000, 12)),
+            Plan::WaitApplied(12)
+        );
         assert_eq!(plan(ask(b, 0, true), with(1_000, 12)), Plan::AskCommitIndex);
         // No proof and no leader: cannot prove anything.
         assert_eq!(plan(ask(b, 0, false), LOST), Plan::Elsewhere(None));
         // A round taken for this read: as fresh as the read itself.
-        assert_eq!(plan(confirmed(b, 10, false), FOLLOWER), bound(Some(0), Some(0)));
+        assert_eq!(
+            plan(confirmed(b, 10, false), FOLLOWER),
+            bound(Some(0), Some(0))
+        );
         // A bound of 0 ms takes a round every time.
         let zero = ReadConsistency::Bounded(Staleness::Millis(0));
         assert_eq!(plan(ask(zero, 0, false), with(1, 1)), Plan::AskCommitIndex);

@@ -130,7 +130,9 @@ impl FromStr for ReadConsistency {
             "prefix" | "consistent-prefix" => Ok(ReadConsistency::Prefix),
             "session" => Ok(ReadConsistency::Session),
             "eventual" => Ok(ReadConsistency::Eventual),
-            "bounded" => Err("bounded needs its bound: bounded:K (revisions) or bounded:100ms".into()),
+            "bounded" => {
+                Err("bounded needs its bound: bounded:K (revisions) or bounded:100ms".into())
+            }
             other => Err(format!(
                 "unknown consistency level {other:?}; expected one of: {}",
                 Self::NAMES.join(", ")
@@ -174,7 +176,14 @@ mod tests {
             let shown = parsed.clone().unwrap().to_string();
             assert_eq!(shown.parse::<ReadConsistency>(), parsed, "{shown}");
         }
-        for bad in ["bounded", "bounded:", "bounded:-1", "bounded:1h", "bounded:5000s", "bounded:ms"] {
+        for bad in [
+            "bounded",
+            "bounded:",
+            "bounded:-1",
+            "bounded:1h",
+            "bounded:5000s",
+            "bounded:ms",
+        ] {
             let err = bad.parse::<ReadConsistency>().unwrap_err();
             assert!(err.contains("bounded"), "{bad}: {err}");
         }

@@ -93,7 +93,10 @@ async fn followers_serve_follower_and_bounded_reads_and_refuse_past_the_bound() 
         }
     }
     let (_, metrics) = cluster.http_get(follower, "/metrics").await;
-    assert!(metric(&metrics, "capkv_engine_events", "read_index_asks") >= 3, "{metrics}");
+    assert!(
+        metric(&metrics, "capkv_engine_events", "read_index_asks") >= 3,
+        "{metrics}"
+    );
 
     // A time-bounded read right after serves from the proof those rounds left, and says
     // how old it is.
@@ -150,7 +153,10 @@ async fn followers_serve_follower_and_bounded_reads_and_refuse_past_the_bound() 
     .await;
     // Revision-bounded and follower reads need the leader: refused.
     for request in [follower_read(key), bounded_revisions(key, 1_000)] {
-        let err = raw.get(request.clone()).await.expect_err("no leader to ask");
+        let err = raw
+            .get(request.clone())
+            .await
+            .expect_err("no leader to ask");
         let code = from_status(&err).code();
         assert!(
             matches!(code, ErrorCode::NotLeader | ErrorCode::Unavailable),

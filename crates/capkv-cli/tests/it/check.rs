@@ -231,6 +231,50 @@ fn check_finds_the_planted_ignore_session_token_bug() {
     assert!(stdout.contains("sessions: INVALID"), "{stdout}");
 }
 
+/// `bounded:100ms` reads, served by followers from their proofs, are linearizable with
+/// each read allowed to take effect up to 100 ms before it began, under partitions and
+/// kills.
+#[test]
+fn check_bounded_reads_under_partitions_and_kills() {
+    let (_dir, stdout, _) = valid_run(
+        "check_bounded",
+        &[
+            "--duration",
+            "15s",
+            "--nemesis",
+            "partition,kill",
+            "--consistency",
+            "bounded:100ms",
+        ],
+    );
+    assert!(
+        stdout.contains("bounded:100ms (linearizable, reads moved back by the bound): valid"),
+        "{stdout}"
+    );
+}
+
+/// A replica that serves bounded reads however far behind it is found out.
+#[test]
+fn check_finds_the_planted_ignore_staleness_bound_bug() {
+    let stdout = invalid_run(
+        "check_planted_bounded",
+        &[
+            "--duration",
+            "20s",
+            "--nemesis",
+            "partition",
+            "--consistency",
+            "bounded:100ms",
+            "--planted-bug",
+            "ignore-staleness-bound",
+        ],
+    );
+    assert!(
+        stdout.contains("bounded:100ms (linearizable, reads moved back by the bound): INVALID"),
+        "{stdout}"
+    );
+}
+
 /// `eventual` reads promise only that replicas converge: after healing, every replica of
 /// every partition holds the same data (checked for every run; this one reads at
 /// `eventual` from every replica under partitions and kills).

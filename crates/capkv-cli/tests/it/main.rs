@@ -5,8 +5,8 @@ mod fixture;
 
 mod bad_input;
 mod basic;
-mod bounded;
 mod bench;
+mod bounded;
 mod check;
 mod crash;
 mod disk;
