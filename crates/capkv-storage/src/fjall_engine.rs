@@ -538,9 +538,12 @@ impl StorageEngine for FjallEngine {
             Some(end) => Some(keys::data_key(p, end)),
             None => keys::next_partition_prefix(p).map(|k| k.to_vec()),
         };
+        // One snapshot: a plain range iterator would see writes that land during the scan
+        // ahead of its cursor but not behind it, a state the partition never was in.
+        let snapshot = self.db.snapshot();
         let iter = match &to {
-            Some(to) => self.sm_data.range(from.as_slice()..to.as_slice()),
-            None => self.sm_data.range(from.as_slice()..),
+            Some(to) => snapshot.range(&self.sm_data, from.as_slice()..to.as_slice()),
+            None => snapshot.range(&self.sm_data, from.as_slice()..),
         };
         let mut out = Vec::new();
         let mut bytes = 0usize;
@@ -716,6 +719,61 @@ impl StorageEngine for FjallEngine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A scan is one snapshot of the partition: while writes land one at a time, each a
+    /// key at a pseudo-random place holding the next number of a sequence, every scan
+    /// sees the numbers 1..=n for some n, never a later one without an earlier one.
+    #[test]
+    fn a_scan_sees_one_state_of_the_partition() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = std::sync::Arc::new(FjallEngine::open(dir.path(), FjallOptions::default()).unwrap());
+        let p = PartitionId(3);
+        let writes = 3000u64;
+        let writer = {
+            let engine = engine.clone();
+            std::thread::spawn(move || {
+                for i in 1..=writes {
+                    // Keys in an order unrelated to the numbers.
+                    let key = (i.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 16).to_be_bytes();
+                    let value = StoredValue {
+                        mod_revision: i,
+                        create_revision: i,
+                        hlc: 0,
+                        value: i.to_be_bytes().to_vec(),
+                    };
+                    let ops = vec![SmOp::Put {
+                        key: key.to_vec(),
+                        value,
+                    }];
+                    engine
+                        .sm_write_many(vec![(p, SmWrite { ops, applied: None })])
+                        .unwrap();
+                }
+            })
+        };
+        let mut scans = 0;
+        loop {
+            let done = writer.is_finished();
+            let rows = engine.sm_scan(p, b"", None, usize::MAX, usize::MAX).unwrap();
+            let mut seen: Vec<u64> = rows
+                .iter()
+                .map(|(_, v)| u64::from_be_bytes(v.value.as_slice().try_into().unwrap()))
+                .collect();
+            seen.sort_unstable();
+            let n = seen.len() as u64;
+            assert!(
+                seen.iter().copied().eq(1..=n),
+                "scan {scans} saw {n} numbers with a gap: the first missing is {:?}",
+                (1..=n).find(|i| seen.binary_search(i).is_err())
+            );
+            scans += 1;
+            if done {
+                assert_eq!(n, writes);
+                break;
+            }
+        }
+        writer.join().unwrap();
+    }
 
     fn active_id(s: &JournalSyncer) -> Option<u64> {
         s.active.lock().unwrap().as_ref().map(|(id, _)| *id)
