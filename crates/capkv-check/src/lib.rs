@@ -14,6 +14,7 @@ pub mod convergence;
 pub mod history;
 pub mod linearizability;
 pub mod nemesis;
+pub mod prefix;
 pub mod runner;
 pub mod session;
 pub mod sets;

@@ -18,6 +18,10 @@ pub enum WorkloadKind {
     Register,
     /// Each client adds unique elements to sets (read-modify-write with compare-and-set).
     AppendSet,
+    /// Half the clients each grow a sequence of keys in one partition (element `i` is
+    /// written only after `i - 1` was acknowledged, at a key in no particular order); the
+    /// others read whole sequences with one scan. A read must see `1..=n` for some `n`.
+    Sequence,
 }
 
 impl WorkloadKind {
@@ -25,6 +29,7 @@ impl WorkloadKind {
         match self {
             WorkloadKind::Register => "register",
             WorkloadKind::AppendSet => "append-set",
+            WorkloadKind::Sequence => "sequence",
         }
     }
 
@@ -32,8 +37,35 @@ impl WorkloadKind {
         match self {
             WorkloadKind::Register => format!("reg-{i}"),
             WorkloadKind::AppendSet => format!("set-{i}"),
+            WorkloadKind::Sequence => format!("seq-{i}"),
         }
     }
+}
+
+/// Elements per generation of a sequence: then its writer starts a new one (so a read
+/// scans at most this many keys).
+pub const SEQUENCE_LENGTH: u64 = 100;
+
+/// The key of element `i` of generation `g` of sequence `s`, in partition `p`: the
+/// generation's prefix, then a hash of `i` (so elements are in no order of `i`), then
+/// the first number that puts the key in `p`.
+pub fn sequence_key(s: u64, g: u64, i: u64, p: u32, partitions: u32) -> String {
+    let mut h = i ^ (s << 48) ^ (g << 24);
+    h = h.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    h ^= h >> 29;
+    let mut n = 0u32;
+    loop {
+        let key = format!("{}{h:016x}.{n}", sequence_prefix(s, g));
+        if capkv_types::partition_for_key(key.as_bytes(), partitions).0 == p {
+            return key;
+        }
+        n += 1;
+    }
+}
+
+/// The keys of generation `g` of sequence `s` all start with this.
+pub fn sequence_prefix(s: u64, g: u64) -> String {
+    format!("seq-{s}.{g}/")
 }
 
 /// Counts shown by the progress bar.
@@ -164,6 +196,9 @@ fn parse_set(bytes: &[u8]) -> Vec<u64> {
 
 pub struct ClientTask {
     pub kind: WorkloadKind,
+    /// Sequence workload: each sequence's generation now (its writer moves it on).
+    pub generations: Arc<Vec<AtomicU64>>,
+    pub partitions: u32,
     pub client: Client,
     pub index: u64,
     pub clients: u64,
@@ -183,6 +218,9 @@ impl ClientTask {
             ChaCha8Rng::seed_from_u64(self.seed ^ self.index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let mut process = self.index;
         let mut last_seen: HashMap<String, (Option<u64>, u64)> = HashMap::new();
+        if self.kind == WorkloadKind::Sequence {
+            return self.sequence(&mut rng, process).await;
+        }
         while Instant::now() < self.deadline {
             let key = self.kind.key(rng.random_range(0..self.keys));
             let roll = rng.random_range(0..100u32);
@@ -197,11 +235,97 @@ impl ClientTask {
                         self.read_set(process, &key).await
                     }
                 }
+                WorkloadKind::Sequence => unreachable!("run by `sequence`"),
             };
             if outcome == EventType::Info {
                 process += self.clients;
             }
         }
+    }
+
+    /// The sequence workload: even clients write sequence `index / 2`, odd ones read.
+    async fn sequence(&self, rng: &mut ChaCha8Rng, mut process: u64) {
+        let sequences = self.generations.len() as u64;
+        if self.index % 2 == 1 {
+            while Instant::now() < self.deadline {
+                let s = rng.random_range(0..sequences);
+                let g = self.generations[s as usize].load(Ordering::Relaxed);
+                if self.read_sequence(process, s, g).await == EventType::Info {
+                    process += self.clients;
+                }
+            }
+            return;
+        }
+        let s = self.index / 2;
+        let Some(generation) = self.generations.get(s as usize) else {
+            return;
+        };
+        let p = (s % self.partitions as u64) as u32;
+        let mut i = 1;
+        while Instant::now() < self.deadline {
+            let g = generation.load(Ordering::Relaxed);
+            let name = format!("seq-{s}.{g}");
+            let key = sequence_key(s, g, i, p, self.partitions);
+            let rec = &self.recorder;
+            rec.invoke(process, Func::Add, &name, Some(i), None);
+            let (kind, c) = match self.client.put(key, i.to_string()).await {
+                Ok(_) => (EventType::Ok, Completion::default()),
+                Err(e) => (write_failure(&e), err(&e)),
+            };
+            rec.complete(process, Func::Add, &name, kind, c);
+            match kind {
+                EventType::Ok => i += 1,
+                // Certainly not written: write it again.
+                EventType::Fail => tokio::time::sleep(Duration::from_millis(50)).await,
+                // It may apply or not: a later element must not follow it in this
+                // generation (a read could see it without this one, rightly).
+                _ => {
+                    process += self.clients;
+                    i = SEQUENCE_LENGTH + 1;
+                }
+            }
+            if i > SEQUENCE_LENGTH {
+                generation.fetch_add(1, Ordering::Relaxed);
+                i = 1;
+            }
+        }
+    }
+
+    /// Reads generation `g` of sequence `s` with one scan.
+    async fn read_sequence(&self, process: u64, s: u64, g: u64) -> EventType {
+        let rec = &self.recorder;
+        let name = format!("seq-{s}.{g}");
+        rec.invoke(process, Func::ReadSet, &name, None, None);
+        let options = capkv_client::ScanOptions {
+            prefix: sequence_prefix(s, g).into_bytes(),
+            limit: (SEQUENCE_LENGTH + 1) as u32,
+            consistency: self.consistency,
+            ..Default::default()
+        };
+        let (kind, c) = match self.client.scan(&options).await {
+            Ok(page) if page.continuation.is_empty() => (
+                EventType::Ok,
+                Completion {
+                    elements: Some(
+                        page.kvs
+                            .iter()
+                            .filter_map(|kv| parse_u64(&kv.value))
+                            .collect(),
+                    ),
+                    ..Default::default()
+                },
+            ),
+            Ok(_) => (
+                EventType::Fail,
+                Completion {
+                    error: Some("the scan did not fit one page".into()),
+                    ..Default::default()
+                },
+            ),
+            Err(e) => (EventType::Fail, err(&e)),
+        };
+        rec.complete(process, Func::ReadSet, &name, kind, c);
+        kind
     }
 
     fn next_value(&self) -> u64 {
@@ -408,6 +532,7 @@ pub async fn final_reads(
                 WorkloadKind::AppendSet => {
                     read_set_once(client, rec, process, &key, ReadConsistency::Linearizable).await
                 }
+                WorkloadKind::Sequence => break,
                 WorkloadKind::Register => {
                     rec.invoke(process, Func::Read, &key, None, None);
                     let (k, c) = match client.get(key.as_str()).await {

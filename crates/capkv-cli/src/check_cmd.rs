@@ -13,8 +13,13 @@ use crate::server_cmd::{PlantedBugArg, ReadPolicyArg};
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum WorkloadArg {
+    /// Reads, writes and compare-and-sets of a few keys (linearizability, bounded
+    /// staleness, sessions).
     Register,
+    /// Adds to sets with compare-and-set (lost acknowledged writes).
     AppendSet,
+    /// Sequences of keys grown in order and read with one scan (consistent prefix).
+    Sequence,
 }
 
 #[derive(Args, Debug)]
@@ -112,6 +117,7 @@ pub async fn run(a: CheckArgs) -> i32 {
         workload: match a.workload {
             WorkloadArg::Register => WorkloadKind::Register,
             WorkloadArg::AppendSet => WorkloadKind::AppendSet,
+            WorkloadArg::Sequence => WorkloadKind::Sequence,
         },
         keys: a.keys.max(1),
         clients: a.clients.max(1),

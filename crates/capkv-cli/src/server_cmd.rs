@@ -104,6 +104,8 @@ pub enum PlantedBugArg {
     IgnoreSessionToken,
     /// Bounded reads ignore the bound (served by the local replica however far behind).
     IgnoreStalenessBound,
+    /// Scans read without a snapshot (they can see a later write and miss an earlier one).
+    ScanWithoutSnapshot,
 }
 
 impl PlantedBugArg {
@@ -114,6 +116,7 @@ impl PlantedBugArg {
             PlantedBugArg::AckBeforeFsync => PlantedBug::AckBeforeFsync,
             PlantedBugArg::IgnoreSessionToken => PlantedBug::IgnoreSessionToken,
             PlantedBugArg::IgnoreStalenessBound => PlantedBug::IgnoreStalenessBound,
+            PlantedBugArg::ScanWithoutSnapshot => PlantedBug::ScanWithoutSnapshot,
         }
     }
 }

@@ -90,6 +90,9 @@ impl Node {
                         .planted_bugs
                         .contains(&PlantedBug::AckBeforeFsync),
                     record_sync_marks: config.unsafe_fault_injection,
+                    planted_scan_without_snapshot: config
+                        .planted_bugs
+                        .contains(&PlantedBug::ScanWithoutSnapshot),
                     ..FjallOptions::default()
                 },
             ) {

@@ -28,6 +28,10 @@ pub struct FjallOptions {
     /// Fault injection (TESTING ONLY): record how much of the journal each fsync covered,
     /// so that a later start can emulate a power cut (`power_loss`).
     pub record_sync_marks: bool,
+    /// Planted bug for the checker (TESTING ONLY): scans iterate the live keyspace, not a
+    /// snapshot, and pause every few rows (as a scan yielding to other work would), so
+    /// writes landing meanwhile are seen ahead of the cursor and missed behind it.
+    pub planted_scan_without_snapshot: bool,
 }
 
 impl Default for FjallOptions {
@@ -36,12 +40,15 @@ impl Default for FjallOptions {
             cache_bytes: 64 * 1024 * 1024,
             planted_ack_before_sync: false,
             record_sync_marks: false,
+            planted_scan_without_snapshot: false,
         }
     }
 }
 
 pub struct FjallEngine {
     db: Database,
+    /// See [`FjallOptions::planted_scan_without_snapshot`].
+    planted_scan_without_snapshot: bool,
     raft_log: Keyspace,
     raft_meta: Keyspace,
     sm_data: Keyspace,
@@ -181,6 +188,7 @@ impl FjallEngine {
             sm_staging,
             node_meta,
             group_commit,
+            planted_scan_without_snapshot: options.planted_scan_without_snapshot,
         })
     }
 
@@ -541,13 +549,18 @@ impl StorageEngine for FjallEngine {
         // One snapshot: a plain range iterator would see writes that land during the scan
         // ahead of its cursor but not behind it, a state the partition never was in.
         let snapshot = self.db.snapshot();
-        let iter = match &to {
-            Some(to) => snapshot.range(&self.sm_data, from.as_slice()..to.as_slice()),
-            None => snapshot.range(&self.sm_data, from.as_slice()..),
+        let iter = match (&to, self.planted_scan_without_snapshot) {
+            (Some(to), false) => snapshot.range(&self.sm_data, from.as_slice()..to.as_slice()),
+            (None, false) => snapshot.range(&self.sm_data, from.as_slice()..),
+            (Some(to), true) => self.sm_data.range(from.as_slice()..to.as_slice()),
+            (None, true) => self.sm_data.range(from.as_slice()..),
         };
         let mut out = Vec::new();
         let mut bytes = 0usize;
         for guard in iter {
+            if self.planted_scan_without_snapshot && out.len() % 8 == 7 {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
             if out.len() >= limit || (bytes >= bytes_max && !out.is_empty()) {
                 break;
             }
@@ -726,7 +739,8 @@ mod tests {
     #[test]
     fn a_scan_sees_one_state_of_the_partition() {
         let dir = tempfile::tempdir().unwrap();
-        let engine = std::sync::Arc::new(FjallEngine::open(dir.path(), FjallOptions::default()).unwrap());
+        let engine =
+            std::sync::Arc::new(FjallEngine::open(dir.path(), FjallOptions::default()).unwrap());
         let p = PartitionId(3);
         let writes = 3000u64;
         let writer = {
@@ -754,7 +768,9 @@ mod tests {
         let mut scans = 0;
         loop {
             let done = writer.is_finished();
-            let rows = engine.sm_scan(p, b"", None, usize::MAX, usize::MAX).unwrap();
+            let rows = engine
+                .sm_scan(p, b"", None, usize::MAX, usize::MAX)
+                .unwrap();
             let mut seen: Vec<u64> = rows
                 .iter()
                 .map(|(_, v)| u64::from_be_bytes(v.value.as_slice().try_into().unwrap()))

@@ -21,15 +21,20 @@ pub enum PlantedBug {
     /// `bounded` reads ignore the staleness bound: the local replica serves them at once,
     /// however far behind (caught by the bounded checker under partitions).
     IgnoreStalenessBound,
+    /// Scans read the state machine without a snapshot, so writes that land during a
+    /// scan are seen ahead of its cursor and missed behind it (caught by the prefix
+    /// checker of the sequence workload).
+    ScanWithoutSnapshot,
 }
 
 impl PlantedBug {
-    pub const ALL: [PlantedBug; 5] = [
+    pub const ALL: [PlantedBug; 6] = [
         PlantedBug::StaleReads,
         PlantedBug::FullLease,
         PlantedBug::AckBeforeFsync,
         PlantedBug::IgnoreSessionToken,
         PlantedBug::IgnoreStalenessBound,
+        PlantedBug::ScanWithoutSnapshot,
     ];
 
     /// The name `--planted-bug` takes.
@@ -40,6 +45,7 @@ impl PlantedBug {
             PlantedBug::AckBeforeFsync => "ack-before-fsync",
             PlantedBug::IgnoreSessionToken => "ignore-session-token",
             PlantedBug::IgnoreStalenessBound => "ignore-staleness-bound",
+            PlantedBug::ScanWithoutSnapshot => "scan-without-snapshot",
         }
     }
 

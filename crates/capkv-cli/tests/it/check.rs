@@ -275,6 +275,47 @@ fn check_finds_the_planted_ignore_staleness_bound_bug() {
     );
 }
 
+/// `prefix` scans of sequences grown in order, from any replica, under partitions and
+/// kills: every scan sees a prefix of its sequence.
+#[test]
+fn check_prefix_scans_of_growing_sequences_under_partitions_and_kills() {
+    let (_dir, stdout, _) = valid_run(
+        "check_prefix",
+        &[
+            "--duration",
+            "15s",
+            "--nemesis",
+            "partition,kill",
+            "--workload",
+            "sequence",
+            "--consistency",
+            "prefix",
+        ],
+    );
+    assert!(stdout.contains("prefix: valid ("), "{stdout}");
+}
+
+/// Scans that read without a snapshot are found out by the prefix checker.
+#[test]
+fn check_finds_the_planted_scan_without_snapshot_bug() {
+    let stdout = invalid_run(
+        "check_planted_prefix",
+        &[
+            "--duration",
+            "15s",
+            "--nemesis",
+            "partition",
+            "--workload",
+            "sequence",
+            "--consistency",
+            "prefix",
+            "--planted-bug",
+            "scan-without-snapshot",
+        ],
+    );
+    assert!(stdout.contains("prefix: INVALID"), "{stdout}");
+}
+
 /// `eventual` reads promise only that replicas converge: after healing, every replica of
 /// every partition holds the same data (checked for every run; this one reads at
 /// `eventual` from every replica under partitions and kills).
