@@ -65,13 +65,30 @@ impl fmt::Display for Workload {
     }
 }
 
-/// Read level. `local` is capkv's `prefix` and etcd's `serializable`: served by the
-/// receiving member without a quorum round-trip.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ReadLevel {
-    Linearizable,
-    Local,
+/// Read level: any of capkv's (`linearizable`, `linearizable-follower`, `bounded:K`,
+/// `bounded:100ms`, `session`, `prefix`, `eventual`). etcd takes `linearizable` and its
+/// `serializable` (a member's local state), which `prefix` and `eventual` map to;
+/// `serializable` and `local` name capkv's `prefix`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadLevel(pub ReadConsistency);
+
+impl ReadLevel {
+    pub const LINEARIZABLE: ReadLevel = ReadLevel(ReadConsistency::Linearizable);
+
+    /// etcd's `serializable` flag for this level, if etcd has the level.
+    fn etcd_serializable(self) -> Option<bool> {
+        match self.0 {
+            ReadConsistency::Linearizable => Some(false),
+            ReadConsistency::Prefix | ReadConsistency::Eventual => Some(true),
+            _ => None,
+        }
+    }
+}
+
+impl Serialize for ReadLevel {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0.to_string())
+    }
 }
 
 impl std::str::FromStr for ReadLevel {
@@ -79,9 +96,8 @@ impl std::str::FromStr for ReadLevel {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
-            "linearizable" => Ok(ReadLevel::Linearizable),
-            "prefix" | "serializable" | "local" => Ok(ReadLevel::Local),
-            _ => Err(format!("unknown read level {s:?}; expected linearizable, prefix (capkv) or serializable (etcd)")),
+            "serializable" | "local" => Ok(ReadLevel(ReadConsistency::Prefix)),
+            other => other.parse().map(ReadLevel),
         }
     }
 }
@@ -189,27 +205,22 @@ impl Driver {
         }
     }
 
-    async fn get(&self, conn: usize, key: Vec<u8>, level: ReadLevel) -> Result<(), String> {
+    /// A read; returns the capkv node that served it (0 for etcd).
+    async fn get(&self, conn: usize, key: Vec<u8>, level: ReadLevel) -> Result<u64, String> {
         match self {
-            Driver::Capkv(c) => {
-                let consistency = match level {
-                    ReadLevel::Linearizable => ReadConsistency::Linearizable,
-                    ReadLevel::Local => ReadConsistency::Prefix,
-                };
-                c[conn]
-                    .get_with(key, consistency)
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.to_string())
-            }
+            Driver::Capkv(c) => c[conn]
+                .read(key, level.0)
+                .await
+                .map(|r| r.served_by)
+                .map_err(|e| e.to_string()),
             Driver::Etcd(c) => {
                 let mut kv = c[conn].clone();
                 let req = RangeRequest {
                     key,
-                    serializable: level == ReadLevel::Local,
+                    serializable: level.etcd_serializable() == Some(true),
                     ..Default::default()
                 };
-                kv.range(req).await.map(|_| ()).map_err(|e| e.to_string())
+                kv.range(req).await.map(|_| 0).map_err(|e| e.to_string())
             }
         }
     }
@@ -233,6 +244,9 @@ pub struct BenchResult {
     pub p999_ms: f64,
     pub max_ms: f64,
     pub error_samples: Vec<String>,
+    /// capkv reads: how many each node served (by node id).
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub served_by: std::collections::BTreeMap<u64, u64>,
 }
 
 impl BenchResult {
@@ -262,12 +276,14 @@ impl BenchResult {
             p999_ms: ms(h.value_at_quantile(0.999)),
             max_ms: ms(h.max()),
             error_samples,
+            served_by: Default::default(),
         }
     }
 
-    /// `ops=... ops/s=... p50=... p90=... p99=... max=... errors=...`
+    /// `ops=... ops/s=... p50=... p90=... p99=... max=... errors=...`, then the share of
+    /// reads each node served (`served: n1=..% n2=..%`), for capkv reads.
     pub fn summary(&self) -> String {
-        format!(
+        let mut s = format!(
             "ops={} ops/s={:.1} p50={:.3}ms p90={:.3}ms p99={:.3}ms max={:.3}ms errors={}",
             self.ops,
             self.ops_per_sec,
@@ -276,7 +292,18 @@ impl BenchResult {
             self.p99_ms,
             self.max_ms,
             self.errors
-        )
+        );
+        let reads: u64 = self.served_by.values().sum();
+        if reads > 0 {
+            s.push_str(" served:");
+            for (node, n) in &self.served_by {
+                s.push_str(&format!(
+                    " n{node}={:.0}%",
+                    *n as f64 * 100.0 / reads as f64
+                ));
+            }
+        }
+        s
     }
 }
 
@@ -324,6 +351,12 @@ pub async fn run(o: BenchOptions) -> anyhow::Result<BenchResult> {
     if o.endpoints.is_empty() {
         bail!("no endpoints");
     }
+    if o.target == Target::Etcd && o.read_level.etcd_serializable().is_none() {
+        bail!(
+            "etcd has no {} reads: use linearizable or serializable",
+            o.read_level.0
+        );
+    }
     let driver = Arc::new(Driver::connect(&o).await?);
     let conns = driver.conns();
     let values = Arc::new(values(256, o.value_size, o.seed));
@@ -351,6 +384,7 @@ pub async fn run(o: BenchOptions) -> anyhow::Result<BenchResult> {
         tasks.push(tokio::spawn(async move {
             let mut rng = ChaCha8Rng::seed_from_u64(o.seed.wrapping_add(c as u64 * 7919));
             let mut hist = new_histogram();
+            let mut served: std::collections::BTreeMap<u64, u64> = Default::default();
             let conn = c % conns;
             let mut n = 0usize;
             loop {
@@ -365,18 +399,22 @@ pub async fn run(o: BenchOptions) -> anyhow::Result<BenchResult> {
                     Workload::Mixed { read_percent } => rng.random_range(0..100u8) < read_percent,
                 };
                 let result = if read {
-                    driver.get(conn, key, o.read_level).await
+                    driver.get(conn, key, o.read_level).await.map(Some)
                 } else {
                     n += 1;
                     driver
                         .put(conn, key, values[n % values.len()].clone())
                         .await
+                        .map(|()| None)
                 };
                 if began < measure_from {
                     continue;
                 }
                 match result {
-                    Ok(()) => {
+                    Ok(by) => {
+                        if let Some(node) = by.filter(|n| *n != 0) {
+                            *served.entry(node).or_default() += 1;
+                        }
                         let us = began.elapsed().as_micros().max(1) as u64;
                         let _ = hist.record(us.min(60_000_000));
                         measured_ops.fetch_add(1, Ordering::Relaxed);
@@ -390,7 +428,7 @@ pub async fn run(o: BenchOptions) -> anyhow::Result<BenchResult> {
                     }
                 }
             }
-            hist
+            (hist, served)
         }));
     }
 
@@ -421,19 +459,25 @@ pub async fn run(o: BenchOptions) -> anyhow::Result<BenchResult> {
     }
     bar.finish_and_clear();
     let mut total = new_histogram();
+    let mut served: std::collections::BTreeMap<u64, u64> = Default::default();
     for t in tasks {
-        let h = t.await.context("bench client task panicked")?;
+        let (h, by) = t.await.context("bench client task panicked")?;
         total.add(&h).context("merge histograms")?;
+        for (node, n) in by {
+            *served.entry(node).or_default() += n;
+        }
     }
     let samples = samples.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    Ok(BenchResult::from_histogram(
+    let mut result = BenchResult::from_histogram(
         &o,
         conns,
         &total,
         errors.load(Ordering::Relaxed),
         o.duration,
         samples,
-    ))
+    );
+    result.served_by = served;
+    Ok(result)
 }
 
 /// Writes every key once, with the run's client count as concurrency.
@@ -494,9 +538,22 @@ mod tests {
         assert!("mixed:101".parse::<Workload>().is_err());
         assert!("scan".parse::<Workload>().is_err());
         assert_eq!(Workload::Mixed { read_percent: 5 }.to_string(), "mixed:5");
-        assert_eq!("serializable".parse::<ReadLevel>(), Ok(ReadLevel::Local));
-        assert_eq!("prefix".parse::<ReadLevel>(), Ok(ReadLevel::Local));
-        assert!("eventual".parse::<ReadLevel>().is_err());
+        let prefix = Ok(ReadLevel(ReadConsistency::Prefix));
+        assert_eq!("serializable".parse::<ReadLevel>(), prefix);
+        assert_eq!("prefix".parse::<ReadLevel>(), prefix);
+        assert_eq!(
+            "bounded:50ms".parse::<ReadLevel>().map(|l| l.0.to_string()),
+            Ok("bounded:50ms".to_string())
+        );
+        assert!("sometimes".parse::<ReadLevel>().is_err());
+        assert_eq!(
+            ReadLevel(ReadConsistency::Eventual).etcd_serializable(),
+            Some(true)
+        );
+        assert_eq!(
+            ReadLevel(ReadConsistency::Session).etcd_serializable(),
+            None
+        );
     }
 
     #[test]
@@ -541,7 +598,7 @@ mod tests {
             value_size: 8,
             keys: 10,
             zipf: None,
-            read_level: ReadLevel::Linearizable,
+            read_level: ReadLevel::LINEARIZABLE,
             preload: false,
             seed: 1,
             progress: false,

@@ -53,6 +53,10 @@ pub struct Event {
     /// (read; 0 when absent), for the session checker.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revision: Option<u64>,
+    /// On a completion: the log position of the entry that carried the write, or for a
+    /// read the serving replica's applied index after it (the state read is no newer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position: Option<u64>,
     /// Nanoseconds since the run started (monotonic clock).
     pub time_ns: u64,
     /// Wall-clock milliseconds since the Unix epoch.
@@ -80,6 +84,8 @@ pub struct Operation {
     pub index: u64,
     /// The completion's revision (see `Event::revision`).
     pub revision: Option<u64>,
+    /// The completion's log position (see `Event::position`).
+    pub position: Option<u64>,
 }
 
 /// Pairs each invoke with the next completion of the same process. An invoke without a
@@ -104,6 +110,7 @@ pub fn pair(events: &[Event]) -> Vec<Operation> {
                     elements: None,
                     index: e.index,
                     revision: None,
+                    position: None,
                 });
             }
             kind => {
@@ -118,6 +125,7 @@ pub fn pair(events: &[Event]) -> Vec<Operation> {
                     }
                     op.succeeded = e.succeeded;
                     op.revision = e.revision;
+                    op.position = e.position;
                     if e.elements.is_some() {
                         op.elements = e.elements.clone();
                     }
@@ -175,6 +183,7 @@ mod tests {
     fn ev(index: u64, kind: EventType, process: u64, f: Func, value: Option<u64>, t: u64) -> Event {
         Event {
             revision: None,
+            position: None,
             index,
             kind,
             process,

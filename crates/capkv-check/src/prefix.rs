@@ -73,6 +73,7 @@ mod tests {
             elements: Some(elements.to_vec()),
             index,
             revision: None,
+            position: None,
         }
     }
 

@@ -12,7 +12,7 @@ use capkv_types::{ReadConsistency, Staleness};
 use serde::Serialize;
 use tokio::sync::Mutex;
 
-use crate::bounded::{check_revisions, shift_reads};
+use crate::bounded::{check_positions, shift_reads};
 use crate::cluster::Cluster;
 use crate::convergence::replicas_converge;
 use crate::history::{pair, EventType, Func, HistoryWriter, Operation};
@@ -419,13 +419,13 @@ pub fn analyse(o: &CheckOptions, ops: Vec<Operation>, faults: u64, history: Path
         WorkloadKind::Register
             if matches!(
                 o.consistency,
-                ReadConsistency::Bounded(Staleness::Revisions(_))
+                ReadConsistency::Bounded(Staleness::Positions(_))
             ) =>
         {
-            let ReadConsistency::Bounded(Staleness::Revisions(k)) = o.consistency else {
+            let ReadConsistency::Bounded(Staleness::Positions(k)) = o.consistency else {
                 unreachable!()
             };
-            let r = check_revisions(&ops, k, o.partitions);
+            let r = check_positions(&ops, k, o.partitions);
             if r.violations.is_empty() {
                 lines.push(format!(
                     "bounded:{k}: valid ({} reads checked, largest lag proven {})",
@@ -434,7 +434,7 @@ pub fn analyse(o: &CheckOptions, ops: Vec<Operation>, faults: u64, history: Path
             } else {
                 outcome = Outcome::Invalid;
                 lines.push(format!(
-                    "bounded:{k}: INVALID, {} reads more than {k} revisions behind of {} \
+                    "bounded:{k}: INVALID, {} reads more than {k} log positions behind of {} \
                      checked (largest lag proven {})",
                     r.violations.len(),
                     r.reads,

@@ -199,6 +199,7 @@ mod tests {
             elements: None,
             index,
             revision: Some(revision),
+            position: None,
         }
     }
 

@@ -104,6 +104,7 @@ mod tests {
             elements: None,
             index: e,
             revision: None,
+            position: None,
         }
     }
 

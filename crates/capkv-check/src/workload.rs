@@ -92,6 +92,8 @@ pub struct Completion {
     pub error: Option<String>,
     /// The revision written or read (see `Event::revision`).
     pub revision: Option<u64>,
+    /// The log position written or read at (see `Event::position`).
+    pub position: Option<u64>,
 }
 
 impl Recorder {
@@ -129,6 +131,7 @@ impl Recorder {
             succeeded: None,
             elements: None,
             revision: None,
+            position: None,
             time_ns: 0,
             wall_ms: 0,
             error: None,
@@ -152,6 +155,7 @@ impl Recorder {
             succeeded: c.succeeded,
             elements: c.elements,
             revision: c.revision,
+            position: c.position,
             time_ns: 0,
             wall_ms: 0,
             error: c.error,
@@ -342,8 +346,12 @@ impl ClientTask {
         let rec = &self.recorder;
         if roll < 50 {
             rec.invoke(process, Func::Read, key, None, None);
-            let (kind, c) = match self.client.get_with(key, self.consistency).await {
-                Ok(Some(kv)) => {
+            let (kind, c) = match self.client.read(key, self.consistency).await {
+                Ok(capkv_client::Read {
+                    kv: Some(kv),
+                    applied_index,
+                    ..
+                }) => {
                     let v = parse_u64(&kv.value);
                     last_seen.insert(key.to_string(), (v, kv.mod_revision));
                     (
@@ -351,16 +359,22 @@ impl ClientTask {
                         Completion {
                             value: v,
                             revision: Some(kv.mod_revision),
+                            position: Some(applied_index),
                             ..Default::default()
                         },
                     )
                 }
-                Ok(None) => {
+                Ok(capkv_client::Read {
+                    kv: None,
+                    applied_index,
+                    ..
+                }) => {
                     last_seen.insert(key.to_string(), (None, 0));
                     (
                         EventType::Ok,
                         Completion {
                             revision: Some(0),
+                            position: Some(applied_index),
                             ..Default::default()
                         },
                     )
@@ -380,6 +394,7 @@ impl ClientTask {
                         EventType::Ok,
                         Completion {
                             revision: Some(r.revision),
+                            position: (r.log_position > 0).then_some(r.log_position),
                             ..Default::default()
                         },
                     ),
@@ -401,6 +416,7 @@ impl ClientTask {
                         Completion {
                             succeeded: Some(r.succeeded),
                             revision: r.succeeded.then_some(r.revision),
+                            position: (r.succeeded && r.log_position > 0).then_some(r.log_position),
                             ..Default::default()
                         },
                     ),

@@ -44,8 +44,10 @@ pub struct BenchArgs {
     /// Zipf exponent for key popularity (default: uniform).
     #[arg(long)]
     pub zipf: Option<f64>,
-    /// Read level: linearizable, or prefix (capkv) / serializable (etcd), which are compared
-    /// with each other.
+    /// Read level: any capkv level (linearizable, linearizable-follower, bounded:K,
+    /// bounded:100ms, session, prefix, eventual); etcd takes linearizable and serializable
+    /// (compared with capkv's prefix). For capkv the share of reads each node served is
+    /// printed too.
     #[arg(long, default_value = "linearizable")]
     pub consistency: ReadLevel,
     /// Do not write every key before a get or mixed run.

@@ -64,7 +64,7 @@ pub struct GetArgs {
     pub key: String,
     /// Read level: linearizable; linearizable-follower (any replica, after asking the
     /// leader for its commit index); bounded:K or bounded:100ms (any replica at most K
-    /// revisions or 100 ms behind); session (any replica that has what this session wrote
+    /// log positions or 100 ms behind); session (any replica that has what this session wrote
     /// or read: see --session); prefix or eventual (any replica, possibly stale). Without
     /// it, the server's --default-consistency (linearizable unless set).
     #[arg(long, value_parser = parse_consistency)]
@@ -244,7 +244,7 @@ pub async fn get(a: GetArgs) -> i32 {
                 served_by: 0,
                 applied_index: 0,
                 stale_ms_at_most: None,
-                behind_revisions_at_most: None,
+                behind_positions_at_most: None,
             }),
     };
     save_session(&client, &a.endpoints);
@@ -260,8 +260,8 @@ pub async fn get(a: GetArgs) -> i32 {
         if let Some(ms) = read.stale_ms_at_most {
             how.push_str(&format!(" stale_ms_at_most={ms}"));
         }
-        if let Some(k) = read.behind_revisions_at_most {
-            how.push_str(&format!(" behind_revisions_at_most={k}"));
+        if let Some(k) = read.behind_positions_at_most {
+            how.push_str(&format!(" behind_positions_at_most={k}"));
         }
         eprintln!("{how}");
     }

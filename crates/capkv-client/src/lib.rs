@@ -73,11 +73,14 @@ pub struct WriteResult {
     pub partition: PartitionId,
     /// False when the condition did not hold (put) or the key did not exist (delete).
     pub succeeded: bool,
-    /// The revision of this write: the partition's log index.
+    /// The revision of this write (the partition's write counter).
     pub revision: u64,
     pub hlc: u64,
     /// The key's mod_revision when the write was evaluated (0 = absent).
     pub current_revision: u64,
+    /// The position in the partition's log of the entry that carried the write (0 when
+    /// the answer was a retry's stored one).
+    pub log_position: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,9 +104,9 @@ pub struct Read {
     /// Bounded reads: the answer reflects every write acknowledged this long before the
     /// read began.
     pub stale_ms_at_most: Option<u64>,
-    /// Bounded reads: revisions behind the commit index confirmed for the read, if one
+    /// Bounded reads: log positions behind the commit index confirmed for the read, if one
     /// was.
-    pub behind_revisions_at_most: Option<u64>,
+    pub behind_positions_at_most: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -234,6 +237,7 @@ fn put_result(p: PartitionId, resp: pb::PutResponse) -> WriteResult {
         revision: resp.revision,
         hlc: resp.hlc,
         current_revision: resp.current_revision,
+        log_position: resp.header.map_or(0, |h| h.applied_index),
     }
 }
 
@@ -927,6 +931,7 @@ impl Client {
             revision: resp.revision,
             hlc: resp.hlc,
             current_revision: resp.current_revision,
+            log_position: resp.header.map_or(0, |h| h.applied_index),
         })
     }
 
@@ -979,7 +984,7 @@ impl Client {
                 Some(ReadConsistency::Session) | None => self.session_token(),
                 Some(_) => Vec::new(),
             },
-            max_lag_revisions: w.max_lag_revisions,
+            max_lag_positions: w.max_lag_positions,
             max_staleness_ms: w.max_staleness_ms,
             follower_read: w.follower_read,
         };
@@ -1002,7 +1007,7 @@ impl Client {
             served_by: h.served_by,
             applied_index: h.applied_index,
             stale_ms_at_most: h.stale_ms_at_most,
-            behind_revisions_at_most: h.behind_revisions_at_most,
+            behind_positions_at_most: h.behind_positions_at_most,
         })
     }
 
@@ -1021,7 +1026,7 @@ impl Client {
                 ReadConsistency::Session => self.session_token(),
                 _ => Vec::new(),
             },
-            max_lag_revisions: w.max_lag_revisions,
+            max_lag_positions: w.max_lag_positions,
             max_staleness_ms: w.max_staleness_ms,
             follower_read: w.follower_read,
         };

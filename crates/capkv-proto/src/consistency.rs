@@ -10,7 +10,7 @@ use crate::kv::Consistency;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct WireLevel {
     pub consistency: i32,
-    pub max_lag_revisions: Option<u64>,
+    pub max_lag_positions: Option<u64>,
     pub max_staleness_ms: Option<u64>,
     pub follower_read: bool,
 }
@@ -26,8 +26,8 @@ pub fn to_wire(level: ReadConsistency) -> WireLevel {
             follower_read: true,
             ..c(Consistency::Linearizable)
         },
-        ReadConsistency::Bounded(Staleness::Revisions(k)) => WireLevel {
-            max_lag_revisions: Some(k),
+        ReadConsistency::Bounded(Staleness::Positions(k)) => WireLevel {
+            max_lag_positions: Some(k),
             ..c(Consistency::Bounded)
         },
         ReadConsistency::Bounded(Staleness::Millis(ms)) => WireLevel {
@@ -50,8 +50,8 @@ pub fn from_wire(w: WireLevel, default: ReadConsistency) -> Result<ReadConsisten
         Ok(Consistency::Prefix) => ReadConsistency::Prefix,
         Ok(Consistency::Session) => ReadConsistency::Session,
         Ok(Consistency::Eventual) => ReadConsistency::Eventual,
-        Ok(Consistency::Bounded) => match (w.max_lag_revisions, w.max_staleness_ms) {
-            (Some(k), None) => ReadConsistency::Bounded(Staleness::Revisions(k)),
+        Ok(Consistency::Bounded) => match (w.max_lag_positions, w.max_staleness_ms) {
+            (Some(k), None) => ReadConsistency::Bounded(Staleness::Positions(k)),
             (None, Some(ms)) if ms <= STALENESS_MS_MAX => {
                 ReadConsistency::Bounded(Staleness::Millis(ms))
             }
@@ -61,7 +61,7 @@ pub fn from_wire(w: WireLevel, default: ReadConsistency) -> Result<ReadConsisten
                 ))
             }
             _ => {
-                return bad("a bounded read needs exactly one of max_lag_revisions and \
+                return bad("a bounded read needs exactly one of max_lag_positions and \
                      max_staleness_ms"
                     .into())
             }
@@ -75,7 +75,7 @@ pub fn from_wire(w: WireLevel, default: ReadConsistency) -> Result<ReadConsisten
         }
     };
     if !matches!(level, ReadConsistency::Bounded(_))
-        && (w.max_lag_revisions.is_some() || w.max_staleness_ms.is_some())
+        && (w.max_lag_positions.is_some() || w.max_staleness_ms.is_some())
     {
         return bad(format!(
             "a staleness bound is only for bounded reads, not {level}"
@@ -98,8 +98,8 @@ mod tests {
         for level in [
             ReadConsistency::Linearizable,
             ReadConsistency::LinearizableFollower,
-            ReadConsistency::Bounded(Staleness::Revisions(0)),
-            ReadConsistency::Bounded(Staleness::Revisions(7)),
+            ReadConsistency::Bounded(Staleness::Positions(0)),
+            ReadConsistency::Bounded(Staleness::Positions(7)),
             ReadConsistency::Bounded(Staleness::Millis(250)),
             ReadConsistency::Session,
             ReadConsistency::Prefix,
@@ -130,7 +130,7 @@ mod tests {
         });
         refused(WireLevel {
             consistency: bounded,
-            max_lag_revisions: Some(1),
+            max_lag_positions: Some(1),
             max_staleness_ms: Some(1),
             ..WireLevel::default()
         });

@@ -152,6 +152,22 @@ struct PeerLiveness {
     down: bool,
 }
 
+/// Whether a peer may send `m`: raft-rs's local-only messages (which capkv never sends
+/// between nodes) are refused, and so are ReadIndex messages without the one entry
+/// raft-rs reads from them unchecked (it would panic on network input).
+fn from_peer_ok(m: &Message) -> bool {
+    match m.msg_type {
+        MessageType::MsgHup
+        | MessageType::MsgBeat
+        | MessageType::MsgPropose
+        | MessageType::MsgUnreachable
+        | MessageType::MsgSnapStatus
+        | MessageType::MsgCheckQuorum => false,
+        MessageType::MsgReadIndex | MessageType::MsgReadIndexResp => m.entries.len() == 1,
+        _ => true,
+    }
+}
+
 /// A leader hands its group to a replica at most this many entries behind.
 pub const TRANSFER_LAG_MAX: u64 = 64;
 
@@ -290,6 +306,8 @@ pub struct DriverStats {
     pub entries_written: u64,
     /// Vote and pre-vote requests ignored while restarting (see [`Driver::step`]).
     pub votes_held: u64,
+    /// Messages from peers dropped as malformed or local-only (see [`Driver::step`]).
+    pub malformed: u64,
 }
 
 fn raft_config(id: u64, c: &DriverConfig, applied: u64) -> Config {
@@ -590,6 +608,10 @@ impl<D: Disk> Driver<D> {
     /// the leader's quiesce heartbeat (which puts this follower to sleep if it is fully
     /// caught up with that leader) and the follower's answer to it.
     pub fn step(&mut self, group: GroupId, message: Message) {
+        if !from_peer_ok(&message) {
+            self.stats.malformed += 1;
+            return;
+        }
         let Some(g) = self.groups.get_mut(&group) else {
             return;
         };
@@ -1376,6 +1398,41 @@ mod tests {
             granted(&settle(&mut d)),
             "no hold configured: votes at once"
         );
+    }
+
+    /// Messages raft-rs would panic on (a ReadIndex without its entry, a proposal with
+    /// none) and local-only ones are dropped when they come from a peer; the group goes
+    /// on serving.
+    #[test]
+    fn malformed_or_local_messages_from_peers_are_dropped() {
+        let disk = MemDisk::bootstrap(&[(0, vec![1])].into());
+        let mut d =
+            Driver::start(1, disk, &DriverConfig::default(), PlantedBugs::default()).unwrap();
+        d.campaign(0);
+        settle(&mut d);
+        assert_eq!(d.status(0).unwrap().role, StateRole::Leader);
+        d.propose(0, b"x".to_vec()).unwrap();
+        settle(&mut d);
+        for t in [
+            MessageType::MsgReadIndex,
+            MessageType::MsgReadIndexResp,
+            MessageType::MsgPropose,
+            MessageType::MsgHup,
+        ] {
+            let mut m = Message::default();
+            m.set_msg_type(t);
+            m.from = 1;
+            m.to = 1;
+            d.step(0, m);
+            settle(&mut d);
+        }
+        assert_eq!(d.stats().malformed, 4);
+        // A well-formed ReadIndex of its own still gets its answer.
+        d.read_index_anywhere(0, b"ctx".to_vec()).unwrap();
+        settle(&mut d);
+        let states = d.take_read_states();
+        assert_eq!(states.len(), 1, "{states:?}");
+        assert_eq!(states[0].context, b"ctx".to_vec());
     }
 
     /// A driver whose disk failed must fall silent, node-level pings included: its peers

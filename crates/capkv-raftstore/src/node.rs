@@ -323,11 +323,7 @@ impl<R: Send + 'static> RaftNode<R> {
             queued_read_indexes: BTreeMap::new(),
             answer_on_confirm: BTreeSet::new(),
             reads_applying: BTreeMap::new(),
-            // Read contexts must not repeat across restarts: a leader drops a ReadIndex
-            // whose context it still has pending.
-            next_read: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos() as u64),
+            next_read: read_context_seed(),
             stats: NodeStats::default(),
         };
         lp.publish(lp.driver.groups().collect());
@@ -638,6 +634,23 @@ struct Loop<D: Disk, T, S: StateMachine> {
     snapshots_stepped: BTreeSet<GroupId>,
     /// A tick arrived this turn.
     tick_due: bool,
+}
+
+/// Where a node's read contexts start. They must not repeat across its restarts (a leader
+/// drops a ReadIndex whose context it still has pending, and an answer to the previous
+/// process's ask would be taken for the new one's), so the start is random: the
+/// process's hasher keys, mixed with the time and the process id.
+fn read_context_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    // Leave room to count up without wrapping.
+    h.finish() >> 1
 }
 
 impl<D: Disk, T: Transport, S: StateMachine> Loop<D, T, S> {

@@ -171,6 +171,7 @@ impl Applier {
             hlc,
             succeeded,
             current_revision,
+            log_index: 0,
             deduplicated: false,
             rejected: None,
         };

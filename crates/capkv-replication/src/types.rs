@@ -83,8 +83,12 @@ impl fmt::Display for Command {
 /// The result of applying a command (or the original result, for a retried one).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CommandResponse {
-    /// Log index of the entry that carried the command.
+    /// The command's revision: the next value of the partition's write counter.
     pub revision: u64,
+    /// The log index of the entry that carried the command, set where it is applied. Not
+    /// kept in the session table (a deduplicated answer has 0).
+    #[serde(skip)]
+    pub log_index: u64,
     pub hlc: u64,
     /// Put: the condition held and the value was written. Delete: the key existed, the
     /// condition held, and it was deleted.

@@ -232,11 +232,15 @@ impl StateMachine for CapkvMachine {
             let cmd: Command = decode(&bytes)
                 .map_err(|e| format!("command in entry {index} of partition {group}: {e}"))?;
             m.state.revision += 1;
-            responses.push(
-                m.applier
-                    .execute(m.state.revision, cmd)
-                    .map_err(|e| e.to_string())?,
-            );
+            let mut response = m
+                .applier
+                .execute(m.state.revision, cmd)
+                .map_err(|e| e.to_string())?;
+            // A stored answer to a retry belongs to an earlier entry.
+            if !response.deduplicated {
+                response.log_index = index;
+            }
+            responses.push(response);
         }
         m.state.index = index;
         m.state.term = term;

@@ -52,7 +52,7 @@ fn header(node: NodeId, s: Served, mut session: SessionToken) -> Option<pb::Resp
         applied_index: s.applied_index,
         session_token: session.encode(),
         stale_ms_at_most: s.bound.stale_ms_at_most,
-        behind_revisions_at_most: s.bound.behind_revisions_at_most,
+        behind_positions_at_most: s.bound.behind_positions_at_most,
     })
 }
 
@@ -104,7 +104,7 @@ impl Kv for KvService {
                 let level = from_wire(
                     WireLevel {
                         consistency: req.consistency,
-                        max_lag_revisions: req.max_lag_revisions,
+                        max_lag_positions: req.max_lag_positions,
                         max_staleness_ms: req.max_staleness_ms,
                         follower_read: req.follower_read,
                     },
@@ -196,7 +196,7 @@ impl Kv for KvService {
                     consistency: from_wire(
                         WireLevel {
                             consistency: req.consistency,
-                            max_lag_revisions: req.max_lag_revisions,
+                            max_lag_positions: req.max_lag_positions,
                             max_staleness_ms: req.max_staleness_ms,
                             follower_read: req.follower_read,
                         },
@@ -215,7 +215,7 @@ impl Kv for KvService {
                     continuation: page.continuation,
                     session_token: session.encode(),
                     stale_ms_at_most: page.bound.stale_ms_at_most,
-                    behind_revisions_at_most: page.bound.behind_revisions_at_most,
+                    behind_positions_at_most: page.bound.behind_positions_at_most,
                 })
             })
             .await?;

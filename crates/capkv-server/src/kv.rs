@@ -381,7 +381,14 @@ impl KvCore {
         match result {
             Err(_elapsed) => Err(ambiguous()),
             Ok(Ok(resp)) => match resp.rejected {
-                None => Ok((self.served(replica, Bound::default()), resp)),
+                None => {
+                    let mut served = self.served(replica, Bound::default());
+                    // The write's own position, when known (a deduplicated answer's is not).
+                    if resp.log_index > 0 {
+                        served.applied_index = resp.log_index;
+                    }
+                    Ok((served, resp))
+                }
                 Some(why) => Err(rejection_error(p, why, idempotency)),
             },
             Ok(Err(e)) => Err(self.engine_error(p, e)),
@@ -444,7 +451,7 @@ impl KvCore {
                     replica.proven(began, index);
                     let bound = Bound {
                         stale_ms_at_most: bounded.then_some(0),
-                        behind_revisions_at_most: bounded.then_some(0),
+                        behind_positions_at_most: bounded.then_some(0),
                     };
                     return Ok((replica, bound));
                 }
@@ -639,7 +646,7 @@ impl KvCore {
             consistency: w.consistency,
             partition_id: Some(p.0),
             session_token: token.encode(),
-            max_lag_revisions: w.max_lag_revisions,
+            max_lag_positions: w.max_lag_positions,
             max_staleness_ms: w.max_staleness_ms,
             follower_read: w.follower_read,
         });
@@ -668,7 +675,7 @@ impl KvCore {
             position: SessionToken::decode(&resp.session_token)?.at(p),
             bound: Bound {
                 stale_ms_at_most: resp.stale_ms_at_most,
-                behind_revisions_at_most: resp.behind_revisions_at_most,
+                behind_positions_at_most: resp.behind_positions_at_most,
             },
         })
     }

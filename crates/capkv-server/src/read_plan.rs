@@ -45,18 +45,21 @@ pub struct ReadAsk {
 pub struct Bound {
     /// Reflects every write acknowledged this long before the read began.
     pub stale_ms_at_most: Option<u64>,
-    /// Revisions behind the commit index confirmed for the read.
-    pub behind_revisions_at_most: Option<u64>,
+    /// Log positions behind the commit index confirmed for the read.
+    pub behind_positions_at_most: Option<u64>,
 }
 
 impl Bound {
-    /// The weaker of two bounds (a scan over partitions read with different ones).
+    /// The weaker of two bounds (a scan over partitions read with different ones): a
+    /// figure one of them cannot give is not given.
     pub fn loosest(self, other: Bound) -> Bound {
+        let loose = |a: Option<u64>, b: Option<u64>| Some(a?.max(b?));
         Bound {
-            stale_ms_at_most: self.stale_ms_at_most.max(other.stale_ms_at_most),
-            behind_revisions_at_most: self
-                .behind_revisions_at_most
-                .max(other.behind_revisions_at_most),
+            stale_ms_at_most: loose(self.stale_ms_at_most, other.stale_ms_at_most),
+            behind_positions_at_most: loose(
+                self.behind_positions_at_most,
+                other.behind_positions_at_most,
+            ),
         }
     }
 }
@@ -82,7 +85,7 @@ pub enum Plan {
 
 const SERVE: Plan = Plan::Serve(Bound {
     stale_ms_at_most: None,
-    behind_revisions_at_most: None,
+    behind_positions_at_most: None,
 });
 
 pub fn plan(ask: ReadAsk, replica: ReplicaState) -> Plan {
@@ -115,12 +118,14 @@ pub fn plan(ask: ReadAsk, replica: ReplicaState) -> Plan {
             Some(c) => serve_within(ask, replica, c, 0, Bound::default()),
             None => confirm(replica),
         },
-        ReadConsistency::Bounded(Staleness::Revisions(k)) => match ask.confirmed {
+        ReadConsistency::Bounded(Staleness::Positions(k)) => match ask.confirmed {
             Some(c) => {
                 let behind = c.saturating_sub(replica.applied).min(k);
                 let bound = Bound {
-                    stale_ms_at_most: Some(0),
-                    behind_revisions_at_most: Some(behind),
+                    // Caught up with the confirmed commit index: it has every write
+                    // acknowledged before the read began. Behind it: it may miss some.
+                    stale_ms_at_most: (behind == 0).then_some(0),
+                    behind_positions_at_most: Some(behind),
                 };
                 serve_within(ask, replica, c, k, bound)
             }
@@ -130,7 +135,7 @@ pub fn plan(ask: ReadAsk, replica: ReplicaState) -> Plan {
             if let Some(c) = ask.confirmed {
                 let bound = Bound {
                     stale_ms_at_most: Some(0),
-                    behind_revisions_at_most: Some(0),
+                    behind_positions_at_most: Some(0),
                 };
                 return serve_within(ask, replica, c, 0, bound);
             }
@@ -144,7 +149,7 @@ pub fn plan(ask: ReadAsk, replica: ReplicaState) -> Plan {
                     stale_ms_at_most: Some(
                         (p.age_us.saturating_mul(CLOCK_RATE_MARGIN)).div_ceil(1000),
                     ),
-                    behind_revisions_at_most: None,
+                    behind_positions_at_most: None,
                 }),
                 Some(p) if !ask.waited => Plan::WaitApplied(p.index),
                 _ => confirm(replica),
@@ -223,7 +228,7 @@ mod tests {
     fn bound(stale_ms: Option<u64>, behind: Option<u64>) -> Plan {
         Plan::Serve(Bound {
             stale_ms_at_most: stale_ms,
-            behind_revisions_at_most: behind,
+            behind_positions_at_most: behind,
         })
     }
 
@@ -302,19 +307,23 @@ mod tests {
     }
 
     #[test]
-    fn bounded_by_revisions_serves_up_to_k_behind_the_confirmed_commit() {
-        let b = ReadConsistency::Bounded(Staleness::Revisions(3));
+    fn bounded_by_positions_serves_up_to_k_behind_the_confirmed_commit() {
+        let b = ReadConsistency::Bounded(Staleness::Positions(3));
         assert_eq!(plan(ask(b, 0, false), FOLLOWER), Plan::AskCommitIndex);
         assert_eq!(plan(ask(b, 0, false), LEADER), Plan::ConfirmLeadership);
         assert_eq!(plan(ask(b, 0, false), LOST), Plan::Elsewhere(None));
         // Applied 10: commit 13 is within 3, commit 14 is not.
         assert_eq!(
             plan(confirmed(b, 13, false), FOLLOWER),
-            bound(Some(0), Some(3))
+            bound(None, Some(3))
+        );
+        assert_eq!(
+            plan(confirmed(b, 10, false), FOLLOWER),
+            bound(Some(0), Some(0))
         );
         assert_eq!(
             plan(confirmed(b, 11, false), FOLLOWER),
-            bound(Some(0), Some(1))
+            bound(None, Some(1))
         );
         assert_eq!(
             plan(confirmed(b, 14, false), FOLLOWER),
@@ -372,5 +381,24 @@ mod tests {
         let zero = ReadConsistency::Bounded(Staleness::Millis(0));
         assert_eq!(plan(ask(zero, 0, false), with(1, 1)), Plan::AskCommitIndex);
         assert_eq!(plan(ask(zero, 0, false), with(0, 1)), bound(Some(0), None));
+    }
+
+    #[test]
+    fn the_loosest_bound_gives_only_what_both_can_say() {
+        let a = Bound {
+            stale_ms_at_most: Some(10),
+            behind_positions_at_most: None,
+        };
+        let b = Bound {
+            stale_ms_at_most: Some(0),
+            behind_positions_at_most: Some(0),
+        };
+        let want = Bound {
+            stale_ms_at_most: Some(10),
+            behind_positions_at_most: None,
+        };
+        assert_eq!(a.loosest(b), want);
+        assert_eq!(b.loosest(a), want);
+        assert_eq!(b.loosest(b), b);
     }
 }

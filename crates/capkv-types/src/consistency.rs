@@ -6,9 +6,10 @@ use std::str::FromStr;
 /// How far behind a `bounded` read may be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Staleness {
-    /// At most this many revisions (positions of the partition's log) behind its latest
-    /// committed write when the read began.
-    Revisions(u64),
+    /// At most this many positions of the partition's Raft log behind its commit index
+    /// when the read began (a position holds one engine turn's writes to the partition,
+    /// so possibly more than one write).
+    Positions(u64),
     /// Reflects every write acknowledged more than this many milliseconds before the read
     /// began.
     Millis(u64),
@@ -17,7 +18,7 @@ pub enum Staleness {
 impl fmt::Display for Staleness {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Staleness::Revisions(k) => write!(f, "{k}"),
+            Staleness::Positions(k) => write!(f, "{k}"),
             Staleness::Millis(ms) => write!(f, "{ms}ms"),
         }
     }
@@ -29,11 +30,11 @@ pub const STALENESS_MS_MAX: u64 = 3_600_000;
 impl FromStr for Staleness {
     type Err = String;
 
-    /// `K` (revisions), or a time: `Nms`, `Ns`.
+    /// `K` (log positions), or a time: `Nms`, `Ns`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = || {
             format!(
-                "bad staleness bound {s:?}: give a number of revisions (bounded:5) or a time \
+                "bad staleness bound {s:?}: give a number of log positions (bounded:5) or a time \
                  (bounded:100ms, bounded:2s) of at most {STALENESS_MS_MAX} ms"
             )
         };
@@ -46,7 +47,7 @@ impl FromStr for Staleness {
         };
         let n: u64 = digits.parse().map_err(|_| bad())?;
         match scale {
-            None => Ok(Staleness::Revisions(n)),
+            None => Ok(Staleness::Positions(n)),
             Some(k) => match n.checked_mul(k) {
                 Some(ms) if ms <= STALENESS_MS_MAX => Ok(Staleness::Millis(ms)),
                 _ => Err(bad()),
@@ -131,7 +132,7 @@ impl FromStr for ReadConsistency {
             "session" => Ok(ReadConsistency::Session),
             "eventual" => Ok(ReadConsistency::Eventual),
             "bounded" => {
-                Err("bounded needs its bound: bounded:K (revisions) or bounded:100ms".into())
+                Err("bounded needs its bound: bounded:K (log positions) or bounded:100ms".into())
             }
             other => Err(format!(
                 "unknown consistency level {other:?}; expected one of: {}",
@@ -164,10 +165,10 @@ mod tests {
     }
 
     #[test]
-    fn bounded_takes_revisions_or_a_time_and_round_trips() {
+    fn bounded_takes_log_positions_or_a_time_and_round_trips() {
         for (s, level) in [
-            ("bounded:5", Staleness::Revisions(5)),
-            ("bounded:0", Staleness::Revisions(0)),
+            ("bounded:5", Staleness::Positions(5)),
+            ("bounded:0", Staleness::Positions(0)),
             ("bounded:100ms", Staleness::Millis(100)),
             ("Bounded:2s", Staleness::Millis(2000)),
         ] {

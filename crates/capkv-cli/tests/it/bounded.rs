@@ -35,7 +35,7 @@ fn bounded_revisions(key: &str, k: u64) -> GetRequest {
     GetRequest {
         key: key.as_bytes().to_vec(),
         consistency: Consistency::Bounded as i32,
-        max_lag_revisions: Some(k),
+        max_lag_positions: Some(k),
         ..Default::default()
     }
 }
@@ -87,7 +87,7 @@ async fn followers_serve_follower_and_bounded_reads_and_refuse_past_the_bound() 
         let h = r.header.unwrap();
         if request.consistency == Consistency::Bounded as i32 {
             assert_eq!(h.stale_ms_at_most, Some(0), "a round for this read: {h:?}");
-            assert_eq!(h.behind_revisions_at_most, Some(0), "{h:?}");
+            assert_eq!(h.behind_positions_at_most, Some(0), "{h:?}");
         } else {
             assert_eq!(h.stale_ms_at_most, None, "only bounded reads carry a bound");
         }

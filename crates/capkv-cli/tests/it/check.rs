@@ -64,6 +64,10 @@ fn valid_run(name: &str, args: &[&str]) -> (tempfile::TempDir, String, String) {
         "sessions: valid ("
     } else if args.contains(&"eventual") {
         "eventual reads: no per-read guarantee"
+    } else if args.contains(&"sequence") {
+        "prefix: valid ("
+    } else if args.iter().any(|a| a.starts_with("bounded:")) {
+        "(linearizable, reads moved back by the bound): valid (8 keys checked)"
     } else {
         "linearizable: valid (8 keys checked)"
     };
