@@ -8,7 +8,9 @@
 # NAME is one of: valid-register, valid-append-set, valid-snapshots, stale-reads,
 # stale-reads-oneway, full-lease, ack-before-fsync, valid-session, ignore-session-token,
 # valid-follower, valid-bounded-time, valid-bounded-revisions, ignore-staleness-bound,
-# valid-prefix, scan-without-snapshot.
+# ignore-staleness-bound-time (slower: the linearizability checker shrinks each invalid
+# key's history),
+# valid-prefix, scan-without-snapshot, valid-eventual.
 # Needs a release build (cargo build --release). The binary is copied first, so
 # rebuilding while this runs does not mix versions.
 set -euo pipefail
@@ -47,9 +49,11 @@ matrix=(
   "valid-follower|valid|--nemesis all --consistency linearizable-follower"
   "valid-bounded-time|valid|--nemesis all --consistency bounded:100ms"
   "valid-bounded-revisions|valid|--nemesis all --consistency bounded:5"
-  "ignore-staleness-bound|invalid|--nemesis partition --consistency bounded:100ms --planted-bug ignore-staleness-bound"
+  "ignore-staleness-bound|invalid|--nemesis partition --consistency bounded:5 --planted-bug ignore-staleness-bound"
+  "ignore-staleness-bound-time|invalid|--nemesis partition --consistency bounded:100ms --planted-bug ignore-staleness-bound"
   "valid-prefix|valid|--nemesis all --workload sequence --consistency prefix"
   "scan-without-snapshot|invalid|--nemesis partition --workload sequence --consistency prefix --planted-bug scan-without-snapshot"
+  "valid-eventual|valid|--nemesis all --consistency eventual"
 )
 
 summary=""
@@ -69,7 +73,7 @@ for row in "${matrix[@]}"; do
     rm -rf "$out"/cluster/node-*/
     case $code in 0) got=valid ;; 1) got=invalid ;; *) got=unknown ;; esac
     [ "$got" = "$want" ] && hits=$((hits + 1))
-    verdict=$(grep -E '^(linearizable|sets|sessions|prefix|bounded[^ ]*)( \(.*\))?:' "$out.log" | head -1 | cut -c1-100)
+    verdict=$(grep -E '^(linearizable|sets|sessions|prefix|replicas|bounded[^ ]*)( \(.*\))?:' "$out.log" | head -1 | cut -c1-100)
     faults=$(grep -o 'faults=[0-9]*' "$out.log" | head -1)
     echo "RESULT $name seed=$seed $got $faults $verdict"
   done

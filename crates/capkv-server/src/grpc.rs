@@ -43,11 +43,11 @@ fn idempotency(i: Option<pb::Idempotency>) -> Option<Idempotency> {
 }
 
 /// The response header: where it was served, and the session token advanced past it.
-fn header(node: NodeId, s: Served, mut session: SessionToken) -> Option<pb::ResponseHeader> {
+fn header(s: Served, mut session: SessionToken) -> Option<pb::ResponseHeader> {
     session.observe(s.partition, s.applied_index);
     Some(pb::ResponseHeader {
         partition_id: s.partition.0,
-        served_by: node.0,
+        served_by: s.served_by.0,
         raft_term: s.term,
         applied_index: s.applied_index,
         session_token: session.encode(),
@@ -111,9 +111,9 @@ impl Kv for KvService {
                     core.default_consistency,
                 )?;
                 let session = SessionToken::decode(&req.session_token)?;
-                let (served, value) = core.get(&req.key, level, &session).await?;
+                let (served, value) = core.get(&req.key, level, &session, req.forwarded).await?;
                 Ok(pb::GetResponse {
-                    header: header(core.id, served, session),
+                    header: header(served, session),
                     found: value.is_some(),
                     kv: value.map(|value| {
                         kv_pb(KeyValue {
@@ -142,7 +142,7 @@ impl Kv for KvService {
                     .await?;
                 let (succeeded, revision, hlc, current_revision) = write_parts(&r);
                 Ok(pb::PutResponse {
-                    header: header(core.id, served, session),
+                    header: header(served, session),
                     succeeded,
                     revision,
                     hlc,
@@ -168,7 +168,7 @@ impl Kv for KvService {
                     .await?;
                 let (deleted, revision, hlc, current_revision) = write_parts(&r);
                 Ok(pb::DeleteResponse {
-                    header: header(core.id, served, session),
+                    header: header(served, session),
                     deleted,
                     revision,
                     hlc,

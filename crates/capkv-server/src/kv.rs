@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use capkv_placement::PartitionMap;
-use capkv_proto::kv::{kv_client::KvClient, ScanRequest};
+use capkv_proto::kv::{kv_client::KvClient, GetRequest, ScanRequest};
 use capkv_replication::{
     AppliedIndex, Command, CommandResponse, Condition, Faults, Idempotency, Op, Rejection,
 };
@@ -70,6 +70,8 @@ struct RoleView {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Served {
     pub partition: PartitionId,
+    /// The node whose replica served it (another than this one for a forwarded read).
+    pub served_by: NodeId,
     pub term: u64,
     pub applied_index: u64,
     /// Bounded reads: how stale the answer may be.
@@ -293,6 +295,7 @@ impl KvCore {
     fn served(&self, r: &Replica, bound: Bound) -> Served {
         Served {
             partition: r.partition,
+            served_by: self.id,
             term: self.role(r.partition).term,
             // Taken after the read: at least the position of whatever it saw.
             applied_index: r.applied.upper(),
@@ -515,20 +518,90 @@ impl KvCore {
         }
     }
 
+    /// A read of `key` at `level`. A replica that cannot serve a read any replica may serve
+    /// (it waited, and is still behind what the read must see) forwards it once to the
+    /// leader it names, so clients without a routing cache need not follow the hint;
+    /// `forwarded` marks a read that is itself such a forward (answered here, or refused).
+    /// Linearizable reads are not forwarded: `NotLeader` tells a routing client where to
+    /// go.
     pub async fn get(
         &self,
         key: &[u8],
         level: ReadConsistency,
         session: &SessionToken,
+        forwarded: bool,
     ) -> Result<(Served, Option<StoredValue>), KvError> {
         self.limits.check_key(key)?;
         let p = self.map.partition_for_key(key);
-        let (replica, bound) = self.read_barrier(p, level, session.at(p)).await?;
+        let (replica, bound) = match self.read_barrier(p, level, session.at(p)).await {
+            Ok(r) => r,
+            Err(KvError::NotLeader {
+                leader_id: Some(leader),
+                ..
+            }) if !forwarded && level.any_replica() && leader != self.id => {
+                return self.get_remote(leader, p, key, level, session.at(p)).await;
+            }
+            Err(e) => return Err(e),
+        };
         let value = self
             .engine
             .sm_get(p, key)
             .map_err(|e| KvError::Internal(e.to_string()))?;
         Ok((self.served(replica, bound), value))
+    }
+
+    /// Forwards a read to `node` (see [`KvCore::get`]).
+    async fn get_remote(
+        &self,
+        node: NodeId,
+        p: PartitionId,
+        key: &[u8],
+        level: ReadConsistency,
+        session_at: u64,
+    ) -> Result<(Served, Option<StoredValue>), KvError> {
+        let addr = self
+            .map
+            .addr_of(node)
+            .ok_or_else(|| KvError::Internal(format!("node {node} is not in the partition map")))?;
+        let mut client = KvClient::new(self.peers.channel(addr))
+            .max_decoding_message_size(self.limits.message_bytes_max());
+        let mut token = SessionToken::default();
+        token.observe(p, session_at);
+        let w = capkv_proto::consistency::to_wire(level);
+        let mut req = tonic::Request::new(GetRequest {
+            key: key.to_vec(),
+            consistency: w.consistency,
+            session_token: token.encode(),
+            max_lag_positions: w.max_lag_positions,
+            max_staleness_ms: w.max_staleness_ms,
+            follower_read: w.follower_read,
+            forwarded: true,
+        });
+        req.set_timeout(self.read_timeout + Duration::from_secs(1));
+        self.metrics.reads_forwarded.inc();
+        let resp = client
+            .get(req)
+            .await
+            .map_err(|s| capkv_proto::status::from_status(&s))?
+            .into_inner();
+        let h = resp.header.unwrap_or_default();
+        let served = Served {
+            partition: p,
+            served_by: NodeId(h.served_by),
+            term: h.raft_term,
+            applied_index: h.applied_index,
+            bound: Bound {
+                stale_ms_at_most: h.stale_ms_at_most,
+                behind_positions_at_most: h.behind_positions_at_most,
+            },
+        };
+        let value = resp.kv.filter(|_| resp.found).map(|kv| StoredValue {
+            mod_revision: kv.mod_revision,
+            create_revision: kv.create_revision,
+            hlc: kv.hlc,
+            value: kv.value,
+        });
+        Ok((served, value))
     }
 
     /// Scans one partition on this node. Returns the page and whether the partition has

@@ -25,6 +25,8 @@ pub struct Metrics {
     pub engine_events: IntGaugeVec,
     /// Partitions asleep (quiesced) on this node's engine.
     pub engine_groups_asleep: IntGauge,
+    /// Reads this node could not serve and forwarded to the leader.
+    pub reads_forwarded: prometheus::IntCounter,
 }
 
 impl Metrics {
@@ -103,6 +105,12 @@ impl Metrics {
             "Partitions asleep (quiesced) on this node's engine",
         )?;
         registry.register(Box::new(engine_groups_asleep.clone()))?;
+        let reads_forwarded = prometheus::IntCounter::new(
+            "reads_forwarded_total",
+            "Session, bounded and follower reads this node could not serve and forwarded to \
+             the leader",
+        )?;
+        registry.register(Box::new(reads_forwarded.clone()))?;
         Ok(Metrics {
             registry,
             requests,
@@ -118,6 +126,7 @@ impl Metrics {
             storage_poisoned,
             engine_events,
             engine_groups_asleep,
+            reads_forwarded,
         })
     }
 

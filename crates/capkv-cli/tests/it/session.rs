@@ -1,6 +1,6 @@
 //! `session` reads (docs/consistency.md): a session reads its own writes and never goes
-//! back, on any replica. A replica behind the session waits briefly, then names the
-//! leader, where the Rust client reads instead; `prefix` and `eventual` reads on that
+//! back, on any replica. A replica behind the session waits briefly, then forwards the
+//! read to the leader; `prefix` and `eventual` reads on that
 //! replica show it is stale. The token travels between clients and CLI commands. The
 //! cluster runs with `--default-consistency session`: reads that name no level get it.
 
@@ -10,7 +10,7 @@ use capkv_proto::kv::{kv_client::KvClient, Consistency, GetRequest};
 use capkv_proto::status::from_status;
 use capkv_types::{partition_for_key, ErrorCode, ReadConsistency};
 
-use crate::fixture::{cli, wait_until, Cluster, Opts};
+use crate::fixture::{cli, metric, wait_until, Cluster, Opts};
 
 fn get(key: &str, level: Consistency, token: &[u8]) -> GetRequest {
     GetRequest {
@@ -62,30 +62,52 @@ async fn a_session_reads_its_writes_on_every_replica_even_one_left_behind() {
     let token = client.session_token();
     assert!(!token.is_empty());
 
-    // The follower cannot serve the session: it waits for it, then says so.
+    // The follower cannot serve the session itself: it waits for it, then forwards the
+    // read to the leader (the fault cuts Raft traffic only), which answers with v2.
     let asked = Instant::now();
-    let err = raw
+    let r = raw
         .get(get(key, Consistency::Session, &token))
         .await
-        .expect_err("a replica behind the session must not serve it");
-    let code = from_status(&err).code();
-    assert!(
-        matches!(code, ErrorCode::NotLeader | ErrorCode::Unavailable),
-        "{err:?}"
+        .expect("forwarded to the leader")
+        .into_inner();
+    assert_eq!(r.kv.as_ref().unwrap().value, b"v2", "read-your-writes");
+    assert_eq!(
+        r.header.as_ref().unwrap().served_by,
+        leader,
+        "served by the leader"
     );
     assert!(
         asked.elapsed() >= Duration::from_millis(100),
         "it waited for the replica to catch up first"
     );
-    // A read that names no level gets the node's default, session, and is refused alike.
-    let err = raw
+    // A read that names no level gets the node's default, session, and is forwarded alike.
+    let r = raw
         .get(get(key, Consistency::Unspecified, &token))
         .await
-        .expect_err("the default level is session here");
-    assert!(matches!(
-        from_status(&err).code(),
-        ErrorCode::NotLeader | ErrorCode::Unavailable
-    ));
+        .expect("the default level is session here")
+        .into_inner();
+    assert_eq!(r.kv.unwrap().value, b"v2");
+    let (_, metrics) = cluster.http_get(behind, "/metrics").await;
+    assert!(
+        metric(&metrics, "capkv_reads_forwarded_total", "") >= 2,
+        "{metrics}"
+    );
+    // A forward is answered where it arrives: this replica, still behind, refuses it
+    // rather than forwarding again.
+    let err = raw
+        .get(GetRequest {
+            forwarded: true,
+            ..get(key, Consistency::Session, &token)
+        })
+        .await
+        .expect_err("a replica behind the session must not serve it");
+    assert!(
+        matches!(
+            from_status(&err).code(),
+            ErrorCode::NotLeader | ErrorCode::Unavailable
+        ),
+        "{err:?}"
+    );
     // Without the session's token it is served, stale: that is what the token prevents.
     for level in [
         Consistency::Prefix,
