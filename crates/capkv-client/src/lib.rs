@@ -987,6 +987,7 @@ impl Client {
             max_lag_positions: w.max_lag_positions,
             max_staleness_ms: w.max_staleness_ms,
             follower_read: w.follower_read,
+            forwarded: false,
         };
         let spread = consistency.is_some_and(ReadConsistency::any_replica);
         let resp = self
