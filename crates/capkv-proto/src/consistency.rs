@@ -4,7 +4,7 @@
 use capkv_types::consistency::STALENESS_MS_MAX;
 use capkv_types::{KvError, ReadConsistency, Staleness};
 
-use crate::kv::Consistency;
+use crate::kv::{Consistency, GetRequest, ScanRequest};
 
 /// A read level as the request fields carry it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -13,6 +13,26 @@ pub struct WireLevel {
     pub max_lag_positions: Option<u64>,
     pub max_staleness_ms: Option<u64>,
     pub follower_read: bool,
+}
+
+impl WireLevel {
+    pub fn of_get(r: &GetRequest) -> WireLevel {
+        WireLevel {
+            consistency: r.consistency,
+            max_lag_positions: r.max_lag_positions,
+            max_staleness_ms: r.max_staleness_ms,
+            follower_read: r.follower_read,
+        }
+    }
+
+    pub fn of_scan(r: &ScanRequest) -> WireLevel {
+        WireLevel {
+            consistency: r.consistency,
+            max_lag_positions: r.max_lag_positions,
+            max_staleness_ms: r.max_staleness_ms,
+            follower_read: r.follower_read,
+        }
+    }
 }
 
 pub fn to_wire(level: ReadConsistency) -> WireLevel {

@@ -687,17 +687,21 @@ impl<D: Disk> Driver<D> {
         }
     }
 
-    /// `group`, woken, if this node leads it (and the driver is not poisoned).
-    fn leading(&mut self, group: GroupId) -> Result<&mut Group, ProposeError> {
+    /// `group`, woken and marked to run this turn (if the driver is not poisoned).
+    fn woken(&mut self, group: GroupId) -> Result<&mut Group, ProposeError> {
         if let Some(why) = &self.poisoned {
             return Err(ProposeError::Poisoned(why.clone()));
         }
         self.wake(group);
         self.dirty.insert(group);
-        let g = self
-            .groups
+        self.groups
             .get_mut(&group)
-            .ok_or(ProposeError::NoGroup(group))?;
+            .ok_or(ProposeError::NoGroup(group))
+    }
+
+    /// `group`, woken, if this node leads it (and the driver is not poisoned).
+    fn leading(&mut self, group: GroupId) -> Result<&mut Group, ProposeError> {
+        let g = self.woken(group)?;
         if g.node.raft.state != StateRole::Leader {
             let leader = g.node.raft.leader_id;
             return Err(ProposeError::NotLeader {
@@ -852,15 +856,7 @@ impl<D: Disk> Driver<D> {
         group: GroupId,
         context: Vec<u8>,
     ) -> Result<(), ProposeError> {
-        if let Some(why) = &self.poisoned {
-            return Err(ProposeError::Poisoned(why.clone()));
-        }
-        self.wake(group);
-        self.dirty.insert(group);
-        let g = self
-            .groups
-            .get_mut(&group)
-            .ok_or(ProposeError::NoGroup(group))?;
+        let g = self.woken(group)?;
         let r = &g.node.raft;
         if r.state != StateRole::Leader && r.leader_id == 0 {
             return Err(ProposeError::NotLeader {

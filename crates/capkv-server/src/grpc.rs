@@ -101,15 +101,7 @@ impl Kv for KvService {
         let core = &self.core;
         let resp = self
             .observe("get", async {
-                let level = from_wire(
-                    WireLevel {
-                        consistency: req.consistency,
-                        max_lag_positions: req.max_lag_positions,
-                        max_staleness_ms: req.max_staleness_ms,
-                        follower_read: req.follower_read,
-                    },
-                    core.default_consistency,
-                )?;
+                let level = from_wire(WireLevel::of_get(&req), core.default_consistency)?;
                 let session = SessionToken::decode(&req.session_token)?;
                 let (served, value) = core.get(&req.key, level, &session, req.forwarded).await?;
                 Ok(pb::GetResponse {
@@ -187,21 +179,14 @@ impl Kv for KvService {
         let core = &self.core;
         let resp = self
             .observe("scan", async {
+                let level = from_wire(WireLevel::of_scan(&req), core.default_consistency)?;
                 let params = ScanParams {
                     start: req.start,
                     end: (!req.end.is_empty()).then_some(req.end),
                     prefix: req.prefix,
                     limit: req.limit,
                     continuation: req.continuation,
-                    consistency: from_wire(
-                        WireLevel {
-                            consistency: req.consistency,
-                            max_lag_positions: req.max_lag_positions,
-                            max_staleness_ms: req.max_staleness_ms,
-                            follower_read: req.follower_read,
-                        },
-                        core.default_consistency,
-                    )?,
+                    consistency: level,
                     session: SessionToken::decode(&req.session_token)?,
                 };
                 let page = match req.partition_id {
