@@ -237,7 +237,7 @@ fn put_result(p: PartitionId, resp: pb::PutResponse) -> WriteResult {
         revision: resp.revision,
         hlc: resp.hlc,
         current_revision: resp.current_revision,
-        log_position: resp.header.map_or(0, |h| h.applied_index),
+        log_position: resp.log_position,
     }
 }
 
@@ -931,7 +931,7 @@ impl Client {
             revision: resp.revision,
             hlc: resp.hlc,
             current_revision: resp.current_revision,
-            log_position: resp.header.map_or(0, |h| h.applied_index),
+            log_position: resp.log_position,
         })
     }
 

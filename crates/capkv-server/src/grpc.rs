@@ -139,6 +139,7 @@ impl Kv for KvService {
                     revision,
                     hlc,
                     current_revision,
+                    log_position: r.log_index,
                 })
             })
             .await?;
@@ -165,6 +166,7 @@ impl Kv for KvService {
                     revision,
                     hlc,
                     current_revision,
+                    log_position: r.log_index,
                 })
             })
             .await?;

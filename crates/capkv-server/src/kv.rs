@@ -384,14 +384,7 @@ impl KvCore {
         match result {
             Err(_elapsed) => Err(ambiguous()),
             Ok(Ok(resp)) => match resp.rejected {
-                None => {
-                    let mut served = self.served(replica, Bound::default());
-                    // The write's own position, when known (a deduplicated answer's is not).
-                    if resp.log_index > 0 {
-                        served.applied_index = resp.log_index;
-                    }
-                    Ok((served, resp))
-                }
+                None => Ok((self.served(replica, Bound::default()), resp)),
                 Some(why) => Err(rejection_error(p, why, idempotency)),
             },
             Ok(Err(e)) => Err(self.engine_error(p, e)),
