@@ -1,5 +1,7 @@
 //! What each read level does during a network partition (docs/benchmarks.md): starts 3
-//! nodes on loopback, writes keys, cuts node 3 off from the other two, and for a few
+//! nodes on loopback, writes keys, reads each once at `bounded:0ms` on nodes 1 and 3 (so
+//! they hold fresh proofs, as nodes serving bounded reads do), cuts node 3 off from the
+//! other two, and for a few
 //! seconds reads the keys at every level from node 1 (majority side; a read it sends to
 //! the leader goes to node 2 if that leads) and from node 3 (minority side), one request
 //! at a time per side and level, without retries. Prints, per level and side, the reads
@@ -55,8 +57,23 @@ async fn main() -> anyhow::Result<()> {
     for k in &keys {
         client.put(k.as_str(), "v").await?;
     }
-    // Let every replica apply the writes, then cut node 3 off.
+    // Let every replica apply the writes, and each node take one bounded read of every
+    // key (a node serving bounded reads holds proofs), then cut node 3 off.
     tokio::time::sleep(Duration::from_millis(500)).await;
+    for node in [1u64, 3] {
+        let mut raw = KvClient::connect(format!("http://{}", cluster.node(node)?.addr)).await?;
+        let w = to_wire(ReadConsistency::Bounded(capkv_types::Staleness::Millis(0)));
+        for k in &keys {
+            let _ = raw
+                .get(GetRequest {
+                    key: k.as_bytes().to_vec(),
+                    consistency: w.consistency,
+                    max_staleness_ms: w.max_staleness_ms,
+                    ..Default::default()
+                })
+                .await;
+        }
+    }
     cluster.partition(&[vec![1, 2], vec![3]]).await?;
     let cut = Instant::now();
 
