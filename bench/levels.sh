@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Reads at every level (docs/benchmarks.md, "Read levels"): 3 nodes on loopback, get-16
 # and get-64 at each level, with throughput, p99 and the share of reads each node served.
-# Then the same with one partition whose leader's node is pinned to one core (taskset),
-# so the leader is the bottleneck and follower-served levels can use the other core; then
-# what each level does during a partition (the partition_reads example).
+# Then the same with one partition whose leader's node shares CPU 0 with the load
+# generator while the followers have CPU 1 (taskset): reads the leader serves alone are
+# limited to one core, and levels the followers serve can use the other; then what each
+# level does during a partition (the partition_reads example).
 #
-#   bench/levels.sh [--duration 10s] [--partition-seconds 5]
+#   bench/levels.sh [--duration 10s] [--partition-seconds 5] [--only-pinned]
 #
 # Needs a release build (cargo build --release) and, for the partition part, the example
 # (cargo build --release -p capkv --example partition_reads).
@@ -14,10 +15,13 @@ cd "$(dirname "$0")/.."
 
 DURATION=10s
 PSECONDS=5
+ONLY_PINNED=""
+PIN=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --duration) DURATION=$2; shift 2 ;;
     --partition-seconds) PSECONDS=$2; shift 2 ;;
+    --only-pinned) ONLY_PINNED=1; shift ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -69,7 +73,7 @@ bench_levels() {
   for level in $LEVELS; do
     for clients in 16 64; do
       # shellcheck disable=SC2086
-      json=$("$BIN" bench --target capkv --endpoints "$ENDPOINTS" --workload get --clients "$clients" \
+      json=$($PIN "$BIN" bench --target capkv --endpoints "$ENDPOINTS" --workload get --clients "$clients" \
         --conns 8 --duration "$DURATION" --warmup 2s --keys 10000 --key-size 8 --value-size 256 \
         --consistency "$level" $preload --json)
       preload="--no-preload"
@@ -83,26 +87,35 @@ header() {
   echo "|---|---|---|---|---|---|"
 }
 
+if [ -z "$ONLY_PINNED" ]; then
 echo "### 3 nodes, 8 partitions (leaders spread), no pinning"
 echo
 header
 start_cluster 8
 bench_levels
 stop_cluster
+fi
 
 echo
-echo "### 3 nodes, 1 partition, the leader's node pinned to CPU 0"
+echo "### 3 nodes, 1 partition: the leader's node and the load generator on CPU 0, the followers on CPU 1"
 echo
 start_cluster 1
 leader=$("$BIN" status --endpoints "$ENDPOINTS" --json |
   python3 -c 'import json,sys; d=json.load(sys.stdin); print([p["leader"] for n in d["nodes"] for p in n["partitions"] if p["leader"]][0])')
-taskset -a -p -c 0 "${PIDS[$((leader - 1))]}" >/dev/null
+for i in 1 2 3; do
+  cpu=1
+  [ "$i" = "$leader" ] && cpu=0
+  taskset -a -p -c "$cpu" "${PIDS[$((i - 1))]}" >/dev/null
+done
+PIN="taskset -c 0"
 echo "(leader: node $leader)"
 echo
 header
 LEVELS="linearizable linearizable-follower bounded:100ms session eventual"
 bench_levels
 stop_cluster
+PIN=""
+[ -n "$ONLY_PINNED" ] && exit 0
 
 echo
 echo "### During a partition"
