@@ -57,9 +57,9 @@ async fn main() -> anyhow::Result<()> {
     for k in &keys {
         client.put(k.as_str(), "v").await?;
     }
-    // Let every replica apply the writes, and each node take one bounded read of every
-    // key (a node serving bounded reads holds proofs), then cut node 3 off.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Each node takes one bounded read of every key (a node serving bounded reads holds
+    // proofs; each waits for the node to apply what was committed), then node 3 is cut
+    // off.
     for node in [1u64, 3] {
         let mut raw = KvClient::connect(format!("http://{}", cluster.node(node)?.addr)).await?;
         let w = to_wire(ReadConsistency::Bounded(capkv_types::Staleness::Millis(0)));

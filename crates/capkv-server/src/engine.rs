@@ -596,42 +596,19 @@ impl EngineNode {
         cmd: &Command,
     ) -> Result<CommandResponse, EngineError> {
         let bytes = encode(cmd).map_err(|e| ProposeError::Poisoned(e.to_string()))?;
-        let (tx, rx) = oneshot::channel();
-        self.node.propose(
-            p.0,
-            bytes,
-            Box::new(move |r| {
-                let _ = tx.send(r);
-            }),
-        );
-        // A dropped reply means the engine stopped with the proposal in flight.
-        rx.await.unwrap_or(Err(ProposeError::Stopped))
+        answer(|reply| self.node.propose(p.0, bytes, reply)).await
     }
 
     /// Confirms leadership of `p` with a quorum (ReadIndex) and waits until the state
     /// machine applied the read index.
     pub async fn read_index(&self, p: PartitionId) -> Result<u64, EngineError> {
-        let (tx, rx) = oneshot::channel();
-        self.node.read(
-            p.0,
-            Box::new(move |r| {
-                let _ = tx.send(r);
-            }),
-        );
-        rx.await.unwrap_or(Err(ProposeError::Stopped))
+        answer(|reply| self.node.read(p.0, reply)).await
     }
 
     /// `p`'s commit index as its leader (here or elsewhere) confirmed it with a quorum
     /// after this call (see `RaftNode::read_index`); not waiting for this replica to apply.
     pub async fn commit_index_confirmed(&self, p: PartitionId) -> Result<u64, EngineError> {
-        let (tx, rx) = oneshot::channel();
-        self.node.read_index(
-            p.0,
-            Box::new(move |r| {
-                let _ = tx.send(r);
-            }),
-        );
-        rx.await.unwrap_or(Err(ProposeError::Stopped))
+        answer(|reply| self.node.read_index(p.0, reply)).await
     }
 
     /// Whether this node may serve a linearizable read of `p` from its state machine now,
@@ -935,6 +912,18 @@ async fn run_peer(
             _ = shutdown.wait_for(|s| *s) => return,
         }
     }
+}
+
+/// Hands `ask` a reply callback for the engine and waits for the answer. A reply the
+/// engine drops unanswered means it stopped with the request in flight.
+async fn answer<T: Send + 'static>(
+    ask: impl FnOnce(Box<dyn FnOnce(Result<T, ProposeError>) + Send>),
+) -> Result<T, ProposeError> {
+    let (tx, rx) = oneshot::channel();
+    ask(Box::new(move |r| {
+        let _ = tx.send(r);
+    }));
+    rx.await.unwrap_or(Err(ProposeError::Stopped))
 }
 
 #[cfg(test)]
