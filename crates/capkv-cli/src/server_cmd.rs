@@ -203,7 +203,7 @@ pub async fn run(args: ServerArgs) -> i32 {
     // One line on stdout once the node listens (logs go to stderr).
     println!(
         "node {} serving: gRPC {}, HTTP {}, data {}",
-        node.core().id,
+        node.core().id(),
         node.grpc_addr(),
         node.http_addr(),
         data_dir.display()

@@ -22,13 +22,13 @@ const FAULT_MAGNITUDE_MAX_MS: i64 = 3_600_000;
 impl AdminService {
     fn current(&self) -> pb::Faults {
         let core = &self.core;
-        let net = core.faults.network();
+        let net = core.faults().network();
         pb::Faults {
             drop_to: net.drop_to.iter().map(|n| n.0).collect(),
             drop_from: net.drop_from.iter().map(|n| n.0).collect(),
             fsync_fail_next: false,
-            fsync_stall_ms: core.engine.group_commit().faults().stall().as_millis() as u32,
-            wall_clock_offset_ms: core.hlc.wall_offset_ms(),
+            fsync_stall_ms: core.storage().group_commit().faults().stall().as_millis() as u32,
+            wall_clock_offset_ms: core.hlc().wall_offset_ms(),
         }
     }
 }
@@ -40,7 +40,7 @@ impl Admin for AdminService {
         request: Request<pb::Faults>,
     ) -> Result<Response<pb::Faults>, Status> {
         let core = &self.core;
-        if !core.faults.enabled() {
+        if !core.faults().enabled() {
             return Err(Status::failed_precondition(FAULTS_DISABLED));
         }
         let f = request.into_inner();
@@ -55,17 +55,17 @@ impl Admin for AdminService {
             drop_to: f.drop_to.iter().map(|n| NodeId(*n)).collect(),
             drop_from: f.drop_from.iter().map(|n| NodeId(*n)).collect(),
         };
-        core.faults
+        core.faults()
             .set_network(network)
             .map_err(Status::failed_precondition)?;
-        let disk = core.engine.group_commit().faults();
+        let disk = core.storage().group_commit().faults();
         disk.set_stall(Duration::from_millis(u64::from(f.fsync_stall_ms)));
         if f.fsync_fail_next {
             disk.fail_next_sync();
         }
-        core.hlc.set_wall_offset_ms(f.wall_clock_offset_ms);
+        core.hlc().set_wall_offset_ms(f.wall_clock_offset_ms);
         tracing::warn!(
-            node = core.id.0,
+            node = core.id().0,
             drop_to = ?f.drop_to,
             drop_from = ?f.drop_from,
             fsync_fail_next = f.fsync_fail_next,
@@ -80,7 +80,7 @@ impl Admin for AdminService {
         &self,
         _request: Request<pb::GetFaultsRequest>,
     ) -> Result<Response<pb::Faults>, Status> {
-        if !self.core.faults.enabled() {
+        if !self.core.faults().enabled() {
             return Err(Status::failed_precondition(FAULTS_DISABLED));
         }
         Ok(Response::new(self.current()))

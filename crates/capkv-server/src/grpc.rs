@@ -74,7 +74,7 @@ impl KvService {
     ) -> Result<T, Status> {
         let started = Instant::now();
         let result = fut.await;
-        let m = &self.core.metrics;
+        let m = &self.core.metrics();
         m.latency
             .with_label_values(&[op])
             .observe(started.elapsed().as_secs_f64());
@@ -101,7 +101,7 @@ impl Kv for KvService {
         let core = &self.core;
         let resp = self
             .observe("get", async {
-                let level = from_wire(WireLevel::of_get(&req), core.default_consistency)?;
+                let level = from_wire(WireLevel::of_get(&req), core.default_consistency())?;
                 let session = SessionToken::decode(&req.session_token)?;
                 let (served, value) = core.get(&req.key, level, &session, req.forwarded).await?;
                 Ok(pb::GetResponse {
@@ -181,7 +181,7 @@ impl Kv for KvService {
         let core = &self.core;
         let resp = self
             .observe("scan", async {
-                let level = from_wire(WireLevel::of_scan(&req), core.default_consistency)?;
+                let level = from_wire(WireLevel::of_scan(&req), core.default_consistency())?;
                 let params = ScanParams {
                     start: req.start,
                     end: (!req.end.is_empty()).then_some(req.end),
@@ -231,12 +231,12 @@ impl Kv for KvService {
             })
             .collect();
         Ok(Response::new(pb::StatusResponse {
-            node_id: core.id.0,
+            node_id: core.id().0,
             version: env!("CARGO_PKG_VERSION").to_string(),
-            partition_count: core.map.partition_count,
-            replication_factor: core.map.replication_factor,
+            partition_count: core.map().partition_count,
+            replication_factor: core.map().replication_factor,
             nodes: core
-                .map
+                .map()
                 .nodes
                 .iter()
                 .map(|(id, addr)| pb::NodeInfo {
@@ -249,11 +249,11 @@ impl Kv for KvService {
                 })
                 .collect(),
             partitions,
-            read_policy: core.read_policy.name().to_string(),
-            lease_read_ms: core.lease_read.as_millis() as u64,
+            read_policy: core.read_policy().name().to_string(),
+            lease_read_ms: core.lease_read().as_millis() as u64,
             vote_hold_remaining_ms: core.vote_hold_remaining_ms(),
             storage_error: core.storage_error().unwrap_or_default(),
-            hlc_now_ms: core.hlc.now().physical_ms(),
+            hlc_now_ms: core.hlc().now().physical_ms(),
             snapshots_sending: snapshot_count(core, |s| &s.sending) as u32,
             snapshots_receiving: snapshot_count(core, |s| &s.receiving) as u32,
             snapshot_bytes_sent: snapshot_count(core, |s| &s.bytes_sent),
@@ -272,16 +272,16 @@ fn check_engine_peer(
     session_ttl_ms: u64,
     lease_read_ms: u64,
 ) -> Result<(), Status> {
-    if to_node != core.id.0 {
+    if to_node != core.id().0 {
         return Err(Status::failed_precondition(format!(
             "engine traffic for node {to_node} reached node {}",
-            core.id
+            core.id()
         )));
     }
     if let Some(why) = session_ttl_mismatch(core, from.0, session_ttl_ms) {
         return Err(Status::failed_precondition(why));
     }
-    if let Err(why) = check_peer_lease(from, lease_read_ms, core.id, core.vote_refusal_ms) {
+    if let Err(why) = check_peer_lease(from, lease_read_ms, core.id(), core.vote_refusal_ms()) {
         core.log_refused_peer(from, &why);
         return Err(Status::failed_precondition(why));
     }
@@ -304,7 +304,7 @@ fn snapshot_count(
     core: &KvCore,
     field: impl Fn(&crate::engine::Snapshots) -> &std::sync::atomic::AtomicU64,
 ) -> u64 {
-    field(&core.raft_engine.snapshots).load(std::sync::atomic::Ordering::Relaxed)
+    field(&core.raft_engine().snapshots).load(std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Receives Raft messages from peers.
@@ -318,13 +318,14 @@ pub struct RaftService {
 /// Why this node refuses a peer whose client-session TTL differs (a rule of every
 /// partition's state machine: replicas would decide differently), logged once a minute.
 fn session_ttl_mismatch(core: &KvCore, from: u64, ttl_ms: u64) -> Option<String> {
-    if ttl_ms == core.session_ttl_ms {
+    if ttl_ms == core.session_ttl_ms() {
         return None;
     }
     let why = format!(
         "node {from} expires client sessions after {ttl_ms} ms, node {} after {} ms: their state \
          machines would decide differently. Give every node the same --client-session-ttl-ms.",
-        core.id, core.session_ttl_ms
+        core.id(),
+        core.session_ttl_ms()
     );
     core.log_refused_peer(NodeId(from), &why);
     Some(why)
@@ -343,7 +344,7 @@ impl RaftTransportService for RaftService {
         request: Request<tonic::Streaming<EngineFrame>>,
     ) -> Result<Response<EngineClosed>, Status> {
         let core = self.core.clone();
-        let engine = core.raft_engine.clone();
+        let engine = core.raft_engine().clone();
         let mut inbound = request.into_inner();
         let mut shutdown = self.shutdown.clone();
         loop {
@@ -365,7 +366,7 @@ impl RaftTransportService for RaftService {
                 frame.session_ttl_ms,
                 frame.lease_read_ms,
             )?;
-            if core.faults.drops_from(from) {
+            if core.faults().drops_from(from) {
                 continue;
             }
             // Backpressure: while the engine has many batches to take, stop reading; HTTP/2
@@ -374,7 +375,7 @@ impl RaftTransportService for RaftService {
             while engine.peer_backlog() >= ENGINE_BACKLOG_MAX {
                 tokio::time::sleep(std::time::Duration::from_millis(1)).await;
             }
-            core.metrics
+            core.metrics()
                 .raft_messages
                 .with_label_values(&["engine_batch"])
                 .inc();
@@ -392,7 +393,7 @@ impl RaftTransportService for RaftService {
         request: Request<tonic::Streaming<EngineSnapshotChunk>>,
     ) -> Result<Response<EngineSnapshotReceived>, Status> {
         let core = self.core.clone();
-        let engine = core.raft_engine.clone();
+        let engine = core.raft_engine().clone();
         let mut inbound = request.into_inner();
         let Some(mut chunk) = next_chunk(&mut inbound).await? else {
             return Err(Status::invalid_argument("an empty snapshot stream"));
@@ -411,7 +412,7 @@ impl RaftTransportService for RaftService {
             .map_err(Status::unavailable)?;
         let mut bytes = 0;
         loop {
-            if core.faults.drops_from(from) {
+            if core.faults().drops_from(from) {
                 return Err(Status::unavailable("dropped by fault injection"));
             }
             if chunk.from_node != from.0 || chunk.partition != partition {

@@ -22,18 +22,18 @@ pub fn router(core: Arc<KvCore>) -> Router {
 }
 
 async fn metrics(State(core): State<Arc<KvCore>>) -> impl IntoResponse {
-    let stats = core.engine.group_commit().stats();
-    core.metrics
+    let stats = core.storage().group_commit().stats();
+    core.metrics()
         .storage_fsyncs
         .set(stats.syncs.load(Ordering::Relaxed) as i64);
-    core.metrics
+    core.metrics()
         .storage_fsync_requests
         .set(stats.requests.load(Ordering::Relaxed) as i64);
-    core.metrics
+    core.metrics()
         .storage_poisoned
         .set(i64::from(core.storage_error().is_some()));
     {
-        let engine = &core.raft_engine;
+        let engine = &core.raft_engine();
         let s = engine.stats();
         for (event, value) in [
             ("turns", s.turns),
@@ -73,14 +73,14 @@ async fn metrics(State(core): State<Arc<KvCore>>) -> impl IntoResponse {
                 engine.snapshots.receiving.load(Ordering::Relaxed),
             ),
         ] {
-            core.metrics
+            core.metrics()
                 .engine_events
                 .with_label_values(&[event])
                 .set(value as i64);
         }
     }
     let views = core.partition_status();
-    core.metrics
+    core.metrics()
         .engine_groups_asleep
         .set(views.iter().filter(|v| v.asleep).count() as i64);
     for v in views {
@@ -89,33 +89,33 @@ async fn metrics(State(core): State<Arc<KvCore>>) -> impl IntoResponse {
         }
         let p = v.id.0.to_string();
         let l = [p.as_str()];
-        core.metrics
+        core.metrics()
             .raft_term
             .with_label_values(&l)
             .set(v.term as i64);
-        core.metrics
+        core.metrics()
             .raft_last_log_index
             .with_label_values(&l)
             .set(v.last_log_index as i64);
-        core.metrics
+        core.metrics()
             .raft_commit_index
             .with_label_values(&l)
             .set(v.commit_index as i64);
-        core.metrics
+        core.metrics()
             .raft_applied_index
             .with_label_values(&l)
             .set(v.applied_index as i64);
-        core.metrics
+        core.metrics()
             .raft_is_leader
             .with_label_values(&l)
-            .set(i64::from(v.leader == Some(core.id)));
+            .set(i64::from(v.leader == Some(core.id())));
     }
     (
         [(
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4",
         )],
-        core.metrics.render(),
+        core.metrics().render(),
     )
 }
 
@@ -147,7 +147,7 @@ async fn health(State(core): State<Arc<KvCore>>) -> impl IntoResponse {
             "ok"
         },
         storage_error,
-        node_id: core.id,
+        node_id: core.id(),
         replicas: hosted.len(),
         replicas_with_leader: with_leader,
     });
@@ -156,13 +156,13 @@ async fn health(State(core): State<Arc<KvCore>>) -> impl IntoResponse {
 
 async fn status(State(core): State<Arc<KvCore>>) -> impl IntoResponse {
     Json(serde_json::json!({
-        "node_id": core.id,
-        "partition_count": core.map.partition_count,
-        "replication_factor": core.map.replication_factor,
-        "nodes": core.map.nodes,
+        "node_id": core.id(),
+        "partition_count": core.map().partition_count,
+        "replication_factor": core.map().replication_factor,
+        "nodes": core.map().nodes,
         "partitions": core.partition_status(),
-        "read_policy": core.read_policy.name(),
-        "lease_read_ms": core.lease_read.as_millis() as u64,
+        "read_policy": core.read_policy().name(),
+        "lease_read_ms": core.lease_read().as_millis() as u64,
         "vote_hold_remaining_ms": core.vote_hold_remaining_ms(),
         "storage_error": core.storage_error(),
     }))

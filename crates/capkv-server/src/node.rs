@@ -25,7 +25,7 @@ use crate::admin::AdminService;
 use crate::config::{NodeConfig, PlantedBug};
 use crate::engine::{engine_config, CapkvMachine, EngineNode, EngineTransport};
 use crate::grpc::{KvService, RaftService};
-use crate::kv::{KvCore, Replica};
+use crate::kv::{KvCore, KvParts, KvSettings, Replica};
 use crate::metrics::Metrics;
 use crate::transport::{PeerChannels, RAFT_MESSAGE_BYTES_MAX};
 
@@ -239,33 +239,34 @@ impl Node {
             engine.sync()?;
         }
         let metrics = Arc::new(Metrics::new(config.id.0)?);
-        let core = Arc::new(KvCore {
+        let core = Arc::new(KvCore::new(KvParts {
             id: config.id,
             map,
             replicas,
             raft_engine: node,
-            engine,
+            storage: engine,
             hlc,
-            limits: config.limits,
-            write_timeout: config.write_timeout,
-            read_timeout: config.read_timeout,
-            read_policy,
-            default_consistency: config.default_consistency,
-            unsafe_local_reads: config.planted_bugs.contains(&PlantedBug::StaleReads),
-            unsafe_ignore_session: config
-                .planted_bugs
-                .contains(&PlantedBug::IgnoreSessionToken),
-            unsafe_ignore_bound: config
-                .planted_bugs
-                .contains(&PlantedBug::IgnoreStalenessBound),
-            vote_refusal_ms,
-            lease_read: Duration::from_millis(lease_trusted_ms),
             peers,
             faults,
             metrics,
-            refusals_logged: Default::default(),
-            session_ttl_ms: config.raft.session_ttl_ms,
-        });
+            settings: KvSettings {
+                limits: config.limits,
+                write_timeout: config.write_timeout,
+                read_timeout: config.read_timeout,
+                read_policy,
+                default_consistency: config.default_consistency,
+                unsafe_local_reads: config.planted_bugs.contains(&PlantedBug::StaleReads),
+                unsafe_ignore_session: config
+                    .planted_bugs
+                    .contains(&PlantedBug::IgnoreSessionToken),
+                unsafe_ignore_bound: config
+                    .planted_bugs
+                    .contains(&PlantedBug::IgnoreStalenessBound),
+                vote_refusal_ms,
+                lease_read: Duration::from_millis(lease_trusted_ms),
+                session_ttl_ms: config.raft.session_ttl_ms,
+            },
+        }));
         for bug in &config.planted_bugs {
             tracing::warn!(bug = bug.name(), "UNSAFE: this node runs with a planted bug (--planted-bug); it may lose or misreport data");
         }
@@ -326,11 +327,11 @@ impl Node {
             node = config.id.0,
             grpc = %grpc_addr,
             http = %http_addr,
-            partitions = core.replicas.len(),
+            partitions = core.hosted().count(),
             data_dir = %config.data_dir.display(),
             fresh,
-            read_policy = ?core.read_policy,
-            default_consistency = %core.default_consistency,
+            read_policy = ?core.read_policy(),
+            default_consistency = %core.default_consistency(),
             vote_hold_ms = core.vote_hold_remaining_ms(),
             "node started"
         );
@@ -358,15 +359,15 @@ impl Node {
     /// Stops serving, stops every Raft group and syncs storage.
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
-        let engine = self.core.raft_engine.clone();
+        let engine = self.core.raft_engine().clone();
         let _ = tokio::task::spawn_blocking(move || engine.stop()).await;
         for t in self.tasks {
             let _ = tokio::time::timeout(std::time::Duration::from_secs(5), t).await;
         }
-        if let Err(e) = self.core.engine.sync() {
+        if let Err(e) = self.core.storage().sync() {
             tracing::error!(error = %e, "final sync failed");
         }
-        tracing::info!(node = self.core.id.0, "node stopped");
+        tracing::info!(node = self.core.id().0, "node stopped");
     }
 }
 
@@ -389,28 +390,28 @@ async fn balance_leaders(core: Arc<KvCore>, mut shutdown: watch::Receiver<bool>)
             _ = tokio::time::sleep(interval) => {}
             _ = shutdown.wait_for(|s| *s) => return,
         }
-        for r in core.replicas.values() {
-            let Some(preferred) = core.map.replicas(r.partition).first().copied() else {
+        for p in core.hosted() {
+            let Some(preferred) = core.map().replicas(p).first().copied() else {
                 continue;
             };
-            if preferred == core.id {
+            if preferred == core.id() {
                 continue;
             }
             // The engine checks leadership, the replica's log and its liveness itself. A
             // leader refuses writes while it transfers (up to an election timeout), so a
             // transfer that did not happen (the replica is cut off one way) is retried only
             // after a while.
-            let engine = &core.raft_engine;
+            let engine = core.raft_engine();
             let leading = engine
-                .status(r.partition)
+                .status(p)
                 .is_some_and(|s| s.role == capkv_raftstore::StateRole::Leader);
             let now = std::time::Instant::now();
             let recent = engine_attempts
-                .get(&r.partition)
+                .get(&p)
                 .is_some_and(|t| now.duration_since(*t) < ENGINE_TRANSFER_RETRY);
             if leading && !recent {
-                engine_attempts.insert(r.partition, now);
-                engine.transfer_leader(r.partition, preferred);
+                engine_attempts.insert(p, now);
+                engine.transfer_leader(p, preferred);
             }
         }
     }
