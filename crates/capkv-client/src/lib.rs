@@ -15,7 +15,10 @@
 //!
 //! Depends only on capkv-types and capkv-proto.
 
-use std::collections::{BTreeSet, HashMap};
+pub mod retry;
+pub mod write_session;
+
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -25,6 +28,9 @@ use capkv_proto::kv::{self as pb, kv_client::KvClient};
 use capkv_proto::status::from_status;
 use capkv_types::{partition_for_key, KvError, NodeId, PartitionId, ReadConsistency, SessionToken};
 use tonic::transport::{Channel, Endpoint};
+
+use retry::{Attempt, LeaderUpdate, Next, RetryPolicy};
+use write_session::{Ticket, WriteSession};
 
 pub use capkv_proto::kv::StatusResponse;
 pub use capkv_types::{ErrorCode, KvError as Error};
@@ -135,40 +141,6 @@ struct Routing {
     leaders: Vec<Option<NodeId>>,
 }
 
-/// The client's session: what makes its writes idempotent (see the server's
-/// `sessions.rs`). Renewed (a new id) when a partition no longer knows it.
-#[derive(Debug)]
-struct Session {
-    client_id: u64,
-    /// Cluster HLC time (ms) the session started at.
-    started_ms: u64,
-    next_sequence: u64,
-    /// Sequences of this session still waiting for their outcome.
-    in_flight: BTreeSet<u64>,
-}
-
-impl Session {
-    fn new(client_id: u64, started_ms: u64) -> Self {
-        Session {
-            client_id,
-            started_ms,
-            next_sequence: 1,
-            in_flight: BTreeSet::new(),
-        }
-    }
-}
-
-/// One write's place in a session.
-#[derive(Debug, Clone, Copy)]
-struct Ticket {
-    client_id: u64,
-    sequence: u64,
-    started_ms: u64,
-    /// False for keys given by the caller (`put_idempotent`): the session does not track
-    /// them, and they claim no answers (`first_incomplete` 0).
-    tracked: bool,
-}
-
 /// An idempotency key the caller keeps and sends again to retry a write
 /// ([`Client::put_idempotent`]): the client id, the cluster time its session started at,
 /// and the sequence. Make one with [`Client::idempotency_key`] and keep all three: the
@@ -183,10 +155,7 @@ pub struct IdempotencyKey {
 
 struct Inner {
     config: ClientConfig,
-    session: Mutex<Session>,
-    /// Writes of sessions renewed since, still in flight (their retries keep reporting
-    /// the lowest of them as `first_incomplete`).
-    old_sessions: Mutex<HashMap<u64, BTreeSet<u64>>>,
+    session: WriteSession,
     /// The newest cluster HLC time (ms) a node reported.
     cluster_hlc_ms: AtomicU64,
     channels: Mutex<HashMap<String, Channel>>,
@@ -281,129 +250,6 @@ pub fn leaders_of(partitions: u32, statuses: &[(u64, StatusResponse)]) -> Vec<Op
         .collect()
 }
 
-/// Where an attempt's failure leaves a write.
-fn may_have_applied(status: &tonic::Status, err: &KvError) -> bool {
-    match err {
-        // Errors a capkv node raised on purpose say exactly whether anything happened.
-        KvError::NotLeader { .. }
-        | KvError::InvalidArgument(_)
-        | KvError::TooLarge(_)
-        | KvError::SessionExpired(_) => false,
-        KvError::Unavailable(_) => status.details().is_empty(),
-        _ => true,
-    }
-}
-
-/// How one attempt ended.
-#[derive(Debug)]
-enum Attempt {
-    /// The node answered with an error.
-    Failed(tonic::Status),
-    /// No answer within the attempt's time.
-    TimedOut { addr: String, budget: Duration },
-}
-
-/// What the retry loop does next.
-#[derive(Debug, PartialEq, Eq)]
-enum Next {
-    /// Try again; first back off unless `now`; forget the partition's cached leader unless
-    /// a new one is named in `leader`.
-    Retry { now: bool, leader: LeaderUpdate },
-    /// Stop with this error.
-    Fail(KvError),
-}
-
-#[derive(Debug, PartialEq, Eq)]
-enum LeaderUpdate {
-    Forget,
-    Set {
-        partition: u32,
-        leader: Option<NodeId>,
-        addr: Option<String>,
-    },
-}
-
-/// The retry policy, without IO: what a failed attempt means for the operation.
-///
-/// Invariant 8 lives here: once any attempt of a write may have applied it
-/// (`maybe_applied`), the operation's outcome can only be success (a later attempt's
-/// answer, deduplicated by the idempotency pair) or `Ambiguous`, never a definite failure.
-#[derive(Debug)]
-struct RetryPolicy {
-    is_write: bool,
-    maybe_applied: bool,
-    last_err: KvError,
-}
-
-impl RetryPolicy {
-    fn new(is_write: bool) -> Self {
-        RetryPolicy {
-            is_write,
-            maybe_applied: false,
-            last_err: KvError::Unavailable("no attempt was made".into()),
-        }
-    }
-
-    fn after(&mut self, attempt: Attempt) -> Next {
-        let err = match attempt {
-            Attempt::TimedOut { addr, budget } => {
-                self.maybe_applied |= self.is_write;
-                self.last_err = KvError::Unavailable(format!(
-                    "{addr} did not answer within {} ms",
-                    budget.as_millis()
-                ));
-                return Next::Retry {
-                    now: false,
-                    leader: LeaderUpdate::Forget,
-                };
-            }
-            Attempt::Failed(status) => {
-                let err = from_status(&status);
-                self.maybe_applied |= self.is_write && may_have_applied(&status, &err);
-                err
-            }
-        };
-        let next = match &err {
-            KvError::NotLeader {
-                partition,
-                leader_id,
-                leader_addr,
-            } => Next::Retry {
-                now: leader_id.is_some(),
-                leader: LeaderUpdate::Set {
-                    partition: *partition,
-                    leader: *leader_id,
-                    addr: leader_addr.clone(),
-                },
-            },
-            KvError::Unavailable(_) | KvError::Ambiguous(_) => Next::Retry {
-                now: false,
-                leader: LeaderUpdate::Forget,
-            },
-            _ => Next::Fail(self.outcome_with(err.clone())),
-        };
-        self.last_err = err;
-        next
-    }
-
-    /// The error to report when retrying stops (deadline passed).
-    fn give_up(self) -> KvError {
-        let last = self.last_err.clone();
-        self.outcome_with(last)
-    }
-
-    fn outcome_with(&self, err: KvError) -> KvError {
-        if self.maybe_applied && !matches!(err, KvError::Ambiguous(_)) {
-            KvError::Ambiguous(format!(
-                "the write may or may not have been applied (an earlier attempt got no answer); \
-                 the last attempt failed with: {err}"
-            ))
-        } else {
-            err
-        }
-    }
-}
-
 impl Client {
     /// Connects to the cluster: asks the endpoints, in order, for the partition map.
     pub async fn connect(config: ClientConfig) -> Result<Client, KvError> {
@@ -416,8 +262,7 @@ impl Client {
         let client = Client {
             inner: Arc::new(Inner {
                 config,
-                session: Mutex::new(Session::new(client_id, 0)),
-                old_sessions: Mutex::new(HashMap::new()),
+                session: WriteSession::new(client_id, 0),
                 cluster_hlc_ms: AtomicU64::new(0),
                 channels: Mutex::new(HashMap::new()),
                 routing: RwLock::new(Routing::default()),
@@ -426,7 +271,7 @@ impl Client {
             }),
         };
         client.refresh_routing().await?;
-        client.session().started_ms = client.cluster_now_ms();
+        client.inner.session.set_started(client.cluster_now_ms());
         Ok(client)
     }
 
@@ -456,13 +301,9 @@ impl Client {
         Ok(())
     }
 
-    fn session(&self) -> std::sync::MutexGuard<'_, Session> {
-        self.inner.session.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
     /// The id of this client's current session.
     pub fn client_id(&self) -> u64 {
-        self.session().client_id
+        self.inner.session.client_id()
     }
 
     /// The cluster's HLC time as last reported by a node (this machine's clock if none did).
@@ -476,87 +317,10 @@ impl Client {
         }
     }
 
-    /// Takes the next sequence of the session for a write, which is in flight until
-    /// `end_write`.
-    fn begin_write(&self) -> Ticket {
-        let mut s = self.session();
-        let sequence = s.next_sequence;
-        s.next_sequence += 1;
-        s.in_flight.insert(sequence);
-        Ticket {
-            client_id: s.client_id,
-            sequence,
-            started_ms: s.started_ms,
-            tracked: true,
-        }
-    }
-
-    fn old_sessions(&self) -> std::sync::MutexGuard<'_, HashMap<u64, BTreeSet<u64>>> {
-        self.inner
-            .old_sessions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn end_write(&self, t: Ticket) {
-        if !t.tracked {
-            return;
-        }
-        {
-            let mut s = self.session();
-            if s.client_id == t.client_id {
-                s.in_flight.remove(&t.sequence);
-                return;
-            }
-        }
-        let mut old = self.old_sessions();
-        if let Some(set) = old.get_mut(&t.client_id) {
-            set.remove(&t.sequence);
-            if set.is_empty() {
-                old.remove(&t.client_id);
-            }
-        }
-    }
-
-    /// The idempotency pair to send now for `t`, with the lowest sequence of its session
-    /// still waiting for its answer (everything below has its answer).
-    fn idempotency(&self, t: &Ticket) -> pb::Idempotency {
-        let first_incomplete = if t.tracked {
-            let current = {
-                let s = self.session();
-                (s.client_id == t.client_id).then(|| s.in_flight.first().copied())
-            };
-            let lowest = match current {
-                Some(first) => first,
-                None => self
-                    .old_sessions()
-                    .get(&t.client_id)
-                    .and_then(|set| set.first().copied()),
-            };
-            lowest.map_or(t.sequence, |first| first.min(t.sequence))
-        } else {
-            0
-        };
-        pb::Idempotency {
-            client_id: t.client_id,
-            sequence: t.sequence,
-            session_started_ms: t.started_ms,
-            first_incomplete,
-        }
-    }
-
     /// Starts a new session (a partition no longer knew the old one).
     async fn renew_session(&self, expired: u64) {
         let _ = self.refresh_routing().await;
-        let started = self.cluster_now_ms();
-        let mut s = self.session();
-        if s.client_id == expired {
-            let old = std::mem::replace(&mut *s, Session::new(rand::random::<u64>() | 1, started));
-            drop(s);
-            if !old.in_flight.is_empty() {
-                self.old_sessions().insert(old.client_id, old.in_flight);
-            }
-        }
+        self.inner.session.renew(expired, self.cluster_now_ms());
     }
 
     /// A new idempotency key for [`Client::put_idempotent`]: `client_id` and `sequence` of
@@ -579,11 +343,13 @@ impl Client {
     {
         let mut renewals = 0;
         loop {
-            let ticket = self.begin_write();
+            let ticket = self.inner.session.begin();
             let result = self
-                .retry(Some(p), true, |kv| send(kv, self.idempotency(&ticket)))
+                .retry(Some(p), true, |kv| {
+                    send(kv, self.inner.session.pair(&ticket))
+                })
                 .await;
-            self.end_write(ticket);
+            self.inner.session.end(ticket);
             match result {
                 Err(KvError::SessionExpired(_)) if renewals < 2 => {
                     renewals += 1;
@@ -890,7 +656,7 @@ impl Client {
             started_ms: idempotency.session_started_ms,
             tracked: false,
         };
-        request.idempotency = Some(self.idempotency(&ticket));
+        request.idempotency = Some(self.inner.session.pair(&ticket));
         let resp = self
             .retry(Some(p), true, |mut kv| {
                 let req = request.clone();
@@ -1092,8 +858,7 @@ mod tests {
         Client {
             inner: Arc::new(Inner {
                 config,
-                session: Mutex::new(Session::new(7, 0)),
-                old_sessions: Mutex::new(HashMap::new()),
+                session: WriteSession::new(7, 0),
                 cluster_hlc_ms: AtomicU64::new(0),
                 channels: Mutex::new(HashMap::new()),
                 routing: RwLock::new(Routing::default()),
