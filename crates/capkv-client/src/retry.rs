@@ -14,7 +14,8 @@ pub fn may_have_applied(status: &tonic::Status, err: &KvError) -> bool {
         KvError::NotLeader { .. }
         | KvError::InvalidArgument(_)
         | KvError::TooLarge(_)
-        | KvError::SessionExpired(_) => false,
+        | KvError::SessionExpired(_)
+        | KvError::CrossPartition(_) => false,
         KvError::Unavailable(_) => status.details().is_empty(),
         _ => true,
     }

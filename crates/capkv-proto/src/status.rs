@@ -9,7 +9,9 @@ use crate::kv::ErrorDetail;
 
 pub fn to_status(e: &KvError) -> Status {
     let code = match e.code() {
-        ErrorCode::InvalidArgument | ErrorCode::TooLarge => Code::InvalidArgument,
+        ErrorCode::InvalidArgument | ErrorCode::TooLarge | ErrorCode::CrossPartition => {
+            Code::InvalidArgument
+        }
         ErrorCode::NotLeader => Code::FailedPrecondition,
         ErrorCode::Unavailable => Code::Unavailable,
         ErrorCode::Ambiguous => Code::Unknown,

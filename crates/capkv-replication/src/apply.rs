@@ -12,7 +12,7 @@ use capkv_types::{Hlc, HlcTimestamp, PartitionId};
 
 use crate::codec::{decode, encode};
 use crate::sessions::{Admission, Session, SessionChange, Sessions};
-use crate::types::{Command, CommandResponse, Condition, Op};
+use crate::types::{Command, CommandResponse, Condition, Op, Rejection, Update};
 
 /// One partition's command executor. Changes accumulate until [`Applier::flush`] writes
 /// them, with the caller's applied state, as one atomic storage write; reads during the
@@ -129,43 +129,58 @@ impl Applier {
             }
         }
 
-        let (key, condition) = match &cmd.op {
-            Op::Put { key, condition, .. } | Op::Delete { key, condition } => (key, *condition),
-        };
-        let current = self.current(key)?;
-        let current_revision = current.as_ref().map(|c| c.mod_revision).unwrap_or(0);
-        let holds = match condition {
-            Condition::Always => true,
-            Condition::IfRevision(r) => current_revision == r,
-            Condition::IfAbsent => current.is_none(),
-        };
-        let succeeded = match cmd.op {
-            Op::Put { key, value, .. } => {
+        let outcome = match cmd.op {
+            Op::Put {
+                key,
+                value,
+                condition,
+            } => {
+                let current = self.current(&key)?;
+                let holds = condition_holds(condition, current.as_ref());
                 if holds {
-                    let create_revision = current
-                        .as_ref()
-                        .map(|c| c.create_revision)
-                        .unwrap_or(revision);
-                    let stored = StoredValue {
-                        mod_revision: revision,
-                        create_revision,
-                        hlc,
-                        value,
-                    };
-                    self.overlay.insert(key.clone(), Some(stored.clone()));
-                    self.ops.push(SmOp::Put { key, value: stored });
+                    self.set(key, value, revision, hlc, current.as_ref());
                 }
-                holds
+                Outcome::of(holds, current.as_ref())
             }
-            Op::Delete { key, .. } => {
-                let deleted = holds && current.is_some();
+            Op::Delete { key, condition } => {
+                let current = self.current(&key)?;
+                let deleted = condition_holds(condition, current.as_ref()) && current.is_some();
                 if deleted {
-                    self.overlay.insert(key.clone(), None);
-                    self.ops.push(SmOp::Delete { key });
+                    self.remove(key);
                 }
-                deleted
+                Outcome::of(deleted, current.as_ref())
+            }
+            Op::Update {
+                key,
+                update,
+                value_bytes_max,
+            } => {
+                let current = self.current(&key)?;
+                self.update(key, update, value_bytes_max, revision, hlc, current)?
+            }
+            Op::PutMany { kvs, if_all_absent } => {
+                let mut currents = Vec::with_capacity(kvs.len());
+                for (k, _) in &kvs {
+                    currents.push(self.current(k)?);
+                }
+                let holds = !if_all_absent || currents.iter().all(Option::is_none);
+                if holds {
+                    for ((k, v), current) in kvs.into_iter().zip(&currents) {
+                        self.set(k, v, revision, hlc, current.as_ref());
+                    }
+                }
+                Outcome {
+                    succeeded: holds,
+                    ..Outcome::default()
+                }
             }
         };
+        let Outcome {
+            succeeded,
+            current_revision,
+            value,
+            rejected,
+        } = outcome;
         let response = CommandResponse {
             revision,
             hlc,
@@ -173,7 +188,8 @@ impl Applier {
             current_revision,
             log_index: 0,
             deduplicated: false,
-            rejected: None,
+            rejected,
+            value,
         };
         if let Some(id) = &idempotency {
             self.sessions
@@ -181,6 +197,103 @@ impl Applier {
         }
         self.note_sessions(changes);
         Ok(response)
+    }
+
+    /// Writes `value` as `key`'s new version (the batch sees it at once).
+    fn set(
+        &mut self,
+        key: Vec<u8>,
+        value: Vec<u8>,
+        revision: u64,
+        hlc: u64,
+        current: Option<&StoredValue>,
+    ) {
+        let stored = StoredValue {
+            mod_revision: revision,
+            create_revision: current.map_or(revision, |c| c.create_revision),
+            hlc,
+            value,
+        };
+        self.overlay.insert(key.clone(), Some(stored.clone()));
+        self.ops.push(SmOp::Put { key, value: stored });
+    }
+
+    fn remove(&mut self, key: Vec<u8>) {
+        self.overlay.insert(key.clone(), None);
+        self.ops.push(SmOp::Delete { key });
+    }
+
+    /// Executes a read-modify-write; a result it refuses changes nothing.
+    fn update(
+        &mut self,
+        key: Vec<u8>,
+        update: Update,
+        value_bytes_max: u64,
+        revision: u64,
+        hlc: u64,
+        current: Option<StoredValue>,
+    ) -> io::Result<Outcome> {
+        let mut out = Outcome::of(true, current.as_ref());
+        let old = current.as_ref().map(|c| c.value.as_slice());
+        // Swap answers the previous value; the others, the new one.
+        let answers_new = !matches!(update, Update::Swap { .. });
+        let new = match update {
+            Update::Swap { value, condition } => {
+                out.value = old.map(<[u8]>::to_vec);
+                if !condition_holds(condition, current.as_ref()) {
+                    out.succeeded = false;
+                    return Ok(out);
+                }
+                value
+            }
+            Update::Take => {
+                out.value = old.map(<[u8]>::to_vec);
+                out.succeeded = current.is_some();
+                if current.is_some() {
+                    self.remove(key);
+                }
+                return Ok(out);
+            }
+            Update::IncrBy(by) => match incr_by(old, by) {
+                Some(v) => v,
+                None => return Ok(out.refused(Rejection::NotAnInteger)),
+            },
+            Update::IncrByFloat(by) => match incr_by_float(old, &by) {
+                Some(v) => v,
+                None => return Ok(out.refused(Rejection::NotAFloat)),
+            },
+            Update::Append(bytes) => {
+                let mut v = old.map(<[u8]>::to_vec).unwrap_or_default();
+                v.extend_from_slice(&bytes);
+                v
+            }
+            Update::SetRange { offset, bytes } => {
+                let mut v = old.map(<[u8]>::to_vec).unwrap_or_default();
+                if bytes.is_empty() {
+                    // Redis: nothing to write leaves the key as it is (absent stays absent).
+                    out.value = Some(v);
+                    return Ok(out);
+                }
+                let end = offset.saturating_add(bytes.len() as u64);
+                if end > value_bytes_max {
+                    return Ok(out.refused(Rejection::ValueTooLarge));
+                }
+                let (offset, end) = (offset as usize, end as usize);
+                if v.len() < end {
+                    v.resize(end, 0);
+                }
+                v[offset..end].copy_from_slice(&bytes);
+                v
+            }
+        };
+        if new.len() as u64 > value_bytes_max {
+            return Ok(out.refused(Rejection::ValueTooLarge));
+        }
+        if answers_new {
+            out.value = Some(new.clone());
+        }
+        self.set(key, new, revision, hlc, current.as_ref());
+        Ok(out)
     }
 
     fn note_sessions(&mut self, changes: Vec<SessionChange>) {
@@ -227,6 +340,93 @@ impl Applier {
     pub fn written(&mut self) {
         self.overlay.clear();
     }
+}
+
+/// What a command did, before it becomes the answer.
+#[derive(Debug, Default)]
+struct Outcome {
+    succeeded: bool,
+    current_revision: u64,
+    value: Option<Vec<u8>>,
+    rejected: Option<Rejection>,
+}
+
+impl Outcome {
+    fn of(succeeded: bool, current: Option<&StoredValue>) -> Self {
+        Outcome {
+            succeeded,
+            current_revision: current.map_or(0, |c| c.mod_revision),
+            ..Outcome::default()
+        }
+    }
+
+    fn refused(mut self, why: Rejection) -> Self {
+        self.succeeded = false;
+        self.value = None;
+        self.rejected = Some(why);
+        self
+    }
+}
+
+fn condition_holds(condition: Condition, current: Option<&StoredValue>) -> bool {
+    match condition {
+        Condition::Always => true,
+        Condition::IfRevision(r) => current.map_or(0, |c| c.mod_revision) == r,
+        Condition::IfAbsent => current.is_none(),
+        Condition::IfExists => current.is_some(),
+    }
+}
+
+/// `old` (absent = 0) plus `by` as a decimal, or `None` when `old` is not a signed 64-bit
+/// decimal as Redis writes them, or the sum overflows.
+fn incr_by(old: Option<&[u8]>, by: i64) -> Option<Vec<u8>> {
+    let n = match old {
+        None => 0,
+        Some(b) => parse_i64(b)?,
+    };
+    Some(n.checked_add(by)?.to_string().into_bytes())
+}
+
+/// A signed 64-bit decimal with no sign but `-`, no spaces and no leading zeros (Redis's
+/// `string2ll`).
+pub fn parse_i64(b: &[u8]) -> Option<i64> {
+    let s = std::str::from_utf8(b).ok()?;
+    let digits = s.strip_prefix('-').unwrap_or(s);
+    if digits.is_empty()
+        || !digits.bytes().all(|c| c.is_ascii_digit())
+        || (digits.len() > 1 && digits.starts_with('0'))
+        || s == "-0"
+    {
+        return None;
+    }
+    s.parse().ok()
+}
+
+/// `old` (absent = 0) plus `by`, both decimal floats, formatted as Redis does (no
+/// exponent, no trailing zeros), or `None` when either is not a finite float or the
+/// sum is not finite.
+fn incr_by_float(old: Option<&[u8]>, by: &str) -> Option<Vec<u8>> {
+    let parse = |s: &str| -> Option<f64> {
+        if s.is_empty() || s.trim() != s {
+            return None;
+        }
+        s.parse::<f64>().ok().filter(|f| f.is_finite())
+    };
+    let n = match old {
+        None => 0.0,
+        Some(b) => parse(std::str::from_utf8(b).ok()?)?,
+    };
+    let sum = n + parse(by)?;
+    if !sum.is_finite() {
+        return None;
+    }
+    Some(format_float(sum).into_bytes())
+}
+
+/// A float as Redis's INCRBYFLOAT writes it: fixed notation, no exponent, no trailing
+/// zeros (the shortest decimal that reads back as the same f64).
+pub fn format_float(f: f64) -> String {
+    format!("{f}")
 }
 
 /// Where a partition's state machine is, readable without the engine, as two bounds
@@ -279,5 +479,175 @@ mod applied_index_tests {
         assert_eq!((a.get(), a.upper()), (9, 9));
         a.begin(7); // a snapshot that was dropped later, say: upper stays
         assert_eq!(a.upper(), 9);
+    }
+}
+
+#[cfg(test)]
+mod update_tests {
+    use super::*;
+    use capkv_storage::{FjallEngine, FjallOptions};
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        applier: Applier,
+        revision: u64,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let engine: Arc<dyn StorageEngine> =
+                Arc::new(FjallEngine::open(dir.path(), FjallOptions::default()).unwrap());
+            let applier =
+                Applier::open(engine, PartitionId(0), Arc::new(Hlc::new()), 60_000, 0).unwrap();
+            Fixture {
+                _dir: dir,
+                applier,
+                revision: 0,
+            }
+        }
+
+        fn run(&mut self, op: Op) -> CommandResponse {
+            self.revision += 1;
+            let r = self
+                .applier
+                .execute(
+                    self.revision,
+                    Command {
+                        hlc: 0,
+                        idempotency: None,
+                        op,
+                    },
+                )
+                .unwrap();
+            self.applier.flush(vec![]).unwrap();
+            r
+        }
+
+        fn update(&mut self, key: &str, update: Update) -> CommandResponse {
+            self.run(Op::Update {
+                key: key.into(),
+                update,
+                value_bytes_max: 32,
+            })
+        }
+
+        fn get(&self, key: &str) -> Option<Vec<u8>> {
+            self.applier
+                .current(key.as_bytes())
+                .unwrap()
+                .map(|v| v.value)
+        }
+    }
+
+    #[test]
+    fn increments_append_and_set_range_as_redis_does() {
+        let mut f = Fixture::new();
+        let r = f.update("n", Update::IncrBy(5));
+        assert_eq!(r.value.as_deref(), Some(&b"5"[..]));
+        let r = f.update("n", Update::IncrBy(-7));
+        assert_eq!(r.value.as_deref(), Some(&b"-2"[..]));
+        assert_eq!(f.get("n").as_deref(), Some(&b"-2"[..]));
+        let r = f.update("f", Update::IncrByFloat("10.5".into()));
+        assert_eq!(r.value.as_deref(), Some(&b"10.5"[..]));
+        let r = f.update("f", Update::IncrByFloat("0.1".into()));
+        assert_eq!(r.value.as_deref(), Some(&b"10.6"[..]));
+        let r = f.update("s", Update::Append(b"ab".to_vec()));
+        assert_eq!(r.value.as_deref(), Some(&b"ab"[..]));
+        let r = f.update(
+            "s",
+            Update::SetRange {
+                offset: 4,
+                bytes: b"z".to_vec(),
+            },
+        );
+        assert_eq!(r.value.as_deref(), Some(&b"ab\0\0z"[..]));
+        // Absent with nothing to write stays absent.
+        f.update(
+            "none",
+            Update::SetRange {
+                offset: 3,
+                bytes: vec![],
+            },
+        );
+        assert_eq!(f.get("none"), None);
+    }
+
+    #[test]
+    fn refused_updates_change_nothing() {
+        let mut f = Fixture::new();
+        f.update("s", Update::Append(b"x1".to_vec()));
+        for bad in [b"x1".as_slice(), b" 1", b"01", b"-0", b"", b"1.0"] {
+            assert_eq!(incr_by(Some(bad), 1), None, "{bad:?}");
+        }
+        let r = f.update("s", Update::IncrBy(1));
+        assert_eq!(r.rejected, Some(Rejection::NotAnInteger));
+        assert_eq!(f.get("s").as_deref(), Some(&b"x1"[..]));
+        f.update("max", Update::IncrBy(i64::MAX));
+        let r = f.update("max", Update::IncrBy(1));
+        assert_eq!(r.rejected, Some(Rejection::NotAnInteger), "overflow");
+        let r = f.update("s", Update::IncrByFloat("inf".into()));
+        assert_eq!(r.rejected, Some(Rejection::NotAFloat));
+        let r = f.update("s", Update::Append(vec![b'a'; 31]));
+        assert_eq!(r.rejected, Some(Rejection::ValueTooLarge));
+        let r = f.update(
+            "s",
+            Update::SetRange {
+                offset: u64::MAX,
+                bytes: b"a".to_vec(),
+            },
+        );
+        assert_eq!(r.rejected, Some(Rejection::ValueTooLarge));
+        assert_eq!(f.get("s").as_deref(), Some(&b"x1"[..]));
+    }
+
+    #[test]
+    fn swap_take_and_put_many() {
+        let mut f = Fixture::new();
+        let r = f.update(
+            "k",
+            Update::Swap {
+                value: b"1".to_vec(),
+                condition: Condition::IfExists,
+            },
+        );
+        assert!(!r.succeeded && r.value.is_none());
+        assert_eq!(f.get("k"), None);
+        let r = f.update(
+            "k",
+            Update::Swap {
+                value: b"1".to_vec(),
+                condition: Condition::Always,
+            },
+        );
+        assert!(r.succeeded && r.value.is_none());
+        let r = f.update(
+            "k",
+            Update::Swap {
+                value: b"2".to_vec(),
+                condition: Condition::Always,
+            },
+        );
+        assert_eq!(r.value.as_deref(), Some(&b"1"[..]));
+        let r = f.update("k", Update::Take);
+        assert_eq!(r.value.as_deref(), Some(&b"2"[..]));
+        assert_eq!(f.get("k"), None);
+        let pairs = |kv: &[(&str, &str)]| -> Vec<(Vec<u8>, Vec<u8>)> {
+            kv.iter()
+                .map(|(k, v)| (k.as_bytes().to_vec(), v.as_bytes().to_vec()))
+                .collect()
+        };
+        let r = f.run(Op::PutMany {
+            kvs: pairs(&[("a", "1"), ("b", "2")]),
+            if_all_absent: true,
+        });
+        assert!(r.succeeded);
+        let r = f.run(Op::PutMany {
+            kvs: pairs(&[("c", "3"), ("b", "9")]),
+            if_all_absent: true,
+        });
+        assert!(!r.succeeded, "b exists");
+        assert_eq!(f.get("c"), None);
+        assert_eq!(f.get("b").as_deref(), Some(&b"2"[..]));
     }
 }

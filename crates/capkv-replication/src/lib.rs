@@ -15,5 +15,6 @@ pub mod sessions;
 pub mod types;
 
 pub use apply::AppliedIndex;
+pub use apply::{format_float, parse_i64};
 pub use faults::Faults;
-pub use types::{Command, CommandResponse, Condition, Idempotency, Op, Rejection};
+pub use types::{Command, CommandResponse, Condition, Idempotency, Op, Rejection, Update};

@@ -31,6 +31,12 @@ pub enum Rejection {
     /// The session's start time is more than a TTL ahead of the log's clock, or differs
     /// from the one the table holds for this client id.
     BadSession,
+    /// An update found a value that is not a 64-bit integer (or the result overflows).
+    NotAnInteger,
+    /// An update found a value that is not a finite float (or the result is not finite).
+    NotAFloat,
+    /// An update's result would be larger than the value limit.
+    ValueTooLarge,
 }
 
 /// When a write applies.
@@ -41,6 +47,31 @@ pub enum Condition {
     IfRevision(u64),
     /// Only if the key does not exist.
     IfAbsent,
+    /// Only if the key exists.
+    IfExists,
+}
+
+/// A read-modify-write of one key, evaluated by the state machine as one command: atomic,
+/// and applied at most once with the idempotency pair.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Update {
+    /// Sets the value if `condition` holds; answers the previous value (GETSET, SET .. GET).
+    Swap {
+        value: Vec<u8>,
+        condition: Condition,
+    },
+    /// Deletes the key; answers its value (GETDEL).
+    Take,
+    /// Adds to the value read as a signed 64-bit decimal (absent = 0); answers the new value.
+    IncrBy(i64),
+    /// Adds to the value read as a decimal float (absent = 0); the increment as given
+    /// (parsed by the state machine, so every replica computes the same); answers the new
+    /// value.
+    IncrByFloat(String),
+    /// Appends bytes (absent = empty); answers the new value.
+    Append(Vec<u8>),
+    /// Overwrites bytes from `offset`, padding with zero bytes; answers the new value.
+    SetRange { offset: u64, bytes: Vec<u8> },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,6 +85,31 @@ pub enum Op {
         key: Vec<u8>,
         condition: Condition,
     },
+    /// A read-modify-write of `key`. `value_bytes_max` is the leader's value limit when it
+    /// proposed it: a result above it is refused alike on every replica.
+    Update {
+        key: Vec<u8>,
+        update: Update,
+        value_bytes_max: u64,
+    },
+    /// Puts several keys of one partition together; with `if_all_absent` only if none of
+    /// them exists (MSET, MSETNX). `succeeded` says whether they were written.
+    PutMany {
+        kvs: Vec<(Vec<u8>, Vec<u8>)>,
+        if_all_absent: bool,
+    },
+}
+
+impl Op {
+    /// The keys the command writes (every one in the command's partition).
+    pub fn keys(&self) -> Vec<&[u8]> {
+        match self {
+            Op::Put { key, .. } | Op::Delete { key, .. } | Op::Update { key, .. } => {
+                vec![key.as_slice()]
+            }
+            Op::PutMany { kvs, .. } => kvs.iter().map(|(k, _)| k.as_slice()).collect(),
+        }
+    }
 }
 
 /// A write, as proposed by the leader.
@@ -72,6 +128,8 @@ impl fmt::Display for Command {
         let kind = match &self.op {
             Op::Put { .. } => "put",
             Op::Delete { .. } => "delete",
+            Op::Update { .. } => "update",
+            Op::PutMany { .. } => "put-many",
         };
         match self.idempotency {
             Some(i) => write!(f, "{kind}(client={}, seq={})", i.client_id, i.sequence),
@@ -99,4 +157,6 @@ pub struct CommandResponse {
     pub deduplicated: bool,
     /// Set when the command was refused and not applied.
     pub rejected: Option<Rejection>,
+    /// An update's answer: the previous value (`Swap`, `Take`) or the new one.
+    pub value: Option<Vec<u8>>,
 }

@@ -9,7 +9,7 @@ use capkv_proto::consistency::{from_wire, WireLevel};
 use capkv_proto::kv::{self as pb, kv_server::Kv};
 use capkv_proto::raft::{
     raft_transport_server::RaftTransport as RaftTransportService, EngineClosed, EngineFrame,
-    EngineSnapshotChunk, EngineSnapshotReceived,
+    EngineSnapshotChunk, EngineSnapshotReceived, ForwardRequest, ForwardResponse,
 };
 use capkv_proto::status::to_status;
 use capkv_replication::{CommandResponse, Condition, Idempotency};
@@ -384,6 +384,49 @@ impl RaftTransportService for RaftService {
                 return Err(Status::invalid_argument(why));
             }
         }
+    }
+
+    /// A write another node's router sent on: proposed here if this node leads its
+    /// partition, else refused with `NotLeader` (never forwarded again).
+    async fn forward(
+        &self,
+        request: Request<ForwardRequest>,
+    ) -> Result<Response<ForwardResponse>, Status> {
+        let req = request.into_inner();
+        let core = &self.core;
+        if core.faults().drops_from(NodeId(req.from_node)) {
+            return Err(Status::unavailable("dropped by fault injection"));
+        }
+        let op: capkv_replication::Op = capkv_replication::codec::decode(&req.op)
+            .map_err(|e| Status::invalid_argument(format!("a forwarded write: {e}")))?;
+        let p = core.check_op(&op).map_err(|e| to_status(&e))?;
+        if p.0 != req.partition {
+            return Err(to_status(&KvError::InvalidArgument(format!(
+                "node {} placed a forwarded write in partition {}, this node in {p}: the \
+                 nodes hash keys differently (mixed versions?)",
+                req.from_node, req.partition
+            ))));
+        }
+        let idempotency = idempotency(Some(pb::Idempotency {
+            client_id: req.client_id,
+            sequence: req.sequence,
+            session_started_ms: req.session_started_ms,
+            first_incomplete: req.first_incomplete,
+        }));
+        let (served, resp) = core
+            .execute(op, idempotency)
+            .await
+            .map_err(|e| to_status(&e))?;
+        let log_position = resp.log_index;
+        let response =
+            capkv_replication::codec::encode(&resp).map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(ForwardResponse {
+            response,
+            log_position,
+            served_by: served.served_by.0,
+            raft_term: served.term,
+            applied_index: served.applied_index,
+        }))
     }
 
     /// Stages a partition's image chunk by chunk (at most one stream per partition), then

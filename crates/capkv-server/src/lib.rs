@@ -13,6 +13,7 @@ pub mod kv;
 pub mod metrics;
 pub mod node;
 pub mod read_plan;
+pub mod router;
 pub mod transport;
 
 pub use config::{NodeConfig, PlantedBug, ReadPolicyChoice};

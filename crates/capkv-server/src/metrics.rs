@@ -27,6 +27,13 @@ pub struct Metrics {
     pub engine_groups_asleep: IntGauge,
     /// Reads this node could not serve and forwarded to the leader.
     pub reads_forwarded: prometheus::IntCounter,
+    /// Writes this node's router sent on to a partition's leader on another node.
+    pub writes_forwarded: prometheus::IntCounter,
+    /// Requests of the RESP, HTTP/JSON and JSON-over-TCP front ends, by protocol, command
+    /// and outcome code.
+    pub frontend_requests: IntCounterVec,
+    /// Open connections of each front end.
+    pub frontend_connections: IntGaugeVec,
 }
 
 impl Metrics {
@@ -111,6 +118,25 @@ impl Metrics {
              the leader",
         )?;
         registry.register(Box::new(reads_forwarded.clone()))?;
+        let writes_forwarded = prometheus::IntCounter::new(
+            "writes_forwarded_total",
+            "Writes from RESP, HTTP/JSON and JSON-over-TCP clients sent on to the leader",
+        )?;
+        registry.register(Box::new(writes_forwarded.clone()))?;
+        let frontend_requests = IntCounterVec::new(
+            Opts::new(
+                "frontend_requests_total",
+                "Requests of the RESP, HTTP/JSON and JSON-over-TCP front ends by protocol, \
+                 command and result code",
+            ),
+            &["protocol", "command", "code"],
+        )?;
+        registry.register(Box::new(frontend_requests.clone()))?;
+        let frontend_connections = IntGaugeVec::new(
+            Opts::new("frontend_connections", "Open connections by protocol"),
+            &["protocol"],
+        )?;
+        registry.register(Box::new(frontend_connections.clone()))?;
         Ok(Metrics {
             registry,
             requests,
@@ -127,6 +153,9 @@ impl Metrics {
             engine_events,
             engine_groups_asleep,
             reads_forwarded,
+            writes_forwarded,
+            frontend_requests,
+            frontend_connections,
         })
     }
 

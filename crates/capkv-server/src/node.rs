@@ -57,9 +57,10 @@ const IDENTITY_KEY: &str = "cluster_identity";
 const FORMAT_KEY: &str = "format_version";
 
 /// The on-disk format this build reads and writes. 2: client sessions replaced the dedup
-/// table, and log entries carry the session fields. A node refuses a data dir of another
-/// format rather than misread it.
-pub const FORMAT_VERSION: u32 = 2;
+/// table, and log entries carry the session fields. 3: keys with a hash tag hash only the
+/// tag (another partition than before), and stored answers carry a value (read-modify-write
+/// commands). A node refuses a data dir of another format rather than misread it.
+pub const FORMAT_VERSION: u32 = 3;
 
 pub struct Node {
     core: Arc<KvCore>,

@@ -14,6 +14,7 @@ pub enum ErrorCode {
     NotFound,
     Internal,
     SessionExpired,
+    CrossPartition,
 }
 
 impl ErrorCode {
@@ -27,6 +28,7 @@ impl ErrorCode {
             ErrorCode::NotFound => "NotFound",
             ErrorCode::Internal => "Internal",
             ErrorCode::SessionExpired => "SessionExpired",
+            ErrorCode::CrossPartition => "CrossPartition",
         }
     }
 
@@ -40,6 +42,7 @@ impl ErrorCode {
             "NotFound" => ErrorCode::NotFound,
             "Internal" => ErrorCode::Internal,
             "SessionExpired" => ErrorCode::SessionExpired,
+            "CrossPartition" => ErrorCode::CrossPartition,
             _ => return None,
         })
     }
@@ -86,6 +89,10 @@ pub enum KvError {
     /// when no earlier attempt of the write may have applied.
     #[error("SessionExpired: {0}")]
     SessionExpired(String),
+    /// One command named keys of several partitions (MSET, MULTI/EXEC, RENAME): it was not
+    /// applied. Keys that share a hash tag (`{tag}`) share a partition.
+    #[error("CrossPartition: {0}")]
+    CrossPartition(String),
 }
 
 fn leader_display(id: &Option<NodeId>, addr: &Option<String>) -> String {
@@ -117,6 +124,7 @@ impl KvError {
             ErrorCode::NotFound => KvError::NotFound(message),
             ErrorCode::Internal => KvError::Internal(message),
             ErrorCode::SessionExpired => KvError::SessionExpired(message),
+            ErrorCode::CrossPartition => KvError::CrossPartition(message),
         }
     }
 
@@ -137,6 +145,7 @@ impl KvError {
             KvError::NotFound(_) => ErrorCode::NotFound,
             KvError::Internal(_) => ErrorCode::Internal,
             KvError::SessionExpired(_) => ErrorCode::SessionExpired,
+            KvError::CrossPartition(_) => ErrorCode::CrossPartition,
         }
     }
 
@@ -164,6 +173,7 @@ mod tests {
             ErrorCode::NotFound,
             ErrorCode::Internal,
             ErrorCode::SessionExpired,
+            ErrorCode::CrossPartition,
         ] {
             assert_eq!(ErrorCode::parse(code.as_str()), Some(code));
         }

@@ -5,6 +5,12 @@
 //! in the same partition on every platform and every capkv version: this is an on-disk
 //! and on-wire contract, pinned by the test vectors below.
 //!
+//! **Hash tags**, as in Redis Cluster: when a key holds a `{`, and a `}` after it with at
+//! least one byte between, only the bytes between them are hashed (`{user:1}:name` and
+//! `{user:1}:mail` share a partition, so one partition's atomic commands can cover both).
+//! Keys without a tag hash whole. Added with on-disk format 3: a key with a tag lives in
+//! another partition than format 2 put it in.
+//!
 //! The 64-bit hash space is a ring cut into `partition_count` equal arcs; partition `p`
 //! owns hashes in `[p * 2^64 / n, (p + 1) * 2^64 / n)`. Computing the arc is a
 //! multiply-shift, with no table and no bias.
@@ -16,11 +22,25 @@ pub fn key_hash(key: &[u8]) -> u64 {
     xxhash_rust::xxh3::xxh3_64(key)
 }
 
+/// The part of `key` that decides its partition: its hash tag if it has one, else all
+/// of it.
+pub fn hash_tag(key: &[u8]) -> &[u8] {
+    if let Some(open) = key.iter().position(|&b| b == b'{') {
+        let rest = &key[open + 1..];
+        if let Some(close) = rest.iter().position(|&b| b == b'}') {
+            if close > 0 {
+                return &rest[..close];
+            }
+        }
+    }
+    key
+}
+
 /// The partition that owns `key` when the ring has `partition_count` arcs.
 ///
 /// `partition_count` must be at least 1; 0 is treated as 1 rather than panicking.
 pub fn partition_for_key(key: &[u8], partition_count: u32) -> PartitionId {
-    partition_for_hash(key_hash(key), partition_count)
+    partition_for_hash(key_hash(hash_tag(key)), partition_count)
 }
 
 /// The arc of the ring that holds `hash`.
@@ -41,6 +61,32 @@ mod tests {
         assert_eq!(key_hash(b"user:1"), 0x3b577afd7fed9501);
         assert_eq!(partition_for_key(b"user:1", 8), PartitionId(1));
         assert_eq!(partition_for_key(b"", 8), PartitionId(1));
+    }
+
+    #[test]
+    fn hash_tags_follow_redis_cluster() {
+        assert_eq!(hash_tag(b"{user:1}:name"), b"user:1");
+        assert_eq!(hash_tag(b"x{a}y{b}"), b"a", "the first tag counts");
+        assert_eq!(
+            hash_tag(b"{}user"),
+            b"{}user",
+            "an empty tag hashes the whole key"
+        );
+        assert_eq!(hash_tag(b"{{a}}"), b"{a", "the first } after the first {");
+        assert_eq!(hash_tag(b"no{tag"), b"no{tag");
+        assert_eq!(hash_tag(b"plain"), b"plain");
+        assert_eq!(
+            partition_for_key(b"{user:1}:name", 8),
+            partition_for_key(b"user:1", 8)
+        );
+        for i in 0..100 {
+            let a = format!("{{order:{i}}}:head");
+            let b = format!("{{order:{i}}}:lines");
+            assert_eq!(
+                partition_for_key(a.as_bytes(), 8),
+                partition_for_key(b.as_bytes(), 8)
+            );
+        }
     }
 
     #[test]

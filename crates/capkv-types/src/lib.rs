@@ -15,7 +15,7 @@ pub mod session;
 
 pub use consistency::{ReadConsistency, Staleness};
 pub use error::{ErrorCode, KvError};
-pub use hash::{key_hash, partition_for_key};
+pub use hash::{hash_tag, key_hash, partition_for_key};
 pub use hlc::{Hlc, HlcTimestamp};
 pub use ids::{NodeId, PartitionId, Revision};
 pub use limits::Limits;

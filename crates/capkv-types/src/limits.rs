@@ -11,6 +11,8 @@ pub struct Limits {
     pub scan_limit_max: u32,
     /// A scan page stops growing once its keys and values reach this many bytes.
     pub scan_page_bytes_max: usize,
+    /// Most keys one command may name (MSET, MGET, DEL of many keys).
+    pub batch_keys_max: usize,
 }
 
 impl Default for Limits {
@@ -20,6 +22,7 @@ impl Default for Limits {
             value_bytes_max: 1024 * 1024,
             scan_limit_max: 10_000,
             scan_page_bytes_max: 4 * 1024 * 1024,
+            batch_keys_max: 1000,
         }
     }
 }

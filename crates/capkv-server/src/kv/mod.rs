@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use capkv_placement::PartitionMap;
 use capkv_proto::kv::{kv_client::KvClient, GetRequest, ScanRequest};
 use capkv_replication::{
-    AppliedIndex, Command, CommandResponse, Condition, Faults, Idempotency, Op, Rejection,
+    AppliedIndex, Command, CommandResponse, Condition, Faults, Idempotency, Op, Rejection, Update,
 };
 use capkv_storage::{StorageEngine, StoredValue};
 use capkv_types::{Hlc, KvError, Limits, NodeId, PartitionId, ReadConsistency, SessionToken};
@@ -330,6 +330,22 @@ impl KvCore {
                 Err(self.not_leader(p, hint))
             }
         }
+    }
+
+    /// The node to send a write of `p` to first: this node if it leads `p`, else the
+    /// leader it knows, else (no leader known, or no replica here) a replica of `p`.
+    pub fn leader_guess(&self, p: PartitionId) -> NodeId {
+        if self.replicas.contains_key(&p) {
+            let role = self.role(p);
+            if role.leader {
+                return self.id;
+            }
+            if let Some(l) = role.known_leader {
+                return l;
+            }
+            return self.id;
+        }
+        self.map.replicas(p).first().copied().unwrap_or(self.id)
     }
 
     fn not_leader(&self, p: PartitionId, leader: Option<NodeId>) -> KvError {

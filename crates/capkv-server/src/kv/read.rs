@@ -161,7 +161,7 @@ impl KvCore {
     }
 
     /// Forwards a read to `node` (see [`KvCore::get`]).
-    async fn get_remote(
+    pub async fn get_remote(
         &self,
         node: NodeId,
         p: PartitionId,

@@ -11,20 +11,12 @@ impl KvCore {
         condition: Condition,
         idempotency: Option<Idempotency>,
     ) -> Result<(Served, CommandResponse), KvError> {
-        self.limits.check_key(&key)?;
-        self.limits.check_value(&value)?;
-        check_condition(condition)?;
-        let p = self.map.partition_for_key(&key);
-        self.propose(
-            p,
-            Op::Put {
-                key,
-                value,
-                condition,
-            },
-            idempotency,
-        )
-        .await
+        let op = Op::Put {
+            key,
+            value,
+            condition,
+        };
+        self.execute(op, idempotency).await
     }
 
     pub async fn delete(
@@ -33,11 +25,88 @@ impl KvCore {
         condition: Condition,
         idempotency: Option<Idempotency>,
     ) -> Result<(Served, CommandResponse), KvError> {
-        self.limits.check_key(&key)?;
-        check_condition(condition)?;
-        let p = self.map.partition_for_key(&key);
-        self.propose(p, Op::Delete { key, condition }, idempotency)
+        self.execute(Op::Delete { key, condition }, idempotency)
             .await
+    }
+
+    /// Validates a write and the partition all its keys live in.
+    pub fn check_op(&self, op: &Op) -> Result<PartitionId, KvError> {
+        let keys = op.keys();
+        let Some(first) = keys.first() else {
+            return Err(KvError::InvalidArgument("a write names no key".into()));
+        };
+        for k in &keys {
+            self.limits.check_key(k)?;
+        }
+        match op {
+            Op::Put {
+                value, condition, ..
+            } => {
+                self.limits.check_value(value)?;
+                check_condition(*condition)?;
+            }
+            Op::Delete { condition, .. } => check_condition(*condition)?,
+            Op::Update { update, .. } => match update {
+                Update::Swap { value, condition } => {
+                    self.limits.check_value(value)?;
+                    check_condition(*condition)?;
+                }
+                Update::Append(b) | Update::SetRange { bytes: b, .. } => {
+                    self.limits.check_value(b)?
+                }
+                Update::IncrByFloat(s) if s.len() > 64 => {
+                    return Err(KvError::InvalidArgument(
+                        "value is not a valid float".into(),
+                    ))
+                }
+                Update::Take | Update::IncrBy(_) | Update::IncrByFloat(_) => {}
+            },
+            Op::PutMany { kvs, .. } => {
+                if kvs.len() > self.limits.batch_keys_max {
+                    return Err(KvError::too_large(
+                        "the number of keys",
+                        kvs.len(),
+                        self.limits.batch_keys_max,
+                    ));
+                }
+                let mut total = 0;
+                for (_, v) in kvs {
+                    self.limits.check_value(v)?;
+                    total += v.len();
+                }
+                // The whole command must fit an entry (4 MiB) with room to spare.
+                let max = self.limits.value_bytes_max.max(1 << 20);
+                if total > max {
+                    return Err(KvError::too_large("the values of one command", total, max));
+                }
+            }
+        }
+        let p = self.map.partition_for_key(first);
+        if keys[1..].iter().any(|k| self.map.partition_for_key(k) != p) {
+            return Err(KvError::CrossPartition(
+                "the keys of one command must share a partition: give them a common hash \
+                 tag, e.g. {user:1}:name and {user:1}:mail"
+                    .into(),
+            ));
+        }
+        Ok(p)
+    }
+
+    /// Proposes a write to its partition's group here (this node must lead it) and waits
+    /// for its answer. `Op::Update` is stamped with this node's value limit.
+    pub async fn execute(
+        &self,
+        mut op: Op,
+        idempotency: Option<Idempotency>,
+    ) -> Result<(Served, CommandResponse), KvError> {
+        let p = self.check_op(&op)?;
+        if let Op::Update {
+            value_bytes_max, ..
+        } = &mut op
+        {
+            *value_bytes_max = self.limits.value_bytes_max as u64;
+        }
+        self.propose(p, op, idempotency).await
     }
 
     async fn propose(
@@ -94,6 +163,16 @@ fn rejection_error(p: PartitionId, why: Rejection, id: Option<Idempotency>) -> K
             "partition {p}: client session {client:#x} has a start time far ahead of this \
              partition's clock, or another than the one it started with; not applied"
         )),
+        // Redis's own words (the RESP front end passes them on).
+        Rejection::NotAnInteger => {
+            KvError::InvalidArgument("value is not an integer or out of range".into())
+        }
+        Rejection::NotAFloat => KvError::InvalidArgument(
+            "value is not a valid float, or the result would be NaN or Infinity".into(),
+        ),
+        Rejection::ValueTooLarge => {
+            KvError::TooLarge("the result would be larger than the value limit".into())
+        }
     }
 }
 
