@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use capkv_server::config::default_http_addr;
+use capkv_server::config::{default_http_addr, default_json_addr, default_resp_addr};
 use capkv_server::{Node, NodeConfig, PlantedBug, ReadPolicyChoice};
 use capkv_types::NodeId;
 use clap::{Args, ValueEnum};
@@ -40,9 +40,15 @@ pub struct ServerArgs {
     /// Replicas per partition (capped at the number of nodes).
     #[arg(long, default_value_t = 3)]
     pub replication_factor: u32,
-    /// HTTP address (/metrics, /health, /status). Defaults to the gRPC port + 1000.
+    /// HTTP address (/v1/kv, /metrics, /health, /status). Defaults to the gRPC port + 1000.
     #[arg(long)]
     pub http: Option<SocketAddr>,
+    /// Redis protocol (RESP) address, or `off`. Defaults to the gRPC port - 1000 (6379).
+    #[arg(long, value_parser = parse_listen)]
+    pub resp: Option<Listen>,
+    /// JSON-over-TCP address, or `off`. Defaults to the gRPC port + 2000 (9379).
+    #[arg(long, value_parser = parse_listen)]
+    pub json: Option<Listen>,
     /// Largest value accepted, in bytes.
     #[arg(long, default_value_t = 1024 * 1024)]
     pub value_max_bytes: usize,
@@ -121,6 +127,30 @@ impl PlantedBugArg {
     }
 }
 
+/// A front end's address, or off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listen {
+    Off,
+    At(SocketAddr),
+}
+
+fn parse_listen(s: &str) -> Result<Listen, String> {
+    if s == "off" {
+        return Ok(Listen::Off);
+    }
+    s.parse()
+        .map(Listen::At)
+        .map_err(|_| format!("{s:?} is neither IP:PORT nor off"))
+}
+
+fn listen_or(arg: Option<Listen>, default: Option<SocketAddr>) -> Option<SocketAddr> {
+    match arg {
+        None => default,
+        Some(Listen::Off) => None,
+        Some(Listen::At(a)) => Some(a),
+    }
+}
+
 pub fn config_from(args: &ServerArgs) -> anyhow::Result<NodeConfig> {
     let id = NodeId(args.id);
     let (listen, initial_cluster) = match &args.initial_cluster {
@@ -156,6 +186,8 @@ pub fn config_from(args: &ServerArgs) -> anyhow::Result<NodeConfig> {
     let mut c = NodeConfig::single(id, args.data_dir.clone(), listen);
     c.initial_cluster = initial_cluster;
     c.http_listen = args.http.unwrap_or_else(|| default_http_addr(listen));
+    c.resp_listen = listen_or(args.resp, default_resp_addr(listen));
+    c.json_listen = listen_or(args.json, default_json_addr(listen));
     c.partitions = args.partitions;
     c.replication_factor = args.replication_factor;
     c.limits.value_bytes_max = args.value_max_bytes;
@@ -201,11 +233,14 @@ pub async fn run(args: ServerArgs) -> i32 {
         }
     };
     // One line on stdout once the node listens (logs go to stderr).
+    let off = |a: Option<SocketAddr>| a.map_or("off".to_string(), |a| a.to_string());
     println!(
-        "node {} serving: gRPC {}, HTTP {}, data {}",
+        "node {} serving: gRPC {}, HTTP {}, RESP {}, JSON {}, data {}",
         node.core().id(),
         node.grpc_addr(),
         node.http_addr(),
+        off(node.resp_addr()),
+        off(node.json_addr()),
         data_dir.display()
     );
     wait_for_stop_signal().await;

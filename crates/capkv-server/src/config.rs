@@ -63,8 +63,12 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     /// gRPC address (clients and peers).
     pub listen: SocketAddr,
-    /// HTTP address (/metrics, /health, /status).
+    /// HTTP address (/v1/kv, /metrics, /health, /status).
     pub http_listen: SocketAddr,
+    /// Redis protocol (RESP) address; `None` = off.
+    pub resp_listen: Option<SocketAddr>,
+    /// The seed's JSON-over-TCP protocol address; `None` = off.
+    pub json_listen: Option<SocketAddr>,
     pub initial_cluster: Vec<NodeSpec>,
     pub partitions: u32,
     pub replication_factor: u32,
@@ -97,6 +101,8 @@ impl NodeConfig {
             data_dir,
             listen,
             http_listen,
+            resp_listen: default_resp_addr(listen),
+            json_listen: default_json_addr(listen),
             initial_cluster: vec![NodeSpec {
                 id,
                 addr: listen.to_string(),
@@ -122,4 +128,22 @@ pub fn default_http_addr(grpc: SocketAddr) -> SocketAddr {
     let mut a = grpc;
     a.set_port(grpc.port().wrapping_add(1000));
     a
+}
+
+/// The RESP port defaults to the gRPC port - 1000 (7379 -> 6379, Redis's own port); none
+/// when the gRPC port is below 1001.
+pub fn default_resp_addr(grpc: SocketAddr) -> Option<SocketAddr> {
+    let port = grpc.port().checked_sub(1000).filter(|p| *p > 0)?;
+    let mut a = grpc;
+    a.set_port(port);
+    Some(a)
+}
+
+/// The JSON-over-TCP port defaults to the gRPC port + 2000 (7379 -> 9379); none when
+/// that is past 65535.
+pub fn default_json_addr(grpc: SocketAddr) -> Option<SocketAddr> {
+    let port = grpc.port().checked_add(2000)?;
+    let mut a = grpc;
+    a.set_port(port);
+    Some(a)
 }

@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::kv::KvCore;
 
-pub fn router(core: Arc<KvCore>) -> Router {
+pub fn router(core: Arc<KvCore>, _kv: Arc<crate::router::Router>) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/health", get(health))

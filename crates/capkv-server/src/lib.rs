@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod config;
 pub mod engine;
+pub mod frontend;
 pub mod grpc;
 pub mod http;
 pub mod kv;

@@ -24,9 +24,11 @@ use tonic::transport::server::{Connected, TcpConnectInfo};
 use crate::admin::AdminService;
 use crate::config::{NodeConfig, PlantedBug};
 use crate::engine::{engine_config, CapkvMachine, EngineNode, EngineTransport};
+use crate::frontend;
 use crate::grpc::{KvService, RaftService};
 use crate::kv::{KvCore, KvParts, KvSettings, Replica};
 use crate::metrics::Metrics;
+use crate::router::Router;
 use crate::transport::{PeerChannels, RAFT_MESSAGE_BYTES_MAX};
 
 /// What a data directory was created for. A node refuses to start on a data dir made for
@@ -66,6 +68,8 @@ pub struct Node {
     core: Arc<KvCore>,
     grpc_addr: SocketAddr,
     http_addr: SocketAddr,
+    resp_addr: Option<SocketAddr>,
+    json_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -162,8 +166,28 @@ impl Node {
         let http_listener = TcpListener::bind(config.http_listen)
             .await
             .with_context(|| format!("listen for HTTP on {}", config.http_listen))?;
+        let resp_listener = match config.resp_listen {
+            None => None,
+            Some(a) => Some(TcpListener::bind(a).await.with_context(|| {
+                format!("listen for RESP (Redis protocol) on {a} (--resp ADDR, or --resp off)")
+            })?),
+        };
+        let json_listener = match config.json_listen {
+            None => None,
+            Some(a) => Some(TcpListener::bind(a).await.with_context(|| {
+                format!("listen for JSON over TCP on {a} (--json ADDR, or --json off)")
+            })?),
+        };
         let grpc_addr = grpc_listener.local_addr()?;
         let http_addr = http_listener.local_addr()?;
+        let resp_addr = resp_listener
+            .as_ref()
+            .map(TcpListener::local_addr)
+            .transpose()?;
+        let json_addr = json_listener
+            .as_ref()
+            .map(TcpListener::local_addr)
+            .transpose()?;
 
         let hlc = Arc::new(Hlc::new());
         let faults = Arc::new(Faults::new(config.unsafe_fault_injection));
@@ -311,7 +335,28 @@ impl Node {
                 tracing::error!(error = %e, "gRPC server stopped");
             }
         }));
-        let app = crate::http::router(core.clone());
+        let router = Arc::new(Router::new(core.clone()));
+        if let Some(listener) = resp_listener {
+            tasks.push(tokio::spawn(frontend::serve(
+                "resp",
+                listener,
+                config.max_connections,
+                router.clone(),
+                shutdown_rx.clone(),
+                |r, tcp, stop| frontend::resp::connection(r, tcp, stop),
+            )));
+        }
+        if let Some(listener) = json_listener {
+            tasks.push(tokio::spawn(frontend::serve(
+                "json",
+                listener,
+                config.max_connections,
+                router.clone(),
+                shutdown_rx.clone(),
+                |r, tcp, stop| frontend::json::connection(r, tcp, stop),
+            )));
+        }
+        let app = crate::http::router(core.clone(), router.clone());
         let mut rx = shutdown_rx.clone();
         tasks.push(tokio::spawn(async move {
             let result = axum::serve(http_listener, app)
@@ -328,6 +373,8 @@ impl Node {
             node = config.id.0,
             grpc = %grpc_addr,
             http = %http_addr,
+            resp = ?resp_addr,
+            json = ?json_addr,
             partitions = core.hosted().count(),
             data_dir = %config.data_dir.display(),
             fresh,
@@ -340,6 +387,8 @@ impl Node {
             core,
             grpc_addr,
             http_addr,
+            resp_addr,
+            json_addr,
             shutdown,
             tasks,
         })
@@ -351,6 +400,16 @@ impl Node {
 
     pub fn http_addr(&self) -> SocketAddr {
         self.http_addr
+    }
+
+    /// The Redis protocol's address, if it is on.
+    pub fn resp_addr(&self) -> Option<SocketAddr> {
+        self.resp_addr
+    }
+
+    /// The JSON-over-TCP protocol's address, if it is on.
+    pub fn json_addr(&self) -> Option<SocketAddr> {
+        self.json_addr
     }
 
     pub fn core(&self) -> &Arc<KvCore> {

@@ -142,9 +142,10 @@ pub async fn leaders_at(partitions: u32, nodes: &[(u64, String)]) -> Vec<Option<
 /// Where the nodes listen.
 #[derive(Debug, Clone, Copy)]
 pub enum Ports {
-    /// Free loopback ports, gRPC and HTTP each from [`free_port`].
+    /// Free loopback ports, gRPC, HTTP, RESP and JSON each from [`free_port`].
     Free,
-    /// Node N on `base + N - 1`, its HTTP on that + 1000 (the playground's layout).
+    /// Node N on `base + N - 1`, its HTTP on that + 1000, RESP on that - 1000 and JSON on
+    /// that + 2000 (the playground's layout).
     Base(u16),
 }
 
@@ -177,6 +178,10 @@ pub struct LocalNode {
     /// gRPC address (clients, peers, admin).
     pub addr: String,
     pub http: String,
+    /// Redis protocol (RESP) address.
+    pub resp: String,
+    /// JSON-over-TCP address.
+    pub json: String,
     pub data_dir: PathBuf,
     pub log: PathBuf,
     child: Option<Child>,
@@ -228,20 +233,22 @@ impl LocalCluster {
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
         let mut nodes = Vec::new();
         for i in 1..=options.nodes as u64 {
-            let (grpc, http) = match options.ports {
-                Ports::Free => (free_port()?, free_port()?),
+            let (grpc, http, resp, json) = match options.ports {
+                Ports::Free => (free_port()?, free_port()?, free_port()?, free_port()?),
                 Ports::Base(base) => {
                     let grpc = u16::try_from(u64::from(base) + i - 1)
                         .ok()
-                        .filter(|p| p.checked_add(1000).is_some())
+                        .filter(|p| p.checked_add(2000).is_some() && *p > 1000)
                         .with_context(|| format!("base port {base} leaves no room for node {i}"))?;
-                    (grpc, grpc + 1000)
+                    (grpc, grpc + 1000, grpc - 1000, grpc + 2000)
                 }
             };
             nodes.push(LocalNode {
                 id: i,
                 addr: format!("127.0.0.1:{grpc}"),
                 http: format!("127.0.0.1:{http}"),
+                resp: format!("127.0.0.1:{resp}"),
+                json: format!("127.0.0.1:{json}"),
                 data_dir: dir.join(format!("node-{i}")),
                 log: dir.join(format!("node-{i}.log")),
                 child: None,
@@ -327,6 +334,10 @@ impl LocalCluster {
             n.addr.clone(),
             "--http".into(),
             n.http.clone(),
+            "--resp".into(),
+            n.resp.clone(),
+            "--json".into(),
+            n.json.clone(),
             "--initial-cluster".into(),
             self.spec.clone(),
             "--partitions".into(),
@@ -627,13 +638,15 @@ mod tests {
             ["127.0.0.1:7379", "127.0.0.1:7380", "127.0.0.1:7381"]
         );
         assert_eq!(c.node(3).unwrap().http, "127.0.0.1:8381");
+        assert_eq!(c.node(1).unwrap().resp, "127.0.0.1:6379");
+        assert_eq!(c.node(2).unwrap().json, "127.0.0.1:9380");
         let args = c.server_args(2, &["--x".into()]).unwrap();
         assert_eq!(&args[..3], ["server", "--id", "2"]);
         assert!(args.windows(2).any(|w| w[0] == "--initial-cluster"
             && w[1] == "1=127.0.0.1:7379,2=127.0.0.1:7380,3=127.0.0.1:7381"));
         assert_eq!(args.last().unwrap(), "--x");
         let mut o = ClusterOptions::new(2, 8);
-        o.ports = Ports::Base(64_535);
+        o.ports = Ports::Base(63_535);
         assert!(LocalCluster::new(Path::new("/bin/false"), &dir, o).is_err());
         let _ = std::fs::remove_dir_all(&dir);
     }

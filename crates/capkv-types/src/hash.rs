@@ -72,7 +72,11 @@ mod tests {
             b"{}user",
             "an empty tag hashes the whole key"
         );
-        assert_eq!(hash_tag(b"{{a}}"), b"{a", "the first closing brace after the first opening one");
+        assert_eq!(
+            hash_tag(b"{{a}}"),
+            b"{a",
+            "the first closing brace after the first opening one"
+        );
         assert_eq!(hash_tag(b"no{tag"), b"no{tag");
         assert_eq!(hash_tag(b"plain"), b"plain");
         assert_eq!(

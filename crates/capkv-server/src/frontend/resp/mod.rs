@@ -1,0 +1,1043 @@
+//! The Redis protocol (RESP2, and RESP3 after `HELLO 3`) on every node: redis-cli,
+//! redis-benchmark and Redis client libraries work against any node of a cluster, with
+//! capkv's replication and durability behind them. Only strings exist; Redis's command
+//! reference is the specification of each command's replies and errors.
+//!
+//! A connection reads as many requests as have arrived (pipelining), runs commands whose
+//! keys differ side by side, and answers in order. Each connection has its own read level
+//! (`CAPKV.CONSISTENCY`, the node's default at first) and read session.
+//! Read-modify-write commands (INCR*, APPEND, SETRANGE, GETSET, SET .. GET, GETDEL, MSETNX)
+//! are one replicated command each (`Op::Update`, `Op::PutMany`), so they are atomic and,
+//! with the router's idempotency pair, never applied twice by a retry.
+
+pub mod codec;
+pub mod commands;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use capkv_replication::{parse_i64, Condition, Op, Update};
+use capkv_types::{KvError, ReadConsistency, SessionToken};
+use futures::stream::{FuturesOrdered, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use crate::kv::ScanParams;
+use crate::router::Router;
+use codec::{decode, DecodeLimits, Reply};
+use commands::{lookup, Kind, Spec, COMMANDS};
+
+const PROTOCOL: &str = "resp";
+/// Requests of one connection decoded before their answers are written.
+pub const PIPELINE_MAX: usize = 1024;
+/// FLUSHDB / FLUSHALL without ASYNC refuse a keyspace larger than this.
+pub const FLUSH_SYNC_MAX: usize = 10_000;
+/// SCAN cursors a connection keeps (the oldest is forgotten first).
+const CURSORS_MAX: usize = 64;
+const EXPIRY_UNSUPPORTED: &str =
+    "capkv does not support key expiry yet (EX, PX, EXAT, PXAT, SETEX, PSETEX, EXPIRE*)";
+
+static NEXT_CLIENT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// One connection's state.
+struct Conn {
+    id: u64,
+    version: u8,
+    level: ReadConsistency,
+    name: Option<Vec<u8>>,
+    /// The connection's read session: a `session` read sees the connection's writes.
+    session: Mutex<SessionToken>,
+    cursors: Mutex<Cursors>,
+    quit: bool,
+}
+
+#[derive(Default)]
+struct Cursors {
+    next: u64,
+    /// SCAN cursor -> the continuation token of the scan it resumes.
+    open: HashMap<u64, Vec<u8>>,
+}
+
+impl Conn {
+    fn session(&self) -> SessionToken {
+        self.session
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn observe(&self, p: capkv_types::PartitionId, at: u64) {
+        self.session
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .observe(p, at);
+    }
+}
+
+pub fn decode_limits(router: &Router) -> DecodeLimits {
+    let l = router.core().limits();
+    DecodeLimits {
+        args_max: 2 * l.batch_keys_max + 16,
+        bulk_max: l.value_bytes_max.max(l.key_bytes_max),
+        inline_max: 64 * 1024,
+    }
+}
+
+/// Serves one connection until the client closes it or sends `QUIT`, the stream is not
+/// RESP (answered with an error, then closed), or the node stops.
+pub async fn connection(
+    router: Arc<Router>,
+    mut tcp: TcpStream,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let limits = decode_limits(&router);
+    let mut conn = Conn {
+        id: NEXT_CLIENT_ID.fetch_add(1, Ordering::Relaxed),
+        version: 2,
+        level: router.core().default_consistency(),
+        name: None,
+        session: Mutex::new(SessionToken::default()),
+        cursors: Mutex::new(Cursors::default()),
+        quit: false,
+    };
+    let mut buf: Vec<u8> = Vec::with_capacity(16 * 1024);
+    let mut out: Vec<u8> = Vec::with_capacity(16 * 1024);
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        // Every whole request that has arrived, up to the pipeline limit.
+        let mut requests = Vec::new();
+        let mut used = 0;
+        let mut broken: Option<codec::ProtocolError> = None;
+        while requests.len() < PIPELINE_MAX {
+            match decode(&buf[used..], &limits) {
+                Ok(Some((args, n))) => {
+                    used += n;
+                    if !args.is_empty() {
+                        requests.push(args);
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    broken = Some(e);
+                    break;
+                }
+            }
+        }
+        buf.drain(..used);
+        if !requests.is_empty() {
+            for reply in run_pipeline(&router, &mut conn, requests).await {
+                reply.encode(conn.version, &mut out);
+            }
+        }
+        if let Some(e) = broken {
+            crate::frontend::count(
+                &router,
+                PROTOCOL,
+                "protocol-error",
+                Err(&KvError::InvalidArgument(e.0.clone())),
+            );
+            Reply::err(format!("Protocol error: {}", e.0)).encode(conn.version, &mut out);
+            let _ = tcp.write_all(&out).await;
+            break;
+        }
+        if !out.is_empty() {
+            if tcp.write_all(&out).await.is_err() {
+                break;
+            }
+            out.clear();
+        }
+        if conn.quit {
+            break;
+        }
+        if !buf.is_empty() && decode(&buf, &limits).ok().flatten().is_some() {
+            continue; // more whole requests than one pipeline's worth
+        }
+        let n = tokio::select! {
+            r = tcp.read(&mut chunk) => match r { Ok(n) => n, Err(_) => break },
+            _ = shutdown.wait_for(|s| *s) => break,
+        };
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let _ = tcp.shutdown().await;
+}
+
+/// Runs a pipeline's requests and returns their replies in order: a command that touches
+/// only keys no earlier command of its run touches (or no key) runs beside them; any
+/// other waits for the run before it.
+async fn run_pipeline(
+    router: &Arc<Router>,
+    conn: &mut Conn,
+    requests: Vec<Vec<Vec<u8>>>,
+) -> Vec<Reply> {
+    let mut replies = Vec::with_capacity(requests.len());
+    let mut run: Vec<Vec<Vec<u8>>> = Vec::new();
+    let mut run_keys: std::collections::HashSet<Vec<u8>> = Default::default();
+    for args in requests {
+        let spec = lookup(&args[0]);
+        let kind = spec.map_or(Kind::Free, |s| s.kind);
+        let keys: Vec<Vec<u8>> = match spec {
+            Some(s) if kind == Kind::Keyed => {
+                s.keys(&args).into_iter().map(<[u8]>::to_vec).collect()
+            }
+            _ => vec![],
+        };
+        let clashes = kind == Kind::Barrier || keys.iter().any(|k| run_keys.contains(k));
+        if clashes && !run.is_empty() {
+            replies.extend(run_together(router, conn, std::mem::take(&mut run)).await);
+            run_keys.clear();
+        }
+        if kind == Kind::Barrier {
+            replies.push(barrier(router, conn, &args).await);
+            if conn.quit {
+                return replies;
+            }
+            continue;
+        }
+        run_keys.extend(keys);
+        run.push(args);
+    }
+    if !run.is_empty() {
+        replies.extend(run_together(router, conn, run).await);
+    }
+    replies
+}
+
+async fn run_together(router: &Router, conn: &Conn, run: Vec<Vec<Vec<u8>>>) -> Vec<Reply> {
+    if run.len() == 1 {
+        return vec![execute(router, conn, &run[0]).await];
+    }
+    let mut futures: FuturesOrdered<_> =
+        run.iter().map(|args| execute(router, conn, args)).collect();
+    let mut replies = Vec::with_capacity(run.len());
+    while let Some(r) = futures.next().await {
+        replies.push(r);
+    }
+    replies
+}
+
+/// A command's reply, counted in the metrics.
+async fn execute(router: &Router, conn: &Conn, args: &[Vec<u8>]) -> Reply {
+    let Some(spec) = checked(args) else {
+        return unknown_or_arity(args);
+    };
+    let reply = match run_keyed(router, conn, spec, args).await {
+        Ok(r) => r,
+        Err(e) => kv_error(&e),
+    };
+    count(router, spec.name, &reply);
+    reply
+}
+
+fn count(router: &Router, command: &str, reply: &Reply) {
+    let err = match reply {
+        Reply::Error(e) => Some(KvError::InvalidArgument(e.clone())),
+        _ => None,
+    };
+    crate::frontend::count(router, PROTOCOL, command, err.as_ref().map_or(Ok(()), Err));
+}
+
+/// The command's spec when it exists and has a valid number of arguments.
+fn checked(args: &[Vec<u8>]) -> Option<&'static Spec> {
+    lookup(&args[0]).filter(|s| s.arity_ok(args.len()))
+}
+
+fn unknown_or_arity(args: &[Vec<u8>]) -> Reply {
+    match lookup(&args[0]) {
+        Some(s) => wrong_args(s.name),
+        None => {
+            let mut msg = format!(
+                "unknown command '{}', with args beginning with: ",
+                String::from_utf8_lossy(&args[0])
+            );
+            for a in args.iter().skip(1).take(16) {
+                msg.push_str(&format!("'{}' ", String::from_utf8_lossy(a)));
+            }
+            Reply::err(msg)
+        }
+    }
+}
+
+fn wrong_args(name: &str) -> Reply {
+    Reply::err(format!("wrong number of arguments for '{name}' command"))
+}
+
+fn syntax() -> Reply {
+    Reply::err("syntax error")
+}
+
+fn not_integer() -> Reply {
+    Reply::err("value is not an integer or out of range")
+}
+
+/// capkv's errors as RESP errors: `ERR` for bad requests (Redis's own words where Redis
+/// has them), capkv's stable code in capitals otherwise (`CROSSPARTITION`, `UNAVAILABLE`,
+/// `AMBIGUOUS`, ...).
+pub fn kv_error(e: &KvError) -> Reply {
+    match e {
+        KvError::InvalidArgument(m) | KvError::TooLarge(m) => Reply::err(m.clone()),
+        other => Reply::Error(format!(
+            "{} {}",
+            other.code().as_str().to_ascii_uppercase(),
+            other.message()
+        )),
+    }
+}
+
+fn int_arg(a: &[u8]) -> Result<i64, Reply> {
+    parse_i64(a).ok_or_else(not_integer)
+}
+
+fn upper(a: &[u8]) -> String {
+    String::from_utf8_lossy(a).to_ascii_uppercase()
+}
+
+/// A command that touches only its keys.
+async fn run_keyed(
+    router: &Router,
+    conn: &Conn,
+    spec: &Spec,
+    args: &[Vec<u8>],
+) -> Result<Reply, KvError> {
+    let key = || args[1].clone();
+    macro_rules! arg_int {
+        ($a:expr) => {
+            match int_arg($a) {
+                Ok(n) => n,
+                Err(r) => return Ok(r),
+            }
+        };
+    }
+    Ok(match spec.name {
+        "get" => Reply::opt_bulk(get(router, conn, &args[1]).await?),
+        "set" => return set(router, args).await,
+        "setnx" => {
+            let op = Op::Put {
+                key: key(),
+                value: args[2].clone(),
+                condition: Condition::IfAbsent,
+            };
+            Reply::Int(router.write(op).await?.1.succeeded.into())
+        }
+        "setex" | "psetex" | "expire" | "pexpire" | "expireat" | "pexpireat" => {
+            Reply::err(EXPIRY_UNSUPPORTED)
+        }
+        "getset" => {
+            let update = Update::Swap {
+                value: args[2].clone(),
+                condition: Condition::Always,
+            };
+            Reply::opt_bulk(update_value(router, key(), update).await?)
+        }
+        "getdel" => Reply::opt_bulk(update_value(router, key(), Update::Take).await?),
+        "getex" => {
+            for opt in &args[2..] {
+                match upper(opt).as_str() {
+                    "PERSIST" => {}
+                    "EX" | "PX" | "EXAT" | "PXAT" => return Ok(Reply::err(EXPIRY_UNSUPPORTED)),
+                    _ => return Ok(syntax()),
+                }
+            }
+            Reply::opt_bulk(get(router, conn, &args[1]).await?)
+        }
+        "mget" => {
+            let reads = args[1..].iter().map(|k| get(router, conn, k));
+            let values = futures::future::try_join_all(reads).await?;
+            Reply::Array(values.into_iter().map(Reply::opt_bulk).collect())
+        }
+        "mset" | "msetnx" => {
+            if args.len() % 2 == 0 {
+                return Ok(wrong_args(spec.name));
+            }
+            let kvs = args[1..]
+                .chunks(2)
+                .map(|kv| (kv[0].clone(), kv[1].clone()))
+                .collect();
+            let if_all_absent = spec.name == "msetnx";
+            let (_, r) = router.write(Op::PutMany { kvs, if_all_absent }).await?;
+            if if_all_absent {
+                Reply::Int(r.succeeded.into())
+            } else {
+                Reply::ok()
+            }
+        }
+        "append" => {
+            let v = update_value(router, key(), Update::Append(args[2].clone())).await?;
+            Reply::Int(v.map_or(0, |v| v.len()) as i64)
+        }
+        "strlen" => Reply::Int(get(router, conn, &args[1]).await?.map_or(0, |v| v.len()) as i64),
+        "getrange" | "substr" => {
+            let (start, end) = (arg_int!(&args[2]), arg_int!(&args[3]));
+            let v = get(router, conn, &args[1]).await?.unwrap_or_default();
+            Reply::Bulk(range(&v, start, end).to_vec())
+        }
+        "setrange" => {
+            let offset = arg_int!(&args[2]);
+            if offset < 0 {
+                return Ok(Reply::err("offset is out of range"));
+            }
+            let update = Update::SetRange {
+                offset: offset as u64,
+                bytes: args[3].clone(),
+            };
+            let v = update_value(router, key(), update).await?;
+            Reply::Int(v.map_or(0, |v| v.len()) as i64)
+        }
+        "incr" | "decr" | "incrby" | "decrby" => {
+            let by = match spec.name {
+                "incr" => 1,
+                "decr" => -1,
+                "incrby" => arg_int!(&args[2]),
+                _ => match arg_int!(&args[2]).checked_neg() {
+                    Some(n) => n,
+                    None => return Ok(Reply::err("decrement would overflow")),
+                },
+            };
+            let v = update_value(router, key(), Update::IncrBy(by)).await?;
+            match v.as_deref().and_then(parse_i64) {
+                Some(n) => Reply::Int(n),
+                None => Reply::err("the increment's result is missing"),
+            }
+        }
+        "incrbyfloat" => {
+            let by = String::from_utf8_lossy(&args[2]).into_owned();
+            if by.parse::<f64>().ok().filter(|f| f.is_finite()).is_none() || by.trim() != by {
+                return Ok(Reply::err("value is not a valid float"));
+            }
+            Reply::opt_bulk(update_value(router, key(), Update::IncrByFloat(by)).await?)
+        }
+        "del" | "unlink" => {
+            let deletes = args[1..].iter().map(|k| {
+                router.write(Op::Delete {
+                    key: k.clone(),
+                    condition: Condition::Always,
+                })
+            });
+            let done = futures::future::try_join_all(deletes).await?;
+            Reply::Int(done.iter().filter(|(_, r)| r.succeeded).count() as i64)
+        }
+        "exists" => {
+            let reads = args[1..].iter().map(|k| get(router, conn, k));
+            let values = futures::future::try_join_all(reads).await?;
+            Reply::Int(values.iter().filter(|v| v.is_some()).count() as i64)
+        }
+        "type" => Reply::Simple(
+            if get(router, conn, &args[1]).await?.is_some() {
+                "string"
+            } else {
+                "none"
+            }
+            .into(),
+        ),
+        // No key has an expiry: -1 (no expiry) or -2 (no key).
+        "ttl" | "pttl" => Reply::Int(if get(router, conn, &args[1]).await?.is_some() {
+            -1
+        } else {
+            -2
+        }),
+        "persist" => {
+            get(router, conn, &args[1]).await?;
+            Reply::Int(0)
+        }
+        "rename" => Reply::err("RENAME is not supported by capkv yet"),
+        "ping" => match args.get(1) {
+            None => Reply::Simple("PONG".into()),
+            Some(m) if args.len() == 2 => Reply::Bulk(m.clone()),
+            Some(_) => wrong_args("ping"),
+        },
+        "echo" => Reply::Bulk(args[1].clone()),
+        "command" => command(args),
+        "config" => config(router, args),
+        other => Reply::err(format!("'{other}' cannot run here")),
+    })
+}
+
+/// `SET key value [NX|XX] [GET] [EX s|PX ms|EXAT|PXAT|KEEPTTL]`.
+async fn set(router: &Router, args: &[Vec<u8>]) -> Result<Reply, KvError> {
+    let mut condition = Condition::Always;
+    let mut get = false;
+    let mut i = 3;
+    while i < args.len() {
+        match upper(&args[i]).as_str() {
+            "NX" if condition == Condition::Always => condition = Condition::IfAbsent,
+            "XX" if condition == Condition::Always => condition = Condition::IfExists,
+            "GET" => get = true,
+            // No key has an expiry, so keeping it changes nothing.
+            "KEEPTTL" => {}
+            "EX" | "PX" | "EXAT" | "PXAT" if i + 1 < args.len() => {
+                return Ok(Reply::err(EXPIRY_UNSUPPORTED))
+            }
+            _ => return Ok(syntax()),
+        }
+        i += 1;
+    }
+    let (key, value) = (args[1].clone(), args[2].clone());
+    if get {
+        let update = Update::Swap { value, condition };
+        return Ok(Reply::opt_bulk(update_value(router, key, update).await?));
+    }
+    let (_, r) = router
+        .write(Op::Put {
+            key,
+            value,
+            condition,
+        })
+        .await?;
+    Ok(if r.succeeded {
+        Reply::ok()
+    } else {
+        Reply::Null
+    })
+}
+
+async fn get(router: &Router, conn: &Conn, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
+    let session = conn.session();
+    let (served, value) = router.get(key, conn.level, &session).await?;
+    conn.observe(served.partition, served.applied_index);
+    Ok(value.map(|v| v.value))
+}
+
+/// Runs a read-modify-write; its answer (see `Update`).
+async fn update_value(
+    router: &Router,
+    key: Vec<u8>,
+    update: Update,
+) -> Result<Option<Vec<u8>>, KvError> {
+    let op = Op::Update {
+        key,
+        update,
+        value_bytes_max: 0, // set by the leader
+    };
+    Ok(router.write(op).await?.1.value)
+}
+
+/// Redis's GETRANGE: inclusive `start..=end`, negative from the end, clamped.
+fn range(v: &[u8], start: i64, end: i64) -> &[u8] {
+    let len = v.len() as i64;
+    if len == 0 {
+        return &[];
+    }
+    let fix = |i: i64| if i < 0 { (len + i).max(0) } else { i };
+    let (start, end) = (fix(start), fix(end).min(len - 1));
+    if start > end || start >= len {
+        return &[];
+    }
+    &v[start as usize..=end as usize]
+}
+
+fn command(args: &[Vec<u8>]) -> Reply {
+    let Some(sub) = args.get(1) else {
+        return Reply::Array(COMMANDS.iter().map(Spec::info).collect());
+    };
+    match upper(sub).as_str() {
+        "COUNT" => Reply::Int(COMMANDS.len() as i64),
+        "INFO" => Reply::Array(
+            args[2..]
+                .iter()
+                .map(|n| lookup(n).map_or(Reply::Null, Spec::info))
+                .collect(),
+        ),
+        // No documentation to give: an empty map (redis-cli then shows no hints).
+        "DOCS" => Reply::Map(vec![]),
+        "LIST" => Reply::Array(COMMANDS.iter().map(|c| Reply::bulk(c.name)).collect()),
+        _ => Reply::err(format!(
+            "unknown subcommand '{}'. Try COMMAND HELP.",
+            String::from_utf8_lossy(sub)
+        )),
+    }
+}
+
+/// `CONFIG GET pattern...`: a small read-only subset describing capkv honestly.
+fn config(router: &Router, args: &[Vec<u8>]) -> Reply {
+    if upper(&args[1]) != "GET" || args.len() < 3 {
+        return Reply::err("capkv supports only CONFIG GET <pattern>");
+    }
+    let limits = router.core().limits();
+    let params: Vec<(&str, String)> = vec![
+        ("databases", "1".into()),
+        ("appendonly", "yes".into()),
+        ("appendfsync", "always".into()),
+        ("save", String::new()),
+        ("maxmemory", "0".into()),
+        ("proto-max-bulk-len", limits.value_bytes_max.to_string()),
+        ("maxclients", "4096".into()),
+        ("cluster-enabled", "no".into()),
+    ];
+    let mut out = Vec::new();
+    for (name, value) in &params {
+        if args[2..].iter().any(|p| glob_match(p, name.as_bytes())) {
+            out.push((Reply::bulk(*name), Reply::bulk(value.as_str())));
+        }
+    }
+    Reply::Map(out)
+}
+
+/// Redis's glob (`*`, `?`, `[abc]`, `[^a-z]`, `\x`) over bytes, in O(pattern x key):
+/// a mismatch goes back only to the last `*`.
+pub fn glob_match(p: &[u8], s: &[u8]) -> bool {
+    let (mut pi, mut si) = (0, 0);
+    // After the last `*` seen: where the pattern resumes, and where the key resumed.
+    let mut star: Option<(usize, usize)> = None;
+    while si < s.len() {
+        if p.get(pi) == Some(&b'*') {
+            while p.get(pi) == Some(&b'*') {
+                pi += 1;
+            }
+            star = Some((pi, si));
+            continue;
+        }
+        if let Some(next) = match_one(p, pi, s[si]) {
+            pi = next;
+            si += 1;
+            continue;
+        }
+        match star {
+            Some((sp, ss)) => {
+                pi = sp;
+                si = ss + 1;
+                star = Some((sp, ss + 1));
+            }
+            None => return false,
+        }
+    }
+    while p.get(pi) == Some(&b'*') {
+        pi += 1;
+    }
+    pi == p.len()
+}
+
+/// Whether the pattern element at `p[pi..]` (not `*`) matches byte `c`: the index after
+/// the element if so.
+fn match_one(p: &[u8], pi: usize, c: u8) -> Option<usize> {
+    match *p.get(pi)? {
+        b'?' => Some(pi + 1),
+        b'\\' if pi + 1 < p.len() => (p[pi + 1] == c).then_some(pi + 2),
+        b'[' => {
+            let mut j = pi + 1;
+            let negate = p.get(j) == Some(&b'^');
+            if negate {
+                j += 1;
+            }
+            let mut matched = false;
+            while j < p.len() && p[j] != b']' {
+                if p[j] == b'\\' && j + 1 < p.len() {
+                    j += 1;
+                    matched |= p[j] == c;
+                } else if j + 2 < p.len() && p[j + 1] == b'-' && p[j + 2] != b']' {
+                    let (lo, hi) = (p[j].min(p[j + 2]), p[j].max(p[j + 2]));
+                    matched |= (lo..=hi).contains(&c);
+                    j += 2;
+                } else {
+                    matched |= p[j] == c;
+                }
+                j += 1;
+            }
+            (matched != negate).then_some((j + 1).min(p.len()))
+        }
+        other => (other == c).then_some(pi + 1),
+    }
+}
+
+/// A command that reads or changes the connection's state, or many keys.
+async fn barrier(router: &Arc<Router>, conn: &mut Conn, args: &[Vec<u8>]) -> Reply {
+    let Some(spec) = checked(args) else {
+        return unknown_or_arity(args);
+    };
+    let reply = match run_barrier(router, conn, spec, args).await {
+        Ok(r) => r,
+        Err(e) => kv_error(&e),
+    };
+    count(router, spec.name, &reply);
+    reply
+}
+
+async fn run_barrier(
+    router: &Arc<Router>,
+    conn: &mut Conn,
+    spec: &Spec,
+    args: &[Vec<u8>],
+) -> Result<Reply, KvError> {
+    Ok(match spec.name {
+        "hello" => hello(router, conn, args),
+        "auth" => Reply::err(
+            "AUTH <password> called without any password configured for the default user. \
+             Are you sure your configuration is correct?",
+        ),
+        "select" => match parse_i64(&args[1]) {
+            Some(0) => Reply::ok(),
+            Some(_) => Reply::err("DB index is out of range"),
+            None => not_integer(),
+        },
+        "quit" => {
+            conn.quit = true;
+            Reply::ok()
+        }
+        "client" => client(conn, args),
+        "info" => info(router, conn, args).await?,
+        "capkv.consistency" => match args.get(1) {
+            None => Reply::bulk(conn.level.to_string()),
+            Some(level) => match String::from_utf8_lossy(level).parse::<ReadConsistency>() {
+                Ok(l) => {
+                    conn.level = l;
+                    Reply::ok()
+                }
+                Err(e) => Reply::err(e),
+            },
+        },
+        "keys" => {
+            let pattern = &args[1];
+            let mut keys = Vec::new();
+            for_each_key(router, conn, |k| {
+                if glob_match(pattern, k) {
+                    keys.push(Reply::Bulk(k.to_vec()));
+                }
+            })
+            .await?;
+            Reply::Array(keys)
+        }
+        "scan" => scan(router, conn, args).await?,
+        "dbsize" => {
+            let mut n = 0i64;
+            for_each_key(router, conn, |_| n += 1).await?;
+            Reply::Int(n)
+        }
+        "randomkey" => random_key(router, conn).await?,
+        "flushdb" | "flushall" => flush(router, conn, args).await?,
+        "multi" | "exec" | "discard" | "watch" | "unwatch" => {
+            Reply::err("MULTI/EXEC/WATCH are not supported by capkv yet")
+        }
+        other => Reply::err(format!("'{other}' cannot run here")),
+    })
+}
+
+fn hello(router: &Router, conn: &mut Conn, args: &[Vec<u8>]) -> Reply {
+    let mut i = 1;
+    if let Some(v) = args.get(1) {
+        match parse_i64(v) {
+            Some(v @ 2..=3) => conn.version = v as u8,
+            Some(_) => return Reply::Error("NOPROTO unsupported protocol version".into()),
+            None => return Reply::err("Protocol version is not an integer or out of range"),
+        }
+        i = 2;
+    }
+    while i < args.len() {
+        match upper(&args[i]).as_str() {
+            "AUTH" if i + 2 < args.len() => {
+                return Reply::Error(
+                    "WRONGPASS invalid username-password pair or user is disabled.".into(),
+                )
+            }
+            "SETNAME" if i + 1 < args.len() => {
+                conn.name = Some(args[i + 1].clone());
+                i += 2;
+            }
+            _ => return syntax(),
+        }
+    }
+    Reply::Map(vec![
+        (Reply::bulk("server"), Reply::bulk("capkv")),
+        (
+            Reply::bulk("version"),
+            Reply::bulk(env!("CARGO_PKG_VERSION")),
+        ),
+        (Reply::bulk("proto"), Reply::Int(conn.version.into())),
+        (Reply::bulk("id"), Reply::Int(conn.id as i64)),
+        (Reply::bulk("mode"), Reply::bulk("standalone")),
+        (Reply::bulk("role"), Reply::bulk("master")),
+        (Reply::bulk("modules"), Reply::Array(vec![])),
+        (Reply::bulk("node"), Reply::Int(router.core().id().0 as i64)),
+    ])
+}
+
+fn client(conn: &mut Conn, args: &[Vec<u8>]) -> Reply {
+    match upper(&args[1]).as_str() {
+        "SETNAME" if args.len() == 3 => {
+            if args[2].iter().any(|b| *b <= b' ' || *b > b'~') {
+                return Reply::err(
+                    "Client names cannot contain spaces, newlines or special characters.",
+                );
+            }
+            conn.name = (!args[2].is_empty()).then(|| args[2].clone());
+            Reply::ok()
+        }
+        "GETNAME" if args.len() == 2 => Reply::opt_bulk(conn.name.clone()),
+        "ID" if args.len() == 2 => Reply::Int(conn.id as i64),
+        // Client libraries announce themselves (redis-py 5 does on connect).
+        "SETINFO" if args.len() == 4 => Reply::ok(),
+        "INFO" if args.len() == 2 => Reply::Verbatim(client_line(conn)),
+        "LIST" => Reply::Verbatim(client_line(conn)),
+        _ => Reply::err(format!(
+            "unknown subcommand or wrong number of arguments for '{}'. Try CLIENT HELP.",
+            String::from_utf8_lossy(&args[1])
+        )),
+    }
+}
+
+fn client_line(conn: &Conn) -> String {
+    format!(
+        "id={} name={} db=0 resp={} consistency={}\n",
+        conn.id,
+        String::from_utf8_lossy(conn.name.as_deref().unwrap_or_default()),
+        conn.version,
+        conn.level
+    )
+}
+
+async fn info(router: &Router, conn: &Conn, args: &[Vec<u8>]) -> Result<Reply, KvError> {
+    let core = router.core();
+    let wanted: Vec<String> = args[1..].iter().map(|a| upper(a).to_lowercase()).collect();
+    let all = wanted.is_empty()
+        || wanted
+            .iter()
+            .any(|w| w == "all" || w == "everything" || w == "default");
+    let want = |s: &str| all || wanted.iter().any(|w| w == s);
+    let mut text = String::new();
+    if want("server") {
+        text.push_str(&format!(
+            "# Server\r\nredis_version:7.2.0\r\ncapkv_version:{}\r\nredis_mode:standalone\r\n\
+             process_id:{}\r\ntcp_port:{}\r\ncapkv_node_id:{}\r\n\r\n",
+            env!("CARGO_PKG_VERSION"),
+            std::process::id(),
+            0,
+            core.id()
+        ));
+    }
+    if want("clients") {
+        let open = core
+            .metrics()
+            .frontend_connections
+            .with_label_values(&[PROTOCOL])
+            .get();
+        text.push_str(&format!("# Clients\r\nconnected_clients:{open}\r\n\r\n"));
+    }
+    if want("replication") {
+        let views = core.partition_status();
+        let hosted: Vec<_> = views.iter().filter(|v| !v.role.is_empty()).collect();
+        let leading = hosted
+            .iter()
+            .filter(|v| v.leader == Some(core.id()))
+            .count();
+        text.push_str(&format!(
+            "# Replication\r\nrole:master\r\ncapkv_partitions:{}\r\ncapkv_replication_factor:{}\r\n\
+             capkv_replicas_here:{}\r\ncapkv_leaders_here:{leading}\r\n",
+            core.map().partition_count,
+            core.map().replication_factor,
+            hosted.len()
+        ));
+        for v in &hosted {
+            text.push_str(&format!(
+                "capkv_partition_{}:role={},leader={},term={},commit={},applied={}\r\n",
+                v.id,
+                v.role.to_lowercase(),
+                v.leader.map_or(0, |l| l.0),
+                v.term,
+                v.commit_index,
+                v.applied_index
+            ));
+        }
+        text.push_str("\r\n");
+    }
+    if want("keyspace") {
+        let mut n = 0u64;
+        for_each_key(router, conn, |_| n += 1).await?;
+        text.push_str("# Keyspace\r\n");
+        if n > 0 {
+            text.push_str(&format!("db0:keys={n},expires=0,avg_ttl=0\r\n"));
+        }
+        text.push_str("\r\n");
+    }
+    Ok(Reply::Verbatim(text))
+}
+
+/// Visits every key in order, page by page, at the connection's read level.
+async fn for_each_key(
+    router: &Router,
+    conn: &Conn,
+    mut visit: impl FnMut(&[u8]),
+) -> Result<(), KvError> {
+    let mut continuation = Vec::new();
+    loop {
+        let page = router
+            .scan(&scan_params(conn, continuation, 1000, vec![]))
+            .await?;
+        for kv in &page.kvs {
+            visit(&kv.key);
+        }
+        if page.continuation.is_empty() {
+            return Ok(());
+        }
+        continuation = page.continuation;
+    }
+}
+
+fn scan_params(conn: &Conn, continuation: Vec<u8>, limit: u32, start: Vec<u8>) -> ScanParams {
+    ScanParams {
+        start,
+        continuation,
+        limit,
+        consistency: conn.level,
+        session: conn.session(),
+        ..ScanParams::default()
+    }
+}
+
+/// `SCAN cursor [MATCH pattern] [COUNT n] [TYPE t]`: cursors are numbers this connection
+/// handed out (0 starts and ends a scan); COUNT keys are looked at per call.
+async fn scan(router: &Router, conn: &Conn, args: &[Vec<u8>]) -> Result<Reply, KvError> {
+    let Some(cursor) = std::str::from_utf8(&args[1])
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok())
+    else {
+        return Ok(Reply::err("invalid cursor"));
+    };
+    let (mut pattern, mut count, mut only_strings) = (None, 10i64, true);
+    let mut i = 2;
+    while i < args.len() {
+        let value = args.get(i + 1);
+        match (upper(&args[i]).as_str(), value) {
+            ("MATCH", Some(p)) => pattern = Some(p.clone()),
+            ("COUNT", Some(c)) => match parse_i64(c) {
+                Some(c) if c >= 1 => count = c,
+                Some(_) => return Ok(syntax()),
+                None => return Ok(not_integer()),
+            },
+            ("TYPE", Some(t)) => only_strings = upper(t) == "STRING",
+            _ => return Ok(syntax()),
+        }
+        i += 2;
+    }
+    let continuation = if cursor == 0 {
+        Vec::new()
+    } else {
+        let cursors = conn.cursors.lock().unwrap_or_else(|e| e.into_inner());
+        match cursors.open.get(&cursor) {
+            Some(c) => c.clone(),
+            None => return Ok(Reply::err("invalid cursor")),
+        }
+    };
+    let limit = count.min(i64::from(router.core().limits().scan_limit_max)) as u32;
+    let page = router
+        .scan(&scan_params(conn, continuation, limit, vec![]))
+        .await?;
+    let keys = page
+        .kvs
+        .iter()
+        .filter(|kv| only_strings && pattern.as_ref().is_none_or(|p| glob_match(p, &kv.key)))
+        .map(|kv| Reply::Bulk(kv.key.clone()))
+        .collect();
+    let next = if page.continuation.is_empty() {
+        0
+    } else {
+        let mut cursors = conn.cursors.lock().unwrap_or_else(|e| e.into_inner());
+        cursors.next += 1;
+        let id = cursors.next;
+        cursors.open.insert(id, page.continuation);
+        if cursors.open.len() > CURSORS_MAX {
+            let oldest = *cursors.open.keys().min().unwrap_or(&id);
+            cursors.open.remove(&oldest);
+        }
+        id
+    };
+    Ok(Reply::Array(vec![
+        Reply::bulk(next.to_string()),
+        Reply::Array(keys),
+    ]))
+}
+
+async fn random_key(router: &Router, conn: &Conn) -> Result<Reply, KvError> {
+    let start: Vec<u8> = (0..8).map(|_| rand::random::<u8>()).collect();
+    let page = router.scan(&scan_params(conn, vec![], 1, start)).await?;
+    if let Some(kv) = page.kvs.first() {
+        return Ok(Reply::Bulk(kv.key.clone()));
+    }
+    let page = router.scan(&scan_params(conn, vec![], 1, vec![])).await?;
+    Ok(Reply::opt_bulk(page.kvs.first().map(|kv| kv.key.clone())))
+}
+
+/// `FLUSHDB` / `FLUSHALL [ASYNC|SYNC]`: every key deleted through the log (replicated
+/// deletes). Without ASYNC, refused above `FLUSH_SYNC_MAX` keys; with it, answered at once
+/// and carried out in the background.
+async fn flush(router: &Arc<Router>, conn: &Conn, args: &[Vec<u8>]) -> Result<Reply, KvError> {
+    let asynchronous = match args.get(1).map(|a| upper(a)) {
+        None => false,
+        Some(m) if m == "SYNC" && args.len() == 2 => false,
+        Some(m) if m == "ASYNC" && args.len() == 2 => true,
+        Some(_) => return Ok(syntax()),
+    };
+    let mut keys = Vec::new();
+    for_each_key(router, conn, |k| keys.push(k.to_vec())).await?;
+    if !asynchronous && keys.len() > FLUSH_SYNC_MAX {
+        return Ok(Reply::err(format!(
+            "{} keys: FLUSHDB deletes through the replicated log, and refuses more than {FLUSH_SYNC_MAX} \
+             keys at once; use FLUSHDB ASYNC",
+            keys.len()
+        )));
+    }
+    let delete_all = delete_keys(router.clone(), keys);
+    if asynchronous {
+        tokio::spawn(async move {
+            if let Err(e) = delete_all.await {
+                tracing::warn!(error = %e, "FLUSHDB ASYNC stopped");
+            }
+        });
+    } else {
+        delete_all.await?;
+    }
+    Ok(Reply::ok())
+}
+
+async fn delete_keys(router: Arc<Router>, keys: Vec<Vec<u8>>) -> Result<(), KvError> {
+    for chunk in keys.chunks(64) {
+        let deletes = chunk.iter().map(|k| {
+            router.write(Op::Delete {
+                key: k.clone(),
+                condition: Condition::Always,
+            })
+        });
+        futures::future::try_join_all(deletes).await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn getrange_follows_redis() {
+        let v = b"This is a string";
+        assert_eq!(range(v, 0, 3), b"This");
+        assert_eq!(range(v, -3, -1), b"ing");
+        assert_eq!(range(v, 0, -1), v);
+        assert_eq!(range(v, 10, 100), b"string");
+        assert_eq!(range(v, 5, 3), b"");
+        assert_eq!(range(b"", 0, -1), b"");
+        assert_eq!(range(v, -100, 2), b"Thi");
+    }
+
+    #[test]
+    fn glob_follows_redis() {
+        for (p, s, m) in [
+            ("*", "anything", true),
+            ("user:*", "user:1", true),
+            ("user:*", "usr:1", false),
+            ("h?llo", "hello", true),
+            ("h[ae]llo", "hallo", true),
+            ("h[^e]llo", "hello", false),
+            ("h[a-b]llo", "hbllo", true),
+            ("a\\*b", "a*b", true),
+            ("a\\*b", "axb", false),
+            (
+                "*a*a*a*a*a*a*a*b",
+                "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+                false,
+            ),
+        ] {
+            assert_eq!(glob_match(p.as_bytes(), s.as_bytes()), m, "{p} {s}");
+        }
+    }
+}
