@@ -12,7 +12,7 @@ use capkv_types::{Hlc, HlcTimestamp, PartitionId};
 
 use crate::codec::{decode, encode};
 use crate::sessions::{Admission, Session, SessionChange, Sessions};
-use crate::types::{Command, CommandResponse, Condition, Op, Rejection, Update};
+use crate::types::{Command, CommandResponse, Condition, Op, Rejection, StepAnswer, Update};
 
 /// One partition's command executor. Changes accumulate until [`Applier::flush`] writes
 /// them, with the caller's applied state, as one atomic storage write; reads during the
@@ -129,7 +129,60 @@ impl Applier {
             }
         }
 
+        let mut steps = Vec::new();
         let outcome = match cmd.op {
+            Op::Txn { guards, steps: ops } => {
+                let mut held = true;
+                for (key, revision) in &guards {
+                    let current = self.current(key)?;
+                    held &= current.map_or(0, |c| c.mod_revision) == *revision;
+                }
+                if held {
+                    for op in ops {
+                        let o = self.apply_op(op, revision, hlc)?;
+                        steps.push(StepAnswer {
+                            succeeded: o.succeeded,
+                            current_revision: o.current_revision,
+                            value: o.value,
+                            rejected: o.rejected,
+                        });
+                    }
+                }
+                Outcome {
+                    succeeded: held,
+                    ..Outcome::default()
+                }
+            }
+            op => self.apply_op(op, revision, hlc)?,
+        };
+        let Outcome {
+            succeeded,
+            current_revision,
+            value,
+            rejected,
+        } = outcome;
+        let response = CommandResponse {
+            revision,
+            hlc,
+            succeeded,
+            current_revision,
+            log_index: 0,
+            deduplicated: false,
+            rejected,
+            value,
+            steps,
+        };
+        if let Some(id) = &idempotency {
+            self.sessions
+                .record(id, now_ms, response.clone(), &mut changes);
+        }
+        self.note_sessions(changes);
+        Ok(response)
+    }
+
+    /// Executes one operation (not a `Txn`) at `revision`.
+    fn apply_op(&mut self, op: Op, revision: u64, hlc: u64) -> io::Result<Outcome> {
+        Ok(match op {
             Op::Put {
                 key,
                 value,
@@ -174,29 +227,15 @@ impl Applier {
                     ..Outcome::default()
                 }
             }
-        };
-        let Outcome {
-            succeeded,
-            current_revision,
-            value,
-            rejected,
-        } = outcome;
-        let response = CommandResponse {
-            revision,
-            hlc,
-            succeeded,
-            current_revision,
-            log_index: 0,
-            deduplicated: false,
-            rejected,
-            value,
-        };
-        if let Some(id) = &idempotency {
-            self.sessions
-                .record(id, now_ms, response.clone(), &mut changes);
-        }
-        self.note_sessions(changes);
-        Ok(response)
+            Op::Get { key } => {
+                let current = self.current(&key)?;
+                let mut o = Outcome::of(current.is_some(), current.as_ref());
+                o.value = current.map(|c| c.value);
+                o
+            }
+            // Transactions do not nest (the server refuses them before they are proposed).
+            Op::Txn { .. } => Outcome::default(),
+        })
     }
 
     /// Writes `value` as `key`'s new version (the batch sees it at once).
@@ -483,18 +522,18 @@ mod applied_index_tests {
 }
 
 #[cfg(test)]
-mod update_tests {
+mod update_tests_support {
     use super::*;
     use capkv_storage::{FjallEngine, FjallOptions};
 
-    struct Fixture {
+    pub struct Fixture {
         _dir: tempfile::TempDir,
         applier: Applier,
         revision: u64,
     }
 
     impl Fixture {
-        fn new() -> Self {
+        pub fn new() -> Self {
             let dir = tempfile::tempdir().unwrap();
             let engine: Arc<dyn StorageEngine> =
                 Arc::new(FjallEngine::open(dir.path(), FjallOptions::default()).unwrap());
@@ -507,7 +546,7 @@ mod update_tests {
             }
         }
 
-        fn run(&mut self, op: Op) -> CommandResponse {
+        pub fn run(&mut self, op: Op) -> CommandResponse {
             self.revision += 1;
             let r = self
                 .applier
@@ -524,7 +563,7 @@ mod update_tests {
             r
         }
 
-        fn update(&mut self, key: &str, update: Update) -> CommandResponse {
+        pub fn update(&mut self, key: &str, update: Update) -> CommandResponse {
             self.run(Op::Update {
                 key: key.into(),
                 update,
@@ -532,13 +571,19 @@ mod update_tests {
             })
         }
 
-        fn get(&self, key: &str) -> Option<Vec<u8>> {
+        pub fn get(&self, key: &str) -> Option<Vec<u8>> {
             self.applier
                 .current(key.as_bytes())
                 .unwrap()
                 .map(|v| v.value)
         }
     }
+}
+
+#[cfg(test)]
+mod update_tests {
+    use super::update_tests_support::*;
+    use super::*;
 
     #[test]
     fn increments_append_and_set_range_as_redis_does() {
@@ -649,5 +694,53 @@ mod update_tests {
         assert!(!r.succeeded, "b exists");
         assert_eq!(f.get("c"), None);
         assert_eq!(f.get("b").as_deref(), Some(&b"2"[..]));
+    }
+}
+
+#[cfg(test)]
+mod txn_tests {
+    use super::update_tests_support::*;
+    use super::*;
+
+    #[test]
+    fn a_transaction_runs_its_steps_in_order_unless_a_guard_fails() {
+        let mut f = Fixture::new();
+        let put = |k: &str, v: &str| Op::Put {
+            key: k.into(),
+            value: v.into(),
+            condition: Condition::Always,
+        };
+        let incr = |k: &str| Op::Update {
+            key: k.into(),
+            update: Update::IncrBy(1),
+            value_bytes_max: 32,
+        };
+        let r = f.run(Op::Txn {
+            guards: vec![(b"w".to_vec(), 0)],
+            steps: vec![
+                put("a", "x"),
+                incr("a"),
+                incr("n"),
+                Op::Get { key: "a".into() },
+            ],
+        });
+        assert!(r.succeeded);
+        assert_eq!(r.steps.len(), 4);
+        assert!(r.steps[0].succeeded);
+        assert_eq!(r.steps[1].rejected, Some(Rejection::NotAnInteger));
+        assert_eq!(r.steps[2].value.as_deref(), Some(&b"1"[..]));
+        assert_eq!(
+            r.steps[3].value.as_deref(),
+            Some(&b"x"[..]),
+            "sees its own write"
+        );
+        // The watched key changed: nothing runs.
+        f.run(put("w", "changed"));
+        let r = f.run(Op::Txn {
+            guards: vec![(b"w".to_vec(), 0)],
+            steps: vec![put("a", "y")],
+        });
+        assert!(!r.succeeded && r.steps.is_empty());
+        assert_eq!(f.get("a").as_deref(), Some(&b"x"[..]));
     }
 }

@@ -17,4 +17,6 @@ pub mod types;
 pub use apply::AppliedIndex;
 pub use apply::{format_float, parse_i64};
 pub use faults::Faults;
-pub use types::{Command, CommandResponse, Condition, Idempotency, Op, Rejection, Update};
+pub use types::{
+    Command, CommandResponse, Condition, Idempotency, Op, Rejection, StepAnswer, Update,
+};

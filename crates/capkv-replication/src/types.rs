@@ -98,6 +98,18 @@ pub enum Op {
         kvs: Vec<(Vec<u8>, Vec<u8>)>,
         if_all_absent: bool,
     },
+    /// Reads `key` (inside a `Txn`, at its place among the steps).
+    Get {
+        key: Vec<u8>,
+    },
+    /// A transaction of one partition (MULTI/EXEC): if every guard holds (the key's
+    /// mod_revision is as given, 0 = absent; WATCH), runs the steps in order as one command,
+    /// each answered in `CommandResponse::steps`; a step's refusal does not stop the others
+    /// (as in Redis). `succeeded` says whether the guards held. No step is a `Txn`.
+    Txn {
+        guards: Vec<(Vec<u8>, u64)>,
+        steps: Vec<Op>,
+    },
 }
 
 impl Op {
@@ -108,6 +120,12 @@ impl Op {
                 vec![key.as_slice()]
             }
             Op::PutMany { kvs, .. } => kvs.iter().map(|(k, _)| k.as_slice()).collect(),
+            Op::Get { key } => vec![key.as_slice()],
+            Op::Txn { guards, steps } => guards
+                .iter()
+                .map(|(k, _)| k.as_slice())
+                .chain(steps.iter().flat_map(Op::keys))
+                .collect(),
         }
     }
 }
@@ -130,6 +148,8 @@ impl fmt::Display for Command {
             Op::Delete { .. } => "delete",
             Op::Update { .. } => "update",
             Op::PutMany { .. } => "put-many",
+            Op::Get { .. } => "get",
+            Op::Txn { .. } => "txn",
         };
         match self.idempotency {
             Some(i) => write!(f, "{kind}(client={}, seq={})", i.client_id, i.sequence),
@@ -157,6 +177,18 @@ pub struct CommandResponse {
     pub deduplicated: bool,
     /// Set when the command was refused and not applied.
     pub rejected: Option<Rejection>,
-    /// An update's answer: the previous value (`Swap`, `Take`) or the new one.
+    /// An update's answer: the previous value (`Swap`, `Take`) or the new one; a `Get`'s
+    /// value.
     pub value: Option<Vec<u8>>,
+    /// A `Txn`'s answer to each step (empty when its guards did not hold).
+    pub steps: Vec<StepAnswer>,
+}
+
+/// One step's answer in a transaction.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepAnswer {
+    pub succeeded: bool,
+    pub current_revision: u64,
+    pub value: Option<Vec<u8>>,
+    pub rejected: Option<Rejection>,
 }

@@ -13,6 +13,7 @@ pub use scan::{
     prefix_end, PartitionRows, PartitionScan, ScanPage, ScanParams, SCAN_DEFAULT_LIMIT,
 };
 pub use status::PartitionView;
+pub use write::rejection_error;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -38,6 +38,22 @@ impl KvCore {
         for k in &keys {
             self.limits.check_key(k)?;
         }
+        self.check_parts(op, true)?;
+        let p = self.map.partition_for_key(first);
+        if keys[1..].iter().any(|k| self.map.partition_for_key(k) != p) {
+            return Err(KvError::CrossPartition(
+                "the keys of one command must share a partition: give them a common hash \
+                 tag, e.g. {user:1}:name and {user:1}:mail"
+                    .into(),
+            ));
+        }
+        Ok(p)
+    }
+
+    /// Validates what an operation carries (`top`: not inside a transaction).
+    fn check_parts(&self, op: &Op, top: bool) -> Result<(), KvError> {
+        // The whole command must fit an entry (4 MiB) with room to spare.
+        let total_max = self.limits.value_bytes_max.max(1 << 20);
         match op {
             Op::Put {
                 value, condition, ..
@@ -62,50 +78,54 @@ impl KvCore {
                 Update::Take | Update::IncrBy(_) | Update::IncrByFloat(_) => {}
             },
             Op::PutMany { kvs, .. } => {
-                if kvs.len() > self.limits.batch_keys_max {
-                    return Err(KvError::too_large(
-                        "the number of keys",
-                        kvs.len(),
-                        self.limits.batch_keys_max,
-                    ));
-                }
-                let mut total = 0;
+                self.check_count("the number of keys", kvs.len())?;
                 for (_, v) in kvs {
                     self.limits.check_value(v)?;
-                    total += v.len();
                 }
-                // The whole command must fit an entry (4 MiB) with room to spare.
-                let max = self.limits.value_bytes_max.max(1 << 20);
-                if total > max {
-                    return Err(KvError::too_large("the values of one command", total, max));
+            }
+            Op::Get { .. } if top => {
+                return Err(KvError::InvalidArgument(
+                    "a read is not a write; it goes only inside a transaction".into(),
+                ))
+            }
+            Op::Get { .. } => {}
+            Op::Txn { .. } if !top => {
+                return Err(KvError::InvalidArgument("transactions do not nest".into()))
+            }
+            Op::Txn { guards, steps } => {
+                self.check_count("a transaction's steps", steps.len() + guards.len())?;
+                for step in steps {
+                    self.check_parts(step, false)?;
                 }
             }
         }
-        let p = self.map.partition_for_key(first);
-        if keys[1..].iter().any(|k| self.map.partition_for_key(k) != p) {
-            return Err(KvError::CrossPartition(
-                "the keys of one command must share a partition: give them a common hash \
-                 tag, e.g. {user:1}:name and {user:1}:mail"
-                    .into(),
+        let total = op_bytes(op);
+        if total > total_max {
+            return Err(KvError::too_large(
+                "the values of one command",
+                total,
+                total_max,
             ));
         }
-        Ok(p)
+        Ok(())
+    }
+
+    fn check_count(&self, what: &str, n: usize) -> Result<(), KvError> {
+        if n > self.limits.batch_keys_max {
+            return Err(KvError::too_large(what, n, self.limits.batch_keys_max));
+        }
+        Ok(())
     }
 
     /// Proposes a write to its partition's group here (this node must lead it) and waits
-    /// for its answer. `Op::Update` is stamped with this node's value limit.
+    /// for its answer. Every `Op::Update` is stamped with this node's value limit.
     pub async fn execute(
         &self,
         mut op: Op,
         idempotency: Option<Idempotency>,
     ) -> Result<(Served, CommandResponse), KvError> {
         let p = self.check_op(&op)?;
-        if let Op::Update {
-            value_bytes_max, ..
-        } = &mut op
-        {
-            *value_bytes_max = self.limits.value_bytes_max as u64;
-        }
+        stamp_value_limit(&mut op, self.limits.value_bytes_max as u64);
         self.propose(p, op, idempotency).await
     }
 
@@ -141,8 +161,34 @@ impl KvCore {
     }
 }
 
+/// Stamps this node's value limit into every `Update` of `op`.
+fn stamp_value_limit(op: &mut Op, limit: u64) {
+    match op {
+        Op::Update {
+            value_bytes_max, ..
+        } => *value_bytes_max = limit,
+        Op::Txn { steps, .. } => steps.iter_mut().for_each(|s| stamp_value_limit(s, limit)),
+        _ => {}
+    }
+}
+
+/// The bytes of values an operation carries (its keys are checked one by one).
+fn op_bytes(op: &Op) -> usize {
+    match op {
+        Op::Put { value, .. } => value.len(),
+        Op::Update { update, .. } => match update {
+            Update::Swap { value, .. } => value.len(),
+            Update::Append(b) | Update::SetRange { bytes: b, .. } => b.len(),
+            _ => 0,
+        },
+        Op::PutMany { kvs, .. } => kvs.iter().map(|(_, v)| v.len()).sum(),
+        Op::Txn { steps, .. } => steps.iter().map(op_bytes).sum(),
+        Op::Delete { .. } | Op::Get { .. } => 0,
+    }
+}
+
 /// The error for a write the state machine refused (nothing was applied).
-fn rejection_error(p: PartitionId, why: Rejection, id: Option<Idempotency>) -> KvError {
+pub fn rejection_error(p: PartitionId, why: Rejection, id: Option<Idempotency>) -> KvError {
     let (client, seq) = id.map_or((0, 0), |i| (i.client_id, i.sequence));
     match why {
         Rejection::SessionExpired => KvError::SessionExpired(format!(

@@ -228,6 +228,8 @@ pub enum Reply {
     Bulk(Vec<u8>),
     /// Absent (RESP2 `$-1`, RESP3 `_`).
     Null,
+    /// No array (RESP2 `*-1`, RESP3 `_`): EXEC of a transaction whose WATCH failed.
+    NullArray,
     Array(Vec<Reply>),
     /// RESP3 map; a flat array of keys and values in RESP2.
     Map(Vec<(Reply, Reply)>),
@@ -269,6 +271,8 @@ impl Reply {
             }
             Reply::Null if version >= 3 => out.extend_from_slice(b"_\r\n"),
             Reply::Null => out.extend_from_slice(b"$-1\r\n"),
+            Reply::NullArray if version >= 3 => out.extend_from_slice(b"_\r\n"),
+            Reply::NullArray => out.extend_from_slice(b"*-1\r\n"),
             Reply::Array(items) => {
                 line(out, b'*', items.len().to_string().as_bytes());
                 for i in items {

@@ -12,22 +12,24 @@
 
 pub mod codec;
 pub mod commands;
+pub mod plan;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use capkv_replication::{parse_i64, Condition, Op, Update};
+use capkv_replication::{parse_i64, Condition, Op, StepAnswer};
 use capkv_types::{KvError, ReadConsistency, SessionToken};
 use futures::stream::{FuturesOrdered, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use crate::kv::ScanParams;
+use crate::kv::{rejection_error, ScanParams};
 use crate::router::Router;
 use codec::{decode, DecodeLimits, Reply};
 use commands::{lookup, Kind, Spec, COMMANDS};
+use plan::{answer_of, Plan, Step};
 
 const PROTOCOL: &str = "resp";
 /// Requests of one connection decoded before their answers are written.
@@ -36,7 +38,7 @@ pub const PIPELINE_MAX: usize = 1024;
 pub const FLUSH_SYNC_MAX: usize = 10_000;
 /// SCAN cursors a connection keeps (the oldest is forgotten first).
 const CURSORS_MAX: usize = 64;
-const EXPIRY_UNSUPPORTED: &str =
+pub(crate) const EXPIRY_UNSUPPORTED: &str =
     "capkv does not support key expiry yet (EX, PX, EXAT, PXAT, SETEX, PSETEX, EXPIRE*)";
 
 static NEXT_CLIENT_ID: AtomicU64 = AtomicU64::new(1);
@@ -51,6 +53,12 @@ struct Conn {
     session: Mutex<SessionToken>,
     cursors: Mutex<Cursors>,
     quit: bool,
+    /// Inside MULTI: the commands queued for EXEC.
+    multi: Option<Vec<Plan>>,
+    /// A command could not be queued: EXEC discards the transaction.
+    multi_failed: bool,
+    /// WATCHed keys and their mod_revision when watched (0 = absent).
+    watched: Vec<(Vec<u8>, u64)>,
 }
 
 #[derive(Default)]
@@ -101,6 +109,9 @@ pub async fn connection(
         session: Mutex::new(SessionToken::default()),
         cursors: Mutex::new(Cursors::default()),
         quit: false,
+        multi: None,
+        multi_failed: false,
+        watched: Vec::new(),
     };
     let mut buf: Vec<u8> = Vec::with_capacity(16 * 1024);
     let mut out: Vec<u8> = Vec::with_capacity(16 * 1024);
@@ -179,6 +190,15 @@ async fn run_pipeline(
     let mut run_keys: std::collections::HashSet<Vec<u8>> = Default::default();
     for args in requests {
         let spec = lookup(&args[0]);
+        let control = spec.is_some_and(|s| TXN_CONTROL.contains(&s.name));
+        if conn.multi.is_some() && !control {
+            if !run.is_empty() {
+                replies.extend(run_together(router, conn, std::mem::take(&mut run)).await);
+                run_keys.clear();
+            }
+            replies.push(queue(router, conn, &args));
+            continue;
+        }
         let kind = spec.map_or(Kind::Free, |s| s.kind);
         let keys: Vec<Vec<u8>> = match spec {
             Some(s) if kind == Kind::Keyed => {
@@ -220,15 +240,79 @@ async fn run_together(router: &Router, conn: &Conn, run: Vec<Vec<Vec<u8>>>) -> V
     replies
 }
 
+/// The commands that act on a transaction rather than join it.
+const TXN_CONTROL: &[&str] = &["exec", "discard", "multi", "watch", "quit"];
+
+/// Queues a command inside MULTI.
+fn queue(router: &Router, conn: &mut Conn, args: &[Vec<u8>]) -> Reply {
+    let Some(spec) = checked(args) else {
+        conn.multi_failed = true;
+        return unknown_or_arity(args);
+    };
+    if spec.kind == Kind::Barrier {
+        conn.multi_failed = true;
+        return Reply::err(format!(
+            "'{}' is not supported inside MULTI by capkv",
+            spec.name
+        ));
+    }
+    let plan = plan::plan(router, spec, args);
+    conn.multi.get_or_insert_with(Vec::new).push(plan);
+    Reply::Simple("QUEUED".into())
+}
+
+/// EXEC: every queued command's steps, guarded by the WATCHed keys, as one replicated
+/// transaction of one partition; each command's reply made from its share of the answers.
+async fn exec(
+    router: &Router,
+    conn: &Conn,
+    plans: Vec<Plan>,
+    watched: Vec<(Vec<u8>, u64)>,
+) -> Reply {
+    let steps: Vec<Op> = plans
+        .iter()
+        .flat_map(|p| p.steps.iter().cloned().map(Step::into_op))
+        .collect();
+    if steps.is_empty() && watched.is_empty() {
+        return Reply::Array(plans.iter().map(|p| p.reply(vec![])).collect());
+    }
+    let (served, r) = match router
+        .write(Op::Txn {
+            guards: watched,
+            steps,
+        })
+        .await
+    {
+        Ok(w) => w,
+        Err(e) => return kv_error(&e),
+    };
+    if !r.succeeded {
+        return Reply::NullArray;
+    }
+    conn.observe(served.partition, r.log_index.max(served.applied_index));
+    let mut answers = r.steps.into_iter();
+    let replies = plans
+        .iter()
+        .map(|plan| {
+            let mine = answers
+                .by_ref()
+                .take(plan.steps.len())
+                .map(|a| match a.rejected {
+                    Some(why) => Err(kv_error(&rejection_error(served.partition, why, None))),
+                    None => Ok(a),
+                });
+            plan.reply(mine.collect())
+        })
+        .collect();
+    Reply::Array(replies)
+}
+
 /// A command's reply, counted in the metrics.
 async fn execute(router: &Router, conn: &Conn, args: &[Vec<u8>]) -> Reply {
     let Some(spec) = checked(args) else {
         return unknown_or_arity(args);
     };
-    let reply = match run_keyed(router, conn, spec, args).await {
-        Ok(r) => r,
-        Err(e) => kv_error(&e),
-    };
+    let reply = run_plan(router, conn, &plan::plan(router, spec, args)).await;
     count(router, spec.name, &reply);
     reply
 }
@@ -262,15 +346,15 @@ fn unknown_or_arity(args: &[Vec<u8>]) -> Reply {
     }
 }
 
-fn wrong_args(name: &str) -> Reply {
+pub(crate) fn wrong_args(name: &str) -> Reply {
     Reply::err(format!("wrong number of arguments for '{name}' command"))
 }
 
-fn syntax() -> Reply {
+pub(crate) fn syntax() -> Reply {
     Reply::err("syntax error")
 }
 
-fn not_integer() -> Reply {
+pub(crate) fn not_integer() -> Reply {
     Reply::err("value is not an integer or out of range")
 }
 
@@ -288,235 +372,53 @@ pub fn kv_error(e: &KvError) -> Reply {
     }
 }
 
-fn int_arg(a: &[u8]) -> Result<i64, Reply> {
+pub(crate) fn int_arg(a: &[u8]) -> Result<i64, Reply> {
     parse_i64(a).ok_or_else(not_integer)
 }
 
-fn upper(a: &[u8]) -> String {
+pub(crate) fn upper(a: &[u8]) -> String {
     String::from_utf8_lossy(a).to_ascii_uppercase()
 }
 
-/// A command that touches only its keys.
-async fn run_keyed(
-    router: &Router,
-    conn: &Conn,
-    spec: &Spec,
-    args: &[Vec<u8>],
-) -> Result<Reply, KvError> {
-    let key = || args[1].clone();
-    macro_rules! arg_int {
-        ($a:expr) => {
-            match int_arg($a) {
-                Ok(n) => n,
-                Err(r) => return Ok(r),
-            }
-        };
-    }
-    Ok(match spec.name {
-        "get" => Reply::opt_bulk(get(router, conn, &args[1]).await?),
-        "set" => return set(router, args).await,
-        "setnx" => {
-            let op = Op::Put {
-                key: key(),
-                value: args[2].clone(),
-                condition: Condition::IfAbsent,
-            };
-            Reply::Int(router.write(op).await?.1.succeeded.into())
+/// Runs a command's steps now: reads at the connection's level, writes through the
+/// router, side by side.
+async fn run_plan(router: &Router, conn: &Conn, plan: &Plan) -> Reply {
+    let answers = plan.steps.iter().map(|step| async move {
+        match step {
+            Step::Read(key) => get(router, conn, key).await.map(|value| StepAnswer {
+                succeeded: value.is_some(),
+                value,
+                ..StepAnswer::default()
+            }),
+            Step::Write(op) => router.write(op.clone()).await.map(|(_, r)| answer_of(&r)),
         }
-        "setex" | "psetex" | "expire" | "pexpire" | "expireat" | "pexpireat" => {
-            Reply::err(EXPIRY_UNSUPPORTED)
-        }
-        "getset" => {
-            let update = Update::Swap {
-                value: args[2].clone(),
-                condition: Condition::Always,
-            };
-            Reply::opt_bulk(update_value(router, key(), update).await?)
-        }
-        "getdel" => Reply::opt_bulk(update_value(router, key(), Update::Take).await?),
-        "getex" => {
-            for opt in &args[2..] {
-                match upper(opt).as_str() {
-                    "PERSIST" => {}
-                    "EX" | "PX" | "EXAT" | "PXAT" => return Ok(Reply::err(EXPIRY_UNSUPPORTED)),
-                    _ => return Ok(syntax()),
-                }
-            }
-            Reply::opt_bulk(get(router, conn, &args[1]).await?)
-        }
-        "mget" => {
-            let reads = args[1..].iter().map(|k| get(router, conn, k));
-            let values = futures::future::try_join_all(reads).await?;
-            Reply::Array(values.into_iter().map(Reply::opt_bulk).collect())
-        }
-        "mset" | "msetnx" => {
-            if args.len() % 2 == 0 {
-                return Ok(wrong_args(spec.name));
-            }
-            let kvs = args[1..]
-                .chunks(2)
-                .map(|kv| (kv[0].clone(), kv[1].clone()))
-                .collect();
-            let if_all_absent = spec.name == "msetnx";
-            let (_, r) = router.write(Op::PutMany { kvs, if_all_absent }).await?;
-            if if_all_absent {
-                Reply::Int(r.succeeded.into())
-            } else {
-                Reply::ok()
-            }
-        }
-        "append" => {
-            let v = update_value(router, key(), Update::Append(args[2].clone())).await?;
-            Reply::Int(v.map_or(0, |v| v.len()) as i64)
-        }
-        "strlen" => Reply::Int(get(router, conn, &args[1]).await?.map_or(0, |v| v.len()) as i64),
-        "getrange" | "substr" => {
-            let (start, end) = (arg_int!(&args[2]), arg_int!(&args[3]));
-            let v = get(router, conn, &args[1]).await?.unwrap_or_default();
-            Reply::Bulk(range(&v, start, end).to_vec())
-        }
-        "setrange" => {
-            let offset = arg_int!(&args[2]);
-            if offset < 0 {
-                return Ok(Reply::err("offset is out of range"));
-            }
-            let update = Update::SetRange {
-                offset: offset as u64,
-                bytes: args[3].clone(),
-            };
-            let v = update_value(router, key(), update).await?;
-            Reply::Int(v.map_or(0, |v| v.len()) as i64)
-        }
-        "incr" | "decr" | "incrby" | "decrby" => {
-            let by = match spec.name {
-                "incr" => 1,
-                "decr" => -1,
-                "incrby" => arg_int!(&args[2]),
-                _ => match arg_int!(&args[2]).checked_neg() {
-                    Some(n) => n,
-                    None => return Ok(Reply::err("decrement would overflow")),
-                },
-            };
-            let v = update_value(router, key(), Update::IncrBy(by)).await?;
-            match v.as_deref().and_then(parse_i64) {
-                Some(n) => Reply::Int(n),
-                None => Reply::err("the increment's result is missing"),
-            }
-        }
-        "incrbyfloat" => {
-            let by = String::from_utf8_lossy(&args[2]).into_owned();
-            if by.parse::<f64>().ok().filter(|f| f.is_finite()).is_none() || by.trim() != by {
-                return Ok(Reply::err("value is not a valid float"));
-            }
-            Reply::opt_bulk(update_value(router, key(), Update::IncrByFloat(by)).await?)
-        }
-        "del" | "unlink" => {
-            let deletes = args[1..].iter().map(|k| {
-                router.write(Op::Delete {
-                    key: k.clone(),
-                    condition: Condition::Always,
-                })
-            });
-            let done = futures::future::try_join_all(deletes).await?;
-            Reply::Int(done.iter().filter(|(_, r)| r.succeeded).count() as i64)
-        }
-        "exists" => {
-            let reads = args[1..].iter().map(|k| get(router, conn, k));
-            let values = futures::future::try_join_all(reads).await?;
-            Reply::Int(values.iter().filter(|v| v.is_some()).count() as i64)
-        }
-        "type" => Reply::Simple(
-            if get(router, conn, &args[1]).await?.is_some() {
-                "string"
-            } else {
-                "none"
-            }
-            .into(),
-        ),
-        // No key has an expiry: -1 (no expiry) or -2 (no key).
-        "ttl" | "pttl" => Reply::Int(if get(router, conn, &args[1]).await?.is_some() {
-            -1
-        } else {
-            -2
-        }),
-        "persist" => {
-            get(router, conn, &args[1]).await?;
-            Reply::Int(0)
-        }
-        "rename" => Reply::err("RENAME is not supported by capkv yet"),
-        "ping" => match args.get(1) {
-            None => Reply::Simple("PONG".into()),
-            Some(m) if args.len() == 2 => Reply::Bulk(m.clone()),
-            Some(_) => wrong_args("ping"),
-        },
-        "echo" => Reply::Bulk(args[1].clone()),
-        "command" => command(args),
-        "config" => config(router, args),
-        other => Reply::err(format!("'{other}' cannot run here")),
-    })
-}
-
-/// `SET key value [NX|XX] [GET] [EX s|PX ms|EXAT|PXAT|KEEPTTL]`.
-async fn set(router: &Router, args: &[Vec<u8>]) -> Result<Reply, KvError> {
-    let mut condition = Condition::Always;
-    let mut get = false;
-    let mut i = 3;
-    while i < args.len() {
-        match upper(&args[i]).as_str() {
-            "NX" if condition == Condition::Always => condition = Condition::IfAbsent,
-            "XX" if condition == Condition::Always => condition = Condition::IfExists,
-            "GET" => get = true,
-            // No key has an expiry, so keeping it changes nothing.
-            "KEEPTTL" => {}
-            "EX" | "PX" | "EXAT" | "PXAT" if i + 1 < args.len() => {
-                return Ok(Reply::err(EXPIRY_UNSUPPORTED))
-            }
-            _ => return Ok(syntax()),
-        }
-        i += 1;
-    }
-    let (key, value) = (args[1].clone(), args[2].clone());
-    if get {
-        let update = Update::Swap { value, condition };
-        return Ok(Reply::opt_bulk(update_value(router, key, update).await?));
-    }
-    let (_, r) = router
-        .write(Op::Put {
-            key,
-            value,
-            condition,
-        })
-        .await?;
-    Ok(if r.succeeded {
-        Reply::ok()
-    } else {
-        Reply::Null
-    })
+    });
+    let answers = futures::future::join_all(answers).await;
+    plan.reply(
+        answers
+            .into_iter()
+            .map(|a| a.map_err(|e| kv_error(&e)))
+            .collect(),
+    )
 }
 
 async fn get(router: &Router, conn: &Conn, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
+    Ok(get_stored(router, conn, key).await?.map(|v| v.value))
+}
+
+async fn get_stored(
+    router: &Router,
+    conn: &Conn,
+    key: &[u8],
+) -> Result<Option<capkv_storage::StoredValue>, KvError> {
     let session = conn.session();
     let (served, value) = router.get(key, conn.level, &session).await?;
     conn.observe(served.partition, served.applied_index);
-    Ok(value.map(|v| v.value))
-}
-
-/// Runs a read-modify-write; its answer (see `Update`).
-async fn update_value(
-    router: &Router,
-    key: Vec<u8>,
-    update: Update,
-) -> Result<Option<Vec<u8>>, KvError> {
-    let op = Op::Update {
-        key,
-        update,
-        value_bytes_max: 0, // set by the leader
-    };
-    Ok(router.write(op).await?.1.value)
+    Ok(value)
 }
 
 /// Redis's GETRANGE: inclusive `start..=end`, negative from the end, clamped.
-fn range(v: &[u8], start: i64, end: i64) -> &[u8] {
+pub(crate) fn range(v: &[u8], start: i64, end: i64) -> &[u8] {
     let len = v.len() as i64;
     if len == 0 {
         return &[];
@@ -529,7 +431,7 @@ fn range(v: &[u8], start: i64, end: i64) -> &[u8] {
     &v[start as usize..=end as usize]
 }
 
-fn command(args: &[Vec<u8>]) -> Reply {
+pub(crate) fn command(args: &[Vec<u8>]) -> Reply {
     let Some(sub) = args.get(1) else {
         return Reply::Array(COMMANDS.iter().map(Spec::info).collect());
     };
@@ -552,7 +454,7 @@ fn command(args: &[Vec<u8>]) -> Reply {
 }
 
 /// `CONFIG GET pattern...`: a small read-only subset describing capkv honestly.
-fn config(router: &Router, args: &[Vec<u8>]) -> Reply {
+pub(crate) fn config(router: &Router, args: &[Vec<u8>]) -> Reply {
     if upper(&args[1]) != "GET" || args.len() < 3 {
         return Reply::err("capkv supports only CONFIG GET <pattern>");
     }
@@ -707,8 +609,48 @@ async fn run_barrier(
         }
         "randomkey" => random_key(router, conn).await?,
         "flushdb" | "flushall" => flush(router, conn, args).await?,
-        "multi" | "exec" | "discard" | "watch" | "unwatch" => {
-            Reply::err("MULTI/EXEC/WATCH are not supported by capkv yet")
+        "multi" if conn.multi.is_some() => Reply::err("MULTI calls can not be nested"),
+        "multi" => {
+            conn.multi = Some(Vec::new());
+            conn.multi_failed = false;
+            Reply::ok()
+        }
+        "exec" => match conn.multi.take() {
+            None => Reply::err("EXEC without MULTI"),
+            Some(plans) => {
+                let watched = std::mem::take(&mut conn.watched);
+                if std::mem::take(&mut conn.multi_failed) {
+                    Reply::Error(
+                        "EXECABORT Transaction discarded because of previous errors.".into(),
+                    )
+                } else {
+                    exec(router, conn, plans, watched).await
+                }
+            }
+        },
+        "discard" => match conn.multi.take() {
+            None => Reply::err("DISCARD without MULTI"),
+            Some(_) => {
+                conn.watched.clear();
+                conn.multi_failed = false;
+                Reply::ok()
+            }
+        },
+        "watch" if conn.multi.is_some() => Reply::err("WATCH inside MULTI is not allowed"),
+        "watch" => {
+            for key in &args[1..] {
+                let session = conn.session();
+                let (_, v) = router
+                    .get(key, ReadConsistency::Linearizable, &session)
+                    .await?;
+                conn.watched
+                    .push((key.clone(), v.map_or(0, |v| v.mod_revision)));
+            }
+            Reply::ok()
+        }
+        "unwatch" => {
+            conn.watched.clear();
+            Reply::ok()
         }
         other => Reply::err(format!("'{other}' cannot run here")),
     })

@@ -1,0 +1,323 @@
+//! What each keyed command does, as steps (reads and replicated operations) and a way to
+//! make its reply from their answers. A command outside MULTI runs its steps at once (a
+//! read at the connection's level, a write through the router); inside MULTI its steps
+//! join the transaction's one `Op::Txn`, and EXEC makes each reply from its share of the
+//! answers. One description serves both.
+
+use capkv_replication::{parse_i64, CommandResponse, Condition, Op, StepAnswer, Update};
+
+use super::codec::Reply;
+use super::commands::Spec;
+use super::{int_arg, not_integer, range, syntax, upper, wrong_args, EXPIRY_UNSUPPORTED};
+use crate::router::Router;
+
+#[derive(Debug, Clone)]
+pub enum Step {
+    /// A read of the key (at the connection's level; in order, inside a transaction).
+    Read(Vec<u8>),
+    Write(Op),
+}
+
+impl Step {
+    /// The step as a transaction's operation.
+    pub fn into_op(self) -> Op {
+        match self {
+            Step::Read(key) => Op::Get { key },
+            Step::Write(op) => op,
+        }
+    }
+}
+
+/// How a command's reply is made from its steps' answers.
+#[derive(Debug, Clone)]
+pub enum Render {
+    /// The reply is known without running anything (PING, ECHO, errors found by parsing).
+    Fixed(Reply),
+    /// `+OK` if the write happened, else null (SET with NX/XX).
+    OkOrNull,
+    Ok,
+    /// The answer's value as a bulk string, or null.
+    Value,
+    /// 1 if the step succeeded, else 0.
+    Flag,
+    /// The length of the answer's value (0 when absent).
+    Len,
+    /// The answer's value as an integer.
+    Integer,
+    /// How many steps succeeded (DEL, EXISTS).
+    Count,
+    /// Every step's value (MGET).
+    Values,
+    /// `string` or `none`.
+    Type,
+    /// -1 (the key exists, with no expiry) or -2.
+    Ttl,
+    /// 0 (PERSIST: no key has an expiry to remove).
+    Zero,
+    /// GETRANGE's part of the value.
+    Range(i64, i64),
+}
+
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub steps: Vec<Step>,
+    pub render: Render,
+}
+
+impl Plan {
+    fn fixed(reply: Reply) -> Plan {
+        Plan {
+            steps: vec![],
+            render: Render::Fixed(reply),
+        }
+    }
+
+    fn one(step: Step, render: Render) -> Plan {
+        Plan {
+            steps: vec![step],
+            render,
+        }
+    }
+
+    fn write(op: Op, render: Render) -> Plan {
+        Plan::one(Step::Write(op), render)
+    }
+
+    fn read(key: &[u8], render: Render) -> Plan {
+        Plan::one(Step::Read(key.to_vec()), render)
+    }
+
+    /// The reply from the steps' answers (one per step, in order; an error in place of
+    /// an answer stands for the whole command).
+    pub fn reply(&self, answers: Vec<Result<StepAnswer, Reply>>) -> Reply {
+        let mut ok = Vec::with_capacity(answers.len());
+        for a in answers {
+            match a {
+                Ok(a) => ok.push(a),
+                Err(e) => return e,
+            }
+        }
+        let first = ok.first().cloned().unwrap_or_default();
+        match &self.render {
+            Render::Fixed(r) => r.clone(),
+            Render::OkOrNull if first.succeeded => Reply::ok(),
+            Render::OkOrNull => Reply::Null,
+            Render::Ok => Reply::ok(),
+            Render::Value => Reply::opt_bulk(first.value),
+            Render::Flag => Reply::Int(first.succeeded.into()),
+            Render::Len => Reply::Int(first.value.map_or(0, |v| v.len()) as i64),
+            Render::Integer => match first.value.as_deref().and_then(parse_i64) {
+                Some(n) => Reply::Int(n),
+                None => not_integer(),
+            },
+            Render::Count => Reply::Int(ok.iter().filter(|a| a.succeeded).count() as i64),
+            Render::Values => {
+                Reply::Array(ok.into_iter().map(|a| Reply::opt_bulk(a.value)).collect())
+            }
+            Render::Type => Reply::Simple(
+                if first.value.is_some() {
+                    "string"
+                } else {
+                    "none"
+                }
+                .into(),
+            ),
+            Render::Ttl => Reply::Int(if first.value.is_some() { -1 } else { -2 }),
+            Render::Zero => Reply::Int(0),
+            Render::Range(start, end) => Reply::Bulk(
+                range(first.value.as_deref().unwrap_or_default(), *start, *end).to_vec(),
+            ),
+        }
+    }
+}
+
+/// A write's answer as a step's.
+pub fn answer_of(r: &CommandResponse) -> StepAnswer {
+    StepAnswer {
+        succeeded: r.succeeded,
+        current_revision: r.current_revision,
+        value: r.value.clone(),
+        rejected: r.rejected,
+    }
+}
+
+fn update(key: &[u8], update: Update) -> Op {
+    Op::Update {
+        key: key.to_vec(),
+        update,
+        value_bytes_max: 0, // stamped by the leader
+    }
+}
+
+/// The plan of a command with valid arity (`spec.kind` is `Keyed` or `Free`).
+pub fn plan(router: &Router, spec: &Spec, args: &[Vec<u8>]) -> Plan {
+    let key = args.get(1).map(Vec::as_slice).unwrap_or_default();
+    macro_rules! int {
+        ($a:expr) => {
+            match int_arg($a) {
+                Ok(n) => n,
+                Err(r) => return Plan::fixed(r),
+            }
+        };
+    }
+    match spec.name {
+        "get" => Plan::read(key, Render::Value),
+        "set" => set(args),
+        "setnx" => Plan::write(
+            Op::Put {
+                key: key.to_vec(),
+                value: args[2].clone(),
+                condition: Condition::IfAbsent,
+            },
+            Render::Flag,
+        ),
+        "setex" | "psetex" | "expire" | "pexpire" | "expireat" | "pexpireat" => {
+            Plan::fixed(Reply::err(EXPIRY_UNSUPPORTED))
+        }
+        "getset" => Plan::write(
+            update(
+                key,
+                Update::Swap {
+                    value: args[2].clone(),
+                    condition: Condition::Always,
+                },
+            ),
+            Render::Value,
+        ),
+        "getdel" => Plan::write(update(key, Update::Take), Render::Value),
+        "getex" => {
+            for opt in &args[2..] {
+                match upper(opt).as_str() {
+                    "PERSIST" => {}
+                    "EX" | "PX" | "EXAT" | "PXAT" => {
+                        return Plan::fixed(Reply::err(EXPIRY_UNSUPPORTED))
+                    }
+                    _ => return Plan::fixed(syntax()),
+                }
+            }
+            Plan::read(key, Render::Value)
+        }
+        "mget" => Plan {
+            steps: args[1..].iter().map(|k| Step::Read(k.clone())).collect(),
+            render: Render::Values,
+        },
+        "mset" | "msetnx" => {
+            if args.len() % 2 == 0 {
+                return Plan::fixed(wrong_args(spec.name));
+            }
+            let kvs = args[1..]
+                .chunks(2)
+                .map(|kv| (kv[0].clone(), kv[1].clone()))
+                .collect();
+            let if_all_absent = spec.name == "msetnx";
+            let render = if if_all_absent {
+                Render::Flag
+            } else {
+                Render::Ok
+            };
+            Plan::write(Op::PutMany { kvs, if_all_absent }, render)
+        }
+        "append" => Plan::write(update(key, Update::Append(args[2].clone())), Render::Len),
+        "strlen" => Plan::read(key, Render::Len),
+        "getrange" | "substr" => Plan::read(key, Render::Range(int!(&args[2]), int!(&args[3]))),
+        "setrange" => {
+            let offset = int!(&args[2]);
+            if offset < 0 {
+                return Plan::fixed(Reply::err("offset is out of range"));
+            }
+            let u = Update::SetRange {
+                offset: offset as u64,
+                bytes: args[3].clone(),
+            };
+            Plan::write(update(key, u), Render::Len)
+        }
+        "incr" | "decr" | "incrby" | "decrby" => {
+            let by = match spec.name {
+                "incr" => 1,
+                "decr" => -1,
+                "incrby" => int!(&args[2]),
+                _ => match int!(&args[2]).checked_neg() {
+                    Some(n) => n,
+                    None => return Plan::fixed(Reply::err("decrement would overflow")),
+                },
+            };
+            Plan::write(update(key, Update::IncrBy(by)), Render::Integer)
+        }
+        "incrbyfloat" => {
+            let by = String::from_utf8_lossy(&args[2]).into_owned();
+            if by.trim() != by || by.parse::<f64>().ok().filter(|f| f.is_finite()).is_none() {
+                return Plan::fixed(Reply::err("value is not a valid float"));
+            }
+            Plan::write(update(key, Update::IncrByFloat(by)), Render::Value)
+        }
+        "del" | "unlink" => Plan {
+            steps: args[1..]
+                .iter()
+                .map(|k| {
+                    Step::Write(Op::Delete {
+                        key: k.clone(),
+                        condition: Condition::Always,
+                    })
+                })
+                .collect(),
+            render: Render::Count,
+        },
+        "exists" => Plan {
+            steps: args[1..].iter().map(|k| Step::Read(k.clone())).collect(),
+            render: Render::Count,
+        },
+        "type" => Plan::read(key, Render::Type),
+        "ttl" | "pttl" => Plan::read(key, Render::Ttl),
+        "persist" => Plan::read(key, Render::Zero),
+        "rename" => Plan::fixed(Reply::err("RENAME is not supported by capkv yet")),
+        "ping" => Plan::fixed(match args.get(1) {
+            None => Reply::Simple("PONG".into()),
+            Some(m) if args.len() == 2 => Reply::Bulk(m.clone()),
+            Some(_) => wrong_args("ping"),
+        }),
+        "echo" => Plan::fixed(Reply::Bulk(args[1].clone())),
+        "command" => Plan::fixed(super::command(args)),
+        "config" => Plan::fixed(super::config(router, args)),
+        other => Plan::fixed(Reply::err(format!("'{other}' cannot run here"))),
+    }
+}
+
+/// `SET key value [NX|XX] [GET] [EX s|PX ms|EXAT|PXAT|KEEPTTL]`.
+fn set(args: &[Vec<u8>]) -> Plan {
+    let mut condition = Condition::Always;
+    let mut get = false;
+    let mut i = 3;
+    while i < args.len() {
+        match upper(&args[i]).as_str() {
+            "NX" if condition == Condition::Always => condition = Condition::IfAbsent,
+            "XX" if condition == Condition::Always => condition = Condition::IfExists,
+            "GET" => get = true,
+            // No key has an expiry, so keeping it changes nothing.
+            "KEEPTTL" => {}
+            "EX" | "PX" | "EXAT" | "PXAT" if i + 1 < args.len() => {
+                return Plan::fixed(Reply::err(EXPIRY_UNSUPPORTED))
+            }
+            _ => return Plan::fixed(syntax()),
+        }
+        i += 1;
+    }
+    let (key, value) = (args[1].clone(), args[2].clone());
+    if get {
+        return Plan::write(
+            update(&key, Update::Swap { value, condition }),
+            Render::Value,
+        );
+    }
+    Plan::write(
+        Op::Put {
+            key,
+            value,
+            condition,
+        },
+        if condition == Condition::Always {
+            Render::Ok
+        } else {
+            Render::OkOrNull
+        },
+    )
+}
