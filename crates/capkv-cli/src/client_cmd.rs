@@ -375,6 +375,7 @@ pub async fn status(a: StatusArgs) -> i32 {
                     "snapshots_receiving": s.snapshots_receiving,
                     "snapshot_bytes_sent": s.snapshot_bytes_sent,
                     "snapshot_bytes_received": s.snapshot_bytes_received,
+                    "http": s.http_addr, "resp": s.resp_addr, "json": s.json_addr,
                     "partitions": s.partitions.iter().map(|p| serde_json::json!({
                         "id": p.id, "replicas": p.replicas, "role": p.role, "leader": p.leader_id,
                         "term": p.term, "last_log_index": p.last_log_index, "commit_index": p.commit_index,
@@ -424,6 +425,27 @@ pub async fn status(a: StatusArgs) -> i32 {
             Err(e) => format!("DOWN: {e}"),
         };
         outln!("{:<5} {:<22} {}", id.0, addr, state);
+    }
+    outln!();
+    outln!("NODE  gRPC                   RESP                   HTTP                   JSON");
+    for (id, addr, r) in &views {
+        if let Ok(s) = r {
+            let or_off = |a: &str| {
+                if a.is_empty() {
+                    "off".to_string()
+                } else {
+                    a.to_string()
+                }
+            };
+            outln!(
+                "{:<5} {:<22} {:<22} {:<22} {}",
+                id.0,
+                addr,
+                or_off(&s.resp_addr),
+                or_off(&s.http_addr),
+                or_off(&s.json_addr)
+            );
+        }
     }
     outln!();
     outln!("PARTITION  LEADER  TERM  REPLICAS      APPLIED (per node)");

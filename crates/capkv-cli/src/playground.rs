@@ -89,15 +89,21 @@ pub async fn run(a: PlaygroundArgs) -> i32 {
     }
     for n in &cluster.nodes {
         println!(
-            "node {}: pid {}, gRPC {}, HTTP {}",
+            "node {}: pid {}, gRPC {}, RESP {}, HTTP {}, JSON {}",
             n.id,
             n.pid().map_or("-".to_string(), |p| p.to_string()),
             n.addr,
-            n.http
+            n.resp,
+            n.http,
+            n.json
         );
     }
     println!("endpoints: {}", cluster.endpoints().join(","));
     println!("try: capkv put user:1 alice && capkv get user:1 && capkv status   (Ctrl-C stops the cluster)");
+    if let Some(n) = cluster.nodes.first() {
+        let port = n.resp.rsplit(':').next().unwrap_or("6379");
+        println!("     redis-cli -p {port} set user:2 bob   (any node answers the Redis protocol)");
+    }
     let restart_after = (!a.no_restart).then_some(a.restart_after);
     tokio::select! {
         _ = crate::server_cmd::wait_for_stop_signal() => {}

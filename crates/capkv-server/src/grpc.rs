@@ -258,6 +258,9 @@ impl Kv for KvService {
             snapshots_receiving: snapshot_count(core, |s| &s.receiving) as u32,
             snapshot_bytes_sent: snapshot_count(core, |s| &s.bytes_sent),
             snapshot_bytes_received: snapshot_count(core, |s| &s.bytes_received),
+            http_addr: addr_or_empty(core.endpoints().http),
+            resp_addr: addr_or_empty(core.endpoints().resp),
+            json_addr: addr_or_empty(core.endpoints().json),
         }))
     }
 }
@@ -297,6 +300,10 @@ async fn next_chunk(
         Err(_) => Err(Status::deadline_exceeded("no snapshot chunk for 60 s")),
         Ok(m) => m,
     }
+}
+
+fn addr_or_empty(a: Option<std::net::SocketAddr>) -> String {
+    a.map(|a| a.to_string()).unwrap_or_default()
 }
 
 /// One of the engine's snapshot counters.

@@ -1,4 +1,5 @@
-//! HTTP front end: `/metrics` (Prometheus), `/health`, `/status` (JSON). (Fault injection
+//! HTTP front end: `/metrics` (Prometheus), `/health`, `/status` (JSON), and the
+//! HTTP/JSON key-value API (`/v1/kv`, `frontend::http_kv`). (Fault injection
 //! is the test-only `Admin` gRPC service.)
 
 use std::sync::atomic::Ordering;
@@ -13,12 +14,13 @@ use serde::Serialize;
 
 use crate::kv::KvCore;
 
-pub fn router(core: Arc<KvCore>, _kv: Arc<crate::router::Router>) -> Router {
+pub fn router(core: Arc<KvCore>, kv: Arc<crate::router::Router>) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/health", get(health))
         .route("/status", get(status))
         .with_state(core)
+        .merge(crate::frontend::http_kv::routes(kv))
 }
 
 async fn metrics(State(core): State<Arc<KvCore>>) -> impl IntoResponse {

@@ -26,7 +26,7 @@ use crate::config::{NodeConfig, PlantedBug};
 use crate::engine::{engine_config, CapkvMachine, EngineNode, EngineTransport};
 use crate::frontend;
 use crate::grpc::{KvService, RaftService};
-use crate::kv::{KvCore, KvParts, KvSettings, Replica};
+use crate::kv::{Endpoints, KvCore, KvParts, KvSettings, Replica};
 use crate::metrics::Metrics;
 use crate::router::Router;
 use crate::transport::{PeerChannels, RAFT_MESSAGE_BYTES_MAX};
@@ -290,6 +290,11 @@ impl Node {
                 vote_refusal_ms,
                 lease_read: Duration::from_millis(lease_trusted_ms),
                 session_ttl_ms: config.raft.session_ttl_ms,
+            },
+            endpoints: Endpoints {
+                http: Some(http_addr),
+                resp: resp_addr,
+                json: json_addr,
             },
         }));
         for bug in &config.planted_bugs {

@@ -1,9 +1,10 @@
 //! The front ends for clients without a routing client of their own: the Redis protocol
-//! (`resp`) and the seed's JSON over TCP (`json`); HTTP/JSON lives with the HTTP port
-//! (`crate::http`). Each translates requests into [`Router`] calls and answers back; none
+//! (`resp`), the seed's JSON over TCP (`json`) and HTTP/JSON (`http_kv`, mounted on the
+//! HTTP port beside `/metrics`). Each translates requests into [`Router`] calls and answers back; none
 //! holds KV logic. This module has what they share: the accept loop with its connection
 //! limit and graceful shutdown, request metrics by protocol, and error codes.
 
+pub mod http_kv;
 pub mod json;
 pub mod resp;
 

@@ -110,6 +110,15 @@ pub struct KvParts {
     pub faults: Arc<Faults>,
     pub metrics: Arc<Metrics>,
     pub settings: KvSettings,
+    pub endpoints: Endpoints,
+}
+
+/// Where this node's front ends listen (for `status`).
+#[derive(Debug, Clone, Default)]
+pub struct Endpoints {
+    pub http: Option<std::net::SocketAddr>,
+    pub resp: Option<std::net::SocketAddr>,
+    pub json: Option<std::net::SocketAddr>,
 }
 
 /// The request logic's settings.
@@ -164,6 +173,7 @@ pub struct KvCore {
     faults: Arc<Faults>,
     metrics: Arc<Metrics>,
     session_ttl_ms: u64,
+    endpoints: Endpoints,
     /// When a refusal of each peer's messages was last logged (at most once a minute).
     refusals_logged: std::sync::Mutex<std::collections::HashMap<NodeId, std::time::Instant>>,
 }
@@ -181,6 +191,7 @@ impl KvCore {
             faults,
             metrics,
             settings: s,
+            endpoints,
         } = parts;
         KvCore {
             id,
@@ -203,6 +214,7 @@ impl KvCore {
             faults,
             metrics,
             session_ttl_ms: s.session_ttl_ms,
+            endpoints,
             refusals_logged: Default::default(),
         }
     }
@@ -266,6 +278,11 @@ impl KvCore {
 
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// Where this node's front ends listen.
+    pub fn endpoints(&self) -> &Endpoints {
+        &self.endpoints
     }
 
     /// How long a write may take to commit before it is answered `Ambiguous`.
