@@ -6,6 +6,7 @@
 //! Every process a [`LocalCluster`] starts is its child; it signals only those, by pid, and
 //! kills whatever still runs when it is dropped.
 
+pub mod resp;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -125,6 +126,37 @@ pub async fn http_get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
     tokio::time::timeout(Duration::from_secs(5), fetch)
         .await
         .with_context(|| format!("GET {addr}{path} timed out"))?
+}
+
+/// An HTTP request to `http://{addr}{path}` with `headers` and `body`; returns the status
+/// code, the response headers and the body. Times out after 10 s.
+pub async fn http_request(
+    method: &str,
+    addr: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> anyhow::Result<(u16, hyper::HeaderMap, Vec<u8>)> {
+    use http_body_util::{BodyExt, Full};
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<hyper::body::Bytes>>();
+    let mut req = hyper::Request::builder()
+        .method(method)
+        .uri(format!("http://{addr}{path}"));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(Full::new(hyper::body::Bytes::from(body)))?;
+    let fetch = async {
+        let resp = client.request(req).await?;
+        let code = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = resp.into_body().collect().await?.to_bytes();
+        anyhow::Ok((code, headers, body.to_vec()))
+    };
+    tokio::time::timeout(Duration::from_secs(10), fetch)
+        .await
+        .with_context(|| format!("{method} {addr}{path} timed out"))?
 }
 
 /// The leader of each of `partitions` partitions, from one status call to each of

@@ -11,6 +11,7 @@ mod check;
 mod crash;
 mod disk;
 mod failover;
+mod frontends;
 mod idempotency;
 mod isolation;
 mod readme;
