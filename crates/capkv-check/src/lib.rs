@@ -20,4 +20,4 @@ pub mod session;
 pub mod sets;
 pub mod workload;
 
-pub use runner::{run, CheckOptions, Outcome};
+pub use runner::{run, CheckOptions, Outcome, Protocol};

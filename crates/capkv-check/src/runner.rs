@@ -49,6 +49,19 @@ pub struct CheckOptions {
     pub progress: bool,
     /// Time the linearizability search may take per key.
     pub check_time_per_key: Duration,
+    /// How the clients reach the cluster: gRPC through the Rust client (routing to
+    /// leaders), or the Redis protocol to any node (the node forwards).
+    pub protocol: Protocol,
+}
+
+/// The clients' protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Protocol {
+    #[default]
+    Grpc,
+    /// The register workload through RESP: GET, SET, and compare-and-set as WATCH, GET,
+    /// MULTI, SET, EXEC; each client on one node's RESP port, in turn.
+    Resp,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -249,8 +262,28 @@ pub async fn run(o: CheckOptions) -> anyhow::Result<Report> {
             .map(|_| AtomicU64::new(0))
             .collect(),
     );
+    let mut resp_addrs = Vec::new();
+    if o.protocol == Protocol::Resp {
+        if o.workload != WorkloadKind::Register {
+            bail!("--protocol resp runs the register workload only");
+        }
+        if matches!(
+            o.consistency,
+            ReadConsistency::Bounded(capkv_types::Staleness::Positions(_))
+        ) {
+            bail!("--protocol resp cannot check bounded:K (RESP answers carry no log positions)");
+        }
+        for addr in &endpoints {
+            let status = capkv_client::fetch_node_status(addr, Duration::from_secs(5)).await?;
+            if status.resp_addr.is_empty() {
+                bail!("node {addr} serves no Redis protocol (started with --resp off?)");
+            }
+            resp_addrs.push(status.resp_addr);
+        }
+    }
     for (i, client) in clients.into_iter().enumerate() {
         let task = ClientTask {
+            resp: (!resp_addrs.is_empty()).then(|| resp_addrs[i % resp_addrs.len()].clone()),
             kind: o.workload,
             client,
             index: i as u64,

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use capkv_client::{Client, Condition};
+use capkv_testkit::resp::{RespClient, Value as RespValue};
 use capkv_types::{ErrorCode, KvError, ReadConsistency};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -200,6 +201,8 @@ fn parse_set(bytes: &[u8]) -> Vec<u64> {
 
 pub struct ClientTask {
     pub kind: WorkloadKind,
+    /// The RESP address this client speaks to (`--protocol resp`), else gRPC.
+    pub resp: Option<String>,
     /// Sequence workload: each sequence's generation now (its writer moves it on).
     pub generations: Arc<Vec<AtomicU64>>,
     pub partitions: u32,
@@ -224,6 +227,9 @@ impl ClientTask {
         let mut last_seen: HashMap<String, (Option<u64>, u64)> = HashMap::new();
         if self.kind == WorkloadKind::Sequence {
             return self.sequence(&mut rng, process).await;
+        }
+        if let Some(addr) = self.resp.clone() {
+            return self.register_resp(&addr, &mut rng, process).await;
         }
         while Instant::now() < self.deadline {
             let key = self.kind.key(rng.random_range(0..self.keys));
@@ -428,6 +434,138 @@ impl ClientTask {
         }
     }
 
+    /// The register workload through the Redis protocol, on one connection to `addr`
+    /// (reopened after an operation whose outcome is unknown).
+    async fn register_resp(&self, addr: &str, rng: &mut ChaCha8Rng, mut process: u64) {
+        let mut conn: Option<RespClient> = None;
+        let mut last_seen: HashMap<String, Option<u64>> = HashMap::new();
+        while Instant::now() < self.deadline {
+            let c = match conn.as_mut() {
+                Some(c) => c,
+                None => match self.resp_connect(addr).await {
+                    Ok(c) => conn.insert(c),
+                    Err(_) => {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let key = self.kind.key(rng.random_range(0..self.keys));
+            let roll = rng.random_range(0..100u32);
+            let (kind, broken) = self
+                .resp_register_op(c, process, &key, roll, &mut last_seen)
+                .await;
+            if kind == EventType::Info {
+                process += self.clients;
+            }
+            if broken {
+                conn = None;
+            }
+        }
+    }
+
+    async fn resp_connect(&self, addr: &str) -> anyhow::Result<RespClient> {
+        let mut c = RespClient::connect(addr).await?;
+        c.set_timeout(Duration::from_secs(20));
+        if self.consistency != ReadConsistency::Linearizable {
+            let level = self.consistency.to_string();
+            match c.call(&["CAPKV.CONSISTENCY", &level]).await? {
+                RespValue::Simple(_) => {}
+                other => anyhow::bail!("CAPKV.CONSISTENCY {level}: {other:?}"),
+            }
+        }
+        Ok(c)
+    }
+
+    /// One register operation through RESP; whether the connection must be reopened.
+    async fn resp_register_op(
+        &self,
+        c: &mut RespClient,
+        process: u64,
+        key: &str,
+        roll: u32,
+        last_seen: &mut HashMap<String, Option<u64>>,
+    ) -> (EventType, bool) {
+        let rec = &self.recorder;
+        if roll < 50 {
+            rec.invoke(process, Func::Read, key, None, None);
+            let (kind, c, broken) = match c.call(&["GET", key]).await {
+                Ok(RespValue::Bulk(b)) => {
+                    let v = parse_u64(&b);
+                    last_seen.insert(key.to_string(), v);
+                    (
+                        EventType::Ok,
+                        Completion {
+                            value: v,
+                            ..Default::default()
+                        },
+                        false,
+                    )
+                }
+                Ok(RespValue::Null) => {
+                    last_seen.insert(key.to_string(), None);
+                    (EventType::Ok, Completion::default(), false)
+                }
+                // A read has no effect: whatever went wrong, it certainly did not happen.
+                Ok(other) => (EventType::Fail, resp_error(&other), false),
+                Err(e) => (EventType::Fail, error_text(e.to_string()), true),
+            };
+            rec.complete(process, Func::Read, key, kind, c);
+            return (kind, broken);
+        }
+        let v = self.next_value();
+        let vs = v.to_string();
+        let Some(from) = last_seen.get(key).copied().filter(|_| roll >= 80) else {
+            rec.invoke(process, Func::Write, key, Some(v), None);
+            let (kind, c, broken) = match c.call(&["SET", key, &vs]).await {
+                Ok(RespValue::Simple(s)) if s == "OK" => {
+                    (EventType::Ok, Completion::default(), false)
+                }
+                Ok(other) => (resp_failure(&other), resp_error(&other), false),
+                Err(e) => (EventType::Info, error_text(e.to_string()), true),
+            };
+            rec.complete(process, Func::Write, key, kind, c);
+            return (kind, broken);
+        };
+        // Compare-and-set: WATCH, read, and a transaction that runs only if the key did
+        // not change since the WATCH.
+        rec.invoke(process, Func::Cas, key, Some(v), from);
+        let cas = async {
+            c.call(&["WATCH", key]).await?;
+            let current = match c.call(&["GET", key]).await? {
+                RespValue::Bulk(b) => parse_u64(&b),
+                RespValue::Null => None,
+                other => return Ok(Err(other)),
+            };
+            if current != from {
+                c.call(&["UNWATCH"]).await?;
+                return Ok(Ok(false));
+            }
+            c.call(&["MULTI"]).await?;
+            c.call(&["SET", key, &vs]).await?;
+            anyhow::Ok(match c.call(&["EXEC"]).await? {
+                RespValue::Array(_) => Ok(true),
+                RespValue::Null => Ok(false),
+                other => Err(other),
+            })
+        };
+        let (kind, comp, broken) = match cas.await {
+            Ok(Ok(succeeded)) => (
+                EventType::Ok,
+                Completion {
+                    succeeded: Some(succeeded),
+                    ..Default::default()
+                },
+                false,
+            ),
+            // An error before EXEC applied nothing; EXEC's own error says what it knows.
+            Ok(Err(other)) => (resp_failure(&other), resp_error(&other), true),
+            Err(e) => (EventType::Info, error_text(e.to_string()), true),
+        };
+        rec.complete(process, Func::Cas, key, kind, comp);
+        (kind, broken)
+    }
+
     /// Adds a unique element: read the set, compare-and-set it with the element appended,
     /// retry on conflict.
     async fn add(&self, process: u64, key: &str) -> EventType {
@@ -499,6 +637,30 @@ impl ClientTask {
 
     async fn read_set(&self, process: u64, key: &str) -> EventType {
         read_set_once(&self.client, &self.recorder, process, key, self.consistency).await
+    }
+}
+
+/// A RESP error's outcome: `AMBIGUOUS` may have applied; every other error did not.
+fn resp_failure(v: &RespValue) -> EventType {
+    match v {
+        RespValue::Error(e) if e.starts_with("AMBIGUOUS") => EventType::Info,
+        RespValue::Error(_) => EventType::Fail,
+        // Not an answer a write gets: its outcome is unknown.
+        _ => EventType::Info,
+    }
+}
+
+fn resp_error(v: &RespValue) -> Completion {
+    error_text(match v {
+        RespValue::Error(e) => e.clone(),
+        other => format!("unexpected reply {other:?}"),
+    })
+}
+
+fn error_text(e: String) -> Completion {
+    Completion {
+        error: Some(e),
+        ..Default::default()
     }
 }
 

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use capkv_check::nemesis::FaultKind;
 use capkv_check::workload::WorkloadKind;
-use capkv_check::CheckOptions;
+use capkv_check::{CheckOptions, Protocol};
 use capkv_types::ReadConsistency;
 use clap::{Args, ValueEnum};
 
@@ -71,6 +71,17 @@ pub struct CheckArgs {
     /// Time the linearizability search may spend per key.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub check_time_per_key: Duration,
+    /// How the clients reach the cluster: grpc (the Rust client, routing to leaders) or
+    /// resp (the Redis protocol to every node in turn, which forward; register workload,
+    /// compare-and-set as WATCH/MULTI/EXEC).
+    #[arg(long, value_enum, default_value_t = ProtocolArg::Grpc)]
+    pub protocol: ProtocolArg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ProtocolArg {
+    Grpc,
+    Resp,
 }
 
 fn parse_consistency(s: &str) -> Result<ReadConsistency, String> {
@@ -145,10 +156,15 @@ pub async fn run(a: CheckArgs) -> i32 {
         server_exe: std::env::current_exe().ok(),
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
         check_time_per_key: a.check_time_per_key,
+        protocol: match a.protocol {
+            ProtocolArg::Grpc => Protocol::Grpc,
+            ProtocolArg::Resp => Protocol::Resp,
+        },
     };
     eprintln!(
-        "check: workload={} nodes={} clients={} duration={:?} nemesis={} seed={seed} out={}",
+        "check: workload={} protocol={:?} nodes={} clients={} duration={:?} nemesis={} seed={seed} out={}",
         options.workload.name(),
+        options.protocol,
         options.nodes,
         options.clients,
         options.duration,

@@ -341,3 +341,32 @@ fn check_eventual_reads_under_partitions_and_kills_converge() {
         "{stdout}"
     );
 }
+
+/// The register workload through the Redis protocol, every client on one node's RESP port
+/// in turn (so most writes are forwarded to leaders), compare-and-set as
+/// WATCH/GET/MULTI/SET/EXEC: linearizable under every fault.
+#[test]
+fn check_through_the_redis_protocol_under_every_fault_is_valid() {
+    let (_dir, stdout, _) = valid_run("check_resp", &["--duration", "20s", "--protocol", "resp"]);
+    assert!(faults_in(&stdout) >= 2, "faults were injected: {stdout}");
+}
+
+/// The RESP path can fail: reads served from a follower's state without confirmation
+/// (planted `stale-reads`) are caught through it too.
+#[test]
+fn check_through_the_redis_protocol_finds_the_planted_stale_reads_bug() {
+    let stdout = invalid_run(
+        "check_resp_planted",
+        &[
+            "--duration",
+            "20s",
+            "--protocol",
+            "resp",
+            "--nemesis",
+            "partition",
+            "--planted-bug",
+            "stale-reads",
+        ],
+    );
+    assert!(stdout.contains("linearizable: INVALID"), "{stdout}");
+}
