@@ -12,7 +12,9 @@ use capkv_types::{Hlc, HlcTimestamp, PartitionId};
 
 use crate::codec::{decode, encode};
 use crate::sessions::{Admission, Session, SessionChange, Sessions};
-use crate::types::{Command, CommandResponse, Condition, Op, Rejection, StepAnswer, Update};
+use crate::types::{
+    Command, CommandResponse, Condition, ExpireWhen, Expiry, Op, Rejection, StepAnswer, Update,
+};
 
 /// One partition's command executor. Changes accumulate until [`Applier::flush`] writes
 /// them, with the caller's applied state, as one atomic storage write; reads during the
@@ -29,6 +31,9 @@ pub struct Applier {
     sessions_dirty: BTreeMap<u64, Option<Session>>,
     ops: Vec<SmOp>,
     overlay: HashMap<Vec<u8>, Option<StoredValue>>,
+    /// The time of the entry being executed (its HLC stamp's physical ms): keys that
+    /// expired by then are absent to it.
+    now_ms: u64,
 }
 
 /// The partition's client sessions as stored.
@@ -66,6 +71,7 @@ impl Applier {
             sessions_dirty: BTreeMap::new(),
             ops: Vec::new(),
             overlay: HashMap::new(),
+            now_ms: 0,
         })
     }
 
@@ -89,13 +95,19 @@ impl Applier {
         self.ops.len()
     }
 
-    /// The key's value as of the commands executed so far, including those of the current
-    /// batch not yet written.
-    fn current(&self, key: &[u8]) -> io::Result<Option<StoredValue>> {
+    /// The key's stored version as of the commands executed so far, including those of
+    /// the current batch not yet written, expired or not.
+    fn stored(&self, key: &[u8]) -> io::Result<Option<StoredValue>> {
         match self.overlay.get(key) {
             Some(v) => Ok(v.clone()),
             None => Ok(self.engine.sm_get(self.partition, key)?),
         }
+    }
+
+    /// The key's value as the command being executed sees it: absent if it expired by the
+    /// entry's time.
+    fn current(&self, key: &[u8]) -> io::Result<Option<StoredValue>> {
+        Ok(self.stored(key)?.filter(|v| !v.expired_at(self.now_ms)))
     }
 
     /// Executes one command as revision `revision` (unique and increasing along the
@@ -107,6 +119,7 @@ impl Applier {
         // Session decisions use the log's own clock (this entry's HLC stamp), so every
         // replica decides alike.
         let now_ms = HlcTimestamp(hlc).physical_ms();
+        self.now_ms = now_ms;
         let mut changes = Vec::new();
         self.sessions.expire(now_ms, &mut changes);
         let idempotency = cmd.idempotency.filter(|i| i.client_id != 0);
@@ -145,6 +158,7 @@ impl Applier {
                             current_revision: o.current_revision,
                             value: o.value,
                             rejected: o.rejected,
+                            expires_at_ms: o.expires_at_ms,
                         });
                     }
                 }
@@ -160,6 +174,7 @@ impl Applier {
             current_revision,
             value,
             rejected,
+            ..
         } = outcome;
         let response = CommandResponse {
             revision,
@@ -191,7 +206,7 @@ impl Applier {
                 let current = self.current(&key)?;
                 let holds = condition_holds(condition, current.as_ref());
                 if holds {
-                    self.set(key, value, revision, hlc, current.as_ref());
+                    self.set(key, value, revision, hlc, current.as_ref(), 0);
                 }
                 Outcome::of(holds, current.as_ref())
             }
@@ -219,7 +234,7 @@ impl Applier {
                 let holds = !if_all_absent || currents.iter().all(Option::is_none);
                 if holds {
                     for ((k, v), current) in kvs.into_iter().zip(&currents) {
-                        self.set(k, v, revision, hlc, current.as_ref());
+                        self.set(k, v, revision, hlc, current.as_ref(), 0);
                     }
                 }
                 Outcome {
@@ -230,8 +245,24 @@ impl Applier {
             Op::Get { key } => {
                 let current = self.current(&key)?;
                 let mut o = Outcome::of(current.is_some(), current.as_ref());
+                o.expires_at_ms = current.as_ref().map_or(0, |c| c.expires_at_ms);
                 o.value = current.map(|c| c.value);
                 o
+            }
+            Op::Reap { keys } => {
+                let mut reaped = 0;
+                for (key, mod_revision) in keys {
+                    let stored = self.stored(&key)?;
+                    if stored.is_some_and(|v| v.mod_revision == mod_revision && v.expired_at(self.now_ms)) {
+                        self.remove(key);
+                        reaped += 1;
+                    }
+                }
+                Outcome {
+                    succeeded: reaped > 0,
+                    current_revision: reaped,
+                    ..Outcome::default()
+                }
             }
             // Transactions do not nest (the server refuses them before they are proposed).
             Op::Txn { .. } => Outcome::default(),
@@ -246,12 +277,14 @@ impl Applier {
         revision: u64,
         hlc: u64,
         current: Option<&StoredValue>,
+        expires_at_ms: u64,
     ) {
         let stored = StoredValue {
             mod_revision: revision,
             create_revision: current.map_or(revision, |c| c.create_revision),
             hlc,
             value,
+            expires_at_ms,
         };
         self.overlay.insert(key.clone(), Some(stored.clone()));
         self.ops.push(SmOp::Put { key, value: stored });
@@ -276,14 +309,61 @@ impl Applier {
         let old = current.as_ref().map(|c| c.value.as_slice());
         // Swap answers the previous value; the others, the new one.
         let answers_new = !matches!(update, Update::Swap { .. });
+        let now = self.now_ms;
+        // What the key keeps unless the update says otherwise.
+        let mut expires_at_ms = current.as_ref().map_or(0, |c| c.expires_at_ms);
         let new = match update {
-            Update::Swap { value, condition } => {
+            Update::Swap {
+                value,
+                condition,
+                expiry,
+            } => {
                 out.value = old.map(<[u8]>::to_vec);
                 if !condition_holds(condition, current.as_ref()) {
                     out.succeeded = false;
                     return Ok(out);
                 }
+                expires_at_ms = resolve(expiry, now, current.as_ref());
                 value
+            }
+            Update::Expire { expiry, when } => {
+                let Some(c) = current else {
+                    out.succeeded = false;
+                    return Ok(out);
+                };
+                let at = resolve(expiry, now, Some(&c));
+                let had = c.expires_at_ms;
+                // A key without an expiry counts as expiring infinitely late.
+                let later = |t: u64| if t == 0 { u64::MAX } else { t };
+                out.succeeded = match when {
+                    ExpireWhen::Always => true,
+                    ExpireWhen::Nx => had == 0,
+                    ExpireWhen::Xx => had != 0,
+                    ExpireWhen::Gt => later(at) > later(had),
+                    ExpireWhen::Lt => later(at) < later(had),
+                };
+                if out.succeeded {
+                    if at != 0 && at <= now {
+                        self.remove(key);
+                    } else {
+                        self.set(key, c.value.clone(), revision, hlc, Some(&c), at);
+                    }
+                }
+                return Ok(out);
+            }
+            Update::GetEx { expiry } => {
+                let Some(c) = current else {
+                    out.succeeded = false;
+                    return Ok(out);
+                };
+                out.value = Some(c.value.clone());
+                let at = resolve(expiry, now, Some(&c));
+                if at != 0 && at <= now {
+                    self.remove(key);
+                } else if at != c.expires_at_ms {
+                    self.set(key, c.value.clone(), revision, hlc, Some(&c), at);
+                }
+                return Ok(out);
             }
             Update::Take => {
                 out.value = old.map(<[u8]>::to_vec);
@@ -331,7 +411,12 @@ impl Applier {
         if answers_new {
             out.value = Some(new.clone());
         }
-        self.set(key, new, revision, hlc, current.as_ref());
+        if expires_at_ms != 0 && expires_at_ms <= now {
+            // Set with an expiry already past (EXAT in the past): gone at once.
+            self.remove(key);
+            return Ok(out);
+        }
+        self.set(key, new, revision, hlc, current.as_ref(), expires_at_ms);
         Ok(out)
     }
 
@@ -388,6 +473,7 @@ struct Outcome {
     current_revision: u64,
     value: Option<Vec<u8>>,
     rejected: Option<Rejection>,
+    expires_at_ms: u64,
 }
 
 impl Outcome {
@@ -404,6 +490,16 @@ impl Outcome {
         self.value = None;
         self.rejected = Some(why);
         self
+    }
+}
+
+/// The absolute expiry (cluster ms; 0 = never) a command gives a key at entry time `now`.
+fn resolve(expiry: Expiry, now: u64, current: Option<&StoredValue>) -> u64 {
+    match expiry {
+        Expiry::Never => 0,
+        Expiry::Keep => current.map_or(0, |c| c.expires_at_ms),
+        Expiry::In(ms) => now.saturating_add(ms).max(1),
+        Expiry::At(t) => t.max(1),
     }
 }
 
@@ -528,7 +624,7 @@ mod update_tests_support {
 
     pub struct Fixture {
         _dir: tempfile::TempDir,
-        applier: Applier,
+        pub applier: Applier,
         revision: u64,
     }
 
@@ -547,13 +643,18 @@ mod update_tests_support {
         }
 
         pub fn run(&mut self, op: Op) -> CommandResponse {
+            self.run_at(op, 0)
+        }
+
+        /// Runs `op` in an entry stamped at cluster time `ms` (later than any before).
+        pub fn run_at(&mut self, op: Op, ms: u64) -> CommandResponse {
             self.revision += 1;
             let r = self
                 .applier
                 .execute(
                     self.revision,
                     Command {
-                        hlc: 0,
+                        hlc: HlcTimestamp::from_parts(ms, 0).0,
                         idempotency: None,
                         op,
                     },
@@ -654,6 +755,7 @@ mod update_tests {
             Update::Swap {
                 value: b"1".to_vec(),
                 condition: Condition::IfExists,
+                expiry: Expiry::Never,
             },
         );
         assert!(!r.succeeded && r.value.is_none());
@@ -663,6 +765,7 @@ mod update_tests {
             Update::Swap {
                 value: b"1".to_vec(),
                 condition: Condition::Always,
+                expiry: Expiry::Never,
             },
         );
         assert!(r.succeeded && r.value.is_none());
@@ -671,6 +774,7 @@ mod update_tests {
             Update::Swap {
                 value: b"2".to_vec(),
                 condition: Condition::Always,
+                expiry: Expiry::Never,
             },
         );
         assert_eq!(r.value.as_deref(), Some(&b"1"[..]));
@@ -742,5 +846,112 @@ mod txn_tests {
         });
         assert!(!r.succeeded && r.steps.is_empty());
         assert_eq!(f.get("a").as_deref(), Some(&b"x"[..]));
+    }
+}
+
+#[cfg(test)]
+mod expiry_tests {
+    use super::update_tests_support::*;
+    use super::*;
+
+    fn swap(value: &str, expiry: Expiry) -> Op {
+        Op::Update {
+            key: b"k".to_vec(),
+            update: Update::Swap {
+                value: value.into(),
+                condition: Condition::Always,
+                expiry,
+            },
+            value_bytes_max: 64,
+        }
+    }
+
+    /// The key as a transaction's read sees it at `at`: its value and expiry.
+    fn get(f: &mut Fixture, at: u64) -> (Option<Vec<u8>>, u64) {
+        let r = f.run_at(
+            Op::Txn {
+                guards: vec![],
+                steps: vec![Op::Get { key: b"k".to_vec() }],
+            },
+            at,
+        );
+        let step = r.steps[0].clone();
+        (step.value, step.expires_at_ms)
+    }
+
+    fn expire(expiry: Expiry, when: ExpireWhen) -> Op {
+        Op::Update {
+            key: b"k".to_vec(),
+            update: Update::Expire { expiry, when },
+            value_bytes_max: 64,
+        }
+    }
+
+    #[test]
+    fn a_key_expires_at_the_entry_time_plus_its_ttl_on_every_replica_alike() {
+        let mut f = Fixture::new();
+        f.run_at(swap("v", Expiry::In(100)), 1_000);
+        assert_eq!(get(&mut f, 1_050), (Some(b"v".to_vec()), 1_100));
+        assert_eq!(get(&mut f, 1_100).0, None, "expired at its time");
+        // Absent to conditions too: SET NX succeeds, as a new key.
+        let r = f.run_at(
+            Op::Put {
+                key: b"k".to_vec(),
+                value: b"w".to_vec(),
+                condition: Condition::IfAbsent,
+            },
+            1_200,
+        );
+        assert!(r.succeeded && r.current_revision == 0);
+        assert_eq!(get(&mut f, 1_300), (Some(b"w".to_vec()), 0), "a plain put has no expiry");
+    }
+
+    #[test]
+    fn updates_keep_the_expiry_and_expire_follows_its_conditions() {
+        let mut f = Fixture::new();
+        f.run_at(swap("1", Expiry::At(5_000)), 1_000);
+        f.run_at(
+            Op::Update {
+                key: b"k".to_vec(),
+                update: Update::IncrBy(1),
+                value_bytes_max: 64,
+            },
+            1_100,
+        );
+        assert_eq!(get(&mut f, 1_200), (Some(b"2".to_vec()), 5_000), "INCR keeps the TTL");
+        assert!(!f.run_at(expire(Expiry::At(9_000), ExpireWhen::Nx), 1_300).succeeded);
+        assert!(!f.run_at(expire(Expiry::At(4_000), ExpireWhen::Gt), 1_300).succeeded);
+        assert!(f.run_at(expire(Expiry::At(4_000), ExpireWhen::Lt), 1_300).succeeded);
+        assert_eq!(get(&mut f, 1_400).1, 4_000);
+        // PERSIST: XX with no expiry.
+        assert!(f.run_at(expire(Expiry::Never, ExpireWhen::Xx), 1_500).succeeded);
+        assert_eq!(get(&mut f, 1_600).1, 0);
+        assert!(!f.run_at(expire(Expiry::Never, ExpireWhen::Xx), 1_700).succeeded);
+        // GT against no expiry (infinitely late) never holds; LT always does.
+        assert!(!f.run_at(expire(Expiry::In(10), ExpireWhen::Gt), 1_800).succeeded);
+        // An expiry in the past deletes the key.
+        assert!(f.run_at(expire(Expiry::At(1), ExpireWhen::Always), 1_900).succeeded);
+        assert!(f.applier.stored(b"k").unwrap().is_none());
+        assert!(!f.run_at(expire(Expiry::In(10), ExpireWhen::Always), 2_000).succeeded, "no key");
+    }
+
+    #[test]
+    fn reaping_deletes_only_the_expired_version_it_names() {
+        let mut f = Fixture::new();
+        f.run_at(swap("old", Expiry::In(10)), 1_000);
+        let rev = f.applier.stored(b"k").unwrap().unwrap().mod_revision;
+        // Not expired yet: left alone.
+        let r = f.run_at(Op::Reap { keys: vec![(b"k".to_vec(), rev)] }, 1_005);
+        assert_eq!(r.current_revision, 0);
+        let r = f.run_at(Op::Reap { keys: vec![(b"k".to_vec(), rev)] }, 1_020);
+        assert_eq!(r.current_revision, 1);
+        assert!(f.applier.stored(b"k").unwrap().is_none());
+        // Written again since the reaper looked: its new version stays.
+        f.run_at(swap("old", Expiry::In(10)), 2_000);
+        let rev = f.applier.stored(b"k").unwrap().unwrap().mod_revision;
+        f.run_at(swap("new", Expiry::In(10)), 2_100);
+        let r = f.run_at(Op::Reap { keys: vec![(b"k".to_vec(), rev)] }, 2_200);
+        assert_eq!(r.current_revision, 0);
+        assert!(f.applier.stored(b"k").unwrap().is_some());
     }
 }

@@ -51,15 +51,50 @@ pub enum Condition {
     IfExists,
 }
 
+/// A key's expiry as a command gives it. Relative times count from the entry's own HLC
+/// stamp, so every replica computes the same absolute time (cluster time, HLC physical ms).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Expiry {
+    /// No expiry (a plain SET, PERSIST).
+    Never,
+    /// The key's current expiry (KEEPTTL; what INCR and APPEND do).
+    Keep,
+    /// This many ms after the entry's time (EX, PX).
+    In(u64),
+    /// At this cluster time in ms (EXAT, PXAT).
+    At(u64),
+}
+
+/// EXPIRE's conditions (Redis 7).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExpireWhen {
+    Always,
+    /// Only if the key has no expiry.
+    Nx,
+    /// Only if the key has an expiry.
+    Xx,
+    /// Only if the new expiry is later (no expiry counts as infinitely late).
+    Gt,
+    /// Only if the new expiry is earlier.
+    Lt,
+}
+
 /// A read-modify-write of one key, evaluated by the state machine as one command: atomic,
 /// and applied at most once with the idempotency pair.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Update {
-    /// Sets the value if `condition` holds; answers the previous value (GETSET, SET .. GET).
+    /// Sets the value if `condition` holds, with `expiry`; answers the previous value
+    /// (GETSET, SET with GET or an expiry option).
     Swap {
         value: Vec<u8>,
         condition: Condition,
+        expiry: Expiry,
     },
+    /// Sets the key's expiry if it exists and `when` holds (EXPIRE and its kin); an expiry
+    /// at or before the entry's time deletes the key. `succeeded` says whether it was set.
+    Expire { expiry: Expiry, when: ExpireWhen },
+    /// Answers the value and sets the expiry (GETEX; `Expiry::Never` is PERSIST).
+    GetEx { expiry: Expiry },
     /// Deletes the key; answers its value (GETDEL).
     Take,
     /// Adds to the value read as a signed 64-bit decimal (absent = 0); answers the new value.
@@ -102,6 +137,12 @@ pub enum Op {
     Get {
         key: Vec<u8>,
     },
+    /// Deletes each key whose stored version has this mod_revision and has expired at the
+    /// entry's time: the leader's background removal of expired keys (a key written again
+    /// since is left alone). `current_revision` answers how many were deleted.
+    Reap {
+        keys: Vec<(Vec<u8>, u64)>,
+    },
     /// A transaction of one partition (MULTI/EXEC): if every guard holds (the key's
     /// mod_revision is as given, 0 = absent; WATCH), runs the steps in order as one command,
     /// each answered in `CommandResponse::steps`; a step's refusal does not stop the others
@@ -121,6 +162,7 @@ impl Op {
             }
             Op::PutMany { kvs, .. } => kvs.iter().map(|(k, _)| k.as_slice()).collect(),
             Op::Get { key } => vec![key.as_slice()],
+            Op::Reap { keys } => keys.iter().map(|(k, _)| k.as_slice()).collect(),
             Op::Txn { guards, steps } => guards
                 .iter()
                 .map(|(k, _)| k.as_slice())
@@ -149,6 +191,7 @@ impl fmt::Display for Command {
             Op::Update { .. } => "update",
             Op::PutMany { .. } => "put-many",
             Op::Get { .. } => "get",
+            Op::Reap { .. } => "reap",
             Op::Txn { .. } => "txn",
         };
         match self.idempotency {
@@ -191,4 +234,6 @@ pub struct StepAnswer {
     pub current_revision: u64,
     pub value: Option<Vec<u8>>,
     pub rejected: Option<Rejection>,
+    /// A `Get`'s key expiry (0 = never).
+    pub expires_at_ms: u64,
 }

@@ -63,6 +63,7 @@ fn kv_pb(kv: KeyValue) -> pb::KeyValue {
         mod_revision: kv.value.mod_revision,
         create_revision: kv.value.create_revision,
         hlc: kv.value.hlc,
+        expires_at_ms: kv.value.expires_at_ms,
     }
 }
 

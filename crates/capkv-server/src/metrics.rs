@@ -29,6 +29,8 @@ pub struct Metrics {
     pub reads_forwarded: prometheus::IntCounter,
     /// Writes this node's router sent on to a partition's leader on another node.
     pub writes_forwarded: prometheus::IntCounter,
+    /// Expired keys this node's leaders deleted through the log.
+    pub keys_expired: prometheus::IntCounter,
     /// Requests of the RESP, HTTP/JSON and JSON-over-TCP front ends, by protocol, command
     /// and outcome code.
     pub frontend_requests: IntCounterVec,
@@ -123,6 +125,11 @@ impl Metrics {
             "Writes from RESP, HTTP/JSON and JSON-over-TCP clients sent on to the leader",
         )?;
         registry.register(Box::new(writes_forwarded.clone()))?;
+        let keys_expired = prometheus::IntCounter::new(
+            "keys_expired_total",
+            "Expired keys this node's leaders deleted through the log",
+        )?;
+        registry.register(Box::new(keys_expired.clone()))?;
         let frontend_requests = IntCounterVec::new(
             Opts::new(
                 "frontend_requests_total",
@@ -154,6 +161,7 @@ impl Metrics {
             engine_groups_asleep,
             reads_forwarded,
             writes_forwarded,
+            keys_expired,
             frontend_requests,
             frontend_connections,
         })

@@ -309,6 +309,7 @@ impl Node {
             core.clone(),
             shutdown_rx.clone(),
         )));
+        tasks.push(tokio::spawn(reap_expired_keys(core.clone(), shutdown_rx.clone())));
 
         let message_max = config.limits.message_bytes_max() + config.limits.scan_page_bytes_max;
         let kv = KvServer::new(KvService { core: core.clone() })
@@ -477,6 +478,34 @@ async fn balance_leaders(core: Arc<KvCore>, mut shutdown: watch::Receiver<bool>)
             if leading && !recent {
                 engine_attempts.insert(p, now);
                 engine.transfer_leader(p, preferred);
+            }
+        }
+    }
+}
+
+/// How often a leader looks for expired keys in each partition it leads.
+const REAP_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Deletes expired keys through the log, in the partitions this node leads: every
+/// `REAP_INTERVAL`, one bounded turn per partition (`KvCore::reap_expired`), walking
+/// each partition's keys in turns. Reads treat an expired key as absent before then; this
+/// frees its space and makes every replica agree.
+async fn reap_expired_keys(core: Arc<KvCore>, mut shutdown: watch::Receiver<bool>) {
+    let mut cursors: std::collections::HashMap<capkv_types::PartitionId, Vec<u8>> =
+        Default::default();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(REAP_INTERVAL) => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        for p in core.hosted().collect::<Vec<_>>() {
+            let from = cursors.remove(&p).unwrap_or_default();
+            match core.reap_expired(p, &from).await {
+                Ok((Some(next), _)) => {
+                    cursors.insert(p, next);
+                }
+                Ok((None, _)) => {}
+                Err(e) => tracing::debug!(partition = p.0, error = %e, "expired keys not removed this turn"),
             }
         }
     }

@@ -39,6 +39,7 @@ fn sv(rev: u64, value: &str) -> StoredValue {
         create_revision: rev,
         hlc: rev * 10,
         value: value.as_bytes().to_vec(),
+        expires_at_ms: 0,
     }
 }
 

@@ -754,6 +754,7 @@ mod tests {
                         create_revision: i,
                         hlc: 0,
                         value: i.to_be_bytes().to_vec(),
+                        expires_at_ms: 0,
                     };
                     let ops = vec![SmOp::Put {
                         key: key.to_vec(),

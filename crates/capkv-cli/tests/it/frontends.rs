@@ -48,6 +48,7 @@ async fn every_protocol_answers_on_every_node() {
     resp_on_every_node(&cluster).await;
     resp_transactions_and_errors(&cluster).await;
     resp_bad_streams_close_only_their_connection(&cluster).await;
+    resp_expiry(&cluster).await;
     json_over_tcp(&cluster).await;
     http_json(&cluster).await;
     redis_cli(&cluster).await;
@@ -196,6 +197,70 @@ async fn resp_transactions_and_errors(cluster: &Cluster) {
         call(&mut b, &["GET", "mine"]).await,
         bulk("1"),
         "reads its own write"
+    );
+}
+
+fn int(v: &Value) -> i64 {
+    match v {
+        Value::Int(n) => *n,
+        other => panic!("expected an integer, got {other:?}"),
+    }
+}
+
+/// Keys expire at the same time on every node, and the leaders delete them through the log.
+async fn resp_expiry(cluster: &Cluster) {
+    let mut a = resp(cluster, 1).await;
+    let mut b = resp(cluster, 3).await;
+    assert_eq!(call(&mut a, &["SET", "ttl:short", "v", "PX", "1500"]).await, ok());
+    let pttl = int(&call(&mut b, &["PTTL", "ttl:short"]).await);
+    assert!((1..=1500).contains(&pttl), "PTTL {pttl}");
+    assert_eq!(call(&mut b, &["GET", "ttl:short"]).await, bulk("v"));
+    for id in 1..=3 {
+        let mut c = resp(cluster, id).await;
+        call(&mut c, &["CAPKV.CONSISTENCY", "eventual"]).await;
+        let c = tokio::sync::Mutex::new(c);
+        wait_until(Duration::from_secs(15), "the key expires on every node", || async {
+            c.lock().await.call(&["GET", "ttl:short"]).await.ok() == Some(Value::Null)
+        })
+        .await;
+    }
+    wait_until(Duration::from_secs(15), "a leader deletes the expired key", || async {
+        let mut n = 0;
+        for id in 1..=3 {
+            let (_, m) = cluster.http_get(id, "/metrics").await;
+            n += metric(&m, "capkv_keys_expired_total", "");
+        }
+        n > 0
+    })
+    .await;
+    // EXPIRE, TTL, PERSIST, GETEX, SETEX, and Redis's refusals.
+    call(&mut a, &["SET", "ttl:k", "v"]).await;
+    assert_eq!(call(&mut a, &["TTL", "ttl:k"]).await, Value::Int(-1));
+    assert_eq!(call(&mut a, &["TTL", "ttl:none"]).await, Value::Int(-2));
+    assert_eq!(call(&mut a, &["EXPIRE", "ttl:k", "100"]).await, Value::Int(1));
+    assert!((99..=100).contains(&int(&call(&mut b, &["TTL", "ttl:k"]).await)));
+    assert_eq!(call(&mut a, &["EXPIRE", "ttl:k", "50", "GT"]).await, Value::Int(0));
+    assert_eq!(call(&mut a, &["PERSIST", "ttl:k"]).await, Value::Int(1));
+    assert_eq!(call(&mut a, &["TTL", "ttl:k"]).await, Value::Int(-1));
+    assert_eq!(call(&mut a, &["EXPIRE", "ttl:none", "10"]).await, Value::Int(0));
+    assert_eq!(call(&mut a, &["GETEX", "ttl:k", "PX", "100000"]).await, bulk("v"));
+    assert!(int(&call(&mut a, &["PTTL", "ttl:k"]).await) > 90_000);
+    assert_eq!(call(&mut a, &["SET", "ttl:k", "w"]).await, ok());
+    assert_eq!(call(&mut a, &["TTL", "ttl:k"]).await, Value::Int(-1), "SET drops the TTL");
+    assert_eq!(call(&mut a, &["SETEX", "ttl:s", "100", "v"]).await, ok());
+    assert_eq!(call(&mut a, &["INCR", "ttl:n"]).await, Value::Int(1));
+    assert_eq!(call(&mut a, &["EXPIRE", "ttl:n", "100"]).await, Value::Int(1));
+    assert_eq!(call(&mut a, &["INCR", "ttl:n"]).await, Value::Int(2));
+    assert!(int(&call(&mut a, &["TTL", "ttl:n"]).await) > 0, "INCR keeps the TTL");
+    assert_eq!(call(&mut a, &["EXPIRE", "ttl:n", "0"]).await, Value::Int(1));
+    assert_eq!(call(&mut a, &["EXISTS", "ttl:n"]).await, Value::Int(0), "a past expiry deletes");
+    assert_eq!(
+        call(&mut a, &["SET", "ttl:k", "v", "EX", "0"]).await,
+        Value::Error("ERR invalid expire time in 'set' command".into())
+    );
+    assert_eq!(
+        call(&mut a, &["SET", "ttl:k", "v", "EX", "10", "PX", "10"]).await,
+        Value::Error("ERR syntax error".into())
     );
 }
 

@@ -153,10 +153,14 @@ impl KvCore {
             }
             Err(e) => return Err(e),
         };
+        let now = self.hlc.now().physical_ms();
         let value = self
             .engine
             .sm_get(p, key)
-            .map_err(|e| KvError::Internal(e.to_string()))?;
+            .map_err(|e| KvError::Internal(e.to_string()))?
+            // An expired key is absent on every replica, whether or not its delete has
+            // been applied yet.
+            .filter(|v| !v.expired_at(now));
         Ok((self.served(replica, bound), value))
     }
 
@@ -210,6 +214,7 @@ impl KvCore {
             create_revision: kv.create_revision,
             hlc: kv.hlc,
             value: kv.value,
+            expires_at_ms: kv.expires_at_ms,
         });
         Ok((served, value))
     }

@@ -46,6 +46,8 @@ pub struct ScanPage {
 pub struct PartitionRows {
     pub kvs: Vec<KeyValue>,
     pub more: bool,
+    /// With `more`: the last key looked at (expired keys are looked at and left out).
+    pub examined_to: Option<Vec<u8>>,
     pub position: u64,
     pub bound: Bound,
 }
@@ -112,12 +114,16 @@ impl KvCore {
         let bytes: usize = rows.iter().map(|(k, v)| k.len() + v.value.len()).sum();
         let more = rows.len() > want || bytes >= bytes_max;
         rows.truncate(want);
+        let examined_to = rows.last().map(|(k, _)| k.clone()).filter(|_| more);
+        let now = self.hlc.now().physical_ms();
         Ok(PartitionRows {
             kvs: rows
                 .into_iter()
+                .filter(|(_, v)| !v.expired_at(now))
                 .map(|(key, value)| KeyValue { key, value })
                 .collect(),
             more,
+            examined_to,
             // After the read: no row is newer than this.
             position: replica.applied.upper(),
             bound,
@@ -217,12 +223,14 @@ impl KvCore {
                     create_revision: kv.create_revision,
                     hlc: kv.hlc,
                     value: kv.value,
+                    expires_at_ms: kv.expires_at_ms,
                 },
             })
             .collect();
         Ok(PartitionRows {
             kvs,
             more: !resp.continuation.is_empty(),
+            examined_to: decode_continuation(&resp.continuation)?,
             position: SessionToken::decode(&resp.session_token)?.at(p),
             bound: Bound {
                 stale_ms_at_most: resp.stale_ms_at_most,
@@ -287,8 +295,8 @@ impl KvCore {
                 session_at: params.session.at(p),
             })
             .await?;
-        let continuation = match (rows.more, rows.kvs.last()) {
-            (true, Some(last)) => encode_continuation(&last.key),
+        let continuation = match (rows.more, &rows.examined_to) {
+            (true, Some(last)) => encode_continuation(last),
             _ => vec![],
         };
         let mut seen = SessionToken::default();
@@ -332,15 +340,18 @@ impl KvCore {
             let PartitionRows {
                 kvs,
                 more,
+                examined_to,
                 position,
                 bound: b,
             } = r?;
             seen.observe(p, position);
             bound = bound.loosest(b);
             if more {
-                if let Some(last) = kvs.last() {
-                    if cutoff.as_ref().is_none_or(|c| last.key < *c) {
-                        cutoff = Some(last.key.clone());
+                // The last key the partition looked at (rows after expired keys are
+                // left out, so it may be past the last row returned).
+                if let Some(last) = examined_to.or_else(|| kvs.last().map(|kv| kv.key.clone())) {
+                    if cutoff.as_ref().is_none_or(|c| last < *c) {
+                        cutoff = Some(last);
                     }
                 }
             }
@@ -363,8 +374,10 @@ impl KvCore {
             page.push(kv);
         }
         let truncated = page.len() < total || cutoff.is_some();
-        let continuation = match (truncated, page.last()) {
-            (true, Some(last)) => encode_continuation(&last.key),
+        let continuation = match (truncated, page.last(), &cutoff) {
+            (true, Some(last), _) => encode_continuation(&last.key),
+            // Every row looked at had expired: go on past them.
+            (true, None, Some(c)) => encode_continuation(c),
             _ => vec![],
         };
         Ok(ScanPage {

@@ -63,10 +63,13 @@ impl KvCore {
             }
             Op::Delete { condition, .. } => check_condition(*condition)?,
             Op::Update { update, .. } => match update {
-                Update::Swap { value, condition } => {
+                Update::Swap {
+                    value, condition, ..
+                } => {
                     self.limits.check_value(value)?;
                     check_condition(*condition)?;
                 }
+                Update::Expire { .. } | Update::GetEx { .. } => {}
                 Update::Append(b) | Update::SetRange { bytes: b, .. } => {
                     self.limits.check_value(b)?
                 }
@@ -89,6 +92,7 @@ impl KvCore {
                 ))
             }
             Op::Get { .. } => {}
+            Op::Reap { .. } => {}
             Op::Txn { .. } if !top => {
                 return Err(KvError::InvalidArgument("transactions do not nest".into()))
             }
@@ -108,6 +112,41 @@ impl KvCore {
             ));
         }
         Ok(())
+    }
+
+    /// One turn of the leader's removal of expired keys in `p`: looks at up to
+    /// `REAP_SCAN_MAX` keys from `from`, and proposes one `Op::Reap` for the expired ones
+    /// (at most `REAP_KEYS_MAX`). Returns where the next turn starts (`None`: back at the
+    /// partition's first key) and how many keys were deleted. Does nothing unless this
+    /// node leads `p`.
+    pub async fn reap_expired(
+        &self,
+        p: PartitionId,
+        from: &[u8],
+    ) -> Result<(Option<Vec<u8>>, u64), KvError> {
+        if !self.role(p).leader {
+            return Ok((None, 0));
+        }
+        let rows = self
+            .engine
+            .sm_scan(p, from, None, REAP_SCAN_MAX, usize::MAX)
+            .map_err(|e| KvError::Internal(e.to_string()))?;
+        let next = (rows.len() == REAP_SCAN_MAX)
+            .then(|| rows.last().map(|(k, _)| [k.as_slice(), &[0]].concat()))
+            .flatten();
+        let now = self.hlc.now().physical_ms();
+        let keys: Vec<(Vec<u8>, u64)> = rows
+            .into_iter()
+            .filter(|(_, v)| v.expired_at(now))
+            .take(REAP_KEYS_MAX)
+            .map(|(k, v)| (k, v.mod_revision))
+            .collect();
+        if keys.is_empty() {
+            return Ok((next, 0));
+        }
+        let (_, r) = self.propose(p, Op::Reap { keys }, None).await?;
+        self.metrics.keys_expired.inc_by(r.current_revision);
+        Ok((next, r.current_revision))
     }
 
     fn check_count(&self, what: &str, n: usize) -> Result<(), KvError> {
@@ -161,6 +200,11 @@ impl KvCore {
     }
 }
 
+/// Keys one turn of the expired-key removal looks at, per partition.
+pub const REAP_SCAN_MAX: usize = 1000;
+/// Keys one turn deletes at most, per partition (one replicated command).
+pub const REAP_KEYS_MAX: usize = 256;
+
 /// Stamps this node's value limit into every `Update` of `op`.
 fn stamp_value_limit(op: &mut Op, limit: u64) {
     match op {
@@ -183,7 +227,7 @@ fn op_bytes(op: &Op) -> usize {
         },
         Op::PutMany { kvs, .. } => kvs.iter().map(|(_, v)| v.len()).sum(),
         Op::Txn { steps, .. } => steps.iter().map(op_bytes).sum(),
-        Op::Delete { .. } | Op::Get { .. } => 0,
+        Op::Delete { .. } | Op::Get { .. } | Op::Reap { .. } => 0,
     }
 }
 

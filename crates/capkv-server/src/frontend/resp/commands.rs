@@ -85,6 +85,8 @@ pub static COMMANDS: &[Spec] = &[
     spec("ttl", 2, R, ONE, Keyed),
     spec("pttl", 2, R, ONE, Keyed),
     spec("persist", 2, &["write", "fast"], ONE, Keyed),
+    spec("expiretime", 2, R, ONE, Keyed),
+    spec("pexpiretime", 2, R, ONE, Keyed),
     spec("expire", -3, &["write", "fast"], ONE, Keyed),
     spec("pexpire", -3, &["write", "fast"], ONE, Keyed),
     spec("expireat", -3, &["write", "fast"], ONE, Keyed),

@@ -38,8 +38,6 @@ pub const PIPELINE_MAX: usize = 1024;
 pub const FLUSH_SYNC_MAX: usize = 10_000;
 /// SCAN cursors a connection keeps (the oldest is forgotten first).
 const CURSORS_MAX: usize = 64;
-pub(crate) const EXPIRY_UNSUPPORTED: &str =
-    "capkv does not support key expiry yet (EX, PX, EXAT, PXAT, SETEX, PSETEX, EXPIRE*)";
 
 static NEXT_CLIENT_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -274,7 +272,8 @@ async fn exec(
         .flat_map(|p| p.steps.iter().cloned().map(Step::into_op))
         .collect();
     if steps.is_empty() && watched.is_empty() {
-        return Reply::Array(plans.iter().map(|p| p.reply(vec![])).collect());
+        let now = router.core().hlc().now().physical_ms();
+        return Reply::Array(plans.iter().map(|p| p.reply(vec![], now)).collect());
     }
     let (served, r) = match router
         .write(Op::Txn {
@@ -290,6 +289,7 @@ async fn exec(
         return Reply::NullArray;
     }
     conn.observe(served.partition, r.log_index.max(served.applied_index));
+    let now = router.core().hlc().now().physical_ms();
     let mut answers = r.steps.into_iter();
     let replies = plans
         .iter()
@@ -301,7 +301,7 @@ async fn exec(
                     Some(why) => Err(kv_error(&rejection_error(served.partition, why, None))),
                     None => Ok(a),
                 });
-            plan.reply(mine.collect())
+            plan.reply(mine.collect(), now)
         })
         .collect();
     Reply::Array(replies)
@@ -385,25 +385,28 @@ pub(crate) fn upper(a: &[u8]) -> String {
 async fn run_plan(router: &Router, conn: &Conn, plan: &Plan) -> Reply {
     let answers = plan.steps.iter().map(|step| async move {
         match step {
-            Step::Read(key) => get(router, conn, key).await.map(|value| StepAnswer {
-                succeeded: value.is_some(),
-                value,
+            Step::Read(key) => get_stored(router, conn, key).await.map(|v| StepAnswer {
+                succeeded: v.is_some(),
+                expires_at_ms: v.as_ref().map_or(0, |v| v.expires_at_ms),
+                value: v.map(|v| v.value),
                 ..StepAnswer::default()
             }),
-            Step::Write(op) => router.write(op.clone()).await.map(|(_, r)| answer_of(&r)),
+            Step::Write(op) => router.write(op.clone()).await.map(|(served, r)| {
+                // The connection's session covers its own writes (read-your-writes).
+                conn.observe(served.partition, r.log_index.max(served.applied_index));
+                answer_of(&r)
+            }),
         }
     });
     let answers = futures::future::join_all(answers).await;
+    let now = router.core().hlc().now().physical_ms();
     plan.reply(
         answers
             .into_iter()
             .map(|a| a.map_err(|e| kv_error(&e)))
             .collect(),
+        now,
     )
-}
-
-async fn get(router: &Router, conn: &Conn, key: &[u8]) -> Result<Option<Vec<u8>>, KvError> {
-    Ok(get_stored(router, conn, key).await?.map(|v| v.value))
 }
 
 async fn get_stored(
@@ -784,11 +787,15 @@ async fn info(router: &Router, conn: &Conn, args: &[Vec<u8>]) -> Result<Reply, K
         text.push_str("\r\n");
     }
     if want("keyspace") {
-        let mut n = 0u64;
-        for_each_key(router, conn, |_| n += 1).await?;
+        let (mut n, mut expiring) = (0u64, 0u64);
+        for_each_kv(router, conn, |kv| {
+            n += 1;
+            expiring += u64::from(kv.value.expires_at_ms != 0);
+        })
+        .await?;
         text.push_str("# Keyspace\r\n");
         if n > 0 {
-            text.push_str(&format!("db0:keys={n},expires=0,avg_ttl=0\r\n"));
+            text.push_str(&format!("db0:keys={n},expires={expiring},avg_ttl=0\r\n"));
         }
         text.push_str("\r\n");
     }
@@ -801,13 +808,22 @@ async fn for_each_key(
     conn: &Conn,
     mut visit: impl FnMut(&[u8]),
 ) -> Result<(), KvError> {
+    for_each_kv(router, conn, |kv| visit(&kv.key)).await
+}
+
+/// Visits every key and its value in order, page by page, at the connection's read level.
+async fn for_each_kv(
+    router: &Router,
+    conn: &Conn,
+    mut visit: impl FnMut(&crate::kv::KeyValue),
+) -> Result<(), KvError> {
     let mut continuation = Vec::new();
     loop {
         let page = router
             .scan(&scan_params(conn, continuation, 1000, vec![]))
             .await?;
         for kv in &page.kvs {
-            visit(&kv.key);
+            visit(kv);
         }
         if page.continuation.is_empty() {
             return Ok(());

@@ -4,11 +4,13 @@
 //! join the transaction's one `Op::Txn`, and EXEC makes each reply from its share of the
 //! answers. One description serves both.
 
-use capkv_replication::{parse_i64, CommandResponse, Condition, Op, StepAnswer, Update};
+use capkv_replication::{
+    parse_i64, CommandResponse, Condition, ExpireWhen, Expiry, Op, StepAnswer, Update,
+};
 
 use super::codec::Reply;
 use super::commands::Spec;
-use super::{int_arg, not_integer, range, syntax, upper, wrong_args, EXPIRY_UNSUPPORTED};
+use super::{int_arg, not_integer, range, syntax, upper, wrong_args};
 use crate::router::Router;
 
 #[derive(Debug, Clone)]
@@ -50,10 +52,10 @@ pub enum Render {
     Values,
     /// `string` or `none`.
     Type,
-    /// -1 (the key exists, with no expiry) or -2.
-    Ttl,
-    /// 0 (PERSIST: no key has an expiry to remove).
-    Zero,
+    /// Time to live: -2 (no key), -1 (no expiry), else seconds or ms (`true`) left.
+    Ttl(bool),
+    /// The expiry time: -2, -1, else Unix seconds or ms (`true`).
+    ExpireTime(bool),
     /// GETRANGE's part of the value.
     Range(i64, i64),
 }
@@ -89,7 +91,7 @@ impl Plan {
 
     /// The reply from the steps' answers (one per step, in order; an error in place of
     /// an answer stands for the whole command).
-    pub fn reply(&self, answers: Vec<Result<StepAnswer, Reply>>) -> Reply {
+    pub fn reply(&self, answers: Vec<Result<StepAnswer, Reply>>, now_ms: u64) -> Reply {
         let mut ok = Vec::with_capacity(answers.len());
         for a in answers {
             match a {
@@ -122,8 +124,18 @@ impl Plan {
                 }
                 .into(),
             ),
-            Render::Ttl => Reply::Int(if first.value.is_some() { -1 } else { -2 }),
-            Render::Zero => Reply::Int(0),
+            Render::Ttl(_) | Render::ExpireTime(_) if first.value.is_none() => Reply::Int(-2),
+            Render::Ttl(_) | Render::ExpireTime(_) if first.expires_at_ms == 0 => Reply::Int(-1),
+            Render::Ttl(ms) => {
+                let left = first.expires_at_ms.saturating_sub(now_ms);
+                // Redis rounds the seconds left to the nearest.
+                Reply::Int(if *ms { left } else { (left + 500) / 1000 } as i64)
+            }
+            Render::ExpireTime(ms) => Reply::Int(if *ms {
+                first.expires_at_ms
+            } else {
+                first.expires_at_ms / 1000
+            } as i64),
             Render::Range(start, end) => Reply::Bulk(
                 range(first.value.as_deref().unwrap_or_default(), *start, *end).to_vec(),
             ),
@@ -138,7 +150,47 @@ pub fn answer_of(r: &CommandResponse) -> StepAnswer {
         current_revision: r.current_revision,
         value: r.value.clone(),
         rejected: r.rejected,
+        expires_at_ms: 0,
     }
+}
+
+/// An expiry argument: `seconds` (else ms) relative (else a Unix time), refused when not a
+/// positive integer (or past i64 in ms), as Redis refuses it.
+fn expiry_arg(arg: &[u8], seconds: bool, relative: bool, command: &str) -> Result<Expiry, Reply> {
+    let invalid = || Reply::err(format!("invalid expire time in '{command}' command"));
+    let n = int_arg(arg)?;
+    if n <= 0 {
+        return Err(invalid());
+    }
+    let ms = if seconds { n.checked_mul(1000).ok_or_else(invalid)? } else { n } as u64;
+    Ok(if relative { Expiry::In(ms) } else { Expiry::At(ms) })
+}
+
+/// EXPIRE's time, which may be zero or negative (the key is then deleted).
+fn expire_arg(arg: &[u8], seconds: bool, relative: bool, command: &str) -> Result<Expiry, Reply> {
+    let n = int_arg(arg)?;
+    let ms = if seconds { n.checked_mul(1000) } else { Some(n) }
+        .ok_or_else(|| Reply::err(format!("invalid expire time in '{command}' command")))?;
+    Ok(match (ms <= 0, relative) {
+        (true, _) => Expiry::At(1),
+        (false, true) => Expiry::In(ms as u64),
+        (false, false) => Expiry::At(ms as u64),
+    })
+}
+
+/// The expiry option at `args[i]` (EX, PX, EXAT, PXAT with its value at `i + 1`).
+fn expiry_option(args: &[Vec<u8>], i: usize, command: &str) -> Option<Result<Expiry, Reply>> {
+    let (seconds, relative) = match upper(&args[i]).as_str() {
+        "EX" => (true, true),
+        "PX" => (false, true),
+        "EXAT" => (true, false),
+        "PXAT" => (false, false),
+        _ => return None,
+    };
+    Some(match args.get(i + 1) {
+        Some(v) => expiry_arg(v, seconds, relative, command),
+        None => Err(syntax()),
+    })
 }
 
 fn update(key: &[u8], update: Update) -> Op {
@@ -171,8 +223,35 @@ pub fn plan(router: &Router, spec: &Spec, args: &[Vec<u8>]) -> Plan {
             },
             Render::Flag,
         ),
-        "setex" | "psetex" | "expire" | "pexpire" | "expireat" | "pexpireat" => {
-            Plan::fixed(Reply::err(EXPIRY_UNSUPPORTED))
+        "setex" | "psetex" => {
+            let expiry = match expiry_arg(&args[2], spec.name == "setex", true, spec.name) {
+                Ok(e) => e,
+                Err(r) => return Plan::fixed(r),
+            };
+            let u = Update::Swap {
+                value: args[3].clone(),
+                condition: Condition::Always,
+                expiry,
+            };
+            Plan::write(update(key, u), Render::Ok)
+        }
+        "expire" | "pexpire" | "expireat" | "pexpireat" => {
+            let seconds = !spec.name.starts_with('p');
+            let relative = !spec.name.ends_with("at");
+            let expiry = match expire_arg(&args[2], seconds, relative, spec.name) {
+                Ok(e) => e,
+                Err(r) => return Plan::fixed(r),
+            };
+            let when = match args.get(3).map(|a| upper(a)).as_deref() {
+                _ if args.len() > 4 => return Plan::fixed(syntax()),
+                None => ExpireWhen::Always,
+                Some("NX") => ExpireWhen::Nx,
+                Some("XX") => ExpireWhen::Xx,
+                Some("GT") => ExpireWhen::Gt,
+                Some("LT") => ExpireWhen::Lt,
+                Some(_) => return Plan::fixed(syntax()),
+            };
+            Plan::write(update(key, Update::Expire { expiry, when }), Render::Flag)
         }
         "getset" => Plan::write(
             update(
@@ -180,22 +259,24 @@ pub fn plan(router: &Router, spec: &Spec, args: &[Vec<u8>]) -> Plan {
                 Update::Swap {
                     value: args[2].clone(),
                     condition: Condition::Always,
+                    expiry: Expiry::Never,
                 },
             ),
             Render::Value,
         ),
         "getdel" => Plan::write(update(key, Update::Take), Render::Value),
         "getex" => {
-            for opt in &args[2..] {
-                match upper(opt).as_str() {
-                    "PERSIST" => {}
-                    "EX" | "PX" | "EXAT" | "PXAT" => {
-                        return Plan::fixed(Reply::err(EXPIRY_UNSUPPORTED))
-                    }
-                    _ => return Plan::fixed(syntax()),
-                }
-            }
-            Plan::read(key, Render::Value)
+            let expiry = match args.len() {
+                2 => return Plan::read(key, Render::Value),
+                3 if upper(&args[2]) == "PERSIST" => Expiry::Never,
+                4 => match expiry_option(args, 2, "getex") {
+                    Some(Ok(e)) => e,
+                    Some(Err(r)) => return Plan::fixed(r),
+                    None => return Plan::fixed(syntax()),
+                },
+                _ => return Plan::fixed(syntax()),
+            };
+            Plan::write(update(key, Update::GetEx { expiry }), Render::Value)
         }
         "mget" => Plan {
             steps: args[1..].iter().map(|k| Step::Read(k.clone())).collect(),
@@ -267,8 +348,21 @@ pub fn plan(router: &Router, spec: &Spec, args: &[Vec<u8>]) -> Plan {
             render: Render::Count,
         },
         "type" => Plan::read(key, Render::Type),
-        "ttl" | "pttl" => Plan::read(key, Render::Ttl),
-        "persist" => Plan::read(key, Render::Zero),
+        "ttl" | "pttl" => Plan::read(key, Render::Ttl(spec.name == "pttl")),
+        "expiretime" | "pexpiretime" => {
+            Plan::read(key, Render::ExpireTime(spec.name == "pexpiretime"))
+        }
+        // Removing the expiry of a key that has one (XX).
+        "persist" => Plan::write(
+            update(
+                key,
+                Update::Expire {
+                    expiry: Expiry::Never,
+                    when: ExpireWhen::Xx,
+                },
+            ),
+            Render::Flag,
+        ),
         "rename" => Plan::fixed(Reply::err("RENAME is not supported by capkv yet")),
         "ping" => Plan::fixed(match args.get(1) {
             None => Reply::Simple("PONG".into()),
@@ -282,42 +376,58 @@ pub fn plan(router: &Router, spec: &Spec, args: &[Vec<u8>]) -> Plan {
     }
 }
 
-/// `SET key value [NX|XX] [GET] [EX s|PX ms|EXAT|PXAT|KEEPTTL]`.
+/// `SET key value [NX|XX] [GET] [EX s|PX ms|EXAT s|PXAT ms|KEEPTTL]`.
 fn set(args: &[Vec<u8>]) -> Plan {
     let mut condition = Condition::Always;
     let mut get = false;
+    let mut expiry: Option<Expiry> = None;
     let mut i = 3;
     while i < args.len() {
+        if let Some(e) = expiry_option(args, i, "set") {
+            if expiry.is_some() {
+                return Plan::fixed(syntax());
+            }
+            match e {
+                Ok(e) => expiry = Some(e),
+                Err(r) => return Plan::fixed(r),
+            }
+            i += 2;
+            continue;
+        }
         match upper(&args[i]).as_str() {
             "NX" if condition == Condition::Always => condition = Condition::IfAbsent,
             "XX" if condition == Condition::Always => condition = Condition::IfExists,
             "GET" => get = true,
-            // No key has an expiry, so keeping it changes nothing.
-            "KEEPTTL" => {}
-            "EX" | "PX" | "EXAT" | "PXAT" if i + 1 < args.len() => {
-                return Plan::fixed(Reply::err(EXPIRY_UNSUPPORTED))
-            }
+            "KEEPTTL" if expiry.is_none() => expiry = Some(Expiry::Keep),
             _ => return Plan::fixed(syntax()),
         }
         i += 1;
     }
     let (key, value) = (args[1].clone(), args[2].clone());
-    if get {
-        return Plan::write(
-            update(&key, Update::Swap { value, condition }),
-            Render::Value,
-        );
+    let render = if get {
+        Render::Value
+    } else if condition == Condition::Always {
+        Render::Ok
+    } else {
+        Render::OkOrNull
+    };
+    match expiry {
+        // A plain SET replaces the value and drops any expiry.
+        None if !get => Plan::write(
+            Op::Put {
+                key,
+                value,
+                condition,
+            },
+            render,
+        ),
+        expiry => {
+            let u = Update::Swap {
+                value,
+                condition,
+                expiry: expiry.unwrap_or(Expiry::Never),
+            };
+            Plan::write(update(&key, u), render)
+        }
     }
-    Plan::write(
-        Op::Put {
-            key,
-            value,
-            condition,
-        },
-        if condition == Condition::Always {
-            Render::Ok
-        } else {
-            Render::OkOrNull
-        },
-    )
 }
