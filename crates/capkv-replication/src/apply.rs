@@ -253,7 +253,9 @@ impl Applier {
                 let mut reaped = 0;
                 for (key, mod_revision) in keys {
                     let stored = self.stored(&key)?;
-                    if stored.is_some_and(|v| v.mod_revision == mod_revision && v.expired_at(self.now_ms)) {
+                    if stored.is_some_and(|v| {
+                        v.mod_revision == mod_revision && v.expired_at(self.now_ms)
+                    }) {
                         self.remove(key);
                         reaped += 1;
                     }
@@ -263,6 +265,27 @@ impl Applier {
                     current_revision: reaped,
                     ..Outcome::default()
                 }
+            }
+            Op::Rename {
+                from,
+                to,
+                if_absent,
+            } => {
+                let Some(src) = self.current(&from)? else {
+                    return Ok(Outcome::default().refused(Rejection::NoSuchKey));
+                };
+                if from == to {
+                    // Redis: RENAME k k is OK, RENAMENX k k changes nothing and answers 0.
+                    return Ok(Outcome::of(!if_absent, Some(&src)));
+                }
+                let dst = self.current(&to)?;
+                if if_absent && dst.is_some() {
+                    return Ok(Outcome::of(false, dst.as_ref()));
+                }
+                let expires_at_ms = src.expires_at_ms;
+                self.set(to, src.value, revision, hlc, None, expires_at_ms);
+                self.remove(from);
+                Outcome::of(true, dst.as_ref())
             }
             // Transactions do not nest (the server refuses them before they are proposed).
             Op::Txn { .. } => Outcome::default(),
@@ -903,7 +926,11 @@ mod expiry_tests {
             1_200,
         );
         assert!(r.succeeded && r.current_revision == 0);
-        assert_eq!(get(&mut f, 1_300), (Some(b"w".to_vec()), 0), "a plain put has no expiry");
+        assert_eq!(
+            get(&mut f, 1_300),
+            (Some(b"w".to_vec()), 0),
+            "a plain put has no expiry"
+        );
     }
 
     #[test]
@@ -918,21 +945,80 @@ mod expiry_tests {
             },
             1_100,
         );
-        assert_eq!(get(&mut f, 1_200), (Some(b"2".to_vec()), 5_000), "INCR keeps the TTL");
-        assert!(!f.run_at(expire(Expiry::At(9_000), ExpireWhen::Nx), 1_300).succeeded);
-        assert!(!f.run_at(expire(Expiry::At(4_000), ExpireWhen::Gt), 1_300).succeeded);
-        assert!(f.run_at(expire(Expiry::At(4_000), ExpireWhen::Lt), 1_300).succeeded);
+        assert_eq!(
+            get(&mut f, 1_200),
+            (Some(b"2".to_vec()), 5_000),
+            "INCR keeps the TTL"
+        );
+        assert!(
+            !f.run_at(expire(Expiry::At(9_000), ExpireWhen::Nx), 1_300)
+                .succeeded
+        );
+        assert!(
+            !f.run_at(expire(Expiry::At(4_000), ExpireWhen::Gt), 1_300)
+                .succeeded
+        );
+        assert!(
+            f.run_at(expire(Expiry::At(4_000), ExpireWhen::Lt), 1_300)
+                .succeeded
+        );
         assert_eq!(get(&mut f, 1_400).1, 4_000);
         // PERSIST: XX with no expiry.
-        assert!(f.run_at(expire(Expiry::Never, ExpireWhen::Xx), 1_500).succeeded);
+        assert!(
+            f.run_at(expire(Expiry::Never, ExpireWhen::Xx), 1_500)
+                .succeeded
+        );
         assert_eq!(get(&mut f, 1_600).1, 0);
-        assert!(!f.run_at(expire(Expiry::Never, ExpireWhen::Xx), 1_700).succeeded);
+        assert!(
+            !f.run_at(expire(Expiry::Never, ExpireWhen::Xx), 1_700)
+                .succeeded
+        );
         // GT against no expiry (infinitely late) never holds; LT always does.
-        assert!(!f.run_at(expire(Expiry::In(10), ExpireWhen::Gt), 1_800).succeeded);
+        assert!(
+            !f.run_at(expire(Expiry::In(10), ExpireWhen::Gt), 1_800)
+                .succeeded
+        );
         // An expiry in the past deletes the key.
-        assert!(f.run_at(expire(Expiry::At(1), ExpireWhen::Always), 1_900).succeeded);
+        assert!(
+            f.run_at(expire(Expiry::At(1), ExpireWhen::Always), 1_900)
+                .succeeded
+        );
         assert!(f.applier.stored(b"k").unwrap().is_none());
-        assert!(!f.run_at(expire(Expiry::In(10), ExpireWhen::Always), 2_000).succeeded, "no key");
+        assert!(
+            !f.run_at(expire(Expiry::In(10), ExpireWhen::Always), 2_000)
+                .succeeded,
+            "no key"
+        );
+    }
+
+    #[test]
+    fn rename_moves_the_value_and_its_expiry() {
+        let mut f = Fixture::new();
+        f.run_at(swap("v", Expiry::At(9_000)), 1_000);
+        let rename = |to: &str, if_absent| Op::Rename {
+            from: b"k".to_vec(),
+            to: to.as_bytes().to_vec(),
+            if_absent,
+        };
+        assert!(f.run_at(rename("k2", false), 1_100).succeeded);
+        assert!(f.applier.stored(b"k").unwrap().is_none());
+        let moved = f.applier.stored(b"k2").unwrap().unwrap();
+        assert_eq!(
+            (moved.value.as_slice(), moved.expires_at_ms),
+            (&b"v"[..], 9_000)
+        );
+        let r = f.run_at(rename("k3", false), 1_200);
+        assert_eq!(r.rejected, Some(Rejection::NoSuchKey), "k is gone");
+        f.run_at(swap("x", Expiry::Never), 1_300);
+        assert!(
+            !f.run_at(rename("k2", true), 1_400).succeeded,
+            "RENAMENX onto an existing key"
+        );
+        assert!(
+            !f.run_at(rename("k", true), 1_500).succeeded,
+            "RENAMENX k k"
+        );
+        assert!(f.run_at(rename("k", false), 1_600).succeeded, "RENAME k k");
     }
 
     #[test]
@@ -941,16 +1027,31 @@ mod expiry_tests {
         f.run_at(swap("old", Expiry::In(10)), 1_000);
         let rev = f.applier.stored(b"k").unwrap().unwrap().mod_revision;
         // Not expired yet: left alone.
-        let r = f.run_at(Op::Reap { keys: vec![(b"k".to_vec(), rev)] }, 1_005);
+        let r = f.run_at(
+            Op::Reap {
+                keys: vec![(b"k".to_vec(), rev)],
+            },
+            1_005,
+        );
         assert_eq!(r.current_revision, 0);
-        let r = f.run_at(Op::Reap { keys: vec![(b"k".to_vec(), rev)] }, 1_020);
+        let r = f.run_at(
+            Op::Reap {
+                keys: vec![(b"k".to_vec(), rev)],
+            },
+            1_020,
+        );
         assert_eq!(r.current_revision, 1);
         assert!(f.applier.stored(b"k").unwrap().is_none());
         // Written again since the reaper looked: its new version stays.
         f.run_at(swap("old", Expiry::In(10)), 2_000);
         let rev = f.applier.stored(b"k").unwrap().unwrap().mod_revision;
         f.run_at(swap("new", Expiry::In(10)), 2_100);
-        let r = f.run_at(Op::Reap { keys: vec![(b"k".to_vec(), rev)] }, 2_200);
+        let r = f.run_at(
+            Op::Reap {
+                keys: vec![(b"k".to_vec(), rev)],
+            },
+            2_200,
+        );
         assert_eq!(r.current_revision, 0);
         assert!(f.applier.stored(b"k").unwrap().is_some());
     }

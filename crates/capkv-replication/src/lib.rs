@@ -18,6 +18,6 @@ pub use apply::AppliedIndex;
 pub use apply::{format_float, parse_i64};
 pub use faults::Faults;
 pub use types::{
-    Command, CommandResponse, Condition, ExpireWhen, Expiry, Idempotency, Op, Rejection, StepAnswer,
-    Update,
+    Command, CommandResponse, Condition, ExpireWhen, Expiry, Idempotency, Op, Rejection,
+    StepAnswer, Update,
 };

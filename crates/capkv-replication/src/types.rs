@@ -37,6 +37,8 @@ pub enum Rejection {
     NotAFloat,
     /// An update's result would be larger than the value limit.
     ValueTooLarge,
+    /// The key a command needs does not exist (RENAME).
+    NoSuchKey,
 }
 
 /// When a write applies.
@@ -143,6 +145,14 @@ pub enum Op {
     Reap {
         keys: Vec<(Vec<u8>, u64)>,
     },
+    /// Moves `from`'s value (and expiry) to `to`, replacing it, or with `if_absent` only if
+    /// `to` does not exist (RENAME, RENAMENX; both keys in one partition). Refused with
+    /// `NoSuchKey` when `from` does not exist.
+    Rename {
+        from: Vec<u8>,
+        to: Vec<u8>,
+        if_absent: bool,
+    },
     /// A transaction of one partition (MULTI/EXEC): if every guard holds (the key's
     /// mod_revision is as given, 0 = absent; WATCH), runs the steps in order as one command,
     /// each answered in `CommandResponse::steps`; a step's refusal does not stop the others
@@ -163,6 +173,7 @@ impl Op {
             Op::PutMany { kvs, .. } => kvs.iter().map(|(k, _)| k.as_slice()).collect(),
             Op::Get { key } => vec![key.as_slice()],
             Op::Reap { keys } => keys.iter().map(|(k, _)| k.as_slice()).collect(),
+            Op::Rename { from, to, .. } => vec![from.as_slice(), to.as_slice()],
             Op::Txn { guards, steps } => guards
                 .iter()
                 .map(|(k, _)| k.as_slice())
@@ -192,6 +203,7 @@ impl fmt::Display for Command {
             Op::PutMany { .. } => "put-many",
             Op::Get { .. } => "get",
             Op::Reap { .. } => "reap",
+            Op::Rename { .. } => "rename",
             Op::Txn { .. } => "txn",
         };
         match self.idempotency {

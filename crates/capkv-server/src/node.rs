@@ -309,7 +309,10 @@ impl Node {
             core.clone(),
             shutdown_rx.clone(),
         )));
-        tasks.push(tokio::spawn(reap_expired_keys(core.clone(), shutdown_rx.clone())));
+        tasks.push(tokio::spawn(reap_expired_keys(
+            core.clone(),
+            shutdown_rx.clone(),
+        )));
 
         let message_max = config.limits.message_bytes_max() + config.limits.scan_page_bytes_max;
         let kv = KvServer::new(KvService { core: core.clone() })
@@ -505,7 +508,9 @@ async fn reap_expired_keys(core: Arc<KvCore>, mut shutdown: watch::Receiver<bool
                     cursors.insert(p, next);
                 }
                 Ok((None, _)) => {}
-                Err(e) => tracing::debug!(partition = p.0, error = %e, "expired keys not removed this turn"),
+                Err(e) => {
+                    tracing::debug!(partition = p.0, error = %e, "expired keys not removed this turn")
+                }
             }
         }
     }

@@ -31,7 +31,11 @@ impl StoredValue {
     /// or for a value that expires `[2][mod_revision][create_revision][hlc][expires_at_ms u64 BE][value]`.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(HEADER_BYTES + 8 + self.value.len());
-        out.push(if self.expires_at_ms == 0 { FORMAT_V1 } else { FORMAT_V2 });
+        out.push(if self.expires_at_ms == 0 {
+            FORMAT_V1
+        } else {
+            FORMAT_V2
+        });
         out.extend_from_slice(&self.mod_revision.to_be_bytes());
         out.extend_from_slice(&self.create_revision.to_be_bytes());
         out.extend_from_slice(&self.hlc.to_be_bytes());
@@ -93,7 +97,11 @@ mod tests {
             expires_at_ms: 0,
         };
         assert_eq!(StoredValue::decode(&v.encode()).unwrap(), v);
-        assert_eq!(v.encode()[0], 1, "values that never expire keep the first layout");
+        assert_eq!(
+            v.encode()[0],
+            1,
+            "values that never expire keep the first layout"
+        );
         let expiring = StoredValue {
             expires_at_ms: 1_700_000_000_000,
             ..v.clone()

@@ -184,6 +184,22 @@ async fn resp_transactions_and_errors(cluster: &Cluster) {
         call(&mut a, &["GETRANGE", "text", "0", "-1"]).await,
         bulk("y")
     );
+    // RENAME within a partition (a shared hash tag); across partitions it is refused.
+    call(&mut a, &["SET", "{r}src", "moved"]).await;
+    assert_eq!(call(&mut a, &["RENAME", "{r}src", "{r}dst"]).await, ok());
+    assert_eq!(call(&mut b, &["GET", "{r}dst"]).await, bulk("moved"));
+    assert_eq!(
+        call(&mut a, &["RENAME", "{r}src", "{r}dst"]).await,
+        Value::Error("ERR no such key".into())
+    );
+    assert_eq!(
+        call(&mut a, &["RENAMENX", "{r}dst", "{r}dst"]).await,
+        Value::Int(0)
+    );
+    match call(&mut a, &["RENAME", &k1, &k2]).await {
+        Value::Error(e) => assert!(e.starts_with("CROSSPARTITION"), "{e}"),
+        other => panic!("RENAME across partitions answered {other:?}"),
+    }
     // RESP3 after HELLO 3: a map, and nulls as `_`.
     match call(&mut b, &["HELLO", "3"]).await {
         Value::Map(pairs) => assert!(pairs.contains(&(bulk("proto"), Value::Int(3)))),
@@ -211,7 +227,10 @@ fn int(v: &Value) -> i64 {
 async fn resp_expiry(cluster: &Cluster) {
     let mut a = resp(cluster, 1).await;
     let mut b = resp(cluster, 3).await;
-    assert_eq!(call(&mut a, &["SET", "ttl:short", "v", "PX", "1500"]).await, ok());
+    assert_eq!(
+        call(&mut a, &["SET", "ttl:short", "v", "PX", "1500"]).await,
+        ok()
+    );
     let pttl = int(&call(&mut b, &["PTTL", "ttl:short"]).await);
     assert!((1..=1500).contains(&pttl), "PTTL {pttl}");
     assert_eq!(call(&mut b, &["GET", "ttl:short"]).await, bulk("v"));
@@ -219,41 +238,73 @@ async fn resp_expiry(cluster: &Cluster) {
         let mut c = resp(cluster, id).await;
         call(&mut c, &["CAPKV.CONSISTENCY", "eventual"]).await;
         let c = tokio::sync::Mutex::new(c);
-        wait_until(Duration::from_secs(15), "the key expires on every node", || async {
-            c.lock().await.call(&["GET", "ttl:short"]).await.ok() == Some(Value::Null)
-        })
+        wait_until(
+            Duration::from_secs(15),
+            "the key expires on every node",
+            || async { c.lock().await.call(&["GET", "ttl:short"]).await.ok() == Some(Value::Null) },
+        )
         .await;
     }
-    wait_until(Duration::from_secs(15), "a leader deletes the expired key", || async {
-        let mut n = 0;
-        for id in 1..=3 {
-            let (_, m) = cluster.http_get(id, "/metrics").await;
-            n += metric(&m, "capkv_keys_expired_total", "");
-        }
-        n > 0
-    })
+    wait_until(
+        Duration::from_secs(15),
+        "a leader deletes the expired key",
+        || async {
+            let mut n = 0;
+            for id in 1..=3 {
+                let (_, m) = cluster.http_get(id, "/metrics").await;
+                n += metric(&m, "capkv_keys_expired_total", "");
+            }
+            n > 0
+        },
+    )
     .await;
     // EXPIRE, TTL, PERSIST, GETEX, SETEX, and Redis's refusals.
     call(&mut a, &["SET", "ttl:k", "v"]).await;
     assert_eq!(call(&mut a, &["TTL", "ttl:k"]).await, Value::Int(-1));
     assert_eq!(call(&mut a, &["TTL", "ttl:none"]).await, Value::Int(-2));
-    assert_eq!(call(&mut a, &["EXPIRE", "ttl:k", "100"]).await, Value::Int(1));
+    assert_eq!(
+        call(&mut a, &["EXPIRE", "ttl:k", "100"]).await,
+        Value::Int(1)
+    );
     assert!((99..=100).contains(&int(&call(&mut b, &["TTL", "ttl:k"]).await)));
-    assert_eq!(call(&mut a, &["EXPIRE", "ttl:k", "50", "GT"]).await, Value::Int(0));
+    assert_eq!(
+        call(&mut a, &["EXPIRE", "ttl:k", "50", "GT"]).await,
+        Value::Int(0)
+    );
     assert_eq!(call(&mut a, &["PERSIST", "ttl:k"]).await, Value::Int(1));
     assert_eq!(call(&mut a, &["TTL", "ttl:k"]).await, Value::Int(-1));
-    assert_eq!(call(&mut a, &["EXPIRE", "ttl:none", "10"]).await, Value::Int(0));
-    assert_eq!(call(&mut a, &["GETEX", "ttl:k", "PX", "100000"]).await, bulk("v"));
+    assert_eq!(
+        call(&mut a, &["EXPIRE", "ttl:none", "10"]).await,
+        Value::Int(0)
+    );
+    assert_eq!(
+        call(&mut a, &["GETEX", "ttl:k", "PX", "100000"]).await,
+        bulk("v")
+    );
     assert!(int(&call(&mut a, &["PTTL", "ttl:k"]).await) > 90_000);
     assert_eq!(call(&mut a, &["SET", "ttl:k", "w"]).await, ok());
-    assert_eq!(call(&mut a, &["TTL", "ttl:k"]).await, Value::Int(-1), "SET drops the TTL");
+    assert_eq!(
+        call(&mut a, &["TTL", "ttl:k"]).await,
+        Value::Int(-1),
+        "SET drops the TTL"
+    );
     assert_eq!(call(&mut a, &["SETEX", "ttl:s", "100", "v"]).await, ok());
     assert_eq!(call(&mut a, &["INCR", "ttl:n"]).await, Value::Int(1));
-    assert_eq!(call(&mut a, &["EXPIRE", "ttl:n", "100"]).await, Value::Int(1));
+    assert_eq!(
+        call(&mut a, &["EXPIRE", "ttl:n", "100"]).await,
+        Value::Int(1)
+    );
     assert_eq!(call(&mut a, &["INCR", "ttl:n"]).await, Value::Int(2));
-    assert!(int(&call(&mut a, &["TTL", "ttl:n"]).await) > 0, "INCR keeps the TTL");
+    assert!(
+        int(&call(&mut a, &["TTL", "ttl:n"]).await) > 0,
+        "INCR keeps the TTL"
+    );
     assert_eq!(call(&mut a, &["EXPIRE", "ttl:n", "0"]).await, Value::Int(1));
-    assert_eq!(call(&mut a, &["EXISTS", "ttl:n"]).await, Value::Int(0), "a past expiry deletes");
+    assert_eq!(
+        call(&mut a, &["EXISTS", "ttl:n"]).await,
+        Value::Int(0),
+        "a past expiry deletes"
+    );
     assert_eq!(
         call(&mut a, &["SET", "ttl:k", "v", "EX", "0"]).await,
         Value::Error("ERR invalid expire time in 'set' command".into())

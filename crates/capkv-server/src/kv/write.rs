@@ -92,7 +92,7 @@ impl KvCore {
                 ))
             }
             Op::Get { .. } => {}
-            Op::Reap { .. } => {}
+            Op::Reap { .. } | Op::Rename { .. } => {}
             Op::Txn { .. } if !top => {
                 return Err(KvError::InvalidArgument("transactions do not nest".into()))
             }
@@ -227,7 +227,7 @@ fn op_bytes(op: &Op) -> usize {
         },
         Op::PutMany { kvs, .. } => kvs.iter().map(|(_, v)| v.len()).sum(),
         Op::Txn { steps, .. } => steps.iter().map(op_bytes).sum(),
-        Op::Delete { .. } | Op::Get { .. } | Op::Reap { .. } => 0,
+        Op::Delete { .. } | Op::Get { .. } | Op::Reap { .. } | Op::Rename { .. } => 0,
     }
 }
 
@@ -260,6 +260,7 @@ pub fn rejection_error(p: PartitionId, why: Rejection, id: Option<Idempotency>) 
         Rejection::NotAFloat => KvError::InvalidArgument(
             "value is not a valid float, or the result would be NaN or Infinity".into(),
         ),
+        Rejection::NoSuchKey => KvError::InvalidArgument("no such key".into()),
         Rejection::ValueTooLarge => {
             KvError::TooLarge("the result would be larger than the value limit".into())
         }

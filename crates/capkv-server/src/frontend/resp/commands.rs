@@ -92,6 +92,7 @@ pub static COMMANDS: &[Spec] = &[
     spec("expireat", -3, &["write", "fast"], ONE, Keyed),
     spec("pexpireat", -3, &["write", "fast"], ONE, Keyed),
     spec("rename", 3, &["write"], (1, 2, 1), Keyed),
+    spec("renamenx", 3, &["write", "fast"], (1, 2, 1), Keyed),
     spec("keys", 2, RS, NONE, Barrier),
     spec("scan", -2, RS, NONE, Barrier),
     spec("dbsize", 1, RS, NONE, Barrier),

@@ -162,15 +162,27 @@ fn expiry_arg(arg: &[u8], seconds: bool, relative: bool, command: &str) -> Resul
     if n <= 0 {
         return Err(invalid());
     }
-    let ms = if seconds { n.checked_mul(1000).ok_or_else(invalid)? } else { n } as u64;
-    Ok(if relative { Expiry::In(ms) } else { Expiry::At(ms) })
+    let ms = if seconds {
+        n.checked_mul(1000).ok_or_else(invalid)?
+    } else {
+        n
+    } as u64;
+    Ok(if relative {
+        Expiry::In(ms)
+    } else {
+        Expiry::At(ms)
+    })
 }
 
 /// EXPIRE's time, which may be zero or negative (the key is then deleted).
 fn expire_arg(arg: &[u8], seconds: bool, relative: bool, command: &str) -> Result<Expiry, Reply> {
     let n = int_arg(arg)?;
-    let ms = if seconds { n.checked_mul(1000) } else { Some(n) }
-        .ok_or_else(|| Reply::err(format!("invalid expire time in '{command}' command")))?;
+    let ms = if seconds {
+        n.checked_mul(1000)
+    } else {
+        Some(n)
+    }
+    .ok_or_else(|| Reply::err(format!("invalid expire time in '{command}' command")))?;
     Ok(match (ms <= 0, relative) {
         (true, _) => Expiry::At(1),
         (false, true) => Expiry::In(ms as u64),
@@ -363,7 +375,15 @@ pub fn plan(router: &Router, spec: &Spec, args: &[Vec<u8>]) -> Plan {
             ),
             Render::Flag,
         ),
-        "rename" => Plan::fixed(Reply::err("RENAME is not supported by capkv yet")),
+        "rename" | "renamenx" => {
+            let if_absent = spec.name == "renamenx";
+            let op = Op::Rename {
+                from: key.to_vec(),
+                to: args[2].clone(),
+                if_absent,
+            };
+            Plan::write(op, if if_absent { Render::Flag } else { Render::Ok })
+        }
         "ping" => Plan::fixed(match args.get(1) {
             None => Reply::Simple("PONG".into()),
             Some(m) if args.len() == 2 => Reply::Bulk(m.clone()),
