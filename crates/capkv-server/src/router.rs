@@ -29,9 +29,27 @@ use crate::transport::RAFT_MESSAGE_BYTES_MAX;
 const BACKOFF_INITIAL: Duration = Duration::from_millis(20);
 const BACKOFF_MAX: Duration = Duration::from_millis(500);
 
+/// Client sessions a router writes in, in turn: a write stuck in one partition's failover
+/// holds back only its own session's `first_incomplete`.
+const SESSIONS: usize = 16;
+
 pub struct Router {
     core: Arc<KvCore>,
-    session: WriteSession,
+    sessions: Vec<WriteSession>,
+    next: std::sync::atomic::AtomicUsize,
+}
+
+/// A write's place in its session, given back when the write ends, however it ends (a
+/// future dropped by a client that went away included).
+struct InFlight<'a> {
+    session: &'a WriteSession,
+    ticket: Ticket,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.session.end(self.ticket);
+    }
 }
 
 /// A write's answer: where it was served and what the state machine said.
@@ -42,7 +60,10 @@ impl Router {
         let started = core.hlc().now().physical_ms();
         Router {
             core,
-            session: WriteSession::new(rand::random::<u64>() | 1, started),
+            sessions: (0..SESSIONS)
+                .map(|_| WriteSession::new(rand::random::<u64>() | 1, started))
+                .collect(),
+            next: Default::default(),
         }
     }
 
@@ -53,17 +74,23 @@ impl Router {
     /// Runs a write on its partition's leader, wherever it is (see the module docs).
     pub async fn write(&self, op: Op) -> Result<Written, KvError> {
         let p = self.core.check_op(&op)?;
+        let turn = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let session = &self.sessions[turn % SESSIONS];
         let mut renewals = 0;
         loop {
-            let ticket = self.session.begin();
-            let result = self.write_attempts(p, &op, &ticket).await;
-            self.session.end(ticket);
+            let flight = InFlight {
+                session,
+                ticket: session.begin(),
+            };
+            let result = self.write_attempts(p, &op, session, &flight.ticket).await;
+            let client_id = flight.ticket.client_id;
+            drop(flight);
             match result {
                 // Only reported when no attempt may have applied the write.
                 Err(KvError::SessionExpired(_)) if renewals < 2 => {
                     renewals += 1;
                     let now = self.core.hlc().now().physical_ms();
-                    self.session.renew(ticket.client_id, now);
+                    session.renew(client_id, now);
                 }
                 other => return other,
             }
@@ -74,6 +101,7 @@ impl Router {
         &self,
         p: PartitionId,
         op: &Op,
+        session: &WriteSession,
         ticket: &Ticket,
     ) -> Result<Written, KvError> {
         let core = &self.core;
@@ -88,7 +116,7 @@ impl Router {
                 return Err(policy.give_up());
             }
             let node = target.take().unwrap_or_else(|| core.leader_guess(p));
-            let pair = self.session.pair(ticket);
+            let pair = session.pair(ticket);
             let idempotency = Idempotency {
                 client_id: pair.client_id,
                 sequence: pair.sequence,

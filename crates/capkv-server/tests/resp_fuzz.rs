@@ -137,6 +137,7 @@ fn the_resp_decoder_survives_random_and_broken_input() {
         args_max: 6,
         bulk_max: 2000,
         inline_max: 4000,
+        request_max: 6000,
     };
     let started = Instant::now();
     let mut cases = 0u64;

@@ -83,10 +83,18 @@ struct ReadQuery {
 }
 
 fn level(router: &Router, q: Option<&str>) -> Result<ReadConsistency, KvError> {
-    match q {
-        None | Some("") => Ok(router.core().default_consistency()),
-        Some(s) => s.parse().map_err(KvError::InvalidArgument),
+    let level: ReadConsistency = match q {
+        // (A node whose default is `session` serves it without a token: as `prefix`.)
+        None | Some("") => return Ok(router.core().default_consistency()),
+        Some(s) => s.parse().map_err(KvError::InvalidArgument)?,
+    };
+    if level == ReadConsistency::Session {
+        // HTTP requests carry no session token: such a read would be silently eventual.
+        return Err(KvError::InvalidArgument(
+            "HTTP/JSON has no sessions: use linearizable, bounded:…, prefix or eventual".into(),
+        ));
     }
+    Ok(level)
 }
 
 async fn get_key(

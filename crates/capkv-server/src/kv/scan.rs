@@ -251,13 +251,12 @@ impl KvCore {
         } else {
             (params.start.clone(), params.end.clone())
         };
+        // One byte over the key limit: a continuation after a longest key is `key ‖ 0`,
+        // and a node fanning a scan out sends it on as the start.
+        let bound_max = self.limits.key_bytes_max + 1;
         for k in [Some(&start), end.as_ref()].into_iter().flatten() {
-            if k.len() > self.limits.key_bytes_max {
-                return Err(KvError::too_large(
-                    "scan bound",
-                    k.len(),
-                    self.limits.key_bytes_max,
-                ));
+            if k.len() > bound_max {
+                return Err(KvError::too_large("scan bound", k.len(), bound_max));
             }
         }
         if let Some(last) = decode_continuation(&params.continuation)? {

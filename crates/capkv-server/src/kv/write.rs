@@ -38,7 +38,18 @@ impl KvCore {
         for k in &keys {
             self.limits.check_key(k)?;
         }
+        self.check_count("the keys of one command", keys.len())?;
         self.check_parts(op, true)?;
+        // The whole command must fit a log entry (4 MiB) with room to spare.
+        let bytes = op_bytes(op) + keys.iter().map(|k| k.len()).sum::<usize>();
+        let max = self.limits.value_bytes_max.max(1 << 20) + (1 << 20);
+        if bytes > max {
+            return Err(KvError::too_large(
+                "the keys and values of one command",
+                bytes,
+                max,
+            ));
+        }
         let p = self.map.partition_for_key(first);
         if keys[1..].iter().any(|k| self.map.partition_for_key(k) != p) {
             return Err(KvError::CrossPartition(
@@ -129,9 +140,10 @@ impl KvCore {
         }
         let rows = self
             .engine
-            .sm_scan(p, from, None, REAP_SCAN_MAX, usize::MAX)
+            .sm_scan(p, from, None, REAP_SCAN_MAX, REAP_BYTES_MAX)
             .map_err(|e| KvError::Internal(e.to_string()))?;
-        let next = (rows.len() == REAP_SCAN_MAX)
+        let bytes: usize = rows.iter().map(|(k, v)| k.len() + v.value.len()).sum();
+        let next = (rows.len() == REAP_SCAN_MAX || bytes >= REAP_BYTES_MAX)
             .then(|| rows.last().map(|(k, _)| [k.as_slice(), &[0]].concat()))
             .flatten();
         let now = self.hlc.now().physical_ms();
@@ -202,6 +214,8 @@ impl KvCore {
 
 /// Keys one turn of the expired-key removal looks at, per partition.
 pub const REAP_SCAN_MAX: usize = 1000;
+/// Bytes of keys and values one turn reads at most, per partition.
+pub const REAP_BYTES_MAX: usize = 4 << 20;
 /// Keys one turn deletes at most, per partition (one replicated command).
 pub const REAP_KEYS_MAX: usize = 256;
 

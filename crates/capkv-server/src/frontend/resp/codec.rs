@@ -12,6 +12,8 @@ pub struct DecodeLimits {
     pub bulk_max: usize,
     /// Longest inline request line.
     pub inline_max: usize,
+    /// Most bytes of bulk strings in one request.
+    pub request_max: usize,
 }
 
 impl Default for DecodeLimits {
@@ -20,6 +22,7 @@ impl Default for DecodeLimits {
             args_max: 4096,
             bulk_max: 1024 * 1024,
             inline_max: 64 * 1024,
+            request_max: 8 * 1024 * 1024,
         }
     }
 }
@@ -80,6 +83,7 @@ fn decode_multibulk(
         return Ok(Some((Vec::new(), pos)));
     }
     let mut args = Vec::with_capacity(count as usize);
+    let mut total: u64 = 0;
     for _ in 0..count {
         match buf.get(pos) {
             None => return Ok(None),
@@ -106,6 +110,13 @@ fn decode_multibulk(
             return Err(ProtocolError(format!(
                 "a bulk string of {len} bytes is over the limit of {} bytes",
                 limits.bulk_max
+            )));
+        }
+        total += len as u64;
+        if total > limits.request_max as u64 {
+            return Err(ProtocolError(format!(
+                "a request of more than {} bytes",
+                limits.request_max
             )));
         }
         let start = end + 2;
@@ -345,6 +356,7 @@ mod tests {
             args_max: 3,
             bulk_max: 8,
             inline_max: 16,
+            request_max: 12,
         };
         for bad in [
             &b"*x\r\n"[..],
@@ -356,6 +368,7 @@ mod tests {
             b"*99999999999999999999\r\n",
             b"this inline line is too long\r\n",
             b"GET \"unbalanced\r\n",
+            b"*3\r\n$5\r\naaaaa\r\n$5\r\nbbbbb\r\n$5\r\n",
         ] {
             assert!(
                 decode(bad, &l).is_err(),

@@ -74,6 +74,14 @@ impl Conn {
             .clone()
     }
 
+    /// Merges a scan's positions into the session.
+    fn observe_all(&self, seen: &SessionToken) {
+        self.session
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .merge(seen);
+    }
+
     fn observe(&self, p: capkv_types::PartitionId, at: u64) {
         self.session
             .lock()
@@ -88,6 +96,7 @@ pub fn decode_limits(router: &Router) -> DecodeLimits {
         args_max: 2 * l.batch_keys_max + 16,
         bulk_max: l.value_bytes_max.max(l.key_bytes_max),
         inline_max: 64 * 1024,
+        request_max: l.message_bytes_max(),
     }
 }
 
@@ -255,7 +264,12 @@ fn queue(router: &Router, conn: &mut Conn, args: &[Vec<u8>]) -> Reply {
         ));
     }
     let plan = plan::plan(router, spec, args);
-    conn.multi.get_or_insert_with(Vec::new).push(plan);
+    let queued = conn.multi.get_or_insert_with(Vec::new);
+    if queued.len() >= router.core().limits().batch_keys_max {
+        conn.multi_failed = true;
+        return Reply::err("too many commands in one MULTI");
+    }
+    queued.push(plan);
     Reply::Simple("QUEUED".into())
 }
 
@@ -822,6 +836,7 @@ async fn for_each_kv(
         let page = router
             .scan(&scan_params(conn, continuation, 1000, vec![]))
             .await?;
+        conn.observe_all(&page.seen);
         for kv in &page.kvs {
             visit(kv);
         }
@@ -881,6 +896,7 @@ async fn scan(router: &Router, conn: &Conn, args: &[Vec<u8>]) -> Result<Reply, K
     let page = router
         .scan(&scan_params(conn, continuation, limit, vec![]))
         .await?;
+    conn.observe_all(&page.seen);
     let keys = page
         .kvs
         .iter()
