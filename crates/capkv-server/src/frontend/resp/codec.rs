@@ -27,6 +27,9 @@ impl Default for DecodeLimits {
     }
 }
 
+/// A request's arguments and the bytes they took, `None` while incomplete.
+pub type Decoded = Result<Option<(Vec<Vec<u8>>, usize)>, ProtocolError>;
+
 /// Why a stream is not RESP; the connection answers it and closes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProtocolError(pub String);
@@ -37,7 +40,7 @@ pub struct ProtocolError(pub String);
 pub fn decode(
     buf: &[u8],
     limits: &DecodeLimits,
-) -> Result<Option<(Vec<Vec<u8>>, usize)>, ProtocolError> {
+) -> Decoded {
     match buf.first() {
         None => Ok(None),
         Some(b'*') => decode_multibulk(buf, limits),
@@ -63,7 +66,7 @@ fn parse_len(digits: &[u8], what: &str) -> Result<i64, ProtocolError> {
 fn decode_multibulk(
     buf: &[u8],
     limits: &DecodeLimits,
-) -> Result<Option<(Vec<Vec<u8>>, usize)>, ProtocolError> {
+) -> Decoded {
     let Some(end) = line_end(buf, 1) else {
         return if buf.len() > 32 {
             Err(ProtocolError("invalid multibulk length".into()))
@@ -138,7 +141,7 @@ fn decode_multibulk(
 fn decode_inline(
     buf: &[u8],
     limits: &DecodeLimits,
-) -> Result<Option<(Vec<Vec<u8>>, usize)>, ProtocolError> {
+) -> Decoded {
     let Some(nl) = buf.iter().position(|&b| b == b'\n') else {
         return if buf.len() > limits.inline_max {
             Err(ProtocolError("too big inline request".into()))
