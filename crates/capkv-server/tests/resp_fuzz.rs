@@ -12,13 +12,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 fn encode(args: &[Vec<u8>]) -> Vec<u8> {
-    let mut out = format!("*{}\r\n", args.len()).into_bytes();
-    for a in args {
-        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
-        out.extend_from_slice(a);
-        out.extend_from_slice(b"\r\n");
-    }
-    out
+    let args: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
+    capkv_testkit::resp::encode(&args)
 }
 
 fn random_args(rng: &mut StdRng) -> Vec<Vec<u8>> {

@@ -37,10 +37,7 @@ pub struct ProtocolError(pub String);
 /// Decodes one request from the start of `buf`: `Ok(None)` when `buf` holds only part of
 /// one, else the arguments and the bytes they took. An empty inline line yields an empty
 /// request (ignored by the caller, as Redis does).
-pub fn decode(
-    buf: &[u8],
-    limits: &DecodeLimits,
-) -> Decoded {
+pub fn decode(buf: &[u8], limits: &DecodeLimits) -> Decoded {
     match buf.first() {
         None => Ok(None),
         Some(b'*') => decode_multibulk(buf, limits),
@@ -63,10 +60,7 @@ fn parse_len(digits: &[u8], what: &str) -> Result<i64, ProtocolError> {
         .ok_or_else(|| ProtocolError(format!("invalid {what} length")))
 }
 
-fn decode_multibulk(
-    buf: &[u8],
-    limits: &DecodeLimits,
-) -> Decoded {
+fn decode_multibulk(buf: &[u8], limits: &DecodeLimits) -> Decoded {
     let Some(end) = line_end(buf, 1) else {
         return if buf.len() > 32 {
             Err(ProtocolError("invalid multibulk length".into()))
@@ -138,10 +132,7 @@ fn decode_multibulk(
     Ok(Some((args, pos)))
 }
 
-fn decode_inline(
-    buf: &[u8],
-    limits: &DecodeLimits,
-) -> Decoded {
+fn decode_inline(buf: &[u8], limits: &DecodeLimits) -> Decoded {
     let Some(nl) = buf.iter().position(|&b| b == b'\n') else {
         return if buf.len() > limits.inline_max {
             Err(ProtocolError("too big inline request".into()))
