@@ -40,6 +40,7 @@ pub struct WireMessage {
     pub request_snapshot: u64,
     pub reject: bool,
     pub reject_hint: u64,
+    #[serde(with = "serde_bytes")]
     pub context: Vec<u8>,
     pub priority: i64,
 }
@@ -49,12 +50,15 @@ pub struct WireEntry {
     pub entry_type: i32,
     pub term: u64,
     pub index: u64,
+    #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
+    #[serde(with = "serde_bytes")]
     pub context: Vec<u8>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct WireSnapshot {
+    #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
     pub index: u64,
     pub term: u64,

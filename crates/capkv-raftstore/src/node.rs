@@ -127,8 +127,9 @@ pub const COMPACT_AFTER_ENTRIES: u64 = 1024;
 /// What one Raft entry carries.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 enum EntryPayload {
-    /// The commands proposed to its group in one turn.
-    Commands(Vec<Vec<u8>>),
+    /// The commands proposed to its group in one turn (as byte strings: postcard writes
+    /// them whole, the same bytes a sequence of `u8` gives, element by element).
+    Commands(Vec<serde_bytes::ByteBuf>),
     /// Every replica drops its log up to `upto` when it applies this entry. The leader
     /// proposes it only when every voter holds `upto`, so no voter ever needs a snapshot
     /// for it; the state machine is durable past `upto` by then (its writes precede the
@@ -1105,6 +1106,10 @@ impl<D: Disk, T: Transport, S: StateMachine> Loop<D, T, S> {
         commands: Vec<Vec<u8>>,
         replies: Vec<Reply<S::Response>>,
     ) {
+        let commands = commands
+            .into_iter()
+            .map(serde_bytes::ByteBuf::from)
+            .collect();
         let data = postcard::to_stdvec(&EntryPayload::Commands(commands)).unwrap_or_default();
         match self.driver.propose(group, data) {
             Ok((index, term)) => {
@@ -1127,7 +1132,9 @@ impl<D: Disk, T: Transport, S: StateMachine> Loop<D, T, S> {
         let mut compact_to = None;
         let commands = if entry.entry_type == EntryType::EntryNormal && !entry.data.is_empty() {
             match postcard::from_bytes::<EntryPayload>(&entry.data) {
-                Ok(EntryPayload::Commands(c)) => c,
+                Ok(EntryPayload::Commands(c)) => {
+                    c.into_iter().map(serde_bytes::ByteBuf::into_vec).collect()
+                }
                 Ok(EntryPayload::CompactLog { upto }) => {
                     compact_to = Some(upto.min(index));
                     Vec::new()

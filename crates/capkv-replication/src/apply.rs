@@ -34,6 +34,8 @@ pub struct Applier {
     /// The time of the entry being executed (its HLC stamp's physical ms): keys that
     /// expired by then are absent to it.
     now_ms: u64,
+    /// Values written with an expiry since [`Applier::take_expiring`] last asked.
+    expiring: u64,
 }
 
 /// The partition's client sessions as stored.
@@ -72,6 +74,7 @@ impl Applier {
             ops: Vec::new(),
             overlay: HashMap::new(),
             now_ms: 0,
+            expiring: 0,
         })
     }
 
@@ -309,6 +312,9 @@ impl Applier {
             value,
             expires_at_ms,
         };
+        if expires_at_ms != 0 {
+            self.expiring += 1;
+        }
         self.overlay.insert(key.clone(), Some(stored.clone()));
         self.ops.push(SmOp::Put { key, value: stored });
     }
@@ -487,6 +493,12 @@ impl Applier {
     pub fn written(&mut self) {
         self.overlay.clear();
     }
+
+    /// How many values with an expiry were written since the last call (publish it with
+    /// [`AppliedIndex::note_expiring`] once they are in storage).
+    pub fn take_expiring(&mut self) -> u64 {
+        std::mem::take(&mut self.expiring)
+    }
 }
 
 /// What a command did, before it becomes the answer.
@@ -596,6 +608,10 @@ pub fn format_float(f: f64) -> String {
 pub struct AppliedIndex {
     applied: std::sync::atomic::AtomicU64,
     upper: std::sync::atomic::AtomicU64,
+    /// Counts writes of values that expire (and installed snapshots, which may hold them)
+    /// since the node started: unchanged between two readings, no expiring value was
+    /// stored in between.
+    expiring: std::sync::atomic::AtomicU64,
 }
 
 impl AppliedIndex {
@@ -620,6 +636,20 @@ impl AppliedIndex {
         self.applied
             .fetch_max(v, std::sync::atomic::Ordering::AcqRel);
     }
+
+    /// Called after a storage write that stored `n` values that expire.
+    pub fn note_expiring(&self, n: u64) {
+        if n > 0 {
+            self.expiring
+                .fetch_add(n, std::sync::atomic::Ordering::AcqRel);
+        }
+    }
+
+    /// See [`AppliedIndex::note_expiring`]: a scan that starts after reading this sees
+    /// every expiring value it counts.
+    pub fn expiring_writes(&self) -> u64 {
+        self.expiring.load(std::sync::atomic::Ordering::Acquire)
+    }
 }
 
 #[cfg(test)]
@@ -637,6 +667,17 @@ mod applied_index_tests {
         assert_eq!((a.get(), a.upper()), (9, 9));
         a.begin(7); // a snapshot that was dropped later, say: upper stays
         assert_eq!(a.upper(), 9);
+    }
+
+    #[test]
+    fn counts_of_expiring_values_only_grow() {
+        let a = AppliedIndex::default();
+        assert_eq!(a.expiring_writes(), 0);
+        a.note_expiring(0);
+        assert_eq!(a.expiring_writes(), 0);
+        a.note_expiring(2);
+        a.note_expiring(1);
+        assert_eq!(a.expiring_writes(), 3);
     }
 }
 
@@ -908,6 +949,21 @@ mod expiry_tests {
             update: Update::Expire { expiry, when },
             value_bytes_max: 64,
         }
+    }
+
+    #[test]
+    fn the_applier_counts_the_values_it_stores_with_an_expiry() {
+        let mut f = Fixture::new();
+        f.run(Op::Put {
+            key: b"plain".to_vec(),
+            value: b"v".to_vec(),
+            condition: Condition::Always,
+        });
+        assert_eq!(f.applier.take_expiring(), 0);
+        f.run_at(swap("v", Expiry::In(100)), 1_000);
+        f.run_at(expire(Expiry::In(500), ExpireWhen::Always), 1_010);
+        assert_eq!(f.applier.take_expiring(), 2);
+        assert_eq!(f.applier.take_expiring(), 0, "taken");
     }
 
     #[test]

@@ -88,6 +88,7 @@ pub enum Update {
     /// Sets the value if `condition` holds, with `expiry`; answers the previous value
     /// (GETSET, SET with GET or an expiry option).
     Swap {
+        #[serde(with = "serde_bytes")]
         value: Vec<u8>,
         condition: Condition,
         expiry: Expiry,
@@ -106,25 +107,33 @@ pub enum Update {
     /// value.
     IncrByFloat(String),
     /// Appends bytes (absent = empty); answers the new value.
-    Append(Vec<u8>),
+    Append(#[serde(with = "serde_bytes")] Vec<u8>),
     /// Overwrites bytes from `offset`, padding with zero bytes; answers the new value.
-    SetRange { offset: u64, bytes: Vec<u8> },
+    SetRange {
+        offset: u64,
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {
     Put {
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
+        #[serde(with = "serde_bytes")]
         value: Vec<u8>,
         condition: Condition,
     },
     Delete {
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
         condition: Condition,
     },
     /// A read-modify-write of `key`. `value_bytes_max` is the leader's value limit when it
     /// proposed it: a result above it is refused alike on every replica.
     Update {
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
         update: Update,
         value_bytes_max: u64,
@@ -137,19 +146,20 @@ pub enum Op {
     },
     /// Reads `key` (inside a `Txn`, at its place among the steps).
     Get {
+        #[serde(with = "serde_bytes")]
         key: Vec<u8>,
     },
     /// Deletes each key whose stored version has this mod_revision and has expired at the
     /// entry's time: the leader's background removal of expired keys (a key written again
     /// since is left alone). `current_revision` answers how many were deleted.
-    Reap {
-        keys: Vec<(Vec<u8>, u64)>,
-    },
+    Reap { keys: Vec<(Vec<u8>, u64)> },
     /// Moves `from`'s value (and expiry) to `to`, replacing it, or with `if_absent` only if
     /// `to` does not exist (RENAME, RENAMENX; both keys in one partition). Refused with
     /// `NoSuchKey` when `from` does not exist.
     Rename {
+        #[serde(with = "serde_bytes")]
         from: Vec<u8>,
+        #[serde(with = "serde_bytes")]
         to: Vec<u8>,
         if_absent: bool,
     },
@@ -234,6 +244,7 @@ pub struct CommandResponse {
     pub rejected: Option<Rejection>,
     /// An update's answer: the previous value (`Swap`, `Take`) or the new one; a `Get`'s
     /// value.
+    #[serde(with = "serde_bytes")]
     pub value: Option<Vec<u8>>,
     /// A `Txn`'s answer to each step (empty when its guards did not hold).
     pub steps: Vec<StepAnswer>,
@@ -244,8 +255,87 @@ pub struct CommandResponse {
 pub struct StepAnswer {
     pub succeeded: bool,
     pub current_revision: u64,
+    #[serde(with = "serde_bytes")]
     pub value: Option<Vec<u8>>,
     pub rejected: Option<Rejection>,
     /// A `Get`'s key expiry (0 = never).
     pub expires_at_ms: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The shapes of `Op::Put` and `CommandResponse` as logs, session tables and peers of
+    /// format 3 wrote them, before byte fields were encoded as byte strings.
+    #[derive(Serialize, Deserialize, Debug, PartialEq)]
+    enum OldOp {
+        Put {
+            key: Vec<u8>,
+            value: Vec<u8>,
+            condition: Condition,
+        },
+    }
+
+    #[derive(Serialize, Deserialize, Debug, PartialEq)]
+    struct OldResponse {
+        revision: u64,
+        hlc: u64,
+        succeeded: bool,
+        current_revision: u64,
+        deduplicated: bool,
+        rejected: Option<Rejection>,
+        value: Option<Vec<u8>>,
+        steps: Vec<StepAnswer>,
+    }
+
+    #[test]
+    fn byte_fields_encode_as_they_did_as_sequences() {
+        let key = b"user:1".to_vec();
+        let value: Vec<u8> = (0..=255u8).chain(0..44).collect();
+        let new = Op::Put {
+            key: key.clone(),
+            value: value.clone(),
+            condition: Condition::IfRevision(300),
+        };
+        let old = OldOp::Put {
+            key,
+            value: value.clone(),
+            condition: Condition::IfRevision(300),
+        };
+        let bytes = postcard::to_stdvec(&old).unwrap();
+        assert_eq!(postcard::to_stdvec(&new).unwrap(), bytes);
+        assert_eq!(postcard::from_bytes::<Op>(&bytes).unwrap(), new);
+
+        let answer = CommandResponse {
+            revision: 5,
+            log_index: 0,
+            hlc: 9,
+            succeeded: true,
+            current_revision: 7,
+            deduplicated: false,
+            rejected: None,
+            value: Some(value.clone()),
+            steps: vec![StepAnswer {
+                value: Some(vec![1, 2, 3]),
+                ..Default::default()
+            }],
+        };
+        let old = OldResponse {
+            revision: 5,
+            hlc: 9,
+            succeeded: true,
+            current_revision: 7,
+            deduplicated: false,
+            rejected: None,
+            value: Some(value),
+            steps: answer.steps.clone(),
+        };
+        let bytes = postcard::to_stdvec(&old).unwrap();
+        assert_eq!(postcard::to_stdvec(&answer).unwrap(), bytes);
+        assert_eq!(
+            postcard::from_bytes::<CommandResponse>(&bytes).unwrap(),
+            answer
+        );
+    }
 }

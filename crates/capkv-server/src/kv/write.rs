@@ -127,16 +127,14 @@ impl KvCore {
 
     /// One turn of the leader's removal of expired keys in `p`: looks at up to
     /// `REAP_SCAN_MAX` keys from `from`, and proposes one `Op::Reap` for the expired ones
-    /// (at most `REAP_KEYS_MAX`). Returns where the next turn starts (`None`: back at the
-    /// partition's first key) and how many keys were deleted. Does nothing unless this
-    /// node leads `p`.
+    /// (at most `REAP_KEYS_MAX`). `None` unless this node leads `p` (nothing was looked at).
     pub async fn reap_expired(
         &self,
         p: PartitionId,
         from: &[u8],
-    ) -> Result<(Option<Vec<u8>>, u64), KvError> {
+    ) -> Result<Option<ReapTurn>, KvError> {
         if !self.role(p).leader {
-            return Ok((None, 0));
+            return Ok(None);
         }
         let rows = self
             .engine
@@ -146,6 +144,7 @@ impl KvCore {
         let next = (rows.len() == REAP_SCAN_MAX || bytes >= REAP_BYTES_MAX)
             .then(|| rows.last().map(|(k, _)| [k.as_slice(), &[0]].concat()))
             .flatten();
+        let expiring = rows.iter().any(|(_, v)| v.expires_at_ms != 0);
         let now = self.hlc.now().physical_ms();
         let keys: Vec<(Vec<u8>, u64)> = rows
             .into_iter()
@@ -153,12 +152,25 @@ impl KvCore {
             .take(REAP_KEYS_MAX)
             .map(|(k, v)| (k, v.mod_revision))
             .collect();
+        let mut turn = ReapTurn {
+            next,
+            reaped: 0,
+            expiring,
+        };
         if keys.is_empty() {
-            return Ok((next, 0));
+            return Ok(Some(turn));
         }
         let (_, r) = self.propose(p, Op::Reap { keys }, None).await?;
         self.metrics.keys_expired.inc_by(r.current_revision);
-        Ok((next, r.current_revision))
+        turn.reaped = r.current_revision;
+        Ok(Some(turn))
+    }
+
+    /// Counts the values with an expiry this node's state machine of `p` stored (see
+    /// [`AppliedIndex::note_expiring`]): the reaper skips a partition whose last complete
+    /// walk found none while this stays the same.
+    pub fn expiring_writes(&self, p: PartitionId) -> Option<u64> {
+        self.replica(p).ok().map(|r| r.applied.expiring_writes())
     }
 
     fn check_count(&self, what: &str, n: usize) -> Result<(), KvError> {
@@ -214,6 +226,17 @@ impl KvCore {
 
 /// Keys one turn of the expired-key removal looks at, per partition.
 pub const REAP_SCAN_MAX: usize = 1000;
+
+/// What one turn of [`KvCore::reap_expired`] did.
+#[derive(Debug)]
+pub struct ReapTurn {
+    /// Where the next turn starts; `None`: the walk reached the partition's end.
+    pub next: Option<Vec<u8>>,
+    /// Keys deleted.
+    pub reaped: u64,
+    /// Whether any key looked at has an expiry (expired or not).
+    pub expiring: bool,
+}
 /// Bytes of keys and values one turn reads at most, per partition.
 pub const REAP_BYTES_MAX: usize = 4 << 20;
 /// Keys one turn deletes at most, per partition (one replicated command).
