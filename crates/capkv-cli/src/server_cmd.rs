@@ -41,7 +41,8 @@ pub struct ServerArgs {
     #[arg(long, default_value_t = 3)]
     pub replication_factor: u32,
     /// HTTP address (/v1/kv, /metrics, /health, /status). Defaults to the gRPC port + 1000.
-    #[arg(long)]
+    /// Always on: operators and `capkv status` need it.
+    #[arg(long, value_parser = parse_http)]
     pub http: Option<SocketAddr>,
     /// Redis protocol (RESP) address, or `off`. Defaults to the gRPC port - 1000 (6379).
     #[arg(long, value_parser = parse_listen)]
@@ -141,6 +142,15 @@ fn parse_listen(s: &str) -> Result<Listen, String> {
     s.parse()
         .map(Listen::At)
         .map_err(|_| format!("{s:?} is neither IP:PORT nor off"))
+}
+
+fn parse_http(s: &str) -> Result<SocketAddr, String> {
+    if s == "off" {
+        return Err("the HTTP port cannot be turned off: it also serves /metrics, /health and \
+                    /status (give it an address, such as 127.0.0.1:0)"
+            .into());
+    }
+    s.parse().map_err(|_| format!("{s:?} is not IP:PORT"))
 }
 
 fn listen_or(arg: Option<Listen>, default: Option<SocketAddr>) -> Option<SocketAddr> {
@@ -276,5 +286,17 @@ mod tests {
             assert_eq!(PlantedBug::parse(name.get_name()), Some(arg.bug()));
         }
         assert_eq!(PlantedBugArg::value_variants().len(), PlantedBug::ALL.len());
+    }
+
+    #[test]
+    fn front_end_addresses_parse_and_http_says_why_it_stays_on() {
+        assert_eq!(parse_listen("off"), Ok(Listen::Off));
+        assert_eq!(
+            parse_listen("127.0.0.1:6379"),
+            Ok(Listen::At("127.0.0.1:6379".parse().unwrap()))
+        );
+        assert!(parse_listen("6379").unwrap_err().contains("neither IP:PORT nor off"));
+        assert!(parse_http("off").unwrap_err().contains("/metrics"));
+        assert!(parse_http("127.0.0.1:0").is_ok());
     }
 }
