@@ -146,9 +146,11 @@ fn parse_listen(s: &str) -> Result<Listen, String> {
 
 fn parse_http(s: &str) -> Result<SocketAddr, String> {
     if s == "off" {
-        return Err("the HTTP port cannot be turned off: it also serves /metrics, /health and \
+        return Err(
+            "the HTTP port cannot be turned off: it also serves /metrics, /health and \
                     /status (give it an address, such as 127.0.0.1:0)"
-            .into());
+                .into(),
+        );
     }
     s.parse().map_err(|_| format!("{s:?} is not IP:PORT"))
 }
@@ -295,7 +297,9 @@ mod tests {
             parse_listen("127.0.0.1:6379"),
             Ok(Listen::At("127.0.0.1:6379".parse().unwrap()))
         );
-        assert!(parse_listen("6379").unwrap_err().contains("neither IP:PORT nor off"));
+        assert!(parse_listen("6379")
+            .unwrap_err()
+            .contains("neither IP:PORT nor off"));
         assert!(parse_http("off").unwrap_err().contains("/metrics"));
         assert!(parse_http("127.0.0.1:0").is_ok());
     }

@@ -26,7 +26,6 @@ pub struct Applier {
     /// The highest HLC stamp applied; the next write is stamped above it.
     last_hlc: u64,
     sessions: Sessions,
-    session_ttl_ms: u64,
     /// Session changes of the batch being applied, one per client (written at its flush).
     sessions_dirty: BTreeMap<u64, Option<Session>>,
     ops: Vec<SmOp>,
@@ -36,6 +35,20 @@ pub struct Applier {
     now_ms: u64,
     /// Values written with an expiry since [`Applier::take_expiring`] last asked.
     expiring: u64,
+    /// Keys stored in the partition, as of the commands executed so far.
+    counts: KeyCounts,
+    /// The last key `stored` read from storage: (key, absent / present with or without
+    /// an expiry), so that the write that follows knows what it replaces without a second
+    /// read.
+    probe: std::cell::RefCell<Option<(Vec<u8>, Option<bool>)>>,
+}
+
+/// How many keys a partition stores, expired or not (until the reaper deletes them, as
+/// Redis counts them), and how many of them have an expiry. Kept with the applied state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KeyCounts {
+    pub keys: u64,
+    pub expiring: u64,
 }
 
 /// The partition's client sessions as stored.
@@ -51,42 +64,61 @@ fn load_sessions(
     Ok(Sessions::load(ttl_ms, rows))
 }
 
+/// Counts the keys `partition` stores (for applied state written before counts were kept).
+fn count_keys(engine: &dyn StorageEngine, partition: PartitionId) -> io::Result<KeyCounts> {
+    let mut counts = KeyCounts::default();
+    let mut from = Vec::new();
+    loop {
+        let rows = engine.sm_scan(partition, &from, None, 1000, 4 << 20)?;
+        for (_, v) in &rows {
+            counts.keys += 1;
+            counts.expiring += u64::from(v.expires_at_ms != 0);
+        }
+        match rows.last() {
+            Some((k, _)) => from = [k.as_slice(), &[0]].concat(),
+            None => return Ok(counts),
+        }
+    }
+}
+
 impl Applier {
     /// Opens partition `partition`'s executor over what storage holds; `last_hlc` is the
     /// highest stamp applied (from the caller's applied state).
+    /// `counts`: the partition's key counts kept with the applied state; `None` (state
+    /// written before they were kept) counts the stored keys.
     pub fn open(
         engine: Arc<dyn StorageEngine>,
         partition: PartitionId,
         hlc: Arc<Hlc>,
         session_ttl_ms: u64,
         last_hlc: u64,
+        counts: Option<KeyCounts>,
     ) -> io::Result<Self> {
         let sessions = load_sessions(&*engine, partition, session_ttl_ms)?;
         hlc.observe(HlcTimestamp(last_hlc));
+        let counts = match counts {
+            Some(c) => c,
+            None => count_keys(&*engine, partition)?,
+        };
         Ok(Applier {
             engine,
             partition,
             hlc,
             last_hlc,
             sessions,
-            session_ttl_ms,
             sessions_dirty: BTreeMap::new(),
             ops: Vec::new(),
             overlay: HashMap::new(),
             now_ms: 0,
             expiring: 0,
+            counts,
+            probe: Default::default(),
         })
     }
 
-    /// Reloads the sessions after storage was replaced (a snapshot was installed).
-    pub fn reload(&mut self, last_hlc: u64) -> io::Result<()> {
-        self.sessions = load_sessions(&*self.engine, self.partition, self.session_ttl_ms)?;
-        self.sessions_dirty.clear();
-        self.ops.clear();
-        self.overlay.clear();
-        self.last_hlc = last_hlc;
-        self.hlc.observe(HlcTimestamp(last_hlc));
-        Ok(())
+    /// The partition's key counts as of the commands executed so far.
+    pub fn counts(&self) -> KeyCounts {
+        self.counts
     }
 
     pub fn last_hlc(&self) -> u64 {
@@ -103,8 +135,39 @@ impl Applier {
     fn stored(&self, key: &[u8]) -> io::Result<Option<StoredValue>> {
         match self.overlay.get(key) {
             Some(v) => Ok(v.clone()),
-            None => Ok(self.engine.sm_get(self.partition, key)?),
+            None => {
+                let v = self.engine.sm_get(self.partition, key)?;
+                let presence = v.as_ref().map(|v| v.expires_at_ms != 0);
+                *self.probe.borrow_mut() = Some((key.to_vec(), presence));
+                Ok(v)
+            }
         }
+    }
+
+    /// Whether `key` is stored (expired or not) as of the commands executed so far, and
+    /// if so whether it has an expiry.
+    fn presence(&self, key: &[u8]) -> io::Result<Option<bool>> {
+        if let Some(v) = self.overlay.get(key) {
+            return Ok(v.as_ref().map(|v| v.expires_at_ms != 0));
+        }
+        if let Some((k, presence)) = &*self.probe.borrow() {
+            if k == key {
+                return Ok(*presence);
+            }
+        }
+        Ok(self
+            .engine
+            .sm_get(self.partition, key)?
+            .map(|v| v.expires_at_ms != 0))
+    }
+
+    /// Counts a key going from `before` to `after` (absent / present with an expiry or not).
+    fn count(&mut self, before: Option<bool>, after: Option<bool>) {
+        let c = &mut self.counts;
+        let n = |p: Option<bool>| u64::from(p.is_some());
+        let e = |p: Option<bool>| u64::from(p == Some(true));
+        c.keys = (c.keys + n(after)).saturating_sub(n(before));
+        c.expiring = (c.expiring + e(after)).saturating_sub(e(before));
     }
 
     /// The key's value as the command being executed sees it: absent if it expired by the
@@ -209,7 +272,7 @@ impl Applier {
                 let current = self.current(&key)?;
                 let holds = condition_holds(condition, current.as_ref());
                 if holds {
-                    self.set(key, value, revision, hlc, current.as_ref(), 0);
+                    self.set(key, value, revision, hlc, current.as_ref(), 0)?;
                 }
                 Outcome::of(holds, current.as_ref())
             }
@@ -217,7 +280,7 @@ impl Applier {
                 let current = self.current(&key)?;
                 let deleted = condition_holds(condition, current.as_ref()) && current.is_some();
                 if deleted {
-                    self.remove(key);
+                    self.remove(key)?;
                 }
                 Outcome::of(deleted, current.as_ref())
             }
@@ -237,7 +300,7 @@ impl Applier {
                 let holds = !if_all_absent || currents.iter().all(Option::is_none);
                 if holds {
                     for ((k, v), current) in kvs.into_iter().zip(&currents) {
-                        self.set(k, v, revision, hlc, current.as_ref(), 0);
+                        self.set(k, v, revision, hlc, current.as_ref(), 0)?;
                     }
                 }
                 Outcome {
@@ -259,7 +322,7 @@ impl Applier {
                     if stored.is_some_and(|v| {
                         v.mod_revision == mod_revision && v.expired_at(self.now_ms)
                     }) {
-                        self.remove(key);
+                        self.remove(key)?;
                         reaped += 1;
                     }
                 }
@@ -286,8 +349,8 @@ impl Applier {
                     return Ok(Outcome::of(false, dst.as_ref()));
                 }
                 let expires_at_ms = src.expires_at_ms;
-                self.set(to, src.value, revision, hlc, None, expires_at_ms);
-                self.remove(from);
+                self.set(to, src.value, revision, hlc, None, expires_at_ms)?;
+                self.remove(from)?;
                 Outcome::of(true, dst.as_ref())
             }
             // Transactions do not nest (the server refuses them before they are proposed).
@@ -304,7 +367,7 @@ impl Applier {
         hlc: u64,
         current: Option<&StoredValue>,
         expires_at_ms: u64,
-    ) {
+    ) -> io::Result<()> {
         let stored = StoredValue {
             mod_revision: revision,
             create_revision: current.map_or(revision, |c| c.create_revision),
@@ -315,13 +378,19 @@ impl Applier {
         if expires_at_ms != 0 {
             self.expiring += 1;
         }
+        let before = self.presence(&key)?;
+        self.count(before, Some(expires_at_ms != 0));
         self.overlay.insert(key.clone(), Some(stored.clone()));
         self.ops.push(SmOp::Put { key, value: stored });
+        Ok(())
     }
 
-    fn remove(&mut self, key: Vec<u8>) {
+    fn remove(&mut self, key: Vec<u8>) -> io::Result<()> {
+        let before = self.presence(&key)?;
+        self.count(before, None);
         self.overlay.insert(key.clone(), None);
         self.ops.push(SmOp::Delete { key });
+        Ok(())
     }
 
     /// Executes a read-modify-write; a result it refuses changes nothing.
@@ -373,9 +442,9 @@ impl Applier {
                 };
                 if out.succeeded {
                     if at != 0 && at <= now {
-                        self.remove(key);
+                        self.remove(key)?;
                     } else {
-                        self.set(key, c.value.clone(), revision, hlc, Some(&c), at);
+                        self.set(key, c.value.clone(), revision, hlc, Some(&c), at)?;
                     }
                 }
                 return Ok(out);
@@ -388,9 +457,9 @@ impl Applier {
                 out.value = Some(c.value.clone());
                 let at = resolve(expiry, now, Some(&c));
                 if at != 0 && at <= now {
-                    self.remove(key);
+                    self.remove(key)?;
                 } else if at != c.expires_at_ms {
-                    self.set(key, c.value.clone(), revision, hlc, Some(&c), at);
+                    self.set(key, c.value.clone(), revision, hlc, Some(&c), at)?;
                 }
                 return Ok(out);
             }
@@ -398,7 +467,7 @@ impl Applier {
                 out.value = old.map(<[u8]>::to_vec);
                 out.succeeded = current.is_some();
                 if current.is_some() {
-                    self.remove(key);
+                    self.remove(key)?;
                 }
                 return Ok(out);
             }
@@ -442,10 +511,10 @@ impl Applier {
         }
         if expires_at_ms != 0 && expires_at_ms <= now {
             // Set with an expiry already past (EXAT in the past): gone at once.
-            self.remove(key);
+            self.remove(key)?;
             return Ok(out);
         }
-        self.set(key, new, revision, hlc, current.as_ref(), expires_at_ms);
+        self.set(key, new, revision, hlc, current.as_ref(), expires_at_ms)?;
         Ok(out)
     }
 
@@ -492,6 +561,7 @@ impl Applier {
     /// The write from [`Applier::take_write`] is in storage: reads go there again.
     pub fn written(&mut self) {
         self.overlay.clear();
+        self.probe.take();
     }
 
     /// How many values with an expiry were written since the last call (publish it with
@@ -612,6 +682,9 @@ pub struct AppliedIndex {
     /// since the node started: unchanged between two readings, no expiring value was
     /// stored in between.
     expiring: std::sync::atomic::AtomicU64,
+    /// The partition's [`KeyCounts`] as last written.
+    keys: std::sync::atomic::AtomicU64,
+    keys_expiring: std::sync::atomic::AtomicU64,
 }
 
 impl AppliedIndex {
@@ -642,6 +715,22 @@ impl AppliedIndex {
         if n > 0 {
             self.expiring
                 .fetch_add(n, std::sync::atomic::Ordering::AcqRel);
+        }
+    }
+
+    /// Publishes the key counts of what was written.
+    pub fn set_counts(&self, c: KeyCounts) {
+        use std::sync::atomic::Ordering::Release;
+        self.keys.store(c.keys, Release);
+        self.keys_expiring.store(c.expiring, Release);
+    }
+
+    /// The partition's key counts as this replica last wrote them.
+    pub fn counts(&self) -> KeyCounts {
+        use std::sync::atomic::Ordering::Acquire;
+        KeyCounts {
+            keys: self.keys.load(Acquire),
+            expiring: self.keys_expiring.load(Acquire),
         }
     }
 
@@ -697,8 +786,15 @@ mod update_tests_support {
             let dir = tempfile::tempdir().unwrap();
             let engine: Arc<dyn StorageEngine> =
                 Arc::new(FjallEngine::open(dir.path(), FjallOptions::default()).unwrap());
-            let applier =
-                Applier::open(engine, PartitionId(0), Arc::new(Hlc::new()), 60_000, 0).unwrap();
+            let applier = Applier::open(
+                engine,
+                PartitionId(0),
+                Arc::new(Hlc::new()),
+                60_000,
+                0,
+                None,
+            )
+            .unwrap();
             Fixture {
                 _dir: dir,
                 applier,
@@ -949,6 +1045,65 @@ mod expiry_tests {
             update: Update::Expire { expiry, when },
             value_bytes_max: 64,
         }
+    }
+
+    #[test]
+    fn key_counts_follow_every_write_and_count_expired_keys_until_reaped() {
+        let mut f = Fixture::new();
+        let put = |k: &str| Op::Put {
+            key: k.into(),
+            value: b"v".to_vec(),
+            condition: Condition::Always,
+        };
+        let counts = |f: &Fixture| {
+            let c = f.applier.counts();
+            (c.keys, c.expiring)
+        };
+        f.run_at(put("a"), 1_000);
+        f.run_at(put("a"), 1_001);
+        f.run_at(swap("v", Expiry::In(100)), 1_002); // key "k"
+        assert_eq!(counts(&f), (2, 1));
+        // "k" expired at 1_102 but is still stored: counted, and a new SET replaces it.
+        f.run_at(swap("w", Expiry::Never), 2_000);
+        assert_eq!(counts(&f), (2, 0));
+        f.run_at(expire(Expiry::In(50), ExpireWhen::Always), 2_001);
+        assert_eq!(counts(&f), (2, 1));
+        let revision = f.run_at(
+            Op::Txn {
+                guards: vec![],
+                steps: vec![Op::Get { key: b"k".to_vec() }],
+            },
+            2_002,
+        );
+        let rev = revision.steps[0].current_revision;
+        f.run_at(
+            Op::Reap {
+                keys: vec![(b"k".to_vec(), rev)],
+            },
+            3_000,
+        );
+        assert_eq!(counts(&f), (1, 0));
+        f.run_at(
+            Op::Delete {
+                key: b"a".to_vec(),
+                condition: Condition::Always,
+            },
+            3_001,
+        );
+        f.run_at(
+            Op::Delete {
+                key: b"a".to_vec(),
+                condition: Condition::Always,
+            },
+            3_002,
+        );
+        assert_eq!(counts(&f), (0, 0));
+        // Counted again from storage, as for state written before counts were kept.
+        f.run_at(put("b"), 3_003);
+        f.run_at(swap("v", Expiry::In(10)), 3_004);
+        let recounted = count_keys(&*f.applier.engine, PartitionId(0)).unwrap();
+        assert_eq!(recounted, f.applier.counts());
+        assert_eq!((recounted.keys, recounted.expiring), (2, 1));
     }
 
     #[test]

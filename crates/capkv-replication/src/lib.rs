@@ -14,8 +14,8 @@ pub mod faults;
 pub mod sessions;
 pub mod types;
 
-pub use apply::AppliedIndex;
 pub use apply::{format_float, parse_i64};
+pub use apply::{AppliedIndex, KeyCounts};
 pub use faults::Faults;
 pub use types::{
     Command, CommandResponse, Condition, ExpireWhen, Expiry, Idempotency, Op, Rejection,

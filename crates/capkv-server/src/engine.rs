@@ -29,7 +29,7 @@ use capkv_raftstore::node::{
 use capkv_raftstore::storage::GroupId;
 use capkv_replication::apply::Applier;
 use capkv_replication::codec::{decode, encode};
-use capkv_replication::{AppliedIndex, Command, CommandResponse, Faults};
+use capkv_replication::{AppliedIndex, Command, CommandResponse, Faults, KeyCounts};
 use capkv_storage::StorageEngine;
 use capkv_types::{Hlc, NodeId, PartitionId};
 use serde::{Deserialize, Serialize};
@@ -48,6 +48,47 @@ struct EngineApplied {
     revision: u64,
     /// The highest HLC stamp applied.
     last_hlc: u64,
+    /// The partition's keys (DBSIZE, INFO keyspace). Missing from applied state written
+    /// before capkv kept it: see [`EngineApplied::decode`].
+    counts: KeyCounts,
+}
+
+impl EngineApplied {
+    /// Decodes applied state; `false` when it was written without key counts (they are
+    /// then counted from storage when the partition opens).
+    fn decode(bytes: &[u8]) -> std::io::Result<(Self, bool)> {
+        #[derive(Deserialize)]
+        struct WithoutCounts {
+            index: u64,
+            term: u64,
+            revision: u64,
+            last_hlc: u64,
+        }
+        match decode::<EngineApplied>(bytes) {
+            Ok(state) => Ok((state, true)),
+            Err(e) => match decode::<WithoutCounts>(bytes) {
+                Ok(old) => Ok((
+                    EngineApplied {
+                        index: old.index,
+                        term: old.term,
+                        revision: old.revision,
+                        last_hlc: old.last_hlc,
+                        counts: KeyCounts::default(),
+                    },
+                    false,
+                )),
+                Err(_) => Err(e),
+            },
+        }
+    }
+
+    /// Applied state as stored: `None` when there is none.
+    fn load(bytes: Option<Vec<u8>>) -> std::io::Result<(Self, bool)> {
+        match bytes {
+            Some(b) => Self::decode(&b),
+            None => Ok((EngineApplied::default(), true)),
+        }
+    }
 }
 
 struct PartitionMachine {
@@ -172,18 +213,18 @@ impl CapkvMachine {
         }
         let mut indexes = BTreeMap::new();
         for p in partitions {
-            let state: EngineApplied = match engine.sm_applied(*p)? {
-                Some(bytes) => decode(&bytes)?,
-                None => EngineApplied::default(),
-            };
+            let (mut state, counted) = EngineApplied::load(engine.sm_applied(*p)?)?;
             let applier = Applier::open(
                 engine.clone(),
                 *p,
                 hlc.clone(),
                 session_ttl_ms,
                 state.last_hlc,
+                counted.then_some(state.counts),
             )?;
+            state.counts = applier.counts();
             let applied_index = Arc::new(AppliedIndex::default());
+            applied_index.set_counts(state.counts);
             applied_index.set(state.index);
             applied.insert(p.0, state.index);
             indexes.insert(*p, applied_index.clone());
@@ -245,6 +286,7 @@ impl StateMachine for CapkvMachine {
         m.state.index = index;
         m.state.term = term;
         m.state.last_hlc = m.applier.last_hlc();
+        m.state.counts = m.applier.counts();
         self.dirty.insert(group);
         Ok(responses)
     }
@@ -279,10 +321,9 @@ impl StateMachine for CapkvMachine {
             .partitions
             .get_mut(&group)
             .ok_or_else(|| format!("no state machine for partition {group}"))?;
-        let state: EngineApplied = match self.engine.sm_applied(p).map_err(|e| e.to_string())? {
-            Some(bytes) => decode(&bytes).map_err(|e| e.to_string())?,
-            None => EngineApplied::default(),
-        };
+        let (mut state, counted) =
+            EngineApplied::load(self.engine.sm_applied(p).map_err(|e| e.to_string())?)
+                .map_err(|e| e.to_string())?;
         if state.index != index {
             return Err(format!(
                 "the image installed for partition {p} is at index {}, its snapshot at {index}",
@@ -295,11 +336,14 @@ impl StateMachine for CapkvMachine {
             self.hlc.clone(),
             self.session_ttl_ms,
             state.last_hlc,
+            counted.then_some(state.counts),
         )
         .map_err(|e| e.to_string())?;
+        state.counts = m.applier.counts();
         m.state = state;
         // The image may hold values that expire.
         m.applied_index.note_expiring(1);
+        m.applied_index.set_counts(state.counts);
         m.applied_index.set(state.index);
         self.dirty.remove(&group);
         tracing::info!(
@@ -342,6 +386,7 @@ impl StateMachine for CapkvMachine {
             if let Some(m) = self.partitions.get_mut(&g) {
                 m.applier.written();
                 m.applied_index.note_expiring(m.applier.take_expiring());
+                m.applied_index.set_counts(m.state.counts);
                 m.applied_index.set(m.state.index);
             }
         }
@@ -462,7 +507,7 @@ impl SnapshotReceiver {
         message: &[u8],
     ) -> Result<(), String> {
         let p = self.partition;
-        let state: EngineApplied = decode(&applied)
+        let (state, _) = EngineApplied::decode(&applied)
             .map_err(|e| format!("snapshot of partition {p}: applied state: {e}"))?;
         if state.index != index {
             return Err(format!(
@@ -931,6 +976,31 @@ async fn answer<T: Send + 'static>(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn applied_state_written_without_key_counts_still_opens() {
+        #[derive(Serialize)]
+        struct WithoutCounts(u64, u64, u64, u64);
+        let old = encode(&WithoutCounts(12, 3, 40, 99)).unwrap();
+        let (state, counted) = super::EngineApplied::decode(&old).unwrap();
+        assert!(!counted, "the counts must be recounted from storage");
+        assert_eq!(
+            (state.index, state.term, state.revision, state.last_hlc),
+            (12, 3, 40, 99)
+        );
+        let new = super::EngineApplied {
+            counts: KeyCounts {
+                keys: 5,
+                expiring: 2,
+            },
+            ..state
+        };
+        assert_eq!(
+            super::EngineApplied::decode(&encode(&new).unwrap()).unwrap(),
+            (new, true)
+        );
+        assert!(super::EngineApplied::decode(&[1, 2]).is_err());
+    }
+
     use super::*;
 
     /// The lease is half of what followers refuse (the first tick after a leader's message

@@ -53,6 +53,7 @@ async fn every_protocol_answers_on_every_node() {
     http_json(&cluster).await;
     redis_cli(&cluster).await;
     redis_py(&cluster).await;
+    resp_keyspace_counts(&cluster).await;
     // Front-end requests are counted by protocol, and writes were forwarded to leaders.
     let mut forwarded = 0;
     for id in 1..=3 {
@@ -349,6 +350,74 @@ async fn resp_expiry(cluster: &Cluster) {
         call(&mut a, &["SET", "ttl:k", "v", "EX", "10", "PX", "10"]).await,
         Value::Error("ERR syntax error".into())
     );
+}
+
+/// Every node answers DBSIZE and INFO keyspace from the counts its replicas keep, and
+/// they follow creates, overwrites, deletes, expiries set and removed, and renames.
+async fn resp_keyspace_counts(cluster: &Cluster) {
+    let mut a = resp(cluster, 1).await;
+    assert_eq!(call(&mut a, &["FLUSHALL"]).await, ok());
+    let counts_everywhere = |keys: i64, expiring: i64| async move {
+        for id in 1..=3 {
+            let mut c = resp(cluster, id).await;
+            let c = tokio::sync::Mutex::new(&mut c);
+            let line = format!("db0:keys={keys},expires={expiring},");
+            wait_until(
+                Duration::from_secs(15),
+                &format!("node {id} counts {keys} keys, {expiring} with an expiry"),
+                || async {
+                    let mut c = c.lock().await;
+                    let info = c
+                        .call(&["INFO", "keyspace"])
+                        .await
+                        .ok()
+                        .and_then(|v| v.text());
+                    let n = c.call(&["DBSIZE"]).await.ok();
+                    n == Some(Value::Int(keys))
+                        && info.is_some_and(|t| {
+                            if keys == 0 {
+                                !t.contains("db0:")
+                            } else {
+                                t.contains(&line)
+                            }
+                        })
+                },
+            )
+            .await;
+        }
+    };
+    counts_everywhere(0, 0).await;
+    for i in 0..20 {
+        let k = format!("count:{i}");
+        if i < 5 {
+            call(&mut a, &["SET", &k, "v", "EX", "1000"]).await;
+        } else {
+            call(&mut a, &["SET", &k, "v"]).await;
+        }
+    }
+    counts_everywhere(20, 5).await;
+    // Overwrites keep the count; a plain SET drops the expiry, KEEPTTL keeps it.
+    call(&mut a, &["SET", "count:0", "w"]).await;
+    call(&mut a, &["SET", "count:1", "w", "KEEPTTL"]).await;
+    call(&mut a, &["INCR", "count:19"]).await;
+    counts_everywhere(20, 4).await;
+    // Deletes, PERSIST, EXPIRE, and a rename within one partition.
+    assert_eq!(
+        call(&mut a, &["DEL", "count:2", "count:10", "count:absent"]).await,
+        Value::Int(2)
+    );
+    assert_eq!(call(&mut a, &["PERSIST", "count:3"]).await, Value::Int(1));
+    assert_eq!(
+        call(&mut a, &["EXPIRE", "count:11", "1000"]).await,
+        Value::Int(1)
+    );
+    call(&mut a, &["SET", "{cnt}from", "v", "EX", "1000"]).await;
+    call(&mut a, &["SET", "{cnt}to", "v"]).await;
+    assert_eq!(
+        call(&mut a, &["RENAME", "{cnt}from", "{cnt}to"]).await,
+        ok()
+    );
+    counts_everywhere(19, 4).await;
 }
 
 async fn resp_bad_streams_close_only_their_connection(cluster: &Cluster) {

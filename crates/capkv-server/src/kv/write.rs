@@ -173,6 +173,11 @@ impl KvCore {
         self.replica(p).ok().map(|r| r.applied.expiring_writes())
     }
 
+    /// The keys of `p` as this node's replica last wrote them (`None`: not hosted here).
+    pub fn key_counts(&self, p: PartitionId) -> Option<capkv_replication::KeyCounts> {
+        self.replica(p).ok().map(|r| r.applied.counts())
+    }
+
     fn check_count(&self, what: &str, n: usize) -> Result<(), KvError> {
         if n > self.limits.batch_keys_max {
             return Err(KvError::too_large(what, n, self.limits.batch_keys_max));

@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use capkv_replication::{parse_i64, Condition, Op, StepAnswer};
+use capkv_replication::{parse_i64, Condition, KeyCounts, Op, StepAnswer};
 use capkv_types::{KvError, ReadConsistency, SessionToken};
 use futures::stream::{FuturesOrdered, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -619,11 +619,7 @@ async fn run_barrier(
             Reply::Array(keys)
         }
         "scan" => scan(router, conn, args).await?,
-        "dbsize" => {
-            let mut n = 0i64;
-            for_each_key(router, conn, |_| n += 1).await?;
-            Reply::Int(n)
-        }
+        "dbsize" => Reply::Int(key_counts(router, conn).await?.keys as i64),
         "randomkey" => random_key(router, conn).await?,
         "flushdb" | "flushall" => flush(router, conn, args).await?,
         "multi" if conn.multi.is_some() => Reply::err("MULTI calls can not be nested"),
@@ -801,15 +797,10 @@ async fn info(router: &Router, conn: &Conn, args: &[Vec<u8>]) -> Result<Reply, K
         text.push_str("\r\n");
     }
     if want("keyspace") {
-        let (mut n, mut expiring) = (0u64, 0u64);
-        for_each_kv(router, conn, |kv| {
-            n += 1;
-            expiring += u64::from(kv.value.expires_at_ms != 0);
-        })
-        .await?;
+        let KeyCounts { keys, expiring } = key_counts(router, conn).await?;
         text.push_str("# Keyspace\r\n");
-        if n > 0 {
-            text.push_str(&format!("db0:keys={n},expires={expiring},avg_ttl=0\r\n"));
+        if keys > 0 {
+            text.push_str(&format!("db0:keys={keys},expires={expiring},avg_ttl=0\r\n"));
         }
         text.push_str("\r\n");
     }
@@ -823,6 +814,34 @@ async fn for_each_key(
     mut visit: impl FnMut(&[u8]),
 ) -> Result<(), KvError> {
     for_each_kv(router, conn, |kv| visit(&kv.key)).await
+}
+
+/// The keyspace's size (DBSIZE, INFO keyspace): the sum of the counts each partition's
+/// state machine keeps, from this node's replicas when it hosts every partition (no walk;
+/// as fresh as this node's replicas, like a Redis replica's DBSIZE), else by walking the
+/// keys at the connection's level. Keys that expired but are not yet deleted count, as in
+/// Redis.
+async fn key_counts(router: &Router, conn: &Conn) -> Result<KeyCounts, KvError> {
+    let core = router.core();
+    let mut total = KeyCounts::default();
+    for p in 0..core.map().partition_count {
+        match core.key_counts(capkv_types::PartitionId(p)) {
+            Some(c) => {
+                total.keys += c.keys;
+                total.expiring += c.expiring;
+            }
+            None => {
+                let mut walked = KeyCounts::default();
+                for_each_kv(router, conn, |kv| {
+                    walked.keys += 1;
+                    walked.expiring += u64::from(kv.value.expires_at_ms != 0);
+                })
+                .await?;
+                return Ok(walked);
+            }
+        }
+    }
+    Ok(total)
 }
 
 /// Visits every key and its value in order, page by page, at the connection's read level.
