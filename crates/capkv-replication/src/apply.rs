@@ -14,6 +14,7 @@ use crate::codec::{decode, encode};
 use crate::sessions::{Admission, Session, SessionChange, Sessions};
 use crate::types::{
     Command, CommandResponse, Condition, ExpireWhen, Expiry, Op, Rejection, StepAnswer, Update,
+    TXN_ANSWER_BYTES_MAX,
 };
 
 /// One partition's command executor. Changes accumulate until [`Applier::flush`] writes
@@ -217,8 +218,16 @@ impl Applier {
                     held &= current.map_or(0, |c| c.mod_revision) == *revision;
                 }
                 if held {
+                    let mut answered = 0usize;
                     for op in ops {
-                        let o = self.apply_op(op, revision, hlc)?;
+                        let read = matches!(op, Op::Get { .. });
+                        let mut o = self.apply_op(op, revision, hlc)?;
+                        let bytes = o.value.as_ref().map_or(0, Vec::len);
+                        if read && answered + bytes > TXN_ANSWER_BYTES_MAX {
+                            o = Outcome::default().refused(Rejection::AnswersTooLarge);
+                        } else {
+                            answered += bytes;
+                        }
                         steps.push(StepAnswer {
                             succeeded: o.succeeded,
                             current_revision: o.current_revision,
@@ -1104,6 +1113,51 @@ mod expiry_tests {
         let recounted = count_keys(&*f.applier.engine, PartitionId(0)).unwrap();
         assert_eq!(recounted, f.applier.counts());
         assert_eq!((recounted.keys, recounted.expiring), (2, 1));
+    }
+
+    #[test]
+    fn a_transactions_reads_answer_a_bounded_total() {
+        let mut f = Fixture::new();
+        let big = vec![7u8; 3 << 20];
+        for k in ["b1", "b2", "b3"] {
+            f.run(Op::Put {
+                key: k.into(),
+                value: big.clone(),
+                condition: Condition::Always,
+            });
+        }
+        let get = |k: &str| Op::Get { key: k.into() };
+        let r = f.run(Op::Txn {
+            guards: vec![],
+            steps: vec![
+                get("b1"),
+                get("b2"),
+                get("b3"),
+                Op::Put {
+                    key: b"after".to_vec(),
+                    value: b"x".to_vec(),
+                    condition: Condition::Always,
+                },
+                get("after"),
+            ],
+        });
+        let answered: Vec<_> = r
+            .steps
+            .iter()
+            .map(|s| (s.value.as_ref().map(Vec::len), s.rejected))
+            .collect();
+        assert_eq!(
+            answered,
+            vec![
+                (Some(3 << 20), None),
+                (Some(3 << 20), None),
+                (None, Some(Rejection::AnswersTooLarge)),
+                (None, None),
+                (Some(1), None),
+            ],
+            "the read past 8 MiB is refused; later steps still run"
+        );
+        assert_eq!(f.get("after").as_deref(), Some(&b"x"[..]));
     }
 
     #[test]

@@ -19,5 +19,5 @@ pub use apply::{AppliedIndex, KeyCounts};
 pub use faults::Faults;
 pub use types::{
     Command, CommandResponse, Condition, ExpireWhen, Expiry, Idempotency, Op, Rejection,
-    StepAnswer, Update,
+    StepAnswer, Update, TXN_ANSWER_BYTES_MAX,
 };

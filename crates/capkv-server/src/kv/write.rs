@@ -306,6 +306,10 @@ pub fn rejection_error(p: PartitionId, why: Rejection, id: Option<Idempotency>) 
         Rejection::ValueTooLarge => {
             KvError::TooLarge("the result would be larger than the value limit".into())
         }
+        Rejection::AnswersTooLarge => KvError::TooLarge(format!(
+            "a transaction's reads answer at most {} MiB in all; this one is past it",
+            capkv_replication::TXN_ANSWER_BYTES_MAX >> 20
+        )),
     }
 }
 
