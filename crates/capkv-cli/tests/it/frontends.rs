@@ -587,6 +587,14 @@ async fn http_json(cluster: &Cluster) {
         .await
         .unwrap();
     assert_eq!(code, 400);
+    // A value over the limit: 413 with a JSON error, like every other error.
+    let (code, _, body) = req("PUT", &n1, "/v1/kv/web/huge", &[], vec![b'x'; 2 << 20])
+        .await
+        .unwrap();
+    assert_eq!(code, 413);
+    let e: serde_json::Value = serde_json::from_slice(&body)
+        .unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&body)));
+    assert_eq!(e["error"], "TooLarge", "{e}");
     let (code, _, body) = req("GET", &n1, "/v1/openapi.json", &[], vec![])
         .await
         .unwrap();

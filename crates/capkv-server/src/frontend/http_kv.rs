@@ -18,6 +18,7 @@
 use std::sync::Arc;
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -69,6 +70,18 @@ impl IntoResponse for ApiError {
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
         resp
+    }
+}
+
+/// A body axum could not take, as a JSON error: `TooLarge` past the value limit.
+fn body_error(router: &Router, e: BytesRejection) -> KvError {
+    if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        KvError::TooLarge(format!(
+            "the value is larger than the limit of {} bytes",
+            router.core().limits().value_bytes_max
+        ))
+    } else {
+        KvError::InvalidArgument(format!("the request body: {}", e.body_text()))
     }
 }
 
@@ -180,9 +193,10 @@ async fn put_key(
     State(router): State<Arc<Router>>,
     Path(key): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let r = async {
+        let body = body.map_err(|e| body_error(&router, e))?;
         let condition = condition(&headers)?;
         router
             .write(Op::Put {
