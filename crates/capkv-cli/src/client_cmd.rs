@@ -185,7 +185,7 @@ fn merge_into_session_file(client: &Client, path: &std::path::Path) -> std::io::
 }
 
 fn hex_decode(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len())

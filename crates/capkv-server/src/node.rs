@@ -352,7 +352,7 @@ impl Node {
                 config.max_connections,
                 router.clone(),
                 shutdown_rx.clone(),
-                |r, tcp, stop| frontend::resp::connection(r, tcp, stop),
+                frontend::resp::connection,
             )));
         }
         if let Some(listener) = json_listener {
@@ -362,7 +362,7 @@ impl Node {
                 config.max_connections,
                 router.clone(),
                 shutdown_rx.clone(),
-                |r, tcp, stop| frontend::json::connection(r, tcp, stop),
+                frontend::json::connection,
             )));
         }
         let app = crate::http::router(core.clone(), router.clone());

@@ -295,7 +295,7 @@ pub fn plan(router: &Router, spec: &Spec, args: &[Vec<u8>]) -> Plan {
             render: Render::Values,
         },
         "mset" | "msetnx" => {
-            if args.len() % 2 == 0 {
+            if args.len().is_multiple_of(2) {
                 return Plan::fixed(wrong_args(spec.name));
             }
             let kvs = args[1..]
