@@ -63,15 +63,30 @@ cell() {
     | awk -F'","' 'NR==2 { gsub(/"/, "", $2); print int($2) }'
 }
 
-declare -A R
+# CPU time (user + system, in clock ticks) the system under test has used so far: every
+# process in PIDS. Runs on a shared 2-core machine vary a lot in requests/s; the server's
+# CPU per request varies much less, so the table gives both.
+cpu_ticks() {
+  local t=0 p
+  for p in "${PIDS[@]}"; do
+    t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat")))
+  done
+  echo "$t"
+}
+
+declare -A R C
 run_system() { # name port
-  local name=$1 port=$2
+  local name=$1 port=$2 before
+  local hz; hz=$(getconf CLK_TCK)
   # Fill the keyspace first so GET reads values.
   redis-benchmark -p "$port" -t set -c 16 -n 100000 -r 100000 -d 256 -P 16 -q >/dev/null 2>&1 || true
   for p in 1 16; do
     for t in set get; do
+      before=$(cpu_ticks)
       R[$name,$t,$p]=$(cell "$port" "$t" "$p")
-      echo "$name $t -P $p: ${R[$name,$t,$p]} requests/s" >&2
+      # Server CPU microseconds per request.
+      C[$name,$t,$p]=$(( ($(cpu_ticks) - before) * 1000000 / hz / N ))
+      echo "$name $t -P $p: ${R[$name,$t,$p]} requests/s, ${C[$name,$t,$p]} µs CPU/request" >&2
     done
   done
 }
@@ -119,6 +134,12 @@ echo "| system | SET -c 16 | GET -c 16 | SET -c 16 -P 16 | GET -c 16 -P 16 |"
 echo "|---|---|---|---|---|"
 for s in "capkv 1 node" "capkv 3 nodes" "Redis, appendfsync always" "Redis, no persistence"; do
   echo "| $s | ${R[$s,set,1]} | ${R[$s,get,1]} | ${R[$s,set,16]} | ${R[$s,get,16]} |"
+done
+echo
+echo "| server CPU µs per request | SET -c 16 | GET -c 16 | SET -c 16 -P 16 | GET -c 16 -P 16 |"
+echo "|---|---|---|---|---|"
+for s in "capkv 1 node" "capkv 3 nodes" "Redis, appendfsync always" "Redis, no persistence"; do
+  echo "| $s | ${C[$s,set,1]} | ${C[$s,get,1]} | ${C[$s,set,16]} | ${C[$s,get,16]} |"
 done
 echo
 echo "requests/s; redis-benchmark $(redis-benchmark --version 2>/dev/null | head -1 | awk '{print $2}'), $N requests per cell, 100,000 random keys, 256-byte values, $(nproc) cores"

@@ -181,6 +181,17 @@ async fn resp_transactions_and_errors(cluster: &Cluster) {
     call(&mut a, &["SET", "{w}k", "mine"]).await;
     assert_eq!(call(&mut a, &["EXEC"]).await, Value::Null);
     assert_eq!(call(&mut a, &["GET", "{w}k"]).await, bulk("theirs"));
+    // UNWATCH inside MULTI is queued and answers OK, as in Redis.
+    call(&mut a, &["MULTI"]).await;
+    assert_eq!(
+        call(&mut a, &["UNWATCH"]).await,
+        Value::Simple("QUEUED".into())
+    );
+    call(&mut a, &["SET", "{w}k", "mine"]).await;
+    assert_eq!(
+        call(&mut a, &["EXEC"]).await,
+        Value::Array(vec![ok(), ok()])
+    );
     // Keys of two partitions in one command: refused, nothing written.
     let (k1, k2) = keys_in_two_partitions(cluster.partitions);
     match call(&mut a, &["MSET", &k1, "1", &k2, "2"]).await {

@@ -256,6 +256,16 @@ fn queue(router: &Router, conn: &mut Conn, args: &[Vec<u8>]) -> Reply {
         conn.multi_failed = true;
         return unknown_or_arity(args);
     };
+    let queued = conn.multi.get_or_insert_with(Vec::new);
+    if queued.len() >= router.core().limits().batch_keys_max {
+        conn.multi_failed = true;
+        return Reply::err("too many commands in one MULTI");
+    }
+    if spec.name == "unwatch" {
+        // EXEC forgets the watched keys anyway; queued, it only answers OK.
+        queued.push(Plan::fixed(Reply::ok()));
+        return Reply::Simple("QUEUED".into());
+    }
     if spec.kind == Kind::Barrier {
         conn.multi_failed = true;
         return Reply::err(format!(
@@ -264,12 +274,7 @@ fn queue(router: &Router, conn: &mut Conn, args: &[Vec<u8>]) -> Reply {
         ));
     }
     let plan = plan::plan(router, spec, args);
-    let queued = conn.multi.get_or_insert_with(Vec::new);
-    if queued.len() >= router.core().limits().batch_keys_max {
-        conn.multi_failed = true;
-        return Reply::err("too many commands in one MULTI");
-    }
-    queued.push(plan);
+    conn.multi.get_or_insert_with(Vec::new).push(plan);
     Reply::Simple("QUEUED".into())
 }
 

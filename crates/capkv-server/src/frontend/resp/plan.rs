@@ -67,7 +67,7 @@ pub struct Plan {
 }
 
 impl Plan {
-    fn fixed(reply: Reply) -> Plan {
+    pub fn fixed(reply: Reply) -> Plan {
         Plan {
             steps: vec![],
             render: Render::Fixed(reply),
