@@ -220,14 +220,14 @@ impl Applier {
                 if held {
                     let mut answered = 0usize;
                     for op in ops {
-                        let read = matches!(op, Op::Get { .. });
-                        let mut o = self.apply_op(op, revision, hlc)?;
-                        let bytes = o.value.as_ref().map_or(0, Vec::len);
-                        if read && answered + bytes > TXN_ANSWER_BYTES_MAX {
-                            o = Outcome::default().refused(Rejection::AnswersTooLarge);
+                        // A step whose answer would take the total past the cap does not
+                        // run (decided before it runs, from the state, alike everywhere).
+                        let o = if answered + self.answer_bytes(&op)? > TXN_ANSWER_BYTES_MAX {
+                            Outcome::default().refused(Rejection::AnswersTooLarge)
                         } else {
-                            answered += bytes;
-                        }
+                            self.apply_op(op, revision, hlc)?
+                        };
+                        answered += o.value.as_ref().map_or(0, Vec::len);
                         steps.push(StepAnswer {
                             succeeded: o.succeeded,
                             current_revision: o.current_revision,
@@ -400,6 +400,30 @@ impl Applier {
         self.overlay.insert(key.clone(), None);
         self.ops.push(SmOp::Delete { key });
         Ok(())
+    }
+
+    /// The most bytes of value `op` answers with, from the current state: what a
+    /// transaction counts against its answer cap before running the step.
+    fn answer_bytes(&self, op: &Op) -> io::Result<usize> {
+        let len = |key: &[u8]| -> io::Result<usize> {
+            Ok(self.current(key)?.map_or(0, |c| c.value.len()))
+        };
+        Ok(match op {
+            Op::Get { key } => len(key)?,
+            Op::Update { key, update, .. } => match update {
+                Update::Swap { .. } | Update::Take | Update::GetEx { .. } => len(key)?,
+                Update::Append(bytes) => len(key)?.saturating_add(bytes.len()),
+                Update::SetRange { offset, bytes } => len(key)?.max(
+                    usize::try_from(*offset)
+                        .unwrap_or(usize::MAX)
+                        .saturating_add(bytes.len()),
+                ),
+                // A number's decimal form.
+                Update::IncrBy(_) | Update::IncrByFloat(_) => 64,
+                Update::Expire { .. } => 0,
+            },
+            _ => 0,
+        })
     }
 
     /// Executes a read-modify-write; a result it refuses changes nothing.
@@ -1139,6 +1163,12 @@ mod expiry_tests {
                     condition: Condition::Always,
                 },
                 get("after"),
+                Op::Update {
+                    key: b"after".to_vec(),
+                    update: Update::Append(vec![b'y'; 3 << 20]),
+                    value_bytes_max: 8 << 20,
+                },
+                get("b1"),
             ],
         });
         let answered: Vec<_> = r
@@ -1154,10 +1184,17 @@ mod expiry_tests {
                 (None, Some(Rejection::AnswersTooLarge)),
                 (None, None),
                 (Some(1), None),
+                (None, Some(Rejection::AnswersTooLarge)),
+                (None, Some(Rejection::AnswersTooLarge)),
             ],
-            "the read past 8 MiB is refused; later steps still run"
+            "steps whose answers would pass 8 MiB are refused, writes too (not run); \
+             the others still run"
         );
-        assert_eq!(f.get("after").as_deref(), Some(&b"x"[..]));
+        assert_eq!(
+            f.get("after").as_deref(),
+            Some(&b"x"[..]),
+            "the APPEND did not run"
+        );
     }
 
     #[test]

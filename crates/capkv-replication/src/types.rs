@@ -39,14 +39,15 @@ pub enum Rejection {
     ValueTooLarge,
     /// The key a command needs does not exist (RENAME).
     NoSuchKey,
-    /// A transaction's read whose value would take its answers past
-    /// [`TXN_ANSWER_BYTES_MAX`]: not answered (it changes nothing).
+    /// A transaction's step whose answer could take the transaction's answers past
+    /// [`TXN_ANSWER_BYTES_MAX`]: not run.
     AnswersTooLarge,
 }
 
-/// A transaction's `Get` steps answer values up to this many bytes in all; those past it
-/// are refused with [`Rejection::AnswersTooLarge`]. The answer is kept in the session
-/// table until the client has it, and travels as one message.
+/// A transaction's steps answer values up to this many bytes in all; a step that could
+/// answer past it (a GET, GETSET, APPEND, ... counted from the state before it runs) is
+/// refused with [`Rejection::AnswersTooLarge`] and does not run. The answer is kept in the
+/// session table until the client has it, and travels as one message.
 pub const TXN_ANSWER_BYTES_MAX: usize = 8 << 20;
 
 /// When a write applies.

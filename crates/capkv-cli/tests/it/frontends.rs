@@ -429,6 +429,20 @@ async fn resp_keyspace_counts(cluster: &Cluster) {
         ok()
     );
     counts_everywhere(19, 4).await;
+    // A connection counts its own writes at once, on any node (they are forwarded to
+    // leaders elsewhere; the count waits for this node's replicas to apply them).
+    for id in [2, 3] {
+        let mut c = resp(cluster, id).await;
+        let before = int(&call(&mut c, &["DBSIZE"]).await);
+        for i in 0..5 {
+            call(&mut c, &["SET", &format!("own:{id}:{i}"), "v"]).await;
+            assert_eq!(
+                call(&mut c, &["DBSIZE"]).await,
+                Value::Int(before + i + 1),
+                "node {id} counts the connection's own SET at once"
+            );
+        }
+    }
 }
 
 async fn resp_bad_streams_close_only_their_connection(cluster: &Cluster) {

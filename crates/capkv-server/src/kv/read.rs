@@ -95,6 +95,21 @@ impl KvCore {
         }
     }
 
+    /// The key counts of `p` on this node's replica once it has applied log position
+    /// `session_at` (a session read's barrier: the connection's own writes are counted).
+    /// `None` when `p` is not hosted here or its replica does not catch up in time.
+    pub async fn key_counts_after(
+        &self,
+        p: PartitionId,
+        session_at: u64,
+    ) -> Option<capkv_replication::KeyCounts> {
+        let (replica, _) = self
+            .read_barrier(p, ReadConsistency::Session, session_at)
+            .await
+            .ok()?;
+        Some(replica.applied.counts())
+    }
+
     /// This node leads `p` and has applied a read index it held as the only leader: after
     /// a ReadIndex round. Returns the read index.
     async fn confirm_leadership(&self, p: PartitionId) -> Result<u64, KvError> {

@@ -173,11 +173,6 @@ impl KvCore {
         self.replica(p).ok().map(|r| r.applied.expiring_writes())
     }
 
-    /// The keys of `p` as this node's replica last wrote them (`None`: not hosted here).
-    pub fn key_counts(&self, p: PartitionId) -> Option<capkv_replication::KeyCounts> {
-        self.replica(p).ok().map(|r| r.applied.counts())
-    }
-
     fn check_count(&self, what: &str, n: usize) -> Result<(), KvError> {
         if n > self.limits.batch_keys_max {
             return Err(KvError::too_large(what, n, self.limits.batch_keys_max));
@@ -307,7 +302,8 @@ pub fn rejection_error(p: PartitionId, why: Rejection, id: Option<Idempotency>) 
             KvError::TooLarge("the result would be larger than the value limit".into())
         }
         Rejection::AnswersTooLarge => KvError::TooLarge(format!(
-            "a transaction's reads answer at most {} MiB in all; this one is past it",
+            "a transaction's commands answer at most {} MiB in all; this one would pass it \
+             and did not run",
             capkv_replication::TXN_ANSWER_BYTES_MAX >> 20
         )),
     }

@@ -822,15 +822,18 @@ async fn for_each_key(
 }
 
 /// The keyspace's size (DBSIZE, INFO keyspace): the sum of the counts each partition's
-/// state machine keeps, from this node's replicas when it hosts every partition (no walk;
-/// as fresh as this node's replicas, like a Redis replica's DBSIZE), else by walking the
-/// keys at the connection's level. Keys that expired but are not yet deleted count, as in
-/// Redis.
+/// state machine keeps, from this node's replicas when it hosts every partition (no walk),
+/// each once it has applied what this connection has written or read (its session, so
+/// the connection's own writes count; other clients' latest writes may not yet, like a
+/// Redis replica's DBSIZE). Otherwise by walking the keys at the connection's level. Keys
+/// that expired but are not yet deleted count, as in Redis.
 async fn key_counts(router: &Router, conn: &Conn) -> Result<KeyCounts, KvError> {
     let core = router.core();
+    let session = conn.session();
     let mut total = KeyCounts::default();
     for p in 0..core.map().partition_count {
-        match core.key_counts(capkv_types::PartitionId(p)) {
+        let p = capkv_types::PartitionId(p);
+        match core.key_counts_after(p, session.at(p)).await {
             Some(c) => {
                 total.keys += c.keys;
                 total.expiring += c.expiring;
