@@ -17,6 +17,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
+use crate::frontend::stop_signal;
 use crate::router::Router;
 
 const PROTOCOL: &str = "json";
@@ -31,7 +32,7 @@ struct Request {
 
 /// Serves one connection until the client closes it, a line is too long, or the node
 /// stops.
-pub async fn connection(router: Arc<Router>, tcp: TcpStream, mut shutdown: watch::Receiver<bool>) {
+pub async fn connection(router: Arc<Router>, tcp: TcpStream, shutdown: watch::Receiver<bool>) {
     let (read, write) = tcp.into_split();
     let mut reader = BufReader::new(read);
     let mut writer = BufWriter::new(write);
@@ -39,11 +40,14 @@ pub async fn connection(router: Arc<Router>, tcp: TcpStream, mut shutdown: watch
     // The connection's read session: a `session` read sees this connection's writes.
     let mut session = SessionToken::default();
     let mut line = Vec::new();
+    // One waiter for the whole connection (a new one per read costs a registration).
+    let stopping = stop_signal(shutdown);
+    tokio::pin!(stopping);
     loop {
         line.clear();
         let read = tokio::select! {
             r = read_line(&mut reader, &mut line, line_max) => r,
-            _ = shutdown.wait_for(|s| *s) => return,
+            _ = &mut stopping => return,
         };
         match read {
             Ok(0) => break,

@@ -80,3 +80,8 @@ pub fn count(router: &Router, protocol: &str, command: &str, outcome: Result<(),
         .with_label_values(&[protocol, command, code])
         .inc();
 }
+
+/// Completes once the node is shutting down (or the signal is gone).
+pub(crate) async fn stop_signal(mut shutdown: watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await;
+}

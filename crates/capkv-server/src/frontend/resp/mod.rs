@@ -25,6 +25,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
+use crate::frontend::stop_signal;
 use crate::kv::{rejection_error, ScanParams};
 use crate::router::Router;
 use codec::{decode, DecodeLimits, Reply};
@@ -102,11 +103,7 @@ pub fn decode_limits(router: &Router) -> DecodeLimits {
 
 /// Serves one connection until the client closes it or sends `QUIT`, the stream is not
 /// RESP (answered with an error, then closed), or the node stops.
-pub async fn connection(
-    router: Arc<Router>,
-    mut tcp: TcpStream,
-    mut shutdown: watch::Receiver<bool>,
-) {
+pub async fn connection(router: Arc<Router>, mut tcp: TcpStream, shutdown: watch::Receiver<bool>) {
     let limits = decode_limits(&router);
     let mut conn = Conn {
         id: NEXT_CLIENT_ID.fetch_add(1, Ordering::Relaxed),
@@ -123,6 +120,9 @@ pub async fn connection(
     let mut buf: Vec<u8> = Vec::with_capacity(16 * 1024);
     let mut out: Vec<u8> = Vec::with_capacity(16 * 1024);
     let mut chunk = vec![0u8; 64 * 1024];
+    // One waiter for the whole connection (a new one per read costs a registration).
+    let stopping = stop_signal(shutdown);
+    tokio::pin!(stopping);
     loop {
         // Every whole request that has arrived, up to the pipeline limit.
         let mut requests = Vec::new();
@@ -174,7 +174,7 @@ pub async fn connection(
         }
         let n = tokio::select! {
             r = tcp.read(&mut chunk) => match r { Ok(n) => n, Err(_) => break },
-            _ = shutdown.wait_for(|s| *s) => break,
+            _ = &mut stopping => break,
         };
         if n == 0 {
             break;
