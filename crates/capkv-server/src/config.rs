@@ -123,27 +123,58 @@ impl NodeConfig {
     }
 }
 
-/// The HTTP port defaults to the gRPC port + 1000 (7379 -> 8379).
+/// The HTTP port defaults to the gRPC port + 1000 (7379 -> 8379). A gRPC port of 0 (any
+/// free port) gives every front end any free port too.
 pub fn default_http_addr(grpc: SocketAddr) -> SocketAddr {
-    let mut a = grpc;
-    a.set_port(grpc.port().wrapping_add(1000));
-    a
+    offset(grpc, 1000).unwrap_or_else(|| with_port(grpc, 0))
 }
 
 /// The RESP port defaults to the gRPC port - 1000 (7379 -> 6379, Redis's own port); none
-/// when the gRPC port is below 1001.
+/// when the gRPC port is 1 to 1000.
 pub fn default_resp_addr(grpc: SocketAddr) -> Option<SocketAddr> {
-    let port = grpc.port().checked_sub(1000).filter(|p| *p > 0)?;
-    let mut a = grpc;
-    a.set_port(port);
-    Some(a)
+    offset(grpc, -1000)
 }
 
 /// The JSON-over-TCP port defaults to the gRPC port + 2000 (7379 -> 9379); none when
 /// that is past 65535.
 pub fn default_json_addr(grpc: SocketAddr) -> Option<SocketAddr> {
-    let port = grpc.port().checked_add(2000)?;
-    let mut a = grpc;
+    offset(grpc, 2000)
+}
+
+/// `grpc` with its port moved by `by` (port 0 stays 0: any free port); none when that
+/// leaves 1..=65535.
+fn offset(grpc: SocketAddr, by: i32) -> Option<SocketAddr> {
+    if grpc.port() == 0 {
+        return Some(grpc);
+    }
+    let port = u16::try_from(i32::from(grpc.port()) + by)
+        .ok()
+        .filter(|p| *p > 0)?;
+    Some(with_port(grpc, port))
+}
+
+fn with_port(mut a: SocketAddr, port: u16) -> SocketAddr {
     a.set_port(port);
-    Some(a)
+    a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn front_end_ports_follow_the_grpc_port_and_any_port_stays_any() {
+        let at = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
+        assert_eq!(default_http_addr(at(7379)), at(8379));
+        assert_eq!(default_resp_addr(at(7379)), Some(at(6379)));
+        assert_eq!(default_json_addr(at(7379)), Some(at(9379)));
+        // Port 0 (any free port, as tests use): every front end on any free port, not on
+        // 1000 / 2000 (they collided between nodes) or off.
+        assert_eq!(default_http_addr(at(0)), at(0));
+        assert_eq!(default_resp_addr(at(0)), Some(at(0)));
+        assert_eq!(default_json_addr(at(0)), Some(at(0)));
+        assert_eq!(default_resp_addr(at(1000)), None);
+        assert_eq!(default_json_addr(at(64000)), None);
+        assert_eq!(default_http_addr(at(65000)), at(0));
+    }
 }

@@ -207,6 +207,9 @@ impl CapkvMachine {
     )> {
         let mut machines = BTreeMap::new();
         let mut applied = BTreeMap::new();
+        // Partitions whose keys were counted at open: their applied state is written with
+        // the counts at the first commit, so the count is not repeated at every start.
+        let mut recounted = std::collections::BTreeSet::new();
         // An image half received before the node stopped is of no use now.
         for p in partitions {
             engine.sm_stage_clear(*p)?;
@@ -223,6 +226,9 @@ impl CapkvMachine {
                 counted.then_some(state.counts),
             )?;
             state.counts = applier.counts();
+            if !counted {
+                recounted.insert(p.0);
+            }
             let applied_index = Arc::new(AppliedIndex::default());
             applied_index.set_counts(state.counts);
             applied_index.set(state.index);
@@ -241,7 +247,7 @@ impl CapkvMachine {
             CapkvMachine {
                 engine: engine.clone(),
                 partitions: machines,
-                dirty: Default::default(),
+                dirty: recounted,
                 hlc: hlc.clone(),
                 session_ttl_ms,
                 snapshots: snapshots.clone(),

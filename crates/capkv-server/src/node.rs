@@ -61,8 +61,15 @@ const FORMAT_KEY: &str = "format_version";
 /// The on-disk format this build reads and writes. 2: client sessions replaced the dedup
 /// table, and log entries carry the session fields. 3: keys with a hash tag hash only the
 /// tag (another partition than before), and stored answers carry a value (read-modify-write
-/// commands). A node refuses a data dir of another format rather than misread it.
-pub const FORMAT_VERSION: u32 = 3;
+/// commands). 4: applied state carries the partition's key counts, and stored answers may
+/// hold the `AnswersTooLarge` refusal. A node refuses a data dir of another format rather
+/// than misread it, except those it upgrades in place ([`FORMAT_UPGRADES_FROM`]).
+pub const FORMAT_VERSION: u32 = 4;
+
+/// Formats this build opens and upgrades to [`FORMAT_VERSION`]: 3 differs only by what 4
+/// adds (key counts are recounted when a partition opens), and is marked 4 once open, so a
+/// build that reads only 3 then refuses it.
+pub const FORMAT_UPGRADES_FROM: &[u32] = &[3];
 
 pub struct Node {
     core: Arc<KvCore>,
@@ -118,6 +125,7 @@ impl Node {
             session_ttl_ms: config.raft.session_ttl_ms,
             engine: ENGINE_NAME.to_string(),
         };
+        let mut upgrade_from = None;
         let fresh = match engine.node_meta_get(IDENTITY_KEY)? {
             None => true,
             Some(bytes) => {
@@ -125,13 +133,14 @@ impl Node {
                     .node_meta_get(FORMAT_KEY)?
                     .and_then(|b| <[u8; 4]>::try_from(b.as_slice()).ok())
                     .map_or(1, u32::from_be_bytes);
-                if format != FORMAT_VERSION {
+                if format != FORMAT_VERSION && !FORMAT_UPGRADES_FROM.contains(&format) {
                     bail!(
                         "data dir {} holds on-disk format {format}; this capkv reads format \
                          {FORMAT_VERSION}. Use the capkv version that wrote it, or an empty data dir",
                         config.data_dir.display()
                     );
                 }
+                upgrade_from = (format != FORMAT_VERSION).then_some(format);
                 let stored: ClusterIdentity = serde_json::from_slice(&bytes)
                     .context("the data dir's cluster identity is unreadable")?;
                 if stored.engine != ENGINE_NAME {
@@ -262,6 +271,16 @@ impl Node {
             engine.node_meta_put(FORMAT_KEY, &FORMAT_VERSION.to_be_bytes())?;
             engine.node_meta_put(IDENTITY_KEY, &serde_json::to_vec(&identity)?)?;
             engine.sync()?;
+        } else if let Some(old) = upgrade_from {
+            // Every partition opened (counting its keys): from now on only this build's
+            // format is in the dir.
+            engine.node_meta_put(FORMAT_KEY, &FORMAT_VERSION.to_be_bytes())?;
+            engine.sync()?;
+            tracing::info!(
+                from = old,
+                to = FORMAT_VERSION,
+                "upgraded the data dir's format"
+            );
         }
         let metrics = Arc::new(Metrics::new(config.id.0)?);
         let core = Arc::new(KvCore::new(KvParts {

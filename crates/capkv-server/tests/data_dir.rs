@@ -1,5 +1,6 @@
 //! A data dir written by the openraft engine (which capkv ran before raftstore) is refused
-//! with a message that names it, and nothing in it changes.
+//! with a message that names it, and nothing in it changes; a data dir of an older format
+//! opens only if this build upgrades it.
 
 use capkv_server::{Node, NodeConfig};
 use capkv_storage::{FjallEngine, FjallOptions, StorageEngine};
@@ -60,6 +61,55 @@ async fn an_openraft_data_dir_is_refused_with_a_clear_error() {
             identity.get("engine").and_then(|e| e.as_str()),
             recorded,
             "{identity}"
+        );
+    }
+}
+
+fn format_of(dir: &std::path::Path) -> u32 {
+    let store = FjallEngine::open(dir, FjallOptions::default()).unwrap();
+    let b = store.node_meta_get("format_version").unwrap().unwrap();
+    u32::from_be_bytes(b.as_slice().try_into().unwrap())
+}
+
+fn set_format(dir: &std::path::Path, format: u32) {
+    let store = FjallEngine::open(dir, FjallOptions::default()).unwrap();
+    store
+        .node_meta_put("format_version", &format.to_be_bytes())
+        .unwrap();
+    store.sync().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn format_3_is_upgraded_in_place_and_others_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Node::start(config(dir.path())).await.unwrap();
+    node.shutdown().await;
+    assert_eq!(format_of(dir.path()), capkv_server::node::FORMAT_VERSION);
+    set_format(dir.path(), 3);
+    let node = Node::start(config(dir.path())).await.unwrap();
+    node.shutdown().await;
+    assert_eq!(
+        format_of(dir.path()),
+        4,
+        "marked with this build's format once open"
+    );
+    for other in [2, 5] {
+        set_format(dir.path(), other);
+        let err = match Node::start(config(dir.path())).await {
+            Ok(node) => {
+                node.shutdown().await;
+                panic!("a data dir of format {other} was opened");
+            }
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(
+            err.contains(&format!("holds on-disk format {other}")),
+            "{err}"
+        );
+        assert_eq!(
+            format_of(dir.path()),
+            other,
+            "refused before anything was written"
         );
     }
 }
