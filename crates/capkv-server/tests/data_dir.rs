@@ -33,6 +33,17 @@ fn record_engine(dir: &std::path::Path, engine: Option<&str>) {
     store.sync().unwrap();
 }
 
+/// Why a node refuses to start on `dir` (a data dir of `what`).
+async fn refusal(dir: &std::path::Path, what: &str) -> String {
+    match Node::start(config(dir)).await {
+        Ok(node) => {
+            node.shutdown().await;
+            panic!("a data dir of {what} was opened");
+        }
+        Err(e) => format!("{e:#}"),
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_openraft_data_dir_is_refused_with_a_clear_error() {
     for recorded in [Some("openraft"), None] {
@@ -40,13 +51,7 @@ async fn an_openraft_data_dir_is_refused_with_a_clear_error() {
         let node = Node::start(config(dir.path())).await.unwrap();
         node.shutdown().await;
         record_engine(dir.path(), recorded);
-        let err = match Node::start(config(dir.path())).await {
-            Ok(node) => {
-                node.shutdown().await;
-                panic!("a data dir of the openraft engine ({recorded:?}) was opened");
-            }
-            Err(e) => format!("{e:#}"),
-        };
+        let err = refusal(dir.path(), &format!("the openraft engine ({recorded:?})")).await;
         assert!(
             err.contains("holds the openraft engine's log and state")
                 && err.contains("runs only raftstore"),
@@ -95,13 +100,7 @@ async fn format_3_is_upgraded_in_place_and_others_are_refused() {
     );
     for other in [2, 5] {
         set_format(dir.path(), other);
-        let err = match Node::start(config(dir.path())).await {
-            Ok(node) => {
-                node.shutdown().await;
-                panic!("a data dir of format {other} was opened");
-            }
-            Err(e) => format!("{e:#}"),
-        };
+        let err = refusal(dir.path(), &format!("format {other}")).await;
         assert!(
             err.contains(&format!("holds on-disk format {other}")),
             "{err}"
