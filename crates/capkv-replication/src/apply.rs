@@ -34,8 +34,6 @@ pub struct Applier {
     /// The time of the entry being executed (its HLC stamp's physical ms): keys that
     /// expired by then are absent to it.
     now_ms: u64,
-    /// Values written with an expiry since [`Applier::take_expiring`] last asked.
-    expiring: u64,
     /// Keys stored in the partition, as of the commands executed so far.
     counts: KeyCounts,
     /// The last key `stored` read from storage: (key, absent / present with or without
@@ -111,7 +109,6 @@ impl Applier {
             ops: Vec::new(),
             overlay: HashMap::new(),
             now_ms: 0,
-            expiring: 0,
             counts,
             probe: Default::default(),
         })
@@ -384,9 +381,6 @@ impl Applier {
             value,
             expires_at_ms,
         };
-        if expires_at_ms != 0 {
-            self.expiring += 1;
-        }
         let before = self.presence(&key)?;
         self.count(before, Some(expires_at_ms != 0));
         self.overlay.insert(key.clone(), Some(stored.clone()));
@@ -596,12 +590,6 @@ impl Applier {
         self.overlay.clear();
         self.probe.take();
     }
-
-    /// How many values with an expiry were written since the last call (publish it with
-    /// [`AppliedIndex::note_expiring`] once they are in storage).
-    pub fn take_expiring(&mut self) -> u64 {
-        std::mem::take(&mut self.expiring)
-    }
 }
 
 /// What a command did, before it becomes the answer.
@@ -711,10 +699,6 @@ pub fn format_float(f: f64) -> String {
 pub struct AppliedIndex {
     applied: std::sync::atomic::AtomicU64,
     upper: std::sync::atomic::AtomicU64,
-    /// Counts writes of values that expire (and installed snapshots, which may hold them)
-    /// since the node started: unchanged between two readings, no expiring value was
-    /// stored in between.
-    expiring: std::sync::atomic::AtomicU64,
     /// The partition's [`KeyCounts`] as last written.
     keys: std::sync::atomic::AtomicU64,
     keys_expiring: std::sync::atomic::AtomicU64,
@@ -743,14 +727,6 @@ impl AppliedIndex {
             .fetch_max(v, std::sync::atomic::Ordering::AcqRel);
     }
 
-    /// Called after a storage write that stored `n` values that expire.
-    pub fn note_expiring(&self, n: u64) {
-        if n > 0 {
-            self.expiring
-                .fetch_add(n, std::sync::atomic::Ordering::AcqRel);
-        }
-    }
-
     /// Publishes the key counts of what was written.
     pub fn set_counts(&self, c: KeyCounts) {
         use std::sync::atomic::Ordering::Release;
@@ -765,12 +741,6 @@ impl AppliedIndex {
             keys: self.keys.load(Acquire),
             expiring: self.keys_expiring.load(Acquire),
         }
-    }
-
-    /// See [`AppliedIndex::note_expiring`]: a scan that starts after reading this sees
-    /// every expiring value it counts.
-    pub fn expiring_writes(&self) -> u64 {
-        self.expiring.load(std::sync::atomic::Ordering::Acquire)
     }
 }
 
@@ -789,17 +759,6 @@ mod applied_index_tests {
         assert_eq!((a.get(), a.upper()), (9, 9));
         a.begin(7); // a snapshot that was dropped later, say: upper stays
         assert_eq!(a.upper(), 9);
-    }
-
-    #[test]
-    fn counts_of_expiring_values_only_grow() {
-        let a = AppliedIndex::default();
-        assert_eq!(a.expiring_writes(), 0);
-        a.note_expiring(0);
-        assert_eq!(a.expiring_writes(), 0);
-        a.note_expiring(2);
-        a.note_expiring(1);
-        assert_eq!(a.expiring_writes(), 3);
     }
 }
 
@@ -1195,21 +1154,6 @@ mod expiry_tests {
             Some(&b"x"[..]),
             "the APPEND did not run"
         );
-    }
-
-    #[test]
-    fn the_applier_counts_the_values_it_stores_with_an_expiry() {
-        let mut f = Fixture::new();
-        f.run(Op::Put {
-            key: b"plain".to_vec(),
-            value: b"v".to_vec(),
-            condition: Condition::Always,
-        });
-        assert_eq!(f.applier.take_expiring(), 0);
-        f.run_at(swap("v", Expiry::In(100)), 1_000);
-        f.run_at(expire(Expiry::In(500), ExpireWhen::Always), 1_010);
-        assert_eq!(f.applier.take_expiring(), 2);
-        assert_eq!(f.applier.take_expiring(), 0, "taken");
     }
 
     #[test]

@@ -347,8 +347,6 @@ impl StateMachine for CapkvMachine {
         .map_err(|e| e.to_string())?;
         state.counts = m.applier.counts();
         m.state = state;
-        // The image may hold values that expire.
-        m.applied_index.note_expiring(1);
         m.applied_index.set_counts(state.counts);
         m.applied_index.set(state.index);
         self.dirty.remove(&group);
@@ -391,7 +389,6 @@ impl StateMachine for CapkvMachine {
         for g in std::mem::take(&mut self.dirty) {
             if let Some(m) = self.partitions.get_mut(&g) {
                 m.applier.written();
-                m.applied_index.note_expiring(m.applier.take_expiring());
                 m.applied_index.set_counts(m.state.counts);
                 m.applied_index.set(m.state.index);
             }

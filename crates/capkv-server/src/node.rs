@@ -511,11 +511,11 @@ const REAP_INTERVAL: Duration = Duration::from_millis(500);
 /// Deletes expired keys through the log, in the partitions this node leads: every
 /// `REAP_INTERVAL`, one bounded turn per partition (`KvCore::reap_expired`), walking
 /// each partition's keys in turns. Reads treat an expired key as absent before then; this
-/// frees its space and makes every replica agree. A partition whose last complete walk
-/// found no key with an expiry is skipped until its state machine stores one
-/// (`KvCore::expiring_writes`): a keyspace without expiry costs no walk.
+/// frees its space and makes every replica agree. A partition whose replica here stores
+/// no key with an expiry (its kept `KeyCounts`) is not walked: a keyspace without TTLs
+/// costs nothing.
 async fn reap_expired_keys(core: Arc<KvCore>, mut shutdown: watch::Receiver<bool>) {
-    let mut walks: std::collections::HashMap<capkv_types::PartitionId, ReapWalk> =
+    let mut cursors: std::collections::HashMap<capkv_types::PartitionId, Vec<u8>> =
         Default::default();
     loop {
         tokio::select! {
@@ -523,61 +523,22 @@ async fn reap_expired_keys(core: Arc<KvCore>, mut shutdown: watch::Receiver<bool
             _ = shutdown.wait_for(|s| *s) => return,
         }
         for p in core.hosted().collect::<Vec<_>>() {
-            let Some(counted) = core.expiring_writes(p) else {
-                continue;
-            };
-            let walk = walks.entry(p).or_default();
-            if !walk.begin_turn(counted) {
+            if core.key_counts(p).is_none_or(|c| c.expiring == 0) {
+                cursors.remove(&p);
                 continue;
             }
-            match core.reap_expired(p, &walk.cursor).await {
-                Ok(Some(turn)) => walk.end_turn(turn.next, turn.expiring),
+            let from = cursors.remove(&p).unwrap_or_default();
+            match core.reap_expired(p, &from).await {
+                Ok(Some(turn)) => {
+                    if let Some(next) = turn.next {
+                        cursors.insert(p, next);
+                    }
+                }
                 // Not the leader here: nothing was looked at.
                 Ok(None) => {}
                 Err(e) => {
                     tracing::debug!(partition = p.0, error = %e, "expired keys not removed this turn")
                 }
-            }
-        }
-    }
-}
-
-/// The reaper's walk over one partition's keys.
-#[derive(Debug, Default)]
-struct ReapWalk {
-    /// Where the next turn starts (empty: a new walk from the first key).
-    cursor: Vec<u8>,
-    /// `KvCore::expiring_writes` when the walk under way started.
-    started_at: u64,
-    /// Whether the walk under way has seen a key with an expiry.
-    expiring: bool,
-    /// The count at the start of the last complete walk, if it found no key with an
-    /// expiry: nothing to do while the count stays there.
-    clean_at: Option<u64>,
-}
-
-impl ReapWalk {
-    /// Whether to take a turn now, `counted` being `KvCore::expiring_writes`.
-    fn begin_turn(&mut self, counted: u64) -> bool {
-        if self.clean_at == Some(counted) {
-            return false;
-        }
-        if self.cursor.is_empty() {
-            self.started_at = counted;
-            self.expiring = false;
-        }
-        true
-    }
-
-    /// A turn looked at keys up to `next` (`None`: to the end) and saw a key with an
-    /// expiry or not.
-    fn end_turn(&mut self, next: Option<Vec<u8>>, expiring: bool) {
-        self.expiring |= expiring;
-        match next {
-            Some(next) => self.cursor = next,
-            None => {
-                self.cursor.clear();
-                self.clean_at = (!self.expiring).then_some(self.started_at);
             }
         }
     }
@@ -665,37 +626,4 @@ fn limited_incoming(
             }
         }
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::ReapWalk;
-
-    #[test]
-    fn the_reaper_skips_a_partition_only_while_nothing_that_expires_was_stored() {
-        let mut w = ReapWalk::default();
-        // A walk of two turns that sees no key with an expiry.
-        assert!(w.begin_turn(0));
-        w.end_turn(Some(b"m".to_vec()), false);
-        assert!(w.begin_turn(0));
-        w.end_turn(None, false);
-        assert!(!w.begin_turn(0), "a clean walk and nothing stored since");
-        // A value with an expiry is stored: walk again; while it exists, keep walking.
-        assert!(w.begin_turn(1));
-        w.end_turn(None, true);
-        assert!(w.begin_turn(1), "the last walk saw a key that expires");
-        w.end_turn(None, false);
-        assert!(!w.begin_turn(1));
-        // Stored while a walk was under way (after its start): that walk does not count.
-        assert!(w.begin_turn(2));
-        w.end_turn(Some(b"m".to_vec()), false);
-        assert!(w.begin_turn(3));
-        w.end_turn(None, false);
-        assert!(
-            w.begin_turn(3),
-            "the walk began at 2, before the value counted at 3"
-        );
-        w.end_turn(None, false);
-        assert!(!w.begin_turn(3));
-    }
 }

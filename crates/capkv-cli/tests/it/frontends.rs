@@ -293,8 +293,8 @@ async fn resp_expiry(cluster: &Cluster) {
         || async { expired_total().await > 0 },
     )
     .await;
-    // The walk after that deletion finds no key that expires, and the reaper then skips
-    // the partition until one is stored: this one must be deleted too.
+    // No key with an expiry is left, and the reaper skips partitions with none; it must
+    // walk again once one is stored.
     let before = expired_total().await;
     assert_eq!(
         call(&mut b, &["SET", "ttl:later", "v", "PX", "300"]).await,

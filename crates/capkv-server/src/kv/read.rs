@@ -103,11 +103,10 @@ impl KvCore {
         p: PartitionId,
         session_at: u64,
     ) -> Option<capkv_replication::KeyCounts> {
-        let (replica, _) = self
-            .read_barrier(p, ReadConsistency::Session, session_at)
+        self.read_barrier(p, ReadConsistency::Session, session_at)
             .await
             .ok()?;
-        Some(replica.applied.counts())
+        self.key_counts(p)
     }
 
     /// This node leads `p` and has applied a read index it held as the only leader: after

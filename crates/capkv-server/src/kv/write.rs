@@ -144,7 +144,6 @@ impl KvCore {
         let next = (rows.len() == REAP_SCAN_MAX || bytes >= REAP_BYTES_MAX)
             .then(|| rows.last().map(|(k, _)| [k.as_slice(), &[0]].concat()))
             .flatten();
-        let expiring = rows.iter().any(|(_, v)| v.expires_at_ms != 0);
         let now = self.hlc.now().physical_ms();
         let keys: Vec<(Vec<u8>, u64)> = rows
             .into_iter()
@@ -152,11 +151,7 @@ impl KvCore {
             .take(REAP_KEYS_MAX)
             .map(|(k, v)| (k, v.mod_revision))
             .collect();
-        let mut turn = ReapTurn {
-            next,
-            reaped: 0,
-            expiring,
-        };
+        let mut turn = ReapTurn { next, reaped: 0 };
         if keys.is_empty() {
             return Ok(Some(turn));
         }
@@ -166,11 +161,9 @@ impl KvCore {
         Ok(Some(turn))
     }
 
-    /// Counts the values with an expiry this node's state machine of `p` stored (see
-    /// [`AppliedIndex::note_expiring`]): the reaper skips a partition whose last complete
-    /// walk found none while this stays the same.
-    pub fn expiring_writes(&self, p: PartitionId) -> Option<u64> {
-        self.replica(p).ok().map(|r| r.applied.expiring_writes())
+    /// The keys of `p` as this node's replica last wrote them (`None`: not hosted here).
+    pub fn key_counts(&self, p: PartitionId) -> Option<capkv_replication::KeyCounts> {
+        self.replica(p).ok().map(|r| r.applied.counts())
     }
 
     fn check_count(&self, what: &str, n: usize) -> Result<(), KvError> {
@@ -234,8 +227,6 @@ pub struct ReapTurn {
     pub next: Option<Vec<u8>>,
     /// Keys deleted.
     pub reaped: u64,
-    /// Whether any key looked at has an expiry (expired or not).
-    pub expiring: bool,
 }
 /// Bytes of keys and values one turn reads at most, per partition.
 pub const REAP_BYTES_MAX: usize = 4 << 20;
