@@ -48,10 +48,11 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Command::Server(a) = &cli.command {
+        builder.worker_threads(server_cmd::worker_threads(a));
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -92,5 +93,23 @@ mod tests {
     fn the_command_line_definition_is_consistent() {
         use clap::CommandFactory;
         super::Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn a_server_runs_at_least_one_worker_thread() {
+        use clap::Parser;
+        let server = |args: &[&str]| match super::Cli::try_parse_from(
+            ["capkv", "server"].iter().chain(args),
+        ) {
+            Ok(super::Cli {
+                command: super::Command::Server(a),
+            }) => Ok(super::server_cmd::worker_threads(&a)),
+            Ok(_) => panic!("not the server command"),
+            Err(e) => Err(e.to_string()),
+        };
+        assert_eq!(server(&["--worker-threads", "3"]), Ok(3));
+        assert!(server(&[]).unwrap() >= 1);
+        let zero = server(&["--worker-threads", "0"]).unwrap_err();
+        assert!(zero.contains("--worker-threads"), "{zero}");
     }
 }
