@@ -685,7 +685,8 @@ fn incr_by_float(old: Option<&[u8]>, by: &str) -> Option<Vec<u8>> {
 }
 
 /// A float as Redis's INCRBYFLOAT writes it: fixed notation, no exponent, no trailing
-/// zeros (the shortest decimal that reads back as the same f64).
+/// zeros (the shortest decimal that reads back as the same f64; Redis computes in long
+/// double, so its last digits can differ: docs/protocols.md).
 pub fn format_float(f: f64) -> String {
     format!("{f}")
 }
@@ -850,6 +851,10 @@ mod update_tests {
         assert_eq!(r.value.as_deref(), Some(&b"10.5"[..]));
         let r = f.update("f", Update::IncrByFloat("0.1".into()));
         assert_eq!(r.value.as_deref(), Some(&b"10.6"[..]));
+        // 64-bit floats: Redis (long double) answers 0.3 here (docs/protocols.md).
+        f.update("g", Update::IncrByFloat("0.1".into()));
+        let r = f.update("g", Update::IncrByFloat("0.2".into()));
+        assert_eq!(r.value.as_deref(), Some(&b"0.30000000000000004"[..]));
         let r = f.update("s", Update::Append(b"ab".to_vec()));
         assert_eq!(r.value.as_deref(), Some(&b"ab"[..]));
         let r = f.update(

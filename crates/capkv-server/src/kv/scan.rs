@@ -107,10 +107,17 @@ impl KvCore {
         let (replica, bound) = self.read_barrier(p, level, session_at).await?;
         let want = limit as usize;
         let bytes_max = self.limits.scan_page_bytes_max;
-        let mut rows = self
-            .engine
-            .sm_scan(p, start, end, want + 1, bytes_max)
-            .map_err(|e| KvError::Internal(e.to_string()))?;
+        // A page (up to 4 MiB, maybe from disk) is read on the blocking pool: a node may run
+        // a single async worker (`--worker-threads`), which must not stall every connection
+        // and the Raft transport meanwhile.
+        let engine = self.engine.clone();
+        let (start, end) = (start.to_vec(), end.map(<[u8]>::to_vec));
+        let mut rows = tokio::task::spawn_blocking(move || {
+            engine.sm_scan(p, &start, end.as_deref(), want + 1, bytes_max)
+        })
+        .await
+        .map_err(|e| KvError::Internal(format!("scan task: {e}")))?
+        .map_err(|e| KvError::Internal(e.to_string()))?;
         let bytes: usize = rows.iter().map(|(k, v)| k.len() + v.value.len()).sum();
         let more = rows.len() > want || bytes >= bytes_max;
         rows.truncate(want);
