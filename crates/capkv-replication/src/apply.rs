@@ -499,12 +499,12 @@ impl Applier {
                 return Ok(out);
             }
             Update::IncrBy(by) => match incr_by(old, by) {
-                Some(v) => v,
-                None => return Ok(out.refused(Rejection::NotAnInteger)),
+                Ok(v) => v,
+                Err(r) => return Ok(out.refused(r)),
             },
             Update::IncrByFloat(by) => match incr_by_float(old, &by) {
-                Some(v) => v,
-                None => return Ok(out.refused(Rejection::NotAFloat)),
+                Ok(v) => v,
+                Err(r) => return Ok(out.refused(r)),
             },
             Update::Append(bytes) => {
                 let mut v = old.map(<[u8]>::to_vec).unwrap_or_default();
@@ -638,14 +638,15 @@ fn condition_holds(condition: Condition, current: Option<&StoredValue>) -> bool 
     }
 }
 
-/// `old` (absent = 0) plus `by` as a decimal, or `None` when `old` is not a signed 64-bit
+/// `old` (absent = 0) plus `by` as a decimal; refused when `old` is not a signed 64-bit
 /// decimal as Redis writes them, or the sum overflows.
-fn incr_by(old: Option<&[u8]>, by: i64) -> Option<Vec<u8>> {
+fn incr_by(old: Option<&[u8]>, by: i64) -> Result<Vec<u8>, Rejection> {
     let n = match old {
         None => 0,
-        Some(b) => parse_i64(b)?,
+        Some(b) => parse_i64(b).ok_or(Rejection::NotAnInteger)?,
     };
-    Some(n.checked_add(by)?.to_string().into_bytes())
+    let sum = n.checked_add(by).ok_or(Rejection::Overflow)?;
+    Ok(sum.to_string().into_bytes())
 }
 
 /// A signed 64-bit decimal with no sign but `-`, no spaces and no leading zeros (Redis's
@@ -664,9 +665,9 @@ pub fn parse_i64(b: &[u8]) -> Option<i64> {
 }
 
 /// `old` (absent = 0) plus `by`, both decimal floats, formatted as Redis does (no
-/// exponent, no trailing zeros), or `None` when either is not a finite float or the
-/// sum is not finite.
-fn incr_by_float(old: Option<&[u8]>, by: &str) -> Option<Vec<u8>> {
+/// exponent, no trailing zeros); refused when either is not a finite float
+/// (`NotAFloat`) or the sum is not finite (`NotFinite`).
+fn incr_by_float(old: Option<&[u8]>, by: &str) -> Result<Vec<u8>, Rejection> {
     let parse = |s: &str| -> Option<f64> {
         if s.is_empty() || s.trim() != s {
             return None;
@@ -675,13 +676,16 @@ fn incr_by_float(old: Option<&[u8]>, by: &str) -> Option<Vec<u8>> {
     };
     let n = match old {
         None => 0.0,
-        Some(b) => parse(std::str::from_utf8(b).ok()?)?,
+        Some(b) => std::str::from_utf8(b)
+            .ok()
+            .and_then(parse)
+            .ok_or(Rejection::NotAFloat)?,
     };
-    let sum = n + parse(by)?;
+    let sum = n + parse(by).ok_or(Rejection::NotAFloat)?;
     if !sum.is_finite() {
-        return None;
+        return Err(Rejection::NotFinite);
     }
-    Some(format_float(sum).into_bytes())
+    Ok(format_float(sum).into_bytes())
 }
 
 /// A float as Redis's INCRBYFLOAT writes it: fixed notation, no exponent, no trailing
@@ -881,16 +885,34 @@ mod update_tests {
         let mut f = Fixture::new();
         f.update("s", Update::Append(b"x1".to_vec()));
         for bad in [b"x1".as_slice(), b" 1", b"01", b"-0", b"", b"1.0"] {
-            assert_eq!(incr_by(Some(bad), 1), None, "{bad:?}");
+            assert_eq!(
+                incr_by(Some(bad), 1),
+                Err(Rejection::NotAnInteger),
+                "{bad:?}"
+            );
         }
         let r = f.update("s", Update::IncrBy(1));
         assert_eq!(r.rejected, Some(Rejection::NotAnInteger));
         assert_eq!(f.get("s").as_deref(), Some(&b"x1"[..]));
         f.update("max", Update::IncrBy(i64::MAX));
         let r = f.update("max", Update::IncrBy(1));
-        assert_eq!(r.rejected, Some(Rejection::NotAnInteger), "overflow");
+        assert_eq!(r.rejected, Some(Rejection::Overflow));
+        let r = f.update("s", Update::IncrByFloat("1".into()));
+        assert_eq!(r.rejected, Some(Rejection::NotAFloat), "not a float stored");
         let r = f.update("s", Update::IncrByFloat("inf".into()));
         assert_eq!(r.rejected, Some(Rejection::NotAFloat));
+        let huge = || Op::Update {
+            key: b"big".to_vec(),
+            update: Update::IncrByFloat("1e308".into()),
+            value_bytes_max: 1024,
+        };
+        assert_eq!(f.run(huge()).rejected, None);
+        assert_eq!(f.run(huge()).rejected, Some(Rejection::NotFinite));
+        assert_eq!(
+            f.get("big").as_deref().map(|v| v.len()),
+            Some(309),
+            "unchanged"
+        );
         let r = f.update("s", Update::Append(vec![b'a'; 31]));
         assert_eq!(r.rejected, Some(Rejection::ValueTooLarge));
         let r = f.update(

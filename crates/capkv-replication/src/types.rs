@@ -31,9 +31,9 @@ pub enum Rejection {
     /// The session's start time is more than a TTL ahead of the log's clock, or differs
     /// from the one the table holds for this client id.
     BadSession,
-    /// An update found a value that is not a 64-bit integer (or the result overflows).
+    /// An update found a value that is not a 64-bit integer.
     NotAnInteger,
-    /// An update found a value that is not a finite float (or the result is not finite).
+    /// An update found a value that is not a finite float.
     NotAFloat,
     /// An update's result would be larger than the value limit.
     ValueTooLarge,
@@ -42,6 +42,10 @@ pub enum Rejection {
     /// A transaction's step whose answer could take the transaction's answers past
     /// [`TXN_ANSWER_BYTES_MAX`]: not run.
     AnswersTooLarge,
+    /// An integer update's result is outside the signed 64-bit range (format 5).
+    Overflow,
+    /// A float update's result is NaN or infinite (format 5).
+    NotFinite,
 }
 
 /// A transaction's steps answer values up to this many bytes in all; a step that could

@@ -62,14 +62,16 @@ const FORMAT_KEY: &str = "format_version";
 /// table, and log entries carry the session fields. 3: keys with a hash tag hash only the
 /// tag (another partition than before), and stored answers carry a value (read-modify-write
 /// commands). 4: applied state carries the partition's key counts, and stored answers may
-/// hold the `AnswersTooLarge` refusal. A node refuses a data dir of another format rather
-/// than misread it, except those it upgrades in place ([`FORMAT_UPGRADES_FROM`]).
-pub const FORMAT_VERSION: u32 = 4;
+/// hold the `AnswersTooLarge` refusal. 5: stored answers may hold the `Overflow` and
+/// `NotFinite` refusals. A node refuses a data dir of another format rather than misread
+/// it, except those it upgrades in place ([`FORMAT_UPGRADES_FROM`]).
+pub const FORMAT_VERSION: u32 = 5;
 
-/// Formats this build opens and upgrades to [`FORMAT_VERSION`]: 3 differs only by what 4
-/// adds (key counts are recounted when a partition opens), and is marked 4 once open, so a
-/// build that reads only 3 then refuses it.
-pub const FORMAT_UPGRADES_FROM: &[u32] = &[3];
+/// Formats this build opens and upgrades to [`FORMAT_VERSION`]: 3 and 4 differ only by
+/// what later formats add (4's key counts are recounted when a partition opens; 5 adds
+/// refusals a format-4 build could not read), and are marked 5 once open, so a build that
+/// reads only 3 or 4 then refuses the dir.
+pub const FORMAT_UPGRADES_FROM: &[u32] = &[3, 4];
 
 pub struct Node {
     core: Arc<KvCore>,

@@ -85,20 +85,22 @@ fn set_format(dir: &std::path::Path, format: u32) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn format_3_is_upgraded_in_place_and_others_are_refused() {
+async fn formats_3_and_4_are_upgraded_in_place_and_others_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let node = Node::start(config(dir.path())).await.unwrap();
     node.shutdown().await;
     assert_eq!(format_of(dir.path()), capkv_server::node::FORMAT_VERSION);
-    set_format(dir.path(), 3);
-    let node = Node::start(config(dir.path())).await.unwrap();
-    node.shutdown().await;
-    assert_eq!(
-        format_of(dir.path()),
-        4,
-        "marked with this build's format once open"
-    );
-    for other in [2, 5] {
+    for old in [3, 4] {
+        set_format(dir.path(), old);
+        let node = Node::start(config(dir.path())).await.unwrap();
+        node.shutdown().await;
+        assert_eq!(
+            format_of(dir.path()),
+            5,
+            "format {old} is marked with this build's format once open"
+        );
+    }
+    for other in [2, 6] {
         set_format(dir.path(), other);
         let err = refusal(dir.path(), &format!("format {other}")).await;
         assert!(

@@ -209,6 +209,32 @@ async fn resp_transactions_and_errors(cluster: &Cluster) {
         call(&mut a, &["INCR", "text"]).await,
         Value::Error("ERR value is not an integer or out of range".into())
     );
+    assert_eq!(
+        call(&mut a, &["INCRBYFLOAT", "text", "1"]).await,
+        Value::Error("ERR value is not a valid float".into())
+    );
+    call(&mut a, &["SET", "max", &i64::MAX.to_string()]).await;
+    assert_eq!(
+        call(&mut a, &["INCR", "max"]).await,
+        Value::Error("ERR increment or decrement would overflow".into())
+    );
+    call(&mut a, &["SET", "huge", "1e308"]).await;
+    for by in ["1e308", "inf"] {
+        assert_eq!(
+            call(&mut a, &["INCRBYFLOAT", "huge", by]).await,
+            Value::Error("ERR increment would produce NaN or Infinity".into())
+        );
+    }
+    assert_eq!(
+        call(&mut a, &["SET", "k", "v", "PX", &i64::MAX.to_string()]).await,
+        Value::Error("ERR invalid expire time in 'set' command".into())
+    );
+    // A Redis whose only user is `default`, without a password.
+    assert_eq!(call(&mut a, &["AUTH", "default", "any"]).await, ok());
+    assert_eq!(
+        call(&mut a, &["AUTH", "someone", "pw"]).await,
+        Value::Error("WRONGPASS invalid username-password pair or user is disabled.".into())
+    );
     assert_eq!(call(&mut a, &["SET", "text", "x", "NX"]).await, Value::Null);
     assert_eq!(
         call(&mut a, &["SET", "text", "y", "XX", "GET"]).await,

@@ -285,9 +285,13 @@ pub fn rejection_error(p: PartitionId, why: Rejection, id: Option<Idempotency>) 
         Rejection::NotAnInteger => {
             KvError::InvalidArgument("value is not an integer or out of range".into())
         }
-        Rejection::NotAFloat => KvError::InvalidArgument(
-            "value is not a valid float, or the result would be NaN or Infinity".into(),
-        ),
+        Rejection::NotAFloat => KvError::InvalidArgument("value is not a valid float".into()),
+        Rejection::Overflow => {
+            KvError::InvalidArgument("increment or decrement would overflow".into())
+        }
+        Rejection::NotFinite => {
+            KvError::InvalidArgument("increment would produce NaN or Infinity".into())
+        }
         Rejection::NoSuchKey => KvError::InvalidArgument("no such key".into()),
         Rejection::ValueTooLarge => {
             KvError::TooLarge("the result would be larger than the value limit".into())

@@ -587,10 +587,17 @@ async fn run_barrier(
 ) -> Result<Reply, KvError> {
     Ok(match spec.name {
         "hello" => hello(router, conn, args),
-        "auth" => Reply::err(
-            "AUTH <password> called without any password configured for the default user. \
-             Are you sure your configuration is correct?",
-        ),
+        "auth" => match args {
+            [_, _password] => Reply::err(
+                "AUTH <password> called without any password configured for the default user. \
+                 Are you sure your configuration is correct?",
+            ),
+            [_, user, _password] => match auth(user) {
+                Ok(()) => Reply::ok(),
+                Err(e) => e,
+            },
+            _ => syntax(),
+        },
         "select" => match parse_i64(&args[1]) {
             Some(0) => Reply::ok(),
             Some(_) => Reply::err("DB index is out of range"),
@@ -674,6 +681,18 @@ async fn run_barrier(
     })
 }
 
+/// AUTH's (and HELLO's) user check, as a Redis whose only user is `default` without a
+/// password (`nopass`): that user with any password is accepted, any other user refused.
+fn auth(user: &[u8]) -> Result<(), Reply> {
+    if user == b"default" {
+        Ok(())
+    } else {
+        Err(Reply::Error(
+            "WRONGPASS invalid username-password pair or user is disabled.".into(),
+        ))
+    }
+}
+
 fn hello(router: &Router, conn: &mut Conn, args: &[Vec<u8>]) -> Reply {
     let mut i = 1;
     if let Some(v) = args.get(1) {
@@ -687,9 +706,10 @@ fn hello(router: &Router, conn: &mut Conn, args: &[Vec<u8>]) -> Reply {
     while i < args.len() {
         match upper(&args[i]).as_str() {
             "AUTH" if i + 2 < args.len() => {
-                return Reply::Error(
-                    "WRONGPASS invalid username-password pair or user is disabled.".into(),
-                )
+                if let Err(e) = auth(&args[i + 1]) {
+                    return e;
+                }
+                i += 3;
             }
             "SETNAME" if i + 1 < args.len() => {
                 conn.name = Some(args[i + 1].clone());

@@ -166,12 +166,23 @@ fn expiry_arg(arg: &[u8], seconds: bool, relative: bool, command: &str) -> Resul
         n.checked_mul(1000).ok_or_else(invalid)?
     } else {
         n
-    } as u64;
+    };
+    if relative && ms > i64::MAX - unix_ms() {
+        return Err(invalid()); // Redis refuses what overflows once the time is added
+    }
     Ok(if relative {
-        Expiry::In(ms)
+        Expiry::In(ms as u64)
     } else {
-        Expiry::At(ms)
+        Expiry::At(ms as u64)
     })
+}
+
+/// This node's clock in Unix ms, to refuse relative expiry times that overflow once added
+/// to it (the state machine adds them to the entry's own time).
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis().min(i64::MAX as u128) as i64)
 }
 
 /// EXPIRE's time, which may be zero or negative (the key is then deleted).
@@ -182,6 +193,7 @@ fn expire_arg(arg: &[u8], seconds: bool, relative: bool, command: &str) -> Resul
     } else {
         Some(n)
     }
+    .filter(|ms| !relative || *ms <= i64::MAX - unix_ms())
     .ok_or_else(|| Reply::err(format!("invalid expire time in '{command}' command")))?;
     Ok(match (ms <= 0, relative) {
         (true, _) => Expiry::At(1),
@@ -338,8 +350,14 @@ pub fn plan(router: &Router, spec: &Spec, args: &[Vec<u8>]) -> Plan {
         }
         "incrbyfloat" => {
             let by = String::from_utf8_lossy(&args[2]).into_owned();
-            if by.trim() != by || by.parse::<f64>().ok().filter(|f| f.is_finite()).is_none() {
-                return Plan::fixed(Reply::err("value is not a valid float"));
+            match by.parse::<f64>() {
+                Ok(f) if by.trim() == by && !f.is_nan() => {
+                    if f.is_infinite() {
+                        // Redis reads "inf", then refuses the sum.
+                        return Plan::fixed(Reply::err("increment would produce NaN or Infinity"));
+                    }
+                }
+                _ => return Plan::fixed(Reply::err("value is not a valid float")),
             }
             Plan::write(update(key, Update::IncrByFloat(by)), Render::Value)
         }
