@@ -229,6 +229,38 @@ async fn resp_transactions_and_errors(cluster: &Cluster) {
         call(&mut a, &["SET", "k", "v", "PX", &i64::MAX.to_string()]).await,
         Value::Error("ERR invalid expire time in 'set' command".into())
     );
+    for (args, error) in [
+        (
+            &["EXPIRE", "max", "10", "FOO"][..],
+            "ERR Unsupported option FOO",
+        ),
+        (
+            &["EXPIRE", "max", "10", "NX", "GT"],
+            "ERR NX and XX, GT or LT options at the same time are not compatible",
+        ),
+        (
+            &["EXPIRE", "max", "10", "GT", "LT"],
+            "ERR GT and LT options at the same time are not compatible",
+        ),
+        (
+            &["CLIENT", "FOO"],
+            "ERR unknown subcommand 'FOO'. Try CLIENT HELP.",
+        ),
+        (
+            &["CLIENT", "GETNAME", "x"],
+            "ERR wrong number of arguments for 'client|getname' command",
+        ),
+        (
+            &["CONFIG", "GET"],
+            "ERR wrong number of arguments for 'config|get' command",
+        ),
+    ] {
+        assert_eq!(
+            call(&mut a, args).await,
+            Value::Error(error.into()),
+            "{args:?}"
+        );
+    }
     // A Redis whose only user is `default`, without a password.
     assert_eq!(call(&mut a, &["AUTH", "default", "any"]).await, ok());
     assert_eq!(

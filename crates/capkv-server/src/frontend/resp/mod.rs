@@ -468,17 +468,19 @@ pub(crate) fn command(args: &[Vec<u8>]) -> Reply {
         // No documentation to give: an empty map (redis-cli then shows no hints).
         "DOCS" => Reply::Map(vec![]),
         "LIST" => Reply::Array(COMMANDS.iter().map(|c| Reply::bulk(c.name)).collect()),
-        _ => Reply::err(format!(
-            "unknown subcommand '{}'. Try COMMAND HELP.",
-            String::from_utf8_lossy(sub)
-        )),
+        _ => unknown_subcommand("COMMAND", sub),
     }
 }
 
 /// `CONFIG GET pattern...`: a small read-only subset describing capkv honestly.
 pub(crate) fn config(router: &Router, args: &[Vec<u8>]) -> Reply {
-    if upper(&args[1]) != "GET" || args.len() < 3 {
-        return Reply::err("capkv supports only CONFIG GET <pattern>");
+    match upper(&args[1]).as_str() {
+        "GET" if args.len() >= 3 => {}
+        "GET" => return Reply::err("wrong number of arguments for 'config|get' command"),
+        "SET" | "RESETSTAT" | "REWRITE" | "HELP" => {
+            return Reply::err("capkv supports only CONFIG GET <pattern>")
+        }
+        _ => return unknown_subcommand("CONFIG", &args[1]),
     }
     let limits = router.core().limits();
     let params: Vec<(&str, String)> = vec![
@@ -750,11 +752,20 @@ fn client(conn: &mut Conn, args: &[Vec<u8>]) -> Reply {
         "SETINFO" if args.len() == 4 => Reply::ok(),
         "INFO" if args.len() == 2 => Reply::Verbatim(client_line(conn)),
         "LIST" => Reply::Verbatim(client_line(conn)),
-        _ => Reply::err(format!(
-            "unknown subcommand or wrong number of arguments for '{}'. Try CLIENT HELP.",
-            String::from_utf8_lossy(&args[1])
+        sub @ ("SETNAME" | "GETNAME" | "ID" | "SETINFO" | "INFO") => Reply::err(format!(
+            "wrong number of arguments for 'client|{}' command",
+            sub.to_lowercase()
         )),
+        _ => unknown_subcommand("CLIENT", &args[1]),
     }
+}
+
+/// Redis's answer to a subcommand it does not know.
+fn unknown_subcommand(command: &str, sub: &[u8]) -> Reply {
+    Reply::err(format!(
+        "unknown subcommand '{}'. Try {command} HELP.",
+        String::from_utf8_lossy(sub)
+    ))
 }
 
 fn client_line(conn: &Conn) -> String {

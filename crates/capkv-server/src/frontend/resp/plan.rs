@@ -217,6 +217,44 @@ fn expiry_option(args: &[Vec<u8>], i: usize, command: &str) -> Option<Result<Exp
     })
 }
 
+/// EXPIRE's options, with Redis 7's errors. XX with GT is GT (GT never sets an expiry on
+/// a key without one); XX with LT has no single condition here and is refused.
+fn expire_when(options: &[Vec<u8>]) -> Result<ExpireWhen, Reply> {
+    let (mut nx, mut xx, mut gt, mut lt) = (false, false, false, false);
+    for o in options {
+        match upper(o).as_str() {
+            "NX" => nx = true,
+            "XX" => xx = true,
+            "GT" => gt = true,
+            "LT" => lt = true,
+            _ => {
+                return Err(Reply::err(format!(
+                    "Unsupported option {}",
+                    String::from_utf8_lossy(o)
+                )))
+            }
+        }
+    }
+    if nx && (xx || gt || lt) {
+        return Err(Reply::err(
+            "NX and XX, GT or LT options at the same time are not compatible",
+        ));
+    }
+    if gt && lt {
+        return Err(Reply::err(
+            "GT and LT options at the same time are not compatible",
+        ));
+    }
+    Ok(match (nx, xx, gt, lt) {
+        (true, ..) => ExpireWhen::Nx,
+        (_, _, true, _) => ExpireWhen::Gt,
+        (_, true, _, true) => return Err(Reply::err("capkv does not support XX and LT together")),
+        (_, _, _, true) => ExpireWhen::Lt,
+        (_, true, ..) => ExpireWhen::Xx,
+        _ => ExpireWhen::Always,
+    })
+}
+
 fn update(key: &[u8], update: Update) -> Op {
     Op::Update {
         key: key.to_vec(),
@@ -266,14 +304,9 @@ pub fn plan(router: &Router, spec: &Spec, args: &[Vec<u8>]) -> Plan {
                 Ok(e) => e,
                 Err(r) => return Plan::fixed(r),
             };
-            let when = match args.get(3).map(|a| upper(a)).as_deref() {
-                _ if args.len() > 4 => return Plan::fixed(syntax()),
-                None => ExpireWhen::Always,
-                Some("NX") => ExpireWhen::Nx,
-                Some("XX") => ExpireWhen::Xx,
-                Some("GT") => ExpireWhen::Gt,
-                Some("LT") => ExpireWhen::Lt,
-                Some(_) => return Plan::fixed(syntax()),
+            let when = match expire_when(&args[3..]) {
+                Ok(w) => w,
+                Err(r) => return Plan::fixed(r),
             };
             Plan::write(update(key, Update::Expire { expiry, when }), Render::Flag)
         }
