@@ -412,8 +412,10 @@ impl Applier {
                         .unwrap_or(usize::MAX)
                         .saturating_add(bytes.len()),
                 ),
-                // A number's decimal form.
-                Update::IncrBy(_) | Update::IncrByFloat(_) => 64,
+                // A number's decimal form: an i64 takes at most 20 bytes; an f64 in fixed
+                // notation (`format_float`) at most 309 integer digits or 324 decimals.
+                Update::IncrBy(_) => 20,
+                Update::IncrByFloat(_) => 330,
                 Update::Expire { .. } => 0,
             },
             _ => 0,
@@ -855,6 +857,11 @@ mod update_tests {
         assert_eq!(r.value.as_deref(), Some(&b"10.5"[..]));
         let r = f.update("f", Update::IncrByFloat("0.1".into()));
         assert_eq!(r.value.as_deref(), Some(&b"10.6"[..]));
+        // The answer sizes a transaction counts before running these steps are bounds.
+        for f in [f64::MAX, f64::MIN, -5e-324, 5e-324] {
+            assert!(format_float(f).len() <= 330, "{f}");
+        }
+        assert!(i64::MIN.to_string().len() <= 20);
         // 64-bit floats: Redis (long double) answers 0.3 here (docs/protocols.md).
         f.update("g", Update::IncrByFloat("0.1".into()));
         let r = f.update("g", Update::IncrByFloat("0.2".into()));

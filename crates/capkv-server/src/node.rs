@@ -274,8 +274,8 @@ impl Node {
             engine.node_meta_put(IDENTITY_KEY, &serde_json::to_vec(&identity)?)?;
             engine.sync()?;
         } else if let Some(old) = upgrade_from {
-            // Every partition opened (counting its keys): from now on only this build's
-            // format is in the dir.
+            // Every partition opened (a format-3 one counting its keys): from now on only
+            // this build's format is in the dir.
             engine.node_meta_put(FORMAT_KEY, &FORMAT_VERSION.to_be_bytes())?;
             engine.sync()?;
             tracing::info!(
