@@ -202,19 +202,64 @@ fn expire_arg(arg: &[u8], seconds: bool, relative: bool, command: &str) -> Resul
     })
 }
 
-/// The expiry option at `args[i]` (EX, PX, EXAT, PXAT with its value at `i + 1`).
-fn expiry_option(args: &[Vec<u8>], i: usize, command: &str) -> Option<Result<Expiry, Reply>> {
-    let (seconds, relative) = match upper(&args[i]).as_str() {
-        "EX" => (true, true),
-        "PX" => (false, true),
-        "EXAT" => (true, false),
-        "PXAT" => (false, false),
-        _ => return None,
+/// Whether an expiry option word is EX, PX, EXAT or PXAT: (in seconds, relative).
+fn expiry_kind(word: &str) -> Option<(bool, bool)> {
+    match word {
+        "EX" => Some((true, true)),
+        "PX" => Some((false, true)),
+        "EXAT" => Some((true, false)),
+        "PXAT" => Some((false, false)),
+        _ => None,
+    }
+}
+
+/// The options of SET (from `args[from]`, `set` true) or GETEX, as Redis 7 takes them:
+/// NX, XX, GET, KEEPTTL (SET only), PERSIST (GETEX only), and one kind of EX, PX, EXAT or
+/// PXAT. An option may be given again (the last value counts, and only it is checked);
+/// NX with XX, or two kinds of expiry (KEEPTTL and PERSIST count as kinds) are a syntax
+/// error. Answers the condition, GET, and the expiry (`None`: not given).
+fn string_options(
+    args: &[Vec<u8>],
+    from: usize,
+    set: bool,
+) -> Result<(Condition, bool, Option<Expiry>), Reply> {
+    let (mut nx, mut xx, mut get) = (false, false, false);
+    // The expiry option given: its word and where its value is (`None`: KEEPTTL, PERSIST).
+    let mut expiry: Option<(String, Option<usize>)> = None;
+    let mut i = from;
+    while i < args.len() {
+        let word = upper(&args[i]);
+        let same_kind_or_none = expiry.as_ref().is_none_or(|(w, _)| *w == word);
+        match word.as_str() {
+            "NX" if set && !xx => nx = true,
+            "XX" if set && !nx => xx = true,
+            "GET" if set => get = true,
+            "KEEPTTL" if set && same_kind_or_none => expiry = Some((word, None)),
+            "PERSIST" if !set && same_kind_or_none => expiry = Some((word, None)),
+            w if expiry_kind(w).is_some() && same_kind_or_none && i + 1 < args.len() => {
+                expiry = Some((word, Some(i + 1)));
+                i += 1;
+            }
+            _ => return Err(syntax()),
+        }
+        i += 1;
+    }
+    let condition = match (nx, xx) {
+        (true, _) => Condition::IfAbsent,
+        (_, true) => Condition::IfExists,
+        _ => Condition::Always,
     };
-    Some(match args.get(i + 1) {
-        Some(v) => expiry_arg(v, seconds, relative, command),
-        None => Err(syntax()),
-    })
+    let command = if set { "set" } else { "getex" };
+    let expiry = match expiry {
+        None => None,
+        Some((w, None)) if w == "KEEPTTL" => Some(Expiry::Keep),
+        Some((_, None)) => Some(Expiry::Never),
+        Some((w, Some(v))) => {
+            let (seconds, relative) = expiry_kind(&w).unwrap_or((true, true));
+            Some(expiry_arg(&args[v], seconds, relative, command)?)
+        }
+    };
+    Ok((condition, get, expiry))
 }
 
 /// EXPIRE's options, with Redis 7's errors. XX with GT is GT (GT never sets an expiry on
@@ -323,15 +368,14 @@ pub fn plan(router: &Router, spec: &Spec, args: &[Vec<u8>]) -> Plan {
         ),
         "getdel" => Plan::write(update(key, Update::Take), Render::Value),
         "getex" => {
-            let expiry = match args.len() {
-                2 => return Plan::read(key, Render::Value),
-                3 if upper(&args[2]) == "PERSIST" => Expiry::Never,
-                4 => match expiry_option(args, 2, "getex") {
-                    Some(Ok(e)) => e,
-                    Some(Err(r)) => return Plan::fixed(r),
-                    None => return Plan::fixed(syntax()),
-                },
-                _ => return Plan::fixed(syntax()),
+            if args.len() == 2 {
+                return Plan::read(key, Render::Value);
+            }
+            // With an option, the expiry is set (any other word is a syntax error).
+            let expiry = match string_options(args, 2, false) {
+                Ok((_, _, Some(e))) => e,
+                Ok((_, _, None)) => return Plan::fixed(syntax()),
+                Err(r) => return Plan::fixed(r),
             };
             Plan::write(update(key, Update::GetEx { expiry }), Render::Value)
         }
@@ -449,31 +493,10 @@ pub fn plan(router: &Router, spec: &Spec, args: &[Vec<u8>]) -> Plan {
 
 /// `SET key value [NX|XX] [GET] [EX s|PX ms|EXAT s|PXAT ms|KEEPTTL]`.
 fn set(args: &[Vec<u8>]) -> Plan {
-    let mut condition = Condition::Always;
-    let mut get = false;
-    let mut expiry: Option<Expiry> = None;
-    let mut i = 3;
-    while i < args.len() {
-        if let Some(e) = expiry_option(args, i, "set") {
-            if expiry.is_some() {
-                return Plan::fixed(syntax());
-            }
-            match e {
-                Ok(e) => expiry = Some(e),
-                Err(r) => return Plan::fixed(r),
-            }
-            i += 2;
-            continue;
-        }
-        match upper(&args[i]).as_str() {
-            "NX" if condition == Condition::Always => condition = Condition::IfAbsent,
-            "XX" if condition == Condition::Always => condition = Condition::IfExists,
-            "GET" => get = true,
-            "KEEPTTL" if expiry.is_none() => expiry = Some(Expiry::Keep),
-            _ => return Plan::fixed(syntax()),
-        }
-        i += 1;
-    }
+    let (condition, get, expiry) = match string_options(args, 3, true) {
+        Ok(o) => o,
+        Err(r) => return Plan::fixed(r),
+    };
     let (key, value) = (args[1].clone(), args[2].clone());
     let render = if get {
         Render::Value
@@ -500,5 +523,71 @@ fn set(args: &[Vec<u8>]) -> Plan {
             };
             Plan::write(update(&key, u), render)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(words: &str, set: bool) -> Result<(Condition, bool, Option<Expiry>), Reply> {
+        let args: Vec<Vec<u8>> = words.split(' ').map(|w| w.as_bytes().to_vec()).collect();
+        string_options(&args, 0, set)
+    }
+
+    /// Redis 7's rules (t_string.c, parseExtendedStringArgumentsOrReply), checked against
+    /// redis-server 7.0.15: an option again is fine and its last value counts (only that
+    /// one is parsed), two kinds of expiry or NX with XX are a syntax error.
+    #[test]
+    fn set_and_getex_options_as_redis_takes_them() {
+        let syntax_error = Err(syntax());
+        assert_eq!(
+            opts("EX 10 EX 20", true),
+            Ok((Condition::Always, false, Some(Expiry::In(20_000))))
+        );
+        assert_eq!(
+            opts("ex notanumber PX 5 px 7", true),
+            syntax_error,
+            "EX then PX: two kinds"
+        );
+        assert_eq!(
+            opts("EX notanumber EX 10", true),
+            Ok((Condition::Always, false, Some(Expiry::In(10_000))))
+        );
+        assert_eq!(
+            opts("PXAT 1 NX GET PXAT 5", true),
+            Ok((Condition::IfAbsent, true, Some(Expiry::At(5))))
+        );
+        assert_eq!(
+            opts("KEEPTTL XX KEEPTTL", true),
+            Ok((Condition::IfExists, false, Some(Expiry::Keep)))
+        );
+        assert_eq!(opts("NX NX", true), Ok((Condition::IfAbsent, false, None)));
+        assert_eq!(opts("NX XX", true), syntax_error);
+        assert_eq!(opts("KEEPTTL EX 1", true), syntax_error);
+        assert_eq!(opts("EX 1 KEEPTTL", true), syntax_error);
+        assert_eq!(opts("EX", true), syntax_error);
+        assert_eq!(opts("PERSIST", true), syntax_error, "PERSIST is GETEX's");
+        assert_eq!(
+            opts("EX 0", true),
+            Err(Reply::err("invalid expire time in 'set' command"))
+        );
+        // GETEX: PERSIST or one kind of expiry; SET's other options are not its.
+        assert_eq!(
+            opts("PERSIST PERSIST", false),
+            Ok((Condition::Always, false, Some(Expiry::Never)))
+        );
+        assert_eq!(
+            opts("EX 1 EX 2", false),
+            Ok((Condition::Always, false, Some(Expiry::In(2_000))))
+        );
+        assert_eq!(opts("PERSIST EX 1", false), syntax_error);
+        assert_eq!(opts("EX 1 PERSIST", false), syntax_error);
+        assert_eq!(opts("NX", false), syntax_error);
+        assert_eq!(opts("KEEPTTL", false), syntax_error);
+        assert_eq!(
+            opts("EX -1", false),
+            Err(Reply::err("invalid expire time in 'getex' command"))
+        );
     }
 }
