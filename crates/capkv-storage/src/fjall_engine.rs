@@ -84,6 +84,43 @@ struct JournalSyncer {
     marks: Option<SyncMarks>,
 }
 
+/// Highest journal id in `dir`, if any.
+fn scan_journals(dir: &Path) -> std::io::Result<Option<u64>> {
+    let mut best = None;
+    for entry in fs::read_dir(dir)? {
+        let name = entry?.file_name();
+        let id = name
+            .to_str()
+            .and_then(|n| n.strip_suffix(".jnl"))
+            .and_then(|n| n.parse::<u64>().ok());
+        if let Some(id) = id {
+            best = best.max(Some(id));
+        }
+    }
+    Ok(best)
+}
+
+/// The journal fjall writes to now, given the one a sync used last (`cached`): follows
+/// rotations one `stat` at a time, and looks through the directory when `cached` is gone.
+/// fjall deletes sealed journals oldest first, so after two or more rotations since the
+/// last sync the next id may be deleted already, and the cached one with it: stepping
+/// `id + 1` alone would stop on a deleted journal, and an `fdatasync` of its still open
+/// descriptor succeeds while syncing nothing that is written now.
+fn active_journal(dir: &Path, cached: Option<u64>) -> std::io::Result<Option<u64>> {
+    let path = |id: u64| dir.join(format!("{id}.jnl"));
+    let Some(mut id) = cached else {
+        return scan_journals(dir);
+    };
+    while path(id + 1).exists() {
+        id += 1;
+    }
+    if path(id).exists() {
+        Ok(Some(id))
+    } else {
+        scan_journals(dir)
+    }
+}
+
 impl JournalSyncer {
     fn new(db: Database, dir: PathBuf) -> Self {
         JournalSyncer {
@@ -99,19 +136,9 @@ impl JournalSyncer {
     }
 
     /// Highest journal id in the directory (the active one), if any.
+    #[cfg(test)]
     fn scan_active(&self) -> std::io::Result<Option<u64>> {
-        let mut best = None;
-        for entry in fs::read_dir(&self.dir)? {
-            let name = entry?.file_name();
-            let id = name
-                .to_str()
-                .and_then(|n| n.strip_suffix(".jnl"))
-                .and_then(|n| n.parse::<u64>().ok());
-            if let Some(id) = id {
-                best = best.max(Some(id));
-            }
-        }
-        Ok(best)
+        scan_journals(&self.dir)
     }
 
     fn sync(&self) -> Result<(), StorageError> {
@@ -120,20 +147,10 @@ impl JournalSyncer {
         // that rotation has already fsynced).
         self.db.persist(PersistMode::Buffer)?;
         let mut active = self.active.lock().unwrap_or_else(|e| e.into_inner());
-        let mut id = match active.as_ref() {
-            Some((id, _)) => *id,
-            None => match self.scan_active()? {
-                Some(id) => id,
-                None => {
-                    drop(active);
-                    return self.db.persist(PersistMode::SyncAll).map_err(Into::into);
-                }
-            },
+        let Some(id) = active_journal(&self.dir, active.as_ref().map(|(id, _)| *id))? else {
+            drop(active);
+            return self.db.persist(PersistMode::SyncAll).map_err(Into::into);
         };
-        // Follow rotations (one `stat` per sync when there was none).
-        while self.journal_path(id + 1).exists() {
-            id += 1;
-        }
         if active.as_ref().map(|(a, _)| *a) != Some(id) {
             let file = fs::File::open(self.journal_path(id))?;
             *active = Some((id, file));
@@ -851,5 +868,37 @@ mod tests {
             "syncer still syncs journal {now}, fjall rotated past {first}"
         );
         assert_eq!(Some(now), syncer.scan_active().unwrap());
+    }
+
+    /// Two rotations between syncs, the journal in between already deleted (fjall
+    /// deletes sealed journals oldest first, once their data is in tables): the sync must
+    /// find the active journal, not stay on the deleted one it synced last.
+    #[test]
+    fn the_active_journal_is_found_when_the_last_one_synced_is_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let touch = |id: u64| fs::write(d.join(format!("{id}.jnl")), b"").unwrap();
+        assert_eq!(active_journal(d, None).unwrap(), None);
+        touch(3);
+        assert_eq!(active_journal(d, None).unwrap(), Some(3));
+        assert_eq!(active_journal(d, Some(3)).unwrap(), Some(3));
+        touch(4);
+        touch(5);
+        assert_eq!(
+            active_journal(d, Some(3)).unwrap(),
+            Some(5),
+            "rotations in order"
+        );
+        fs::remove_file(d.join("3.jnl")).unwrap();
+        fs::remove_file(d.join("4.jnl")).unwrap();
+        touch(6);
+        assert_eq!(
+            active_journal(d, Some(3)).unwrap(),
+            Some(6),
+            "3 and 4 deleted since the last sync"
+        );
+        fs::write(d.join("7.jnl.tmp"), b"").unwrap();
+        fs::write(d.join("version"), b"").unwrap();
+        assert_eq!(active_journal(d, Some(4)).unwrap(), Some(6));
     }
 }

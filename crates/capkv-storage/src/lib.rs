@@ -5,10 +5,11 @@
 //! metadata are opaque bytes here; `capkv-replication` gives them meaning. See
 //! docs/storage.md for the on-disk layout and what is assumed of the disk.
 //!
-//! Durability model: every write reaches the journal (the OS page cache) before the call
-//! returns, so it survives a process crash; it survives power loss only after a `sync`.
-//! [`GroupCommit`] turns many concurrent "make this durable" requests, from any number of
-//! partitions, into one fsync.
+//! Durability model: a write is durable only after a `sync` (or a [`GroupCommit`] request
+//! answered after it). Batches wait in fjall's journal buffer until then; single-key
+//! writes reach the OS page cache at once. A process crash loses what was not synced,
+//! as power loss does. [`GroupCommit`] turns many concurrent "make this durable" requests,
+//! from any number of partitions, into one fsync.
 
 pub mod conformance;
 mod engine;
