@@ -1,8 +1,9 @@
 //! Power-loss emulation, for tests only (a node does this only with
 //! `--unsafe-fault-injection`).
 //!
-//! SIGKILL loses nothing the process handed to the kernel: the page cache survives it. A
-//! power cut also loses every write that no fsync covered. To emulate one, a node records
+//! SIGKILL loses nothing the process handed to the kernel: the page cache survives it
+//! (it loses only what fjall still buffered in the process, which the next group commit
+//! would have written out). A power cut also loses every write that no fsync covered. To emulate one, a node records
 //! after each fsync of the active journal how many bytes of it that fsync covered
 //! ([`SyncMarks`]); after the node is killed, a start with
 //! `--unsafe-lose-unsynced-writes` first zeroes the journal beyond that mark
