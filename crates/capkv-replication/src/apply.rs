@@ -667,14 +667,20 @@ pub fn parse_i64(b: &[u8]) -> Option<i64> {
 }
 
 /// `old` (absent = 0) plus `by`, both decimal floats, formatted as Redis does (no
-/// exponent, no trailing zeros); refused when either is not a finite float
-/// (`NotAFloat`) or the sum is not finite (`NotFinite`).
+/// exponent, no trailing zeros); refused when either is not a float (`NotAFloat`, the
+/// stored value checked first) or the sum is not finite (`NotFinite`). As in Redis, "inf"
+/// is a float (the sum then is not finite), while "nan" and a number too large for the
+/// float type are not.
 fn incr_by_float(old: Option<&[u8]>, by: &str) -> Result<Vec<u8>, Rejection> {
     let parse = |s: &str| -> Option<f64> {
         if s.is_empty() || s.trim() != s {
             return None;
         }
-        s.parse::<f64>().ok().filter(|f| f.is_finite())
+        let f = s.parse::<f64>().ok()?;
+        let word = s.trim_start_matches(['+', '-']);
+        let spelled_infinity =
+            word.eq_ignore_ascii_case("inf") || word.eq_ignore_ascii_case("infinity");
+        (f.is_finite() || (f.is_infinite() && spelled_infinity)).then_some(f)
     };
     let n = match old {
         None => 0.0,
@@ -907,7 +913,35 @@ mod update_tests {
         let r = f.update("s", Update::IncrByFloat("1".into()));
         assert_eq!(r.rejected, Some(Rejection::NotAFloat), "not a float stored");
         let r = f.update("s", Update::IncrByFloat("inf".into()));
+        assert_eq!(
+            r.rejected,
+            Some(Rejection::NotAFloat),
+            "the stored value is checked first"
+        );
+        // Infinity is a float to Redis; a sum that is not finite is refused.
+        let r = f.update("absent", Update::IncrByFloat("inf".into()));
+        assert_eq!(r.rejected, Some(Rejection::NotFinite));
+        assert_eq!(f.get("absent"), None);
+        f.update(
+            "inf",
+            Update::Swap {
+                value: b"inf".to_vec(),
+                condition: Condition::Always,
+                expiry: Expiry::Never,
+            },
+        );
+        let r = f.update("inf", Update::IncrByFloat("1".into()));
+        assert_eq!(r.rejected, Some(Rejection::NotFinite));
+        let r = f.update("absent", Update::IncrByFloat("nan".into()));
         assert_eq!(r.rejected, Some(Rejection::NotAFloat));
+        // Too large for the float type: not a float (Redis: strtold's ERANGE).
+        let r = f.update("absent", Update::IncrByFloat("1e99999".into()));
+        assert_eq!(r.rejected, Some(Rejection::NotAFloat));
+        assert_eq!(
+            incr_by_float(Some(b"1e99999"), "1"),
+            Err(Rejection::NotAFloat)
+        );
+        assert_eq!(incr_by_float(None, "-Infinity"), Err(Rejection::NotFinite));
         let huge = || Op::Update {
             key: b"big".to_vec(),
             update: Update::IncrByFloat("1e308".into()),

@@ -225,6 +225,25 @@ async fn resp_transactions_and_errors(cluster: &Cluster) {
             Value::Error("ERR increment would produce NaN or Infinity".into())
         );
     }
+    // Found by a randomized differential run against redis-server 7.0.15: Redis checks
+    // the stored value before the increment, GETEX's key before its time, EXPIRE's
+    // options before its time.
+    assert_eq!(
+        call(&mut a, &["INCRBYFLOAT", "text", "inf"]).await,
+        Value::Error("ERR value is not a valid float".into())
+    );
+    assert_eq!(
+        call(&mut a, &["GETEX", "absent:k", "EX", "0"]).await,
+        Value::Null
+    );
+    assert_eq!(
+        call(&mut a, &["GETEX", "huge", "EX", "0"]).await,
+        Value::Error("ERR invalid expire time in 'getex' command".into())
+    );
+    assert_eq!(
+        call(&mut a, &["EXPIRE", "huge", "abc", "FOO"]).await,
+        Value::Error("ERR Unsupported option FOO".into())
+    );
     assert_eq!(
         call(&mut a, &["SET", "k", "v", "PX", &i64::MAX.to_string()]).await,
         Value::Error("ERR invalid expire time in 'set' command".into())

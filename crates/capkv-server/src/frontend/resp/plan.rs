@@ -58,6 +58,9 @@ pub enum Render {
     ExpireTime(bool),
     /// GETRANGE's part of the value.
     Range(i64, i64),
+    /// Null if the key is absent, else this error (GETEX with an invalid expiry: Redis
+    /// looks the key up before it reads the time).
+    NullOrError(Reply),
 }
 
 #[derive(Debug, Clone)]
@@ -106,6 +109,8 @@ impl Plan {
             Render::OkOrNull => Reply::Null,
             Render::Ok => Reply::ok(),
             Render::Value => Reply::opt_bulk(first.value),
+            Render::NullOrError(_) if first.value.is_none() => Reply::Null,
+            Render::NullOrError(e) => e.clone(),
             Render::Flag => Reply::Int(first.succeeded.into()),
             Render::Len => Reply::Int(first.value.map_or(0, |v| v.len()) as i64),
             Render::Integer => match first.value.as_deref().and_then(parse_i64) {
@@ -217,12 +222,13 @@ fn expiry_kind(word: &str) -> Option<(bool, bool)> {
 /// NX, XX, GET, KEEPTTL (SET only), PERSIST (GETEX only), and one kind of EX, PX, EXAT or
 /// PXAT. An option may be given again (the last value counts, and only it is checked);
 /// NX with XX, or two kinds of expiry (KEEPTTL and PERSIST count as kinds) are a syntax
-/// error. Answers the condition, GET, and the expiry (`None`: not given).
+/// error. Answers the condition, GET, and the expiry (`None`: not given; an error if its
+/// time is not valid).
 fn string_options(
     args: &[Vec<u8>],
     from: usize,
     set: bool,
-) -> Result<(Condition, bool, Option<Expiry>), Reply> {
+) -> Result<(Condition, bool, Option<Result<Expiry, Reply>>), Reply> {
     let (mut nx, mut xx, mut get) = (false, false, false);
     // The expiry option given: its word and where its value is (`None`: KEEPTTL, PERSIST).
     let mut expiry: Option<(String, Option<usize>)> = None;
@@ -250,13 +256,14 @@ fn string_options(
         _ => Condition::Always,
     };
     let command = if set { "set" } else { "getex" };
+    // The time is checked apart: GETEX answers null for an absent key before it reads it.
     let expiry = match expiry {
         None => None,
-        Some((w, None)) if w == "KEEPTTL" => Some(Expiry::Keep),
-        Some((_, None)) => Some(Expiry::Never),
+        Some((w, None)) if w == "KEEPTTL" => Some(Ok(Expiry::Keep)),
+        Some((_, None)) => Some(Ok(Expiry::Never)),
         Some((w, Some(v))) => {
             let (seconds, relative) = expiry_kind(&w).unwrap_or((true, true));
-            Some(expiry_arg(&args[v], seconds, relative, command)?)
+            Some(expiry_arg(&args[v], seconds, relative, command))
         }
     };
     Ok((condition, get, expiry))
@@ -345,12 +352,13 @@ pub fn plan(router: &Router, spec: &Spec, args: &[Vec<u8>]) -> Plan {
         "expire" | "pexpire" | "expireat" | "pexpireat" => {
             let seconds = !spec.name.starts_with('p');
             let relative = !spec.name.ends_with("at");
-            let expiry = match expire_arg(&args[2], seconds, relative, spec.name) {
-                Ok(e) => e,
-                Err(r) => return Plan::fixed(r),
-            };
+            // Redis reads the options before the time.
             let when = match expire_when(&args[3..]) {
                 Ok(w) => w,
+                Err(r) => return Plan::fixed(r),
+            };
+            let expiry = match expire_arg(&args[2], seconds, relative, spec.name) {
+                Ok(e) => e,
                 Err(r) => return Plan::fixed(r),
             };
             Plan::write(update(key, Update::Expire { expiry, when }), Render::Flag)
@@ -371,13 +379,7 @@ pub fn plan(router: &Router, spec: &Spec, args: &[Vec<u8>]) -> Plan {
             if args.len() == 2 {
                 return Plan::read(key, Render::Value);
             }
-            // With an option, the expiry is set (any other word is a syntax error).
-            let expiry = match string_options(args, 2, false) {
-                Ok((_, _, Some(e))) => e,
-                Ok((_, _, None)) => return Plan::fixed(syntax()),
-                Err(r) => return Plan::fixed(r),
-            };
-            Plan::write(update(key, Update::GetEx { expiry }), Render::Value)
+            getex(key, args)
         }
         "mget" => Plan {
             steps: args[1..].iter().map(|k| Step::Read(k.clone())).collect(),
@@ -427,13 +429,10 @@ pub fn plan(router: &Router, spec: &Spec, args: &[Vec<u8>]) -> Plan {
         }
         "incrbyfloat" => {
             let by = String::from_utf8_lossy(&args[2]).into_owned();
+            // "inf" is a float to Redis: the state machine refuses the sum (after it
+            // refused a stored value that is not a float, as Redis checks that first).
             match by.parse::<f64>() {
-                Ok(f) if by.trim() == by && !f.is_nan() => {
-                    if f.is_infinite() {
-                        // Redis reads "inf", then refuses the sum.
-                        return Plan::fixed(Reply::err("increment would produce NaN or Infinity"));
-                    }
-                }
+                Ok(f) if by.trim() == by && !f.is_nan() => {}
                 _ => return Plan::fixed(Reply::err("value is not a valid float")),
             }
             Plan::write(update(key, Update::IncrByFloat(by)), Render::Value)
@@ -491,10 +490,27 @@ pub fn plan(router: &Router, spec: &Spec, args: &[Vec<u8>]) -> Plan {
     }
 }
 
+/// `GETEX key [EX s|PX ms|EXAT s|PXAT ms|PERSIST]` with at least one option.
+fn getex(key: &[u8], args: &[Vec<u8>]) -> Plan {
+    // With an option the expiry is set: any other word is a syntax error.
+    match string_options(args, 2, false) {
+        Ok((_, _, Some(Ok(expiry)))) => {
+            Plan::write(update(key, Update::GetEx { expiry }), Render::Value)
+        }
+        // An invalid time: null for an absent key, as Redis looks the key up first.
+        Ok((_, _, Some(Err(e)))) => Plan::read(key, Render::NullOrError(e)),
+        Ok((_, _, None)) => Plan::fixed(syntax()),
+        Err(r) => Plan::fixed(r),
+    }
+}
+
 /// `SET key value [NX|XX] [GET] [EX s|PX ms|EXAT s|PXAT ms|KEEPTTL]`.
 fn set(args: &[Vec<u8>]) -> Plan {
     let (condition, get, expiry) = match string_options(args, 3, true) {
-        Ok(o) => o,
+        Ok((c, g, e)) => match e.transpose() {
+            Ok(e) => (c, g, e),
+            Err(r) => return Plan::fixed(r),
+        },
         Err(r) => return Plan::fixed(r),
     };
     let (key, value) = (args[1].clone(), args[2].clone());
@@ -532,7 +548,50 @@ mod tests {
 
     fn opts(words: &str, set: bool) -> Result<(Condition, bool, Option<Expiry>), Reply> {
         let args: Vec<Vec<u8>> = words.split(' ').map(|w| w.as_bytes().to_vec()).collect();
-        string_options(&args, 0, set)
+        let (c, g, e) = string_options(&args, 0, set)?;
+        Ok((c, g, e.transpose()?))
+    }
+
+    fn args(words: &str) -> Vec<Vec<u8>> {
+        words.split(' ').map(|w| w.as_bytes().to_vec()).collect()
+    }
+
+    fn read_answer(value: Option<&str>) -> Vec<Result<StepAnswer, Reply>> {
+        vec![Ok(StepAnswer {
+            succeeded: value.is_some(),
+            value: value.map(|v| v.as_bytes().to_vec()),
+            ..StepAnswer::default()
+        })]
+    }
+
+    /// GETEX looks the key up before it reads the time (redis-server 7.0.15: `GETEX
+    /// nokey EX 0` is null, `GETEX k EX 0` an error); a syntax error comes first.
+    #[test]
+    fn getex_with_an_invalid_time_is_null_for_an_absent_key() {
+        for (words, error) in [
+            ("GETEX k EX 0", "ERR invalid expire time in 'getex' command"),
+            (
+                "GETEX k PX abc",
+                "ERR value is not an integer or out of range",
+            ),
+        ] {
+            let plan = getex(b"k", &args(words));
+            assert!(matches!(plan.steps.as_slice(), [Step::Read(k)] if k == b"k"));
+            assert_eq!(plan.reply(read_answer(None), 0), Reply::Null, "{words}");
+            assert_eq!(
+                plan.reply(read_answer(Some("v")), 0),
+                Reply::Error(error.into()),
+                "{words}"
+            );
+        }
+        let plan = getex(b"k", &args("GETEX k EX 0 PX 1"));
+        assert!(plan.steps.is_empty());
+        assert_eq!(
+            plan.reply(vec![], 0),
+            Reply::Error("ERR syntax error".into())
+        );
+        let plan = getex(b"k", &args("GETEX k EX 10"));
+        assert!(matches!(plan.steps.as_slice(), [Step::Write(_)]));
     }
 
     /// Redis 7's rules (t_string.c, parseExtendedStringArgumentsOrReply), checked against
