@@ -445,6 +445,11 @@ pub(crate) fn range(v: &[u8], start: i64, end: i64) -> &[u8] {
     if len == 0 {
         return &[];
     }
+    // Both from the end and crossed: empty, before clamping (Redis 7's getrangeCommand;
+    // clamped, `-1 -100` would be the first byte).
+    if start < 0 && end < 0 && start > end {
+        return &[];
+    }
     let fix = |i: i64| if i < 0 { (len + i).max(0) } else { i };
     let (start, end) = (fix(start), fix(end).min(len - 1));
     if start > end || start >= len {
@@ -1048,6 +1053,10 @@ mod tests {
         assert_eq!(range(v, 10, 100), b"string");
         assert_eq!(range(v, 5, 3), b"");
         assert_eq!(range(b"", 0, -1), b"");
+        // Found by bench/redis-diff.sh: Redis answers empty, not "v".
+        assert_eq!(range(b"v", -1, i64::MIN), b"");
+        assert_eq!(range(b"hello", -1, -100), b"");
+        assert_eq!(range(b"hello", -100, -1), b"hello");
         assert_eq!(range(v, -100, 2), b"Thi");
     }
 
