@@ -222,13 +222,8 @@ fn expiry_kind(word: &str) -> Option<(bool, bool)> {
 /// NX, XX, GET, KEEPTTL (SET only), PERSIST (GETEX only), and one kind of EX, PX, EXAT or
 /// PXAT. An option may be given again (the last value counts, and only it is checked);
 /// NX with XX, or two kinds of expiry (KEEPTTL and PERSIST count as kinds) are a syntax
-/// error. Answers the condition, GET, and the expiry (`None`: not given; an error if its
-/// time is not valid).
-fn string_options(
-    args: &[Vec<u8>],
-    from: usize,
-    set: bool,
-) -> Result<(Condition, bool, Option<Result<Expiry, Reply>>), Reply> {
+/// error.
+fn string_options(args: &[Vec<u8>], from: usize, set: bool) -> Result<StringOptions, Reply> {
     let (mut nx, mut xx, mut get) = (false, false, false);
     // The expiry option given: its word and where its value is (`None`: KEEPTTL, PERSIST).
     let mut expiry: Option<(String, Option<usize>)> = None;
@@ -266,7 +261,19 @@ fn string_options(
             Some(expiry_arg(&args[v], seconds, relative, command))
         }
     };
-    Ok((condition, get, expiry))
+    Ok(StringOptions {
+        condition,
+        get,
+        expiry,
+    })
+}
+
+/// SET's and GETEX's options as given.
+struct StringOptions {
+    condition: Condition,
+    get: bool,
+    /// `None`: not given; an error if its time is not valid.
+    expiry: Option<Result<Expiry, Reply>>,
 }
 
 /// EXPIRE's options, with Redis 7's errors. XX with GT is GT (GT never sets an expiry on
@@ -493,13 +500,11 @@ pub fn plan(router: &Router, spec: &Spec, args: &[Vec<u8>]) -> Plan {
 /// `GETEX key [EX s|PX ms|EXAT s|PXAT ms|PERSIST]` with at least one option.
 fn getex(key: &[u8], args: &[Vec<u8>]) -> Plan {
     // With an option the expiry is set: any other word is a syntax error.
-    match string_options(args, 2, false) {
-        Ok((_, _, Some(Ok(expiry)))) => {
-            Plan::write(update(key, Update::GetEx { expiry }), Render::Value)
-        }
+    match string_options(args, 2, false).map(|o| o.expiry) {
+        Ok(Some(Ok(expiry))) => Plan::write(update(key, Update::GetEx { expiry }), Render::Value),
         // An invalid time: null for an absent key, as Redis looks the key up first.
-        Ok((_, _, Some(Err(e)))) => Plan::read(key, Render::NullOrError(e)),
-        Ok((_, _, None)) => Plan::fixed(syntax()),
+        Ok(Some(Err(e))) => Plan::read(key, Render::NullOrError(e)),
+        Ok(None) => Plan::fixed(syntax()),
         Err(r) => Plan::fixed(r),
     }
 }
@@ -507,8 +512,8 @@ fn getex(key: &[u8], args: &[Vec<u8>]) -> Plan {
 /// `SET key value [NX|XX] [GET] [EX s|PX ms|EXAT s|PXAT ms|KEEPTTL]`.
 fn set(args: &[Vec<u8>]) -> Plan {
     let (condition, get, expiry) = match string_options(args, 3, true) {
-        Ok((c, g, e)) => match e.transpose() {
-            Ok(e) => (c, g, e),
+        Ok(o) => match o.expiry.transpose() {
+            Ok(e) => (o.condition, o.get, e),
             Err(r) => return Plan::fixed(r),
         },
         Err(r) => return Plan::fixed(r),
@@ -548,8 +553,8 @@ mod tests {
 
     fn opts(words: &str, set: bool) -> Result<(Condition, bool, Option<Expiry>), Reply> {
         let args: Vec<Vec<u8>> = words.split(' ').map(|w| w.as_bytes().to_vec()).collect();
-        let (c, g, e) = string_options(&args, 0, set)?;
-        Ok((c, g, e.transpose()?))
+        let o = string_options(&args, 0, set)?;
+        Ok((o.condition, o.get, o.expiry.transpose()?))
     }
 
     fn args(words: &str) -> Vec<Vec<u8>> {
