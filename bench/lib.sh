@@ -36,3 +36,26 @@ cluster_formed() {
   "$1" status --endpoints "$2" --json 2>/dev/null |
     python3 -c 'import json,sys; d=json.load(sys.stdin); sys.exit(0 if all(n["up"] and all(p["leader"] for p in n["partitions"]) for n in d["nodes"]) else 1)' 2>/dev/null
 }
+
+# Installs redis-server and redis-tools (redis-cli, redis-benchmark) from Debian when
+# missing (needs root or sudo).
+need_redis() {
+  if command -v redis-server >/dev/null 2>&1 && command -v redis-benchmark >/dev/null 2>&1; then
+    return 0
+  fi
+  echo "installing redis-server and redis-tools from Debian..." >&2
+  local sudo=""
+  [ "$(id -u)" != 0 ] && sudo=sudo
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq redis-server redis-tools >/dev/null
+}
+
+# Waits until redis-cli PING answers on port $1 (a Redis or capkv's RESP port).
+wait_resp_port() {
+  for _ in $(seq 1 200); do
+    if [ "$(redis-cli -p "$1" ping 2>/dev/null)" = "PONG" ]; then return 0; fi
+    sleep 0.1
+  done
+  echo "nothing answers PING on port $1" >&2
+  return 1
+}

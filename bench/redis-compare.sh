@@ -24,37 +24,16 @@ done
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 
-if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-benchmark >/dev/null 2>&1; then
-  echo "installing redis-server and redis-tools from Debian..." >&2
-  SUDO=""; [ "$(id -u)" != 0 ] && SUDO=sudo
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server redis-tools >/dev/null
-fi
-
+# shellcheck source=bench/lib.sh
+source bench/lib.sh
+need_redis
 cargo build --release -p capkv >&2
-BIN="$ROOT/target/release/capkv"
-WORK=$(mktemp -d /var/tmp/capkv-redis-bench.XXXXXX)
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
+bench_setup redis-bench
 
 stop_all() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
   PIDS=()
-}
-
-wait_port() { # wait until redis-cli PING answers on port $1
-  for _ in $(seq 1 200); do
-    if [ "$(redis-cli -p "$1" ping 2>/dev/null)" = "PONG" ]; then return 0; fi
-    sleep 0.1
-  done
-  echo "nothing answers PING on port $1" >&2
-  return 1
 }
 
 # One cell: requests per second of test $2 (set|get) on port $1, pipeline $3.
@@ -63,29 +42,20 @@ cell() {
     | awk -F'","' 'NR==2 { gsub(/"/, "", $2); print int($2) }'
 }
 
-# CPU time (user + system, in clock ticks) the system under test has used so far: every
-# process in PIDS. Runs on a shared 2-core machine vary a lot in requests/s; the server's
-# CPU per request varies much less, so the table gives both.
-cpu_ticks() {
-  local t=0 p
-  for p in "${PIDS[@]}"; do
-    t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat")))
-  done
-  echo "$t"
-}
-
+# Runs on a shared 2-core machine vary a lot in requests/s; the server's CPU per request
+# (every process in PIDS, bench/lib.sh's cpu_ticks) varies much less, so the table gives
+# both.
 declare -A R C
 run_system() { # name port
   local name=$1 port=$2 before
-  local hz; hz=$(getconf CLK_TCK)
   # Fill the keyspace first so GET reads values.
   redis-benchmark -p "$port" -t set -c 16 -n 100000 -r 100000 -d 256 -P 16 -q >/dev/null 2>&1 || true
   for p in 1 16; do
     for t in set get; do
-      before=$(cpu_ticks)
+      before=$(cpu_ticks "${PIDS[@]}")
       R[$name,$t,$p]=$(cell "$port" "$t" "$p")
       # Server CPU microseconds per request.
-      C[$name,$t,$p]=$(( ($(cpu_ticks) - before) * 1000000 / hz / N ))
+      C[$name,$t,$p]=$(( ($(cpu_ticks "${PIDS[@]}") - before) * 1000000 / CLK_TCK / N ))
       echo "$name $t -P $p: ${R[$name,$t,$p]} requests/s, ${C[$name,$t,$p]} µs CPU/request" >&2
     done
   done
@@ -95,7 +65,7 @@ run_system() { # name port
 "$BIN" server --id 1 --data-dir "$WORK/c1" --listen 127.0.0.1:17379 --resp 127.0.0.1:16379 \
   --http 127.0.0.1:18379 --json off --replication-factor 1 >"$WORK/c1.log" 2>&1 &
 PIDS+=($!)
-wait_port 16379
+wait_resp_port 16379
 run_system "capkv 1 node" 16379
 stop_all
 
@@ -106,7 +76,7 @@ for i in 1 2 3; do
     --resp "127.0.0.1:1638$i" --http "127.0.0.1:1838$i" --json off >"$WORK/n$i.log" 2>&1 &
   PIDS+=($!)
 done
-for i in 1 2 3; do wait_port "1638$i"; done
+for i in 1 2 3; do wait_resp_port "1638$i"; done
 # Every partition has a leader once a write to each goes through.
 for k in $(seq 1 64); do redis-cli -p 16381 set "warm:$k" x >/dev/null; done
 run_system "capkv 3 nodes" 16381
@@ -117,7 +87,7 @@ mkdir -p "$WORK/redis-aof" "$WORK/redis-mem"
 redis-server --port 16400 --dir "$WORK/redis-aof" --appendonly yes --appendfsync always \
   --save '' --daemonize no >"$WORK/redis-aof.log" 2>&1 &
 PIDS+=($!)
-wait_port 16400
+wait_resp_port 16400
 run_system "Redis, appendfsync always" 16400
 stop_all
 
@@ -125,7 +95,7 @@ stop_all
 redis-server --port 16401 --dir "$WORK/redis-mem" --appendonly no --save '' \
   --daemonize no >"$WORK/redis-mem.log" 2>&1 &
 PIDS+=($!)
-wait_port 16401
+wait_resp_port 16401
 run_system "Redis, no persistence" 16401
 stop_all
 

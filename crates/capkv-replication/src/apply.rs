@@ -666,30 +666,34 @@ pub fn parse_i64(b: &[u8]) -> Option<i64> {
     s.parse().ok()
 }
 
+/// A float as INCRBYFLOAT reads it (Redis's `strtold` rules as far as f64 goes): no
+/// surrounding space, "inf"/"infinity" in any case and sign, never "nan", and not a number
+/// too large for the type (strtold's ERANGE). The front ends check an increment with it too.
+pub fn parse_float(s: &str) -> Option<f64> {
+    if s.is_empty() || s.trim() != s {
+        return None;
+    }
+    let f = s.parse::<f64>().ok()?;
+    let word = s.trim_start_matches(['+', '-']);
+    let spelled_infinity =
+        word.eq_ignore_ascii_case("inf") || word.eq_ignore_ascii_case("infinity");
+    (f.is_finite() || spelled_infinity).then_some(f)
+}
+
 /// `old` (absent = 0) plus `by`, both decimal floats, formatted as Redis does (no
 /// exponent, no trailing zeros); refused when either is not a float (`NotAFloat`, the
 /// stored value checked first) or the sum is not finite (`NotFinite`). As in Redis, "inf"
 /// is a float (the sum then is not finite), while "nan" and a number too large for the
 /// float type are not.
 fn incr_by_float(old: Option<&[u8]>, by: &str) -> Result<Vec<u8>, Rejection> {
-    let parse = |s: &str| -> Option<f64> {
-        if s.is_empty() || s.trim() != s {
-            return None;
-        }
-        let f = s.parse::<f64>().ok()?;
-        let word = s.trim_start_matches(['+', '-']);
-        let spelled_infinity =
-            word.eq_ignore_ascii_case("inf") || word.eq_ignore_ascii_case("infinity");
-        (f.is_finite() || (f.is_infinite() && spelled_infinity)).then_some(f)
-    };
     let n = match old {
         None => 0.0,
         Some(b) => std::str::from_utf8(b)
             .ok()
-            .and_then(parse)
+            .and_then(parse_float)
             .ok_or(Rejection::NotAFloat)?,
     };
-    let sum = n + parse(by).ok_or(Rejection::NotAFloat)?;
+    let sum = n + parse_float(by).ok_or(Rejection::NotAFloat)?;
     if !sum.is_finite() {
         return Err(Rejection::NotFinite);
     }

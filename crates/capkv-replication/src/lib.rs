@@ -14,7 +14,7 @@ pub mod faults;
 pub mod sessions;
 pub mod types;
 
-pub use apply::{format_float, parse_i64};
+pub use apply::{format_float, parse_float, parse_i64};
 pub use apply::{AppliedIndex, KeyCounts};
 pub use faults::Faults;
 pub use types::{

@@ -179,8 +179,8 @@ impl FjallEngine {
             // `JournalSyncer`). By default fjall writes the buffer out at every commit: two
             // `write` calls per engine turn, 16 % of the engine thread under SET. Nothing
             // is acknowledged before its fsync, and the journal stays one ordered stream,
-            // so a crash still leaves a prefix of what was committed; dropping the
-            // database persists the rest.
+            // so a crash still leaves a prefix of what was committed; a stopping node
+            // syncs last (`Node::shutdown`). See ARCHITECTURE.md.
             .manual_journal_persist(true)
             .open()
         {

@@ -438,9 +438,8 @@ pub fn plan(router: &Router, spec: &Spec, args: &[Vec<u8>]) -> Plan {
             let by = String::from_utf8_lossy(&args[2]).into_owned();
             // "inf" is a float to Redis: the state machine refuses the sum (after it
             // refused a stored value that is not a float, as Redis checks that first).
-            match by.parse::<f64>() {
-                Ok(f) if by.trim() == by && !f.is_nan() => {}
-                _ => return Plan::fixed(Reply::err("value is not a valid float")),
+            if capkv_replication::parse_float(&by).is_none() {
+                return Plan::fixed(Reply::err("value is not a valid float"));
             }
             Plan::write(update(key, Update::IncrByFloat(by)), Render::Value)
         }
@@ -552,8 +551,7 @@ mod tests {
     use super::*;
 
     fn opts(words: &str, set: bool) -> Result<(Condition, bool, Option<Expiry>), Reply> {
-        let args: Vec<Vec<u8>> = words.split(' ').map(|w| w.as_bytes().to_vec()).collect();
-        let o = string_options(&args, 0, set)?;
+        let o = string_options(&args(words), 0, set)?;
         Ok((o.condition, o.get, o.expiry.transpose()?))
     }
 
